@@ -1,0 +1,20 @@
+"""The `otter-gguf` command line."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="otter-gguf")
+def main() -> None:
+    """Otter reward heads on llama.cpp: convert, inspect, run, score."""
+
+
+def _register() -> None:
+    from otter_gguf.runtime_build import build_runtime_command
+
+    main.add_command(build_runtime_command)
+
+
+_register()
