@@ -1,0 +1,42 @@
+# otter-gguf: `make demo` and `make test` are all a newcomer needs; both set up first.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+# torch is pinned: an unpinned torch pulls several GB of CUDA wheels
+TORCH   ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup runtime demo test llama-src patches-check clean help
+
+help:
+	@echo "make demo       run the demo (sets up first)"
+	@echo "make test       run the test suite (sets up first)"
+	@echo "make setup      create $(VENV) with torch, otter-gguf and the patched runtime"
+	@echo "make runtime    (re)build the patched llama.cpp runtime (cached)"
+	@echo "make llama-src  lay out build/llama-src: pinned llama.cpp + patches/ as git commits"
+
+$(VENV)/.stamp-python: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check --upgrade pip
+	$(PIP) install -q --disable-pip-version-check "$(TORCH)"
+	$(PIP) install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.stamp-python
+	$(VENV)/bin/otter-gguf build-runtime
+
+runtime: $(VENV)/.stamp-python
+	$(VENV)/bin/otter-gguf build-runtime
+
+demo: setup
+	$(PY) -m otter_gguf.demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+llama-src: $(VENV)/.stamp-python
+	$(VENV)/bin/otter-gguf build-runtime --dev-source build/llama-src
+
+clean:
+	rm -rf build .pytest_cache
