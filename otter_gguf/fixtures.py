@@ -1,0 +1,324 @@
+"""Tiny deterministic checkpoints for tests, built locally in seconds.
+
+Nothing is downloaded: the tokenizer is a SentencePiece model trained on the
+shipped ``otter_gguf/data/tiny_corpus.txt``; the weights are seeded random.
+
+    python -m otter_gguf.fixtures OUT_DIR
+
+writes ``tiny-llama/``, ``tiny-qwen2/``, ``adapter-reward1/``,
+``adapter-reward3/``, ``adapter-token-reward/`` and
+``adapter-qwen2-reward1/`` under ``OUT_DIR``.
+
+Sizes: base d=256, L=4, h=4, h_kv=2, hd=64, f=768, V=512; adapters d2=256,
+h2=4, h2_kv=1, f2=256, so every row length (d+d2=512, (h+h2)*hd=512,
+f+f2=1024) is a multiple of 256 and every ggml quant type applies.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+CORPUS_PATH = Path(__file__).parent / "data" / "tiny_corpus.txt"
+
+TINY = dict(d=256, L=4, h=4, h_kv=2, hd=64, f=768, V=512)
+ADAPTER = dict(d2=256, h2=4, h2_kv=1, f2=256)
+ADAPTER_KINDS = ("reward1", "reward3", "token_reward")
+REWARD3_NAMES = ["helpfulness", "harmlessness", "honesty"]
+
+_SPECIAL = {
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+}
+
+
+def train_tokenizer(vocab_size: int = 512, seed: int = 0) -> bytes:
+    """Train the tiny SentencePiece BPE model (byte fallback), deterministic."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        input=str(CORPUS_PATH),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        num_threads=1,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def _write_tokenizer_files(out: Path, model_bytes: bytes, max_len: int) -> None:
+    (out / "tokenizer.model").write_bytes(model_bytes)
+    tok = {"content": None, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    added = {}
+    for i, (k, v) in enumerate(_SPECIAL.items()):
+        added[str(i)] = {**tok, "content": v, "special": True}
+    _write_json(out / "tokenizer_config.json", {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "add_prefix_space": None,
+        "added_tokens_decoder": added,
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "extra_special_tokens": {},
+        "legacy": True,
+        "model_max_length": max_len,
+        "pad_token": None,
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    })
+    _write_json(out / "special_tokens_map.json", {
+        k: {**tok, "content": v} for k, v in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))
+    })
+
+
+def _rand(gen: torch.Generator, *shape, std: float) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(torch.float32)
+
+
+def _norm_w(gen: torch.Generator, n: int) -> torch.Tensor:
+    # not all ones, so a misapplied norm weight shows up in the outputs
+    return (1.0 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).to(torch.float32)
+
+
+def _base_weights(seed: int, *, qkv_bias: bool, tied: bool) -> dict[str, torch.Tensor]:
+    d, L, h, hkv, hd, f, V = (TINY[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
+    g = torch.Generator().manual_seed(seed)
+    w: dict[str, torch.Tensor] = {}
+    # tied: the embedding is also the output matrix, give it the lm_head scale
+    w["model.embed_tokens.weight"] = _rand(g, V, d, std=(1.0 / d ** 0.5) if tied else 0.05)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = _norm_w(g, d)
+        # q/k large enough that attention is far from uniform
+        w[p + "self_attn.q_proj.weight"] = _rand(g, h * hd, d, std=0.08)
+        w[p + "self_attn.k_proj.weight"] = _rand(g, hkv * hd, d, std=0.08)
+        w[p + "self_attn.v_proj.weight"] = _rand(g, hkv * hd, d, std=0.06)
+        if qkv_bias:
+            w[p + "self_attn.q_proj.bias"] = _rand(g, h * hd, std=0.2)
+            w[p + "self_attn.k_proj.bias"] = _rand(g, hkv * hd, std=0.2)
+            w[p + "self_attn.v_proj.bias"] = _rand(g, hkv * hd, std=0.1)
+        w[p + "self_attn.o_proj.weight"] = _rand(g, d, h * hd, std=0.05)
+        w[p + "post_attention_layernorm.weight"] = _norm_w(g, d)
+        w[p + "mlp.gate_proj.weight"] = _rand(g, f, d, std=0.06)
+        w[p + "mlp.up_proj.weight"] = _rand(g, f, d, std=0.06)
+        w[p + "mlp.down_proj.weight"] = _rand(g, d, f, std=0.04)
+    w["model.norm.weight"] = _norm_w(g, d)
+    if not tied:
+        w["lm_head.weight"] = _rand(g, V, d, std=1.0 / d ** 0.5)
+    return w
+
+
+def _save_weights(out: Path, weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny HF ``LlamaForCausalLM`` checkpoint with a SentencePiece tokenizer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d, L, h, hkv, hd, f, V = (TINY[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
+    _write_json(out / "config.json", {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "head_dim": hd,
+        "hidden_act": "silu",
+        "hidden_size": d,
+        "initializer_range": 0.02,
+        "intermediate_size": f,
+        "max_position_embeddings": 2048,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": h,
+        "num_hidden_layers": L,
+        "num_key_value_heads": hkv,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.46.0",
+        "use_cache": True,
+        "vocab_size": V,
+    })
+    _write_json(out / "generation_config.json", {
+        "_from_model_config": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "transformers_version": "4.46.0",
+    })
+    _write_tokenizer_files(out, train_tokenizer(V, seed=0), 2048)
+    _save_weights(out, _base_weights(seed, qkv_bias=False, tied=False))
+    return out
+
+
+def make_tiny_qwen2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny HF ``Qwen2ForCausalLM`` checkpoint (q/k/v biases, tied
+    embeddings, rope_theta 1e6). It ships the same SentencePiece tokenizer as
+    the tiny llama, which llama.cpp's qwen2 converter accepts."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d, L, h, hkv, hd, f, V = (TINY[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
+    _write_json(out / "config.json", {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": d,
+        "initializer_range": 0.02,
+        "intermediate_size": f,
+        "max_position_embeddings": 4096,
+        "max_window_layers": L,
+        "model_type": "qwen2",
+        "num_attention_heads": h,
+        "num_hidden_layers": L,
+        "num_key_value_heads": hkv,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.46.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": V,
+    })
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "transformers_version": "4.46.0",
+    })
+    _write_tokenizer_files(out, train_tokenizer(V, seed=0), 4096)
+    _save_weights(out, _base_weights(seed + 1000, qkv_bias=True, tied=True))
+    return out
+
+
+def make_adapter(out_dir: str | os.PathLike, base_dir: str | os.PathLike,
+                 kind: str = "reward1", seed: int = 0, init: str = "random") -> Path:
+    """Write an Otter adapter for the tiny base at ``base_dir``.
+
+    ``kind``: ``reward1`` (n_out=1, ["reward"]), ``reward3`` (n_out=3, named,
+    with q/k/v biases and a head bias) or ``token_reward`` (n_out=V).
+    ``init="random"`` uses side weights scaled like the base's, so signals are
+    O(1), vary per token and depend on the side stream; ``init="copy"`` uses
+    :func:`otter_gguf.reference.insert_otter`'s copy initialisation with a
+    head scaled to O(1) outputs.
+    """
+    from otter_gguf.adapter import save_adapter
+    from otter_gguf.reference import insert_otter, load_base
+
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(ADAPTER_KINDS)}, found {kind!r}")
+    base = load_base(base_dir)
+    V = base.config.vocab_size
+    d = base.config.hidden_size
+    if kind == "reward1":
+        kw = dict(n_out=1, head_kind="reward", signal_names=["reward"])
+    elif kind == "reward3":
+        kw = dict(n_out=3, head_kind="reward", signal_names=REWARD3_NAMES)
+    else:
+        kw = dict(n_out=V, head_kind="token_reward", signal_names=[])
+    with_biases = kind == "reward3"
+    name = Path(base_dir).name
+    config, t = insert_otter(base, **ADAPTER, **kw, init=init, seed=seed,
+                             base_model=name, head_bias=with_biases)
+    d2 = config.otter_hidden_size
+    g = torch.Generator().manual_seed(10_000 + seed)
+    if init == "random":
+        # redraw with per-tensor scales mirroring the base fixture's
+        scales = {
+            "embed_tokens.weight": 0.05,
+            "q_proj.weight": 0.08 * (d / (d + d2)) ** 0.5,
+            "k_proj.weight": 0.08 * (d / (d + d2)) ** 0.5,
+            "v_proj.weight": 0.06,
+            "o_proj.weight": 0.03,
+            "gate_proj.weight": 0.06,
+            "up_proj.weight": 0.06,
+            "down_proj.weight": 0.02,
+        }
+        for n in list(t):
+            if n.endswith("layernorm.weight") or n == "otter.norm.weight":
+                t[n] = _norm_w(g, t[n].shape[0])
+                continue
+            for suffix, std in scales.items():
+                if n.endswith(suffix):
+                    t[n] = _rand(g, *t[n].shape, std=std)
+    if with_biases:
+        h2, h2kv, hd = config.otter_num_attention_heads, config.otter_num_key_value_heads, config.head_dim
+        for i in range(config.num_hidden_layers):
+            p = f"otter.layers.{i}.self_attn."
+            t[p + "q_proj.bias"] = _rand(g, h2 * hd, std=0.2)
+            t[p + "k_proj.bias"] = _rand(g, h2kv * hd, std=0.2)
+            t[p + "v_proj.bias"] = _rand(g, h2kv * hd, std=0.1)
+        t["otter.head.bias"] = _rand(g, config.head_output_size, std=0.5)
+    t["otter.head.weight"] = _rand(g, config.head_output_size, d + d2, std=1.0 / (d + d2) ** 0.5)
+    return save_adapter(out_dir, config, t, dtype="float32")
+
+
+def make_all(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Write every fixture under ``out_dir``; returns name -> path."""
+    out = Path(out_dir)
+    paths = {
+        "tiny-llama": make_tiny_llama(out / "tiny-llama", seed=seed),
+        "tiny-qwen2": make_tiny_qwen2(out / "tiny-qwen2", seed=seed),
+    }
+    paths["adapter-reward1"] = make_adapter(out / "adapter-reward1", paths["tiny-llama"], "reward1", seed)
+    paths["adapter-reward3"] = make_adapter(out / "adapter-reward3", paths["tiny-llama"], "reward3", seed + 1)
+    paths["adapter-token-reward"] = make_adapter(out / "adapter-token-reward", paths["tiny-llama"],
+                                                 "token_reward", seed + 2)
+    paths["adapter-qwen2-reward1"] = make_adapter(out / "adapter-qwen2-reward1", paths["tiny-qwen2"],
+                                                  "reward1", seed + 3)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m otter_gguf.fixtures OUT_DIR", file=sys.stderr)
+        return 2
+    for name, p in make_all(argv[0]).items():
+        print(f"{name}: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
