@@ -1,0 +1,388 @@
+"""Adapter + base -> Otter GGUF (docs/FORMAT.md).
+
+Streaming: the base GGUF is memory-mapped and its tensors are copied as raw
+bytes; the adapter's tensors are read, transformed, encoded and written one
+at a time. Atomic: everything goes to a temporary file in the target
+directory that is renamed onto OUT at the very end and removed on any
+failure (KeyboardInterrupt included).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
+
+from otter_gguf_converter import gguf_io, qtypes
+from otter_gguf_converter.errors import ConvertError
+from otter_gguf_converter.ggml_quant import encode
+from otter_gguf_converter.hf_base import convert_hf_base, hf_architecture, parse_base_outtype
+
+OTTER_FORMAT_VERSION = 1
+
+# HF (spec §4) suffix -> GGUF name (docs/FORMAT.md), per layer
+_LAYER_MAP = {
+    "input_layernorm.weight": "otter_attn_norm.weight",
+    "self_attn.q_proj.weight": "otter_attn_q.weight",
+    "self_attn.k_proj.weight": "otter_attn_k.weight",
+    "self_attn.v_proj.weight": "otter_attn_v.weight",
+    "self_attn.q_proj.bias": "otter_attn_q.bias",
+    "self_attn.k_proj.bias": "otter_attn_k.bias",
+    "self_attn.v_proj.bias": "otter_attn_v.bias",
+    "self_attn.o_proj.weight": "otter_attn_output.weight",
+    "post_attention_layernorm.weight": "otter_ffn_norm.weight",
+    "mlp.gate_proj.weight": "otter_ffn_gate.weight",
+    "mlp.up_proj.weight": "otter_ffn_up.weight",
+    "mlp.down_proj.weight": "otter_ffn_down.weight",
+}
+_GLOBAL_MAP = {
+    "otter.embed_tokens.weight": "otter_token_embd.weight",
+    "otter.norm.weight": "otter_output_norm.weight",
+    "otter.head.weight": "otter_head.weight",
+    "otter.head.bias": "otter_head.bias",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """GGUF name of an adapter tensor (spec §4 -> docs/FORMAT.md)."""
+    if hf_name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[hf_name]
+    parts = hf_name.split(".", 3)
+    if len(parts) == 4 and parts[0] == "otter" and parts[1] == "layers" and parts[2].isdigit():
+        suffix = _LAYER_MAP.get(parts[3])
+        if suffix is not None:
+            return f"blk.{int(parts[2])}.{suffix}"
+    raise KeyError(hf_name)
+
+
+def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half rows -> GGML interleaved rows, per head (LlamaModel.permute)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def rope_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`rope_permute`."""
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+@dataclass
+class PlannedTensor:
+    hf_name: str
+    name: str
+    np_shape: tuple[int, ...]  # numpy order (HF [out, in]) == reversed ggml ne
+    qtype: QT
+    nbytes: int
+    permute_heads: int | None  # RoPE permutation per this many heads (llama Q/K)
+
+
+def _nbytes(qtype: QT, np_shape: tuple[int, ...]) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(np_shape))
+    return n // block * size
+
+
+def plan_tensors(adapter, cfg, arch: str, outtype: str, head_type: str | None):
+    """The Otter tensors to write, in order, and the block-size fallbacks."""
+    required = cfg.required_tensor_shapes()
+    optional = cfg.optional_tensor_shapes()
+    have = list(adapter.tensor_names)
+    unknown = [n for n in have if n not in required and n not in optional]
+    if unknown:
+        raise ConvertError(
+            f"adapter has unexpected tensor(s): {', '.join(sorted(unknown))} "
+            f"(expected only the tensors of OTTER_SPEC.md §4)"
+        )
+    missing = [n for n in required if n not in have]
+    if missing:
+        raise ConvertError(f"adapter is missing tensor(s): {', '.join(missing)}")
+    bad = []
+    for n in have:
+        want = tuple(required.get(n) or optional[n])
+        got = tuple(int(x) for x in adapter.shape(n))
+        if got != want:
+            bad.append(f"{n}: shape {list(got)}, expected {list(want)}")
+    if bad:
+        raise ConvertError("adapter tensor(s) with the wrong shape: " + "; ".join(bad))
+
+    h2, h2kv = cfg.otter_num_attention_heads, cfg.otter_num_key_value_heads
+    side_gqa = h2 // h2kv
+    n_layer = cfg.num_hidden_layers
+    plan: list[PlannedTensor] = []
+    fallbacks: list[qtypes.Fallback] = []
+    present = set(have)
+    for hf in cfg.tensor_order():
+        if hf not in present:
+            continue
+        name = gguf_tensor_name(hf)
+        shape = tuple(int(x) for x in adapter.shape(hf))
+        if len(shape) == 1:
+            qt = QT.F32
+        elif name == "otter_head.weight":
+            qt = qtypes.head_type(outtype, head_type)
+        else:
+            qt = qtypes.tensor_type(outtype, name, n_layer, side_gqa)
+        if len(shape) > 1:
+            qt, fb = qtypes.fit_type(name, qt, shape[-1])
+            if fb is not None:
+                fallbacks.append(fb)
+        perm = None
+        if arch == "llama":
+            if name.endswith("otter_attn_q.weight") or name.endswith("otter_attn_q.bias"):
+                perm = h2
+            elif name.endswith("otter_attn_k.weight") or name.endswith("otter_attn_k.bias"):
+                perm = h2kv
+        plan.append(PlannedTensor(hf, name, shape, qt, _nbytes(qt, shape), perm))
+    return plan, fallbacks
+
+
+def _otter_metadata(writer, cfg, info: gguf_io.BaseInfo) -> None:
+    u32 = GGUFValueType.UINT32
+    kv = writer.add_key_value
+    kv("otter.version", OTTER_FORMAT_VERSION, u32)
+    kv("otter.base_model", str(cfg.base_model), GGUFValueType.STRING)
+    kv("otter.embedding_length", cfg.otter_hidden_size, u32)
+    kv("otter.attention.head_count", cfg.otter_num_attention_heads, u32)
+    kv("otter.attention.head_count_kv", cfg.otter_num_key_value_heads, u32)
+    kv("otter.feed_forward_length", cfg.otter_intermediate_size, u32)
+    kv("otter.head.output_size", cfg.head_output_size, u32)
+    kv("otter.head.kind", cfg.head_kind, GGUFValueType.STRING)
+    kv("otter.head.signal_names", list(cfg.signal_names), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    kv("otter.base.architecture", info.architecture, GGUFValueType.STRING)
+    kv("otter.base.embedding_length", info.d, u32)
+    kv("otter.base.block_count", info.n_layer, u32)
+    kv("otter.base.attention.head_count", info.h, u32)
+    kv("otter.base.attention.head_count_kv", info.h_kv, u32)
+    kv("otter.base.attention.key_length", info.hd, u32)
+    kv("otter.base.feed_forward_length", info.f, u32)
+    kv("otter.base.vocab_size", info.vocab_size, u32)
+    kv("otter.base.vocab_hash", info.vocab_hash, GGUFValueType.UINT64)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _warn(msg: str) -> None:
+    print(f"otter-gguf: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _open_adapter(adapter_dir):
+    from otter_gguf.adapter import open_adapter
+
+    p = Path(adapter_dir)
+    if not p.exists():
+        raise ConvertError(f"adapter directory {p} does not exist")
+    if not p.is_dir():
+        raise ConvertError(f"adapter {p} is not a directory (expected a directory with otter_config.json "
+                           f"and otter_model.safetensors)")
+    return open_adapter(p)
+
+
+def _check_base(cfg, info: gguf_io.BaseInfo) -> None:
+    from otter_gguf.adapter import check_against_base
+
+    check_against_base(cfg, info.hparams())
+
+
+def convert(
+    adapter_dir,
+    base,
+    out,
+    *,
+    outtype: str = "f32",
+    base_outtype: str = "f16",
+    head_type: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert an Otter adapter plus its base model into one Otter GGUF.
+
+    ``base`` is a GGUF file (copied unchanged) or an HF model directory
+    (converted with llama.cpp's convert_hf_to_gguf.py to ``base_outtype``
+    first; ``base_outtype`` is ignored for a GGUF base). ``outtype`` is the
+    type of the Otter matrices (see docs/FORMAT.md), ``head_type`` overrides
+    the head's. Raises :class:`ConvertError` / ``AdapterError`` (both
+    ``ValueError``) for bad input; OUT is then left untouched.
+    """
+    try:
+        outtype = qtypes.parse_outtype(outtype)
+    except ValueError as e:
+        raise ConvertError(f"--outtype: {e}") from None
+    if head_type is not None:
+        ht = head_type.strip().lower()
+        if ht not in qtypes.HEAD_TYPES:
+            raise ConvertError(f"--head-type: unknown type {head_type!r}; expected one of: {', '.join(qtypes.HEAD_TYPES)}")
+        head_type = ht
+    out = Path(out)
+    out_dir = out.parent
+    if out.is_dir():
+        raise ConvertError(f"output {out} is a directory; expected a file path like {out / 'model-otter.gguf'}")
+    if out.exists() and not force:
+        raise ConvertError(f"output {out} already exists; pass --force to overwrite it")
+    if not out_dir.is_dir():
+        raise ConvertError(f"output directory {out_dir} does not exist")
+
+    base_path = Path(base)
+    hf_base = base_path.is_dir()
+    if hf_base:
+        base_outtype = parse_base_outtype(base_outtype)
+        hf_architecture(base_path)  # fail fast on an unsupported architecture
+
+    adapter = _open_adapter(adapter_dir)
+    cfg = adapter.config
+
+    work_dir: Path | None = None
+    tmp_path: Path | None = None
+    writer = None
+    reader = None
+    try:
+        if hf_base:
+            work_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.base.", suffix=".tmp", dir=out_dir))
+            if progress:
+                print(f"otter-gguf: converting HF base {base_path} to GGUF ({base_outtype}) with "
+                      f"llama.cpp's convert_hf_to_gguf.py", file=sys.stderr, flush=True)
+            base_gguf = convert_hf_base(base_path, work_dir / "base.gguf", base_outtype)
+        else:
+            base_gguf = base_path
+        reader = gguf_io.open_gguf(base_gguf, "base")
+        info = gguf_io.base_info(reader, str(base_path))
+        already = [k for k in gguf_io.kv_keys(reader) if k.startswith("otter.")]
+        already_t = [t.name for t in reader.tensors if gguf_io.is_otter_tensor(t.name)]
+        if already or already_t:
+            raise ConvertError(
+                f"base {base_path} already contains an Otter head ({(already + already_t)[0]} ...); "
+                f"convert from the plain base model GGUF"
+            )
+        _check_base(cfg, info)
+        plan, fallbacks = plan_tensors(adapter, cfg, info.architecture, outtype, head_type)
+        if fallbacks:
+            _warn(f"{len(fallbacks)} tensor(s) do not fit their type's block size and fall back: " + "; ".join(
+                f"{fb.name} (ne0 {fb.ne0}) {qtypes.type_name(fb.wanted)} -> {qtypes.type_name(fb.used)}"
+                for fb in fallbacks))
+        if any(t.qtype not in (QT.F32, QT.F16, QT.BF16) for t in plan):
+            from otter_gguf_converter.ggml_quant import load_ggml_base
+
+            load_ggml_base()  # fail before writing if the quantizer is missing
+
+        tmp_path = _create_temp(out)
+        _write(reader, info, cfg, plan, tmp_path, adapter, progress)
+        del reader
+        reader = None
+        if out.exists() and not force:
+            raise ConvertError(f"output {out} appeared during the conversion; pass --force to overwrite it")
+        os.replace(tmp_path, out)
+        tmp_path = None
+    finally:
+        reader = None
+        if tmp_path is not None:
+            try:
+                tmp_path.unlink()
+            except FileNotFoundError:
+                pass
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return out
+
+
+def _create_temp(out: Path) -> Path:
+    """An empty temp file next to ``out`` (mode 0666 & ~umask, like ``out`` would get)."""
+    for _ in range(100):
+        p = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ConvertError(f"cannot write to output directory {out.parent}: {e.strerror or e}") from None
+        os.close(fd)
+        return p
+    raise RuntimeError(f"could not create a temporary file in {out.parent}")
+
+
+def _write(reader, info, cfg, plan, tmp_path: Path, adapter, progress: bool) -> None:
+    writer = gguf_io.OtterGGUFWriter(tmp_path, info.architecture)
+    try:
+        writer.kv_data = [{}]  # drop the writer's own general.architecture: the base's is copied
+        writer.data_alignment = int(reader.alignment)
+        for key in gguf_io.kv_keys(reader):
+            writer.add_raw_value(key, gguf_io.raw_kv_value(reader, key))
+        _otter_metadata(writer, cfg, info)
+
+        for t in reader.tensors:
+            # element shape (not a uint8 byte shape), the type given explicitly
+            writer.add_tensor_info(t.name, gguf_io.ggml_shape_to_numpy(t.shape), np.dtype(np.float32),
+                                   int(t.n_bytes), raw_dtype=t.tensor_type)
+        for p in plan:
+            writer.add_tensor_info(p.name, p.np_shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+
+        total = info.tensor_bytes + sum(p.nbytes for p in plan)
+        bar = _progress_bar(total, len(reader.tensors) + len(plan), progress)
+        try:
+            for t in reader.tensors:
+                bar(f"base {t.name}", int(t.n_bytes))
+                writer.write_tensor_data(gguf_io.tensor_raw(reader, t))
+            for p in plan:
+                bar(f"{p.name} {qtypes.type_name(p.qtype)}", p.nbytes, pre=True)
+                data = adapter.get_numpy(p.hf_name)
+                if data.shape != p.np_shape:
+                    raise ConvertError(f"adapter tensor {p.hf_name}: shape {list(data.shape)}, "
+                                       f"expected {list(p.np_shape)}")
+                if p.permute_heads:
+                    data = rope_permute(data, p.permute_heads)
+                enc = encode(data, p.qtype)
+                del data
+                if enc.nbytes != p.nbytes:
+                    raise RuntimeError(f"{p.name}: encoded {enc.nbytes} bytes, planned {p.nbytes}")
+                writer.write_tensor_data(enc)
+                del enc
+                bar(None, p.nbytes)
+        finally:
+            bar(None, 0, close=True)
+        for fout in writer.fout or []:
+            fout.flush()
+            os.fsync(fout.fileno())
+    finally:
+        writer.close()
+
+
+def _progress_bar(total_bytes: int, n_tensors: int, enabled: bool) -> Callable:
+    """A tqdm bar over bytes written (stderr); returns an update callback."""
+    if not enabled:
+        return lambda *a, **k: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+               desc=f"writing {n_tensors} tensors", dynamic_ncols=True, leave=True)
+
+    def update(label, nbytes, pre=False, close=False):
+        if close:
+            bar.close()
+            return
+        if label is not None:
+            bar.set_postfix_str(f"{label} ({_human(nbytes)})", refresh=False)
+        if not pre:
+            bar.update(nbytes)
+
+    return update

@@ -1,0 +1,210 @@
+"""Reading a base GGUF (fingerprint, vocab hash, raw metadata) and writing GGUF.
+
+The base is read with ``gguf.GGUFReader`` (memory-mapped); metadata is carried
+over as the exact bytes of each key/value pair, so every type (arrays, nested
+arrays, empty arrays) survives unchanged; tensors are copied as raw bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+from otter_gguf_converter.errors import ConvertError
+
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+_MASK = (1 << 64) - 1
+
+SUPPORTED_BASE_ARCHITECTURES = ("llama", "qwen2")
+
+
+def is_otter_tensor(name: str) -> bool:
+    return name.startswith("otter_") or ".otter_" in name
+
+
+def open_gguf(path: str | os.PathLike, what: str = "base") -> GGUFReader:
+    """GGUFReader over ``path`` (mmap); a clear ConvertError if it is not a GGUF file."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ConvertError(f"{what} {p}: no such file or directory (expected a GGUF file or an HF model directory)")
+    if os.path.isdir(p):
+        raise ConvertError(f"{what} {p} is a directory, expected a GGUF file")
+    try:
+        if os.path.getsize(p) < 24:
+            raise ValueError("file too short for a GGUF header")
+        reader = GGUFReader(p, "r")
+    except ConvertError:
+        raise
+    except Exception as e:  # ValueError, IndexError, struct errors from a truncated/garbled file
+        raise ConvertError(f"{what} {p} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    if reader.byte_order != "I":
+        raise ConvertError(f"{what} {p} is a big-endian GGUF; only little-endian GGUF files are supported")
+    end = len(reader.data)
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > end:
+            raise ConvertError(
+                f"{what} {p} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
+                f"file has {end} bytes"
+            )
+    return reader
+
+
+def field_value(reader: GGUFReader, key: str) -> Any:
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def raw_kv_value(reader: GGUFReader, key: str) -> bytes:
+    """The exact bytes of a KV pair's value (type tag + payload), as stored in the file."""
+    f = reader.fields[key]
+    total = sum(int(p.nbytes) for p in f.parts)
+    key_bytes = int(f.parts[0].nbytes) + int(f.parts[1].nbytes)
+    return bytes(reader.data[f.offset + key_bytes: f.offset + total])
+
+
+def kv_keys(reader: GGUFReader) -> list[str]:
+    """Metadata keys in file order (without the reader's synthetic GGUF.* entries)."""
+    return [k for k in reader.fields if not k.startswith("GGUF.")]
+
+
+def vocab_hash_tokens(tokens: Sequence[bytes]) -> int:
+    """FNV-1a 64 over each token's bytes followed by one 0x00 byte (docs/FORMAT.md)."""
+    h = FNV_OFFSET
+    for tok in tokens:
+        for b in tok:
+            h = ((h ^ b) * FNV_PRIME) & _MASK
+        h = (h * FNV_PRIME) & _MASK  # h ^= 0 is a no-op
+    return h
+
+
+def token_bytes(reader: GGUFReader) -> list[bytes]:
+    f = reader.fields.get("tokenizer.ggml.tokens")
+    if f is None:
+        return []
+    return [bytes(f.parts[i]) for i in f.data]
+
+
+def _scalar(reader: GGUFReader, key: str, *, required: bool = True, path: str = "") -> int | None:
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise ConvertError(f"base {path}: metadata key {key} is missing (needed for the Otter fingerprint)")
+        return None
+    v = f.contents()
+    if isinstance(v, list):  # per-layer arrays (some archs): must be uniform
+        if not v or any(x != v[0] for x in v):
+            raise ConvertError(f"base {path}: {key} varies per layer ({v}); Otter needs a uniform value")
+        v = v[0]
+    return int(v)
+
+
+@dataclass
+class BaseInfo:
+    path: str
+    architecture: str
+    d: int
+    n_layer: int
+    h: int
+    h_kv: int
+    hd: int
+    f: int
+    vocab_size: int
+    vocab_hash: int
+    n_tensors: int
+    tensor_bytes: int
+    quant_mix: dict[str, int] = field(default_factory=dict)
+
+    def hparams(self) -> dict[str, Any]:
+        """The fingerprint as OtterConfig field names (for check_against_base)."""
+        return {
+            "base_architecture": self.architecture,
+            "hidden_size": self.d,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.h,
+            "num_key_value_heads": self.h_kv,
+            "head_dim": self.hd,
+            "intermediate_size": self.f,
+            "vocab_size": self.vocab_size,
+        }
+
+
+def base_info(reader: GGUFReader, path: str = "", *, require_supported: bool = True) -> BaseInfo:
+    arch = field_value(reader, "general.architecture")
+    if not isinstance(arch, str):
+        raise ConvertError(f"base {path}: general.architecture is missing; is this a llama.cpp model GGUF?")
+    if require_supported and arch not in SUPPORTED_BASE_ARCHITECTURES:
+        raise ConvertError(
+            f"base {path}: architecture {arch!r} is not supported; supported base architectures: "
+            f"{', '.join(SUPPORTED_BASE_ARCHITECTURES)}"
+        )
+    d = _scalar(reader, f"{arch}.embedding_length", path=path)
+    n_layer = _scalar(reader, f"{arch}.block_count", path=path)
+    h = _scalar(reader, f"{arch}.attention.head_count", path=path)
+    h_kv = _scalar(reader, f"{arch}.attention.head_count_kv", required=False, path=path) or h
+    hd = _scalar(reader, f"{arch}.attention.key_length", required=False, path=path) or (d // h if h else 0)
+    f = _scalar(reader, f"{arch}.feed_forward_length", path=path)
+    toks = token_bytes(reader)
+    if not toks:
+        raise ConvertError(f"base {path}: tokenizer.ggml.tokens is missing (needed for the vocab fingerprint)")
+    mix: dict[str, int] = {}
+    nbytes = 0
+    n = 0
+    for t in reader.tensors:
+        if is_otter_tensor(t.name):
+            continue
+        n += 1
+        nbytes += int(t.n_bytes)
+        k = t.tensor_type.name.lower()
+        mix[k] = mix.get(k, 0) + 1
+    return BaseInfo(path, arch, d, n_layer, h, h_kv, hd, f, len(toks), vocab_hash_tokens(toks), n, nbytes, mix)
+
+
+class _RawValue(bytes):
+    """A metadata value already encoded as GGUF bytes (type tag + payload)."""
+
+
+class OtterGGUFWriter(GGUFWriter):
+    """GGUFWriter that can also write raw (copied) metadata values and empty arrays."""
+
+    def add_raw_value(self, key: str, raw: bytes) -> None:
+        self.kv_data[0][key] = _GV(_RawValue(raw))
+
+    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
+        if isinstance(val, _RawValue):
+            assert add_vtype
+            return bytes(val)
+        if vtype == GGUFValueType.ARRAY and isinstance(val, (list, tuple)) and len(val) == 0:
+            if sub_type is None:
+                raise ValueError("an empty GGUF array needs an explicit element type")
+            out = bytearray()
+            if add_vtype:
+                out += self._pack("I", vtype)
+            out += self._pack("I", sub_type)
+            out += self._pack("Q", 0)
+            return bytes(out)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+def _GV(raw: _RawValue):
+    from gguf.gguf_writer import GGUFValue
+
+    # the type is ignored by OtterGGUFWriter._pack_val for raw values
+    return GGUFValue(value=raw, type=GGUFValueType.ARRAY)
+
+
+def ggml_shape_to_numpy(ne: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(x) for x in reversed(list(ne)))
+
+
+def tensor_raw(reader: GGUFReader, t) -> np.ndarray:
+    """The tensor's bytes in the base file, as a uint8 view of the mmap (no copy)."""
+    return reader.data[t.data_offset: t.data_offset + t.n_bytes]
+
+
+def qtype_name(t: GGMLQuantizationType) -> str:
+    return t.name.lower()

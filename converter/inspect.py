@@ -1,0 +1,163 @@
+"""``otter-gguf inspect``: what is in a (possibly Otter) GGUF file."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from otter_gguf_converter import gguf_io
+from otter_gguf_converter.errors import ConvertError
+
+_FINGERPRINT = {
+    "otter.base.architecture": "architecture",
+    "otter.base.embedding_length": "embedding_length",
+    "otter.base.block_count": "block_count",
+    "otter.base.attention.head_count": "head_count",
+    "otter.base.attention.head_count_kv": "head_count_kv",
+    "otter.base.attention.key_length": "key_length",
+    "otter.base.feed_forward_length": "feed_forward_length",
+    "otter.base.vocab_size": "vocab_size",
+    "otter.base.vocab_hash": "vocab_hash",
+}
+
+
+def _opt_int(reader, key):
+    v = gguf_io.field_value(reader, key)
+    if isinstance(v, list):
+        v = v[0] if v and all(x == v[0] for x in v) else v
+    return v
+
+
+def inspect_gguf(path) -> dict[str, Any]:
+    """Summarise a GGUF file; raises ConvertError if it is not a readable GGUF."""
+    p = os.fspath(path)
+    reader = gguf_io.open_gguf(p, "file")
+    arch = gguf_io.field_value(reader, "general.architecture")
+    a = arch if isinstance(arch, str) else "?"
+    toks = gguf_io.token_bytes(reader)
+    d = _opt_int(reader, f"{a}.embedding_length")
+    h = _opt_int(reader, f"{a}.attention.head_count")
+    hd = _opt_int(reader, f"{a}.attention.key_length")
+    if hd is None and isinstance(d, int) and isinstance(h, int) and h:
+        hd = d // h
+    base_tensors = [t for t in reader.tensors if not gguf_io.is_otter_tensor(t.name)]
+    otter_tensors = [t for t in reader.tensors if gguf_io.is_otter_tensor(t.name)]
+    mix: dict[str, int] = {}
+    for t in base_tensors:
+        k = gguf_io.qtype_name(t.tensor_type)
+        mix[k] = mix.get(k, 0) + 1
+    base_bytes = sum(int(t.n_bytes) for t in base_tensors)
+    base = {
+        "architecture": arch,
+        "name": gguf_io.field_value(reader, "general.name"),
+        "embedding_length": d,
+        "block_count": _opt_int(reader, f"{a}.block_count"),
+        "head_count": h,
+        "head_count_kv": _opt_int(reader, f"{a}.attention.head_count_kv") or h,
+        "key_length": hd,
+        "feed_forward_length": _opt_int(reader, f"{a}.feed_forward_length"),
+        "vocab_size": len(toks) if toks else None,
+        "vocab_hash": gguf_io.vocab_hash_tokens(toks) if toks else None,
+        "file_type": gguf_io.field_value(reader, "general.file_type"),
+        "n_tensors": len(base_tensors),
+        "bytes": base_bytes,
+        "quant_mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])),
+    }
+    otter_keys = [k for k in gguf_io.kv_keys(reader) if k.startswith("otter.")]
+    result: dict[str, Any] = {
+        "file": p,
+        "file_bytes": os.path.getsize(p),
+        "gguf_version": int(reader.fields["GGUF.version"].contents()),
+        "alignment": int(reader.alignment),
+        "base": base,
+        "otter": None,
+    }
+    if not otter_keys and not otter_tensors:
+        return result
+    meta = {k: gguf_io.field_value(reader, k) for k in otter_keys}
+    tensors = [
+        {
+            "name": t.name,
+            "shape": [int(x) for x in t.shape],  # ggml order: ne0 first
+            "type": gguf_io.qtype_name(t.tensor_type),
+            "bytes": int(t.n_bytes),
+        }
+        for t in otter_tensors
+    ]
+    otter_bytes = sum(x["bytes"] for x in tensors)
+    mismatches = []
+    for key, bk in _FINGERPRINT.items():
+        if key not in meta:
+            mismatches.append(f"{key} missing")
+        elif meta[key] != base[bk]:
+            mismatches.append(f"{key} = {meta[key]!r}, file's base has {base[bk]!r}")
+    result["otter"] = {
+        "metadata": meta,
+        "tensors": tensors,
+        "n_tensors": len(tensors),
+        "bytes": otter_bytes,
+        "ratio_to_base": (otter_bytes / base_bytes) if base_bytes else None,
+        "fingerprint_ok": not mismatches,
+        "fingerprint_mismatches": mismatches,
+    }
+    return result
+
+
+def _h(n: int | None) -> str:
+    if n is None:
+        return "?"
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{int(x)} B" if unit == "B" else f"{x:.2f} {unit}"
+        x /= 1024
+    return str(n)
+
+
+def format_report(r: dict[str, Any]) -> str:
+    b = r["base"]
+    lines = [f"file: {r['file']} ({_h(r['file_bytes'])}, GGUF v{r['gguf_version']})"]
+    lines.append(
+        f"base: {b['architecture']}" + (f" ({b['name']})" if b.get("name") else "")
+        + f"  d={b['embedding_length']} L={b['block_count']} h={b['head_count']} h_kv={b['head_count_kv']}"
+        f" hd={b['key_length']} f={b['feed_forward_length']} V={b['vocab_size']}"
+    )
+    lines.append("  quant mix: " + (", ".join(f"{k} x{v}" for k, v in b["quant_mix"].items()) or "(no tensors)"))
+    lines.append(f"  tensors: {b['n_tensors']}, {_h(b['bytes'])}")
+    o = r["otter"]
+    if o is None:
+        lines.append("otter: no Otter head in this file (a plain GGUF)")
+        return "\n".join(lines)
+    m = o["metadata"]
+    names = m.get("otter.head.signal_names") or []
+    lines.append(
+        f"otter: version {m.get('otter.version')}, head kind {m.get('otter.head.kind')}, "
+        f"n_out {m.get('otter.head.output_size')}" + (f" (signals: {', '.join(names)})" if names else "")
+    )
+    lines.append(
+        f"  d2={m.get('otter.embedding_length')} h2={m.get('otter.attention.head_count')} "
+        f"h2_kv={m.get('otter.attention.head_count_kv')} f2={m.get('otter.feed_forward_length')}  "
+        f"base_model: {m.get('otter.base_model')!r}"
+    )
+    if o["fingerprint_ok"]:
+        lines.append(f"  fingerprint: matches this file's base (vocab hash {m['otter.base.vocab_hash']:#018x})")
+    else:
+        lines.append("  fingerprint: MISMATCH: " + "; ".join(o["fingerprint_mismatches"]))
+    lines.append("  metadata:")
+    for k, v in m.items():
+        lines.append(f"    {k} = {v!r}")
+    lines.append(f"  tensors ({o['n_tensors']}):")
+    w = max([len(t["name"]) for t in o["tensors"]] + [4])
+    lines.append(f"    {'name':<{w}}  {'shape (ne)':<16} {'type':<6} {'bytes':>12}")
+    for t in o["tensors"]:
+        shape = "{" + ", ".join(str(x) for x in t["shape"]) + "}"
+        lines.append(f"    {t['name']:<{w}}  {shape:<16} {t['type']:<6} {t['bytes']:>12}")
+    ratio = o["ratio_to_base"]
+    lines.append(
+        f"size: base {_h(b['bytes'])}, otter {_h(o['bytes'])}"
+        + (f" ({100 * ratio:.2f}% of the base)" if ratio is not None else "")
+    )
+    return "\n".join(lines)
+
+
+__all__ = ["inspect_gguf", "format_report", "ConvertError"]
