@@ -1,0 +1,604 @@
+"""otter-gguf convert: round trips, byte-identical base, HF base, bad inputs.
+
+The tiny llama base is converted to GGUF once per session (shared with
+tests/test_inspect.py through a fixed path under the session's basetemp).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
+
+from otter_gguf.adapter import open_adapter
+from otter_gguf.cli import main as cli_main
+from otter_gguf_converter import OUTTYPES, convert, convert_hf_base, gguf_tensor_name
+
+# Relative RMS error (RMS of the difference / std of the tensor) allowed per
+# type after dequantization. f32 must be exact. The bounds are ~1.3-2x what
+# ggml's quantizers give on Gaussian data (measured: f16 2e-4, bf16 1.7e-3,
+# q8_0 5.4e-3, q6_k 1.8e-2, q5_* 3.6-4.3e-2, q4_* 7.1-8.6e-2, q3_k 0.15,
+# q2_k 0.30), so a wrong layout (rows swapped, RoPE permutation off) fails.
+TOLERANCE = {
+    QT.F32: 0.0, QT.F16: 5e-4, QT.BF16: 4e-3, QT.Q8_0: 1e-2, QT.Q6_K: 3e-2,
+    QT.Q5_0: 6e-2, QT.Q5_1: 6e-2, QT.Q5_K: 6e-2,
+    QT.Q4_0: 0.12, QT.Q4_1: 0.12, QT.Q4_K: 0.12, QT.Q3_K: 0.2, QT.Q2_K: 0.4,
+}
+LLAMA_CPP_SRC = None
+
+
+def _llama_cpp_source() -> Path:
+    from otter_gguf.runtime_build import pinned_llama_cpp_source
+
+    return Path(pinned_llama_cpp_source())
+
+
+def session_base(tmp_path_factory, hf_dir, outtype: str = "f32") -> Path:
+    """The tiny HF base converted once per session (shared across test files)."""
+    d = tmp_path_factory.getbasetemp() / f"otter-base-{Path(hf_dir).name}-{outtype}"
+    p = d / "base.gguf"
+    if not p.is_file():
+        d.mkdir(exist_ok=True)
+        convert_hf_base(hf_dir, p, outtype)
+    return p
+
+
+@pytest.fixture(scope="session")
+def base_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
+    return session_base(tmp_path_factory, tiny_llama_dir, "f32")
+
+
+@pytest.fixture(scope="session")
+def base_q4_gguf(tmp_path_factory, base_gguf) -> Path:
+    """A q4_k_m base GGUF made by llama.cpp's quantizer (llama-quantize's code; needs the runtime)."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path_factory.mktemp("q4km") / "base-q4_k_m.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(base_gguf).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def hf_rows_from_ggml(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation with explicit index arithmetic.
+
+    Within each head of ``hd`` rows, GGML row 2i holds HF row i and row 2i+1
+    holds HF row i + hd/2 (rotate-half -> interleaved pairs).
+    """
+    hd = w.shape[0] // n_head
+    src = np.empty(w.shape[0], dtype=np.int64)  # src[hf_row] = ggml_row
+    for hh in range(n_head):
+        for i in range(hd // 2):
+            src[hh * hd + i] = hh * hd + 2 * i
+            src[hh * hd + hd // 2 + i] = hh * hd + 2 * i + 1
+    return w[src]
+
+
+def dequant(t) -> np.ndarray:
+    shape = tuple(reversed([int(x) for x in t.shape]))
+    return np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((x.astype(np.float64) - ref) ** 2)) / (ref.std() or 1.0))
+
+
+def listing(d: Path) -> list[str]:
+    return sorted(os.listdir(d))
+
+
+def run_cli(args, **kw):
+    return CliRunner().invoke(cli_main, [str(a) for a in args], catch_exceptions=False, **kw)
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_adapter_tensors(adapter: Path, edit) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    p = adapter / "otter_model.safetensors"
+    t = load_file(str(p))
+    edit(t)
+    save_file(t, str(p))
+
+
+def field_bytes(f) -> bytes:
+    """Value bytes of a reader field (type tag + payload, key excluded)."""
+    return b"".join(bytes(part.tobytes()) for part in f.parts[2:])
+
+
+def metadata_only_gguf(src: Path, dst: Path, *, set_kv=None, drop=(), rename_arch=None) -> Path:
+    """A tensor-less GGUF carrying ``src``'s metadata, with edits (for mismatch tests)."""
+    r = GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    new_arch = rename_arch or arch
+    w = GGUFWriter(dst, new_arch)
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture" or k in drop:
+            continue
+        key = k.replace(f"{arch}.", f"{new_arch}.", 1) if rename_arch and k.startswith(f"{arch}.") else k
+        vt = f.types[0]
+        sub = f.types[-1] if vt == GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), vt, sub_type=sub)
+    for k, (v, vt) in (set_kv or {}).items():
+        w.add_key_value(k, v, vt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+# ------------------------------------------------------------ round trips
+
+
+def check_roundtrip(out: Path, adapter_dir: Path, permuted: bool, outtype_tol: QT | None = None):
+    ad = open_adapter(adapter_dir)
+    cfg = ad.config
+    r = GGUFReader(out)
+    tensors = {t.name: t for t in r.tensors}
+    errors = {}
+    for hf in ad.tensor_names:
+        name = gguf_tensor_name(hf)
+        t = tensors[name]
+        ref = ad.get_numpy(hf)
+        if ref.ndim == 1:
+            assert t.tensor_type == QT.F32, f"{name}: 1-D tensors must stay f32"
+        x = dequant(t)
+        assert x.shape == ref.shape, name
+        if permuted and (".otter_attn_q." in name or ".otter_attn_k." in name):
+            n = cfg.otter_num_attention_heads if ".otter_attn_q." in name else cfg.otter_num_key_value_heads
+            x = hf_rows_from_ggml(x, n)
+        tol = TOLERANCE[t.tensor_type]
+        e = rel_err(x, ref)
+        if tol == 0.0:
+            assert np.array_equal(x, ref), f"{name}: f32 must be exact"
+        else:
+            assert e <= tol, f"{name} ({t.tensor_type.name}): rel err {e:.4g} > {tol}"
+        errors[name] = (t.tensor_type, e)
+    return errors
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+def test_roundtrip_every_outtype(outtype, base_gguf, adapter_reward3_dir, tmp_path):
+    out = convert(adapter_reward3_dir, base_gguf, tmp_path / "o.gguf", outtype=outtype, progress=False)
+    errs = check_roundtrip(out, adapter_reward3_dir, permuted=True)
+    types = {n: t for n, (t, _) in errs.items()}
+    head = types["otter_head.weight"]
+    if outtype in ("f32", "f16", "bf16", "q8_0"):
+        assert head == QT[outtype.upper()]
+    else:
+        assert head == QT.Q8_0, "the head defaults to at least q8_0"
+    plain = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
+    if outtype in plain:
+        mats = {t for n, t in types.items() if n != "otter_head.weight" and not n.endswith("norm.weight")
+                and not n.endswith(".bias")}
+        assert mats == {QT[outtype.upper()]}
+    # the adapter biases (reward3 has q/k/v and head biases) made it through
+    assert "blk.0.otter_attn_q.bias" in types and "otter_head.bias" in types
+
+
+def test_mix_types_follow_llama_quantize(base_gguf, adapter_reward1_dir, tmp_path):
+    """L=4: use_more_bits is true for layers 2 and 3; see docs/FORMAT.md."""
+    def types_of(outtype):
+        out = convert(adapter_reward1_dir, base_gguf, tmp_path / f"{outtype}.gguf", outtype=outtype, progress=False)
+        return {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+
+    t = types_of("q4_k_m")
+    assert [t[f"blk.{i}.otter_attn_v.weight"] for i in range(4)] == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
+    assert [t[f"blk.{i}.otter_ffn_down.weight"] for i in range(4)] == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
+    assert t["blk.0.otter_attn_q.weight"] == QT.Q4_K and t["otter_token_embd.weight"] == QT.Q4_K
+    t = types_of("q3_k_m")
+    assert [t[f"blk.{i}.otter_attn_v.weight"] for i in range(4)] == [QT.Q5_K, QT.Q5_K, QT.Q4_K, QT.Q4_K]
+    assert t["blk.3.otter_ffn_down.weight"] == QT.Q4_K and t["blk.1.otter_attn_output.weight"] == QT.Q4_K
+    assert t["blk.1.otter_ffn_up.weight"] == QT.Q3_K
+
+
+def test_head_type_option(base_gguf, adapter_reward1_dir, tmp_path):
+    out = tmp_path / "o.gguf"
+    r = run_cli(["convert", adapter_reward1_dir, "--base", base_gguf, "-o", out, "--outtype", "q4_0",
+                 "--head-type", "q4_0", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    t = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    assert t["otter_head.weight"] == QT.Q4_0 and t["blk.0.otter_attn_q.weight"] == QT.Q4_0
+
+
+def test_token_reward_roundtrip_and_metadata(base_gguf, adapter_token_reward_dir, tmp_path):
+    out = convert(adapter_token_reward_dir, base_gguf, tmp_path / "o.gguf", outtype="f16", progress=False)
+    check_roundtrip(out, adapter_token_reward_dir, permuted=True)
+    r = GGUFReader(out)
+    f = r.fields
+    assert f["otter.head.kind"].contents() == "token_reward"
+    assert f["otter.head.output_size"].contents() == 512
+    assert f["otter.head.signal_names"].contents() == []
+    assert f["otter.head.signal_names"].parts[3][0] == GGUFValueType.STRING  # element type of the empty array
+
+
+def test_otter_metadata_and_fingerprint(base_gguf, adapter_reward3_dir, tmp_path):
+    out = convert(adapter_reward3_dir, base_gguf, tmp_path / "o.gguf", outtype="q8_0", progress=False)
+    r = GGUFReader(out)
+    cfg = json.loads((adapter_reward3_dir / "otter_config.json").read_text())
+    f = {k: v for k, v in r.fields.items()}
+
+    def val(k, vtype):
+        assert f[k].types[0] == vtype, k
+        return f[k].contents()
+
+    U32 = GGUFValueType.UINT32
+    assert val("otter.version", U32) == 1
+    assert val("otter.base_model", GGUFValueType.STRING) == cfg["base_model"]
+    assert val("otter.embedding_length", U32) == cfg["otter_hidden_size"]
+    assert val("otter.attention.head_count", U32) == cfg["otter_num_attention_heads"]
+    assert val("otter.attention.head_count_kv", U32) == cfg["otter_num_key_value_heads"]
+    assert val("otter.feed_forward_length", U32) == cfg["otter_intermediate_size"]
+    assert val("otter.head.output_size", U32) == cfg["head_output_size"]
+    assert val("otter.head.kind", GGUFValueType.STRING) == "reward"
+    assert val("otter.head.signal_names", GGUFValueType.ARRAY) == cfg["signal_names"]
+    assert val("otter.base.architecture", GGUFValueType.STRING) == "llama"
+    assert val("otter.base.embedding_length", U32) == 256
+    assert val("otter.base.block_count", U32) == 4
+    assert val("otter.base.attention.head_count", U32) == 4
+    assert val("otter.base.attention.head_count_kv", U32) == 2
+    assert val("otter.base.attention.key_length", U32) == 64
+    assert val("otter.base.feed_forward_length", U32) == 768
+    assert val("otter.base.vocab_size", U32) == 512
+    # FNV-1a 64 recomputed here from the definition in docs/FORMAT.md
+    toks = r.fields["tokenizer.ggml.tokens"]
+    h = 0xCBF29CE484222325
+    for i in toks.data:
+        for b in bytes(toks.parts[i]) + b"\x00":
+            h = ((h ^ b) * 0x100000001B3) % (1 << 64)
+    assert val("otter.base.vocab_hash", GGUFValueType.UINT64) == h
+
+
+def test_qwen2_is_not_permuted(tmp_path_factory, tiny_qwen2_dir, qwen2_adapter_dir, tmp_path):
+    base = session_base(tmp_path_factory, tiny_qwen2_dir, "f32")
+    out = convert(qwen2_adapter_dir, base, tmp_path / "o.gguf", outtype="f32", progress=False)
+    check_roundtrip(out, qwen2_adapter_dir, permuted=False)
+
+
+def test_block_size_fallback_one_warning(base_gguf, tiny_llama_dir, tmp_path, capfd):
+    """d2=100: rows of d+d2=356 fit no quant block (-> f16); f+f2=896 fits 32 but not 256 (q4_k -> q5_0)."""
+    from otter_gguf.adapter import save_adapter
+    from otter_gguf.config import OtterConfig
+
+    cfg = OtterConfig(
+        base_model="tiny", base_architecture="llama", hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=768, vocab_size=512,
+        otter_hidden_size=100, otter_num_attention_heads=4, otter_num_key_value_heads=1,
+        otter_intermediate_size=128, head_output_size=1, head_kind="reward", signal_names=["r"])
+    g = np.random.default_rng(0)
+    ad = save_adapter(tmp_path / "ad", cfg, {n: g.standard_normal(s).astype(np.float32)
+                                             for n, s in cfg.required_tensor_shapes().items()})
+    capfd.readouterr()
+    out = convert(ad, base_gguf, tmp_path / "o.gguf", outtype="q4_k", progress=False)
+    err = capfd.readouterr().err
+    warn = [ln for ln in err.splitlines() if "fall back" in ln]
+    assert len(warn) == 1, err
+    assert "blk.0.otter_attn_q.weight" in warn[0] and "blk.3.otter_ffn_down.weight" in warn[0]
+    t = {x.name: x.tensor_type for x in GGUFReader(out).tensors}
+    assert t["blk.0.otter_attn_q.weight"] == QT.F16          # ne0 356
+    assert t["blk.0.otter_ffn_down.weight"] == QT.Q5_0       # ne0 896
+    assert t["blk.0.otter_attn_output.weight"] == QT.Q4_K    # ne0 (4+4)*64 = 512 fits
+    check_roundtrip(out, ad, permuted=True)
+
+
+def test_streams_one_adapter_tensor_at_a_time(base_gguf, adapter_reward1_dir, tmp_path, monkeypatch):
+    from otter_gguf import adapter as adapter_mod
+
+    live: list[weakref.ref] = []
+    peak = [0]
+    orig = adapter_mod.OtterAdapter.get_numpy
+
+    def spy(self, name, **kw):
+        arr = orig(self, name, **kw)
+        alive = sum(1 for r in live if r() is not None)
+        peak[0] = max(peak[0], alive + 1)
+        live.append(weakref.ref(arr))
+        return arr
+
+    monkeypatch.setattr(adapter_mod.OtterAdapter, "get_numpy", spy)
+    convert(adapter_reward1_dir, base_gguf, tmp_path / "o.gguf", outtype="q4_k", progress=False)
+    assert len(live) == len(open_adapter(adapter_reward1_dir).tensor_names)
+    assert peak[0] == 1, f"{peak[0]} adapter tensors were alive at once"
+
+
+# ------------------------------------------------------------ base identity
+
+
+def assert_base_identical(out: Path, base: Path) -> None:
+    ro, rb = GGUFReader(out), GGUFReader(base)
+    assert ro.alignment == rb.alignment
+    bkeys = [k for k in rb.fields if not k.startswith("GGUF.")]
+    okeys = [k for k in ro.fields if not k.startswith("GGUF.")]
+    assert okeys[: len(bkeys)] == bkeys, "base metadata keys must come first, in the base's order"
+    assert all(k.startswith("otter.") for k in okeys[len(bkeys):])
+    for k in bkeys:
+        assert ro.fields[k].types == rb.fields[k].types, k
+        assert field_bytes(ro.fields[k]) == field_bytes(rb.fields[k]), k
+    bt, ot = rb.tensors, ro.tensors
+    assert [t.name for t in ot[: len(bt)]] == [t.name for t in bt], "base tensors first, in order"
+    assert all("otter_" in t.name for t in ot[len(bt):])
+    for a, b in zip(ot, bt):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape), a.name
+        assert a.n_bytes == b.n_bytes
+        assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)), a.name
+
+
+def test_base_tensors_and_metadata_byte_identical(base_gguf, adapter_reward1_dir, tmp_path):
+    out = convert(adapter_reward1_dir, base_gguf, tmp_path / "o.gguf", outtype="q4_k_m", progress=False)
+    assert_base_identical(out, base_gguf)
+
+
+def test_quantized_base_byte_identical(base_q4_gguf, adapter_reward1_dir, tmp_path):
+    rb = GGUFReader(base_q4_gguf)
+    assert {t.tensor_type for t in rb.tensors} >= {QT.Q4_K, QT.Q6_K}, "a q4_k_m base"
+    out = convert(adapter_reward1_dir, base_q4_gguf, tmp_path / "o.gguf", outtype="q8_0", progress=False)
+    assert_base_identical(out, base_q4_gguf)
+    # the fingerprint comes from the (quantized) base's own metadata
+    assert GGUFReader(out).fields["otter.base.vocab_size"].contents() == 512
+
+
+def test_hf_base_equals_convert_hf_to_gguf(base_gguf, tiny_llama_dir, adapter_reward1_dir, tmp_path):
+    """convert_hf_base == llama.cpp's convert_hf_to_gguf.py run by hand, byte for byte;
+    and `convert --base HF_DIR` carries exactly that base."""
+    direct = tmp_path / "direct.gguf"
+    script = _llama_cpp_source() / "convert_hf_to_gguf.py"
+    res = subprocess.run([sys.executable, str(script), str(tiny_llama_dir), "--outfile", str(direct),
+                          "--outtype", "f32"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert direct.read_bytes() == base_gguf.read_bytes()
+    # an HF base through the CLI, quantized after conversion by llama_model_quantize
+    out = tmp_path / "o.gguf"
+    r = run_cli(["convert", adapter_reward1_dir, "--base", tiny_llama_dir, "--base-outtype", "q4_0",
+                 "-o", out, "--outtype", "q8_0", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert listing(tmp_path) == ["direct.gguf", "o.gguf"], "no temporary files left"
+    ro, rd = GGUFReader(out), GGUFReader(direct)
+    n = len(rd.tensors)
+    assert sorted(t.name for t in ro.tensors[:n]) == sorted(t.name for t in rd.tensors)  # llama-quantize reorders
+    assert {t.tensor_type for t in ro.tensors[:n]} == {QT.Q4_0, QT.Q6_K, QT.F32}  # llama-quantize's Q4_0 mix
+    assert ro.fields["general.file_type"].contents() == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+    assert ro.fields["tokenizer.ggml.tokens"].contents() == rd.fields["tokenizer.ggml.tokens"].contents()
+    check_roundtrip(out, adapter_reward1_dir, permuted=True)
+    # the base fixture's own Q rows are llama.cpp-permuted exactly like hf_rows_from_ggml undoes
+    from safetensors.numpy import load_file
+
+    hf = load_file(str(tiny_llama_dir / "model.safetensors"))
+    q = {t.name: t for t in GGUFReader(direct).tensors}["blk.1.attn_q.weight"]
+    k = {t.name: t for t in GGUFReader(direct).tensors}["blk.1.attn_k.weight"]
+    assert np.array_equal(hf_rows_from_ggml(dequant(q), 4), hf["model.layers.1.self_attn.q_proj.weight"])
+    assert np.array_equal(hf_rows_from_ggml(dequant(k), 2), hf["model.layers.1.self_attn.k_proj.weight"])
+
+
+# ------------------------------------------------------------ CLI, errors
+
+
+def test_cli_success_with_progress(base_gguf, adapter_reward1_dir, tmp_path):
+    out = tmp_path / "o.gguf"
+    r = CliRunner().invoke(cli_main, ["convert", str(adapter_reward1_dir), "--base", str(base_gguf), "-o", str(out),
+                                      "--outtype", "q6_k"])
+    assert r.exit_code == 0, r.output
+    assert "otter_head.weight" in r.stderr  # the progress bar names tensors with their sizes
+    assert listing(tmp_path) == ["o.gguf"]
+    assert oct(out.stat().st_mode & 0o777) != oct(0o600), "not the temp file's private mode"
+
+
+def _expect_user_error(args, tmp_path, *needles, out_dir=None):
+    out_dir = out_dir or tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    before = listing(out_dir)
+    r = run_cli(["convert", *args, "-o", out_dir / "o.gguf", "--no-progress"])
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    msg = r.output
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+    assert listing(out_dir) == before, "no output and no temp file may remain"
+    return msg
+
+
+def test_missing_adapter_weights(base_gguf, adapter_reward1_dir, tmp_path):
+    ad = copy_adapter(adapter_reward1_dir, tmp_path / "ad")
+    (ad / "otter_model.safetensors").unlink()
+    _expect_user_error([ad, "--base", base_gguf], tmp_path, "otter_model.safetensors")
+
+
+def test_missing_adapter_dir(base_gguf, tmp_path):
+    _expect_user_error([tmp_path / "nope", "--base", base_gguf], tmp_path, "does not exist")
+
+
+def test_wrong_tensor_shape(base_gguf, adapter_reward1_dir, tmp_path):
+    ad = copy_adapter(adapter_reward1_dir, tmp_path / "ad")
+
+    def edit(t):
+        t["otter.layers.1.self_attn.q_proj.weight"] = np.zeros((256, 500), np.float32)
+
+    rewrite_adapter_tensors(ad, edit)
+    _expect_user_error([ad, "--base", base_gguf], tmp_path, "otter.layers.1.self_attn.q_proj.weight",
+                       "[256, 500]", "[256, 512]")
+
+
+def test_nan_weight_leaves_nothing(base_gguf, adapter_reward1_dir, tmp_path):
+    ad = copy_adapter(adapter_reward1_dir, tmp_path / "ad")
+
+    def edit(t):
+        t["otter.head.weight"][0, 3] = np.nan  # the last tensor written: the temp file exists by then
+
+    rewrite_adapter_tensors(ad, edit)
+    _expect_user_error([ad, "--base", base_gguf, "--outtype", "q8_0"], tmp_path, "otter.head.weight", "NaN")
+
+
+def test_truncated_safetensors(base_gguf, adapter_reward1_dir, tmp_path):
+    ad = copy_adapter(adapter_reward1_dir, tmp_path / "ad")
+    p = ad / "otter_model.safetensors"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    _expect_user_error([ad, "--base", base_gguf], tmp_path, "otter_model.safetensors")
+
+
+BASE_FIELDS = [
+    # (OtterConfig field, edit of the base metadata, adapter value, base value)
+    ("base_architecture", dict(rename_arch="qwen2"), "'llama'", "'qwen2'"),
+    ("hidden_size", dict(set_kv={"llama.embedding_length": (320, GGUFValueType.UINT32)}), "256", "320"),
+    ("num_hidden_layers", dict(set_kv={"llama.block_count": (5, GGUFValueType.UINT32)}), "4", "5"),
+    ("num_attention_heads", dict(set_kv={"llama.attention.head_count": (8, GGUFValueType.UINT32),
+                                         "llama.attention.key_length": (64, GGUFValueType.UINT32)}), "4", "8"),
+    ("num_key_value_heads", dict(set_kv={"llama.attention.head_count_kv": (4, GGUFValueType.UINT32)}), "2", "4"),
+    ("head_dim", dict(set_kv={"llama.attention.key_length": (32, GGUFValueType.UINT32)}), "64", "32"),
+    ("intermediate_size", dict(set_kv={"llama.feed_forward_length": (1024, GGUFValueType.UINT32)}), "768", "1024"),
+]
+
+
+@pytest.mark.parametrize("field,edit,want,have", BASE_FIELDS, ids=[f[0] for f in BASE_FIELDS])
+def test_base_mismatch_each_field(field, edit, want, have, base_gguf, adapter_reward1_dir, tmp_path):
+    base = metadata_only_gguf(base_gguf, tmp_path / "base.gguf", **edit)
+    msg = _expect_user_error([adapter_reward1_dir, "--base", base], tmp_path, field, want, have)
+    assert msg.count("adapter ") >= 1
+
+
+def test_base_mismatch_vocab(base_gguf, adapter_reward1_dir, tmp_path):
+    r = GGUFReader(base_gguf)
+    toks = r.fields["tokenizer.ggml.tokens"].contents()
+    base = metadata_only_gguf(base_gguf, tmp_path / "base.gguf", drop=("tokenizer.ggml.tokens",),
+                              set_kv={"tokenizer.ggml.tokens": (toks[:500], GGUFValueType.ARRAY)})
+    _expect_user_error([adapter_reward1_dir, "--base", base], tmp_path, "vocab_size", "512", "500")
+
+
+def test_unsupported_architecture_gguf(base_gguf, adapter_reward1_dir, tmp_path):
+    base = metadata_only_gguf(base_gguf, tmp_path / "base.gguf", rename_arch="gpt2")
+    _expect_user_error([adapter_reward1_dir, "--base", base], tmp_path, "'gpt2'", "llama", "qwen2")
+
+
+def test_unsupported_architecture_hf(tiny_llama_dir, adapter_reward1_dir, tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
+    (hf / "config.json").write_text(json.dumps(cfg))
+    _expect_user_error([adapter_reward1_dir, "--base", hf], tmp_path, "GPT2LMHeadModel", "LlamaForCausalLM")
+
+
+def test_bad_base_file(adapter_reward1_dir, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all" * 10)
+    _expect_user_error([adapter_reward1_dir, "--base", bad], tmp_path, "not a readable GGUF")
+    _expect_user_error([adapter_reward1_dir, "--base", tmp_path / "missing.gguf"], tmp_path, "no such file")
+
+
+def test_base_outtype_with_gguf_base_is_refused(base_gguf, adapter_reward1_dir, tmp_path):
+    _expect_user_error([adapter_reward1_dir, "--base", base_gguf, "--base-outtype", "q4_0"], tmp_path,
+                       "--base-outtype")
+
+
+def test_out_exists_needs_force(base_gguf, adapter_reward1_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "o.gguf").write_bytes(b"precious")
+    _expect_user_error([adapter_reward1_dir, "--base", base_gguf], tmp_path, "already exists", "--force")
+    assert (out_dir / "o.gguf").read_bytes() == b"precious"
+    r = run_cli(["convert", adapter_reward1_dir, "--base", base_gguf, "-o", out_dir / "o.gguf", "--force",
+                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert listing(out_dir) == ["o.gguf"] and GGUFReader(out_dir / "o.gguf").fields["otter.version"]
+
+
+def test_unwritable_directory(base_gguf, adapter_reward1_dir, tmp_path):
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            _expect_user_error([adapter_reward1_dir, "--base", base_gguf], tmp_path, "cannot write", str(ro),
+                               out_dir=ro)
+        finally:
+            ro.chmod(0o755)
+        return
+    # root ignores directory permissions: run the CLI in a forked child that
+    # dropped to `nobody`, on world-readable copies of the inputs (the code is
+    # already imported, so the child needs no access to the interpreter's files)
+    work = Path(tempfile.mkdtemp(prefix="otter-ro-", dir="/tmp"))
+    try:
+        work.chmod(0o755)
+        ad = copy_adapter(adapter_reward1_dir, work / "ad")
+        base = work / "base.gguf"
+        shutil.copy(base_gguf, base)
+        for p in [ad, *ad.iterdir(), base]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        ro = work / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        run_cli(["convert", ad, "--base", base, "-o", work / "warmup.gguf", "--no-progress"])  # imports
+        (work / "warmup.gguf").unlink()
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 99
+            try:
+                os.close(rfd)
+                os.setgid(65534)
+                os.setuid(65534)
+                r = CliRunner().invoke(cli_main, ["convert", str(ad), "--base", str(base), "-o", str(ro / "o.gguf"),
+                                                  "--no-progress"])
+                os.write(wfd, json.dumps([r.exit_code, r.output]).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as fh:
+            data = fh.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0 and data, "child failed"
+        exit_code, output = json.loads(data)
+        assert exit_code == 2, output
+        assert "cannot write" in output and str(ro) in output, output
+        assert listing(ro) == []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupt_or_internal_error_leaves_nothing(exc, base_gguf, adapter_reward1_dir, tmp_path, monkeypatch):
+    import importlib
+
+    convert_mod = importlib.import_module("otter_gguf_converter.convert")
+    calls = [0]
+    orig = convert_mod.encode
+
+    def boom(arr, qtype, *a, **k):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise exc("boom")
+        return orig(arr, qtype, *a, **k)
+
+    monkeypatch.setattr(convert_mod, "encode", boom)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if exc is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            convert(adapter_reward1_dir, base_gguf, out_dir / "o.gguf", outtype="q8_0", progress=False)
+    else:
+        r = CliRunner().invoke(cli_main, ["convert", str(adapter_reward1_dir), "--base", str(base_gguf),
+                                          "-o", str(out_dir / "o.gguf"), "--no-progress"])
+        assert r.exit_code == 1, r.output
+        assert "internal error" in r.output
+    assert calls[0] == 5
+    assert listing(out_dir) == []
