@@ -15,6 +15,8 @@ def _register() -> None:
     from otter_gguf.runtime_build import build_runtime_command
 
     main.add_command(build_runtime_command)
+    import otter_gguf_converter.cli as _converter_cli
+    _converter_cli.register(main)
 
 
 _register()
