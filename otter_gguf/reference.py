@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from otter_gguf.adapter import _validate_header, check_against_base, load_adapter
-from otter_gguf.config import AdapterError, OtterConfig
+from otter_gguf.config import OtterConfig
 
 __all__ = [
     "BaseConfig",
@@ -345,7 +345,7 @@ class BaseModel:
                 raise ValueError("cache was filled by a different model (base vs Otter)")
         pos0 = cache.length if cache is not None else 0
         W = self.weights
-        d, hd, eps = c.hidden_size, c.head_dim, c.rms_norm_eps
+        hd, eps = c.head_dim, c.rms_norm_eps
         h, hkv = c.num_attention_heads, c.num_key_value_heads
         cos, sin = self.rope_cos_sin(pos0, T)
 
@@ -586,8 +586,11 @@ def insert_otter(
       are ``R`` with its first ``d2`` columns zeroed and the side-input
       columns are ``R[:, :d2]``. Since ``sn == xn[:d2]`` at init, the side
       maps compute exactly the base rows ``R @ xn`` (the first ``d2`` inputs
-      are read from the side stream instead of the main one). Base q/k/v
-      biases (qwen2) are copied for those rows;
+      are read from the side stream instead of the main one), so the side
+      heads start as copies of base heads ``0..h2-1`` (exactly so when
+      ``h2 / h2_kv == h / h_kv``; otherwise side query heads share the copied
+      KV heads in their own grouping). Base q/k/v biases (qwen2) are copied
+      for those rows;
     - ``Wo2 = [Wo[:d2, :], 0]`` and ``Wd2 = [Wd[:d2, :], 0]``: the side
       stream receives exactly the update of the main stream's first ``d2``
       dimensions, so ``s == x[:, :d2]`` in every layer at init; the
