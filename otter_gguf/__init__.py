@@ -1,3 +1,18 @@
 """otter-gguf: Otter reward heads on llama.cpp."""
 
 __version__ = "0.1.0"
+
+__all__ = ["OtterLlama", "Guidance", "OtterScore"]
+
+
+def __getattr__(name):
+    # lazy: `import otter_gguf` must not import llama_cpp (and load libllama)
+    if name in ("OtterLlama", "OtterScore"):
+        from otter_gguf import llama as _llama
+
+        return getattr(_llama, name)
+    if name == "Guidance":
+        from otter_gguf.guidance import Guidance
+
+        return Guidance
+    raise AttributeError(f"module 'otter_gguf' has no attribute {name!r}")

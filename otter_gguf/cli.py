@@ -17,6 +17,8 @@ def _register() -> None:
     main.add_command(build_runtime_command)
     import otter_gguf_converter.cli as _converter_cli
     _converter_cli.register(main)
+    from otter_gguf.cli_run import register as _register_run
+    _register_run(main)
 
 
 _register()

@@ -1,0 +1,1092 @@
+"""OtterLlama: llama-cpp-python's ``Llama`` with the Otter side stream.
+
+``from otter_gguf import OtterLlama`` in place of ``from llama_cpp import Llama``
+is the whole migration. On a plain GGUF an OtterLlama is exactly a ``Llama``
+(every override delegates unchanged). On an Otter GGUF (docs/FORMAT.md) loaded
+by the patched runtime it also
+
+* records the Otter signal of every token it feeds to the model (``eval``
+  reads the output rows' signals into a per-position store, like ``scores``),
+* attaches those signals to completion and chat results (``choice["otter"]``,
+  streamed chunks carry the signals of the tokens they hold),
+* scores given text or tokens without sampling (:meth:`OtterLlama.score`),
+* steers decoding with the head (``guidance=``, see :mod:`otter_gguf.guidance`).
+
+The schema of the ``otter`` field and the guidance semantics are documented in
+docs/API.md. Signals reach Python through a small :class:`SignalSource` seam:
+:class:`RuntimeSignalSource` reads them from the patched libllama (Otter C API);
+tests may inject another source.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import inspect
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+import llama_cpp
+import llama_cpp._internals as internals
+import llama_cpp.llama_cpp as llama_cpp_lib
+from llama_cpp import Llama
+from llama_cpp.llama import LogitsProcessorList
+
+from otter_gguf.guidance import (
+    Guidance,
+    ResolvedGuidance,
+    args_pick,
+    args_scores,
+    dexperts_logits,
+    token_args_logits,
+    top_k_ids,
+)
+
+__all__ = ["OtterLlama", "OtterScore", "SignalSource", "RuntimeSignalSource", "otter_runtime_available"]
+
+_UNSET: Any = object()
+
+# ---------------------------------------------------------------------------
+# Otter C API of the patched libllama (include/llama.h, "Otter side stream")
+# ---------------------------------------------------------------------------
+_c_float_p = ctypes.POINTER(ctypes.c_float)
+_C_API: Dict[str, tuple] = {
+    "llama_model_has_otter": ([ctypes.c_void_p], ctypes.c_bool),
+    "llama_model_otter_n_out": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_model_otter_head_kind": ([ctypes.c_void_p], ctypes.c_char_p),
+    "llama_model_otter_n_signal_names": ([ctypes.c_void_p], ctypes.c_int32),
+    "llama_model_otter_signal_name": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_char_p),
+    "llama_set_otter": ([ctypes.c_void_p, ctypes.c_bool], None),
+    "llama_get_otter_signals_ith": ([ctypes.c_void_p, ctypes.c_int32], _c_float_p),
+    "llama_set_otter_all_positions": ([ctypes.c_void_p, ctypes.c_bool], None),
+    "llama_get_otter_signals_pos": ([ctypes.c_void_p, ctypes.c_int32], _c_float_p),
+}
+_MODEL_FNS = ("llama_model_has_otter", "llama_model_otter_n_out", "llama_model_otter_head_kind",
+              "llama_model_otter_n_signal_names", "llama_model_otter_signal_name")
+_api_cache: Optional[Dict[str, Optional[Callable]]] = None
+
+
+def _otter_api() -> Dict[str, Optional[Callable]]:
+    """name -> callable (or None when the loaded libllama lacks it).
+
+    The declarations come from :data:`otter_gguf._lib.FUNCTIONS` (the
+    runtime's ctypes bindings) when present, else from the table above; each
+    symbol is bound on llama-cpp-python's own library, one by one, so that a
+    partial runtime still reports which parts it has.
+    """
+    global _api_cache
+    if _api_cache is not None:
+        return _api_cache
+    decls = {name: (argtypes, restype) for name, (argtypes, restype) in _C_API.items()}
+    try:
+        from otter_gguf import _lib as ext
+
+        for name, (restype, argtypes) in getattr(ext, "FUNCTIONS", {}).items():
+            if name in decls:
+                decls[name] = (argtypes, restype)
+    except ImportError:
+        pass
+    lib = llama_cpp_lib._lib
+    api: Dict[str, Optional[Callable]] = {}
+    for name, (argtypes, restype) in decls.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            api[name] = None
+            continue
+        fn.argtypes = argtypes
+        fn.restype = restype
+        api[name] = fn
+    _api_cache = api
+    return api
+
+
+def otter_runtime_available() -> bool:
+    """True when the loaded libllama exposes the Otter signal API."""
+    api = _otter_api()
+    return all(api[n] is not None for n in _MODEL_FNS) and api["llama_get_otter_signals_ith"] is not None
+
+
+def _s(b) -> Optional[str]:
+    if b is None:
+        return None
+    return b.decode("utf-8", errors="replace") if isinstance(b, bytes) else str(b)
+
+
+# ---------------------------------------------------------------------------
+# signal sources (the seam between OtterLlama and the runtime)
+# ---------------------------------------------------------------------------
+class SignalSource:
+    """Where an :class:`OtterLlama` gets its Otter signals from.
+
+    ``read_row(i, history)`` returns the signals of output row ``i`` of the
+    last decode (``llama_get_logits_ith`` index semantics: the batch index of
+    a token whose ``logits`` flag was set). ``history()`` returns the token
+    sequence up to and including that row's token (only sources that
+    recompute signals need it). ``read_position(j, history)`` returns the
+    signals of batch position ``j`` of the last decode made in all-positions
+    mode.
+    """
+
+    has_otter: bool = False
+    n_out: int = 0
+    head_kind: Optional[str] = None
+    signal_names: List[str] = []
+    supports_all_positions: bool = False
+
+    def set_enabled(self, enabled: bool) -> None:
+        pass
+
+    def set_all_positions(self, enabled: bool) -> None:
+        pass
+
+    def read_row(self, i: int, history: Callable[[], Sequence[int]]) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_position(self, j: int, history: Callable[[], Sequence[int]]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class RuntimeSignalSource(SignalSource):
+    """Signals from the patched libllama's Otter C API."""
+
+    def __init__(self, model: Any, ctx: Any):
+        api = _otter_api()
+        self._api = api
+        self._model = model
+        self._ctx = ctx
+        has = api["llama_model_has_otter"]
+        self.has_otter = bool(has(model)) if has is not None else False
+        if not self.has_otter:
+            return
+        self.n_out = int(api["llama_model_otter_n_out"](model))
+        self.head_kind = _s(api["llama_model_otter_head_kind"](model))
+        n_names = int(api["llama_model_otter_n_signal_names"](model))
+        self.signal_names = [_s(api["llama_model_otter_signal_name"](model, i)) or f"signal_{i}"
+                             for i in range(n_names)]
+        self.supports_all_positions = (api["llama_set_otter_all_positions"] is not None
+                                       and api["llama_get_otter_signals_pos"] is not None)
+        self._get_ith = api["llama_get_otter_signals_ith"]
+        if self._get_ith is None:
+            raise RuntimeError("this libllama reports an Otter head but lacks llama_get_otter_signals_ith; "
+                               "rebuild the runtime with `otter-gguf build-runtime`")
+
+    def set_enabled(self, enabled: bool) -> None:
+        fn = self._api["llama_set_otter"]
+        if fn is not None:
+            fn(self._ctx, bool(enabled))
+
+    def set_all_positions(self, enabled: bool) -> None:
+        if self.supports_all_positions:
+            self._api["llama_set_otter_all_positions"](self._ctx, bool(enabled))
+
+    def _copy(self, ptr, what: str) -> np.ndarray:
+        if not ptr:
+            raise RuntimeError(f"libllama returned no Otter signals for {what}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_out,)).copy()
+
+    def read_row(self, i: int, history) -> np.ndarray:
+        return self._copy(self._get_ith(self._ctx, int(i)), f"output row {i}")
+
+    def read_position(self, j: int, history) -> np.ndarray:
+        fn = self._api["llama_get_otter_signals_pos"]
+        return self._copy(fn(self._ctx, int(j)), f"batch position {j}")
+
+
+class _SignalStore:
+    """Signals per context position (NaN / absent where not computed).
+
+    Dense ``[n_ctx, n_out]`` when that is small; otherwise (token_reward heads
+    of big vocabularies) only the rows at positions ``>= keep_from`` and the
+    latest row are kept. For token_reward heads ``token_reward[p]`` is
+    ``row[p - 1][token at p]``: what the head said, one step earlier, about
+    the token that was then fed at ``p``.
+    """
+
+    DENSE_LIMIT = 1 << 24  # floats
+
+    def __init__(self, n_ctx: int, n_out: int, token_head: bool, dense: Optional[bool] = None):
+        self.n_ctx = n_ctx
+        self.n_out = n_out
+        self.token_head = token_head
+        self.dense = (n_ctx * n_out <= self.DENSE_LIMIT) if dense is None else dense
+        self.keep_from: Optional[int] = None
+        self.hi = 0  # 1 + highest position ever written since the last truncate
+        if self.dense:
+            self.arr = np.full((n_ctx, n_out), np.nan, dtype=np.float32)
+        else:
+            self.rows: Dict[int, np.ndarray] = {}
+        self.tok_reward = np.full(n_ctx, np.nan, dtype=np.float32) if token_head else None
+
+    def truncate(self, n: int) -> None:
+        """Forget everything at positions >= n."""
+        n = max(0, n)
+        if n >= self.hi:
+            return
+        if self.dense:
+            self.arr[n:self.hi] = np.nan
+        else:
+            for p in [p for p in self.rows if p >= n]:
+                del self.rows[p]
+        if self.tok_reward is not None:
+            self.tok_reward[n:self.hi] = np.nan
+        self.hi = n
+
+    def get(self, p: int) -> Optional[np.ndarray]:
+        if p < 0 or p >= self.n_ctx:
+            return None
+        if self.dense:
+            row = self.arr[p]
+            return None if np.isnan(row[0]) else row
+        return self.rows.get(p)
+
+    def put(self, p: int, row: np.ndarray, token_at_next: Optional[int] = None) -> None:
+        if self.dense:
+            self.arr[p] = row
+        else:
+            latest = max(self.rows) if self.rows else -1
+            self.rows[p] = np.asarray(row, dtype=np.float32)
+            if p > latest and latest >= 0 and (self.keep_from is None or latest < self.keep_from):
+                del self.rows[latest]
+        self.hi = max(self.hi, p + 1)
+
+    def note_token(self, p: int, token: int) -> None:
+        """Token ``token`` is fed at position ``p``: record its token reward."""
+        if self.tok_reward is None or p <= 0:
+            return
+        prev = self.get(p - 1)
+        if prev is not None and 0 <= token < prev.shape[0]:
+            self.tok_reward[p] = prev[token]
+            self.hi = max(self.hi, p + 1)
+
+    def token_reward(self, p: int) -> Optional[float]:
+        if self.tok_reward is None or not (0 <= p < self.n_ctx):
+            return None
+        v = float(self.tok_reward[p])
+        return None if math.isnan(v) else v
+
+    def snapshot(self, n: int) -> dict:
+        snap: Dict[str, Any] = {"n": n}
+        if self.dense:
+            snap["arr"] = self.arr[:n].copy()
+        else:
+            snap["rows"] = {p: r.copy() for p, r in self.rows.items() if p < n}
+        if self.tok_reward is not None:
+            snap["tok_reward"] = self.tok_reward[:n].copy()
+        return snap
+
+    def restore(self, snap: dict) -> None:
+        self.truncate(0)
+        if self.dense:
+            self.arr[:] = np.nan
+        n = int(snap["n"])
+        if self.dense and "arr" in snap:
+            self.arr[:n] = snap["arr"]
+        elif not self.dense and "rows" in snap:
+            self.rows = {p: r.copy() for p, r in snap["rows"].items()}
+        if self.tok_reward is not None and "tok_reward" in snap:
+            self.tok_reward[:] = np.nan
+            self.tok_reward[:n] = snap["tok_reward"]
+        self.hi = n
+
+
+# ---------------------------------------------------------------------------
+# score() result
+# ---------------------------------------------------------------------------
+@dataclass
+class OtterScore:
+    """Per-token Otter signals of a given token sequence (no sampling).
+
+    ``signals[j]`` is the signal at position ``j``: the head's output on the
+    hidden state after consuming ``tokens[j]`` (spec §3).
+    """
+
+    tokens: List[int]
+    signals: np.ndarray  # [len(tokens), n_out] float32
+    signal_names: List[str]
+    head_kind: str
+    token_texts: List[str] = field(default_factory=list)
+
+    @property
+    def rewards(self) -> Dict[str, np.ndarray]:
+        """reward heads: ``{name: [len(tokens)] values}``."""
+        return {n: self.signals[:, i] for i, n in enumerate(self.signal_names)}
+
+    @property
+    def token_rewards(self) -> np.ndarray:
+        """token_reward heads: ``signals[j - 1][tokens[j]]`` (NaN for j == 0)."""
+        out = np.full(len(self.tokens), np.nan, dtype=np.float32)
+        for j in range(1, len(self.tokens)):
+            out[j] = self.signals[j - 1, self.tokens[j]]
+        return out
+
+    def to_dict(self) -> dict:
+        """``{"tokens": [...], "signals": [[n_out] per token], "signal_names": [...]}``"""
+        return {"tokens": [int(t) for t in self.tokens],
+                "signals": self.signals.astype(float).tolist(),
+                "signal_names": list(self.signal_names)}
+
+
+# ---------------------------------------------------------------------------
+# one completion call's bookkeeping
+# ---------------------------------------------------------------------------
+@dataclass
+class _Run:
+    guidance: Optional[ResolvedGuidance]
+    prompt: Any = None
+    echo: bool = False
+    prompt_len: int = -1
+    generated: List[int] = field(default_factory=list)
+    trace: List[dict] = field(default_factory=list)
+    error: Optional[BaseException] = None
+    # streaming: tokens already attached to chunks, their bytes, text decoder state
+    assigned: int = 0
+    emitted_bytes: int = 0
+    chars: int = 0
+    decoder: Any = None
+    offsets: List[int] = field(default_factory=list)
+    texts: List[str] = field(default_factory=list)
+
+
+def _floats(row: Optional[np.ndarray]) -> Optional[List[Optional[float]]]:
+    if row is None:
+        return None
+    return [None if not math.isfinite(v) else v for v in row.astype(float).tolist()]
+
+
+_COMPLETION_SIG = inspect.signature(Llama._create_completion)
+
+
+class OtterLlama(Llama):
+    """``llama_cpp.Llama`` plus the Otter side stream (signals, score, guidance).
+
+    Extra keyword arguments (everything else is ``Llama``'s):
+
+    otter: compute the side stream (default ``True``); ``False`` runs at pure
+        base speed (no signals, no guidance) until :meth:`set_otter`.
+    n_seq_max: parallel sequences of the context (llama.cpp ``n_seq_max``;
+        the KV cache is unified when > 1). Scalar-reward guidance with
+        ``top_k=k`` needs ``k + 1``.
+    guidance: default :class:`~otter_gguf.guidance.Guidance` (or dict) for
+        every completion / chat call that does not pass its own; also sizes
+        ``n_seq_max``.
+    otter_full_signals: include the full signal rows of token_reward heads
+        (``n_vocab`` floats per token) in results; default only for reward
+        heads.
+    flash_attn: ``True`` / ``False`` as in Llama, or ``"auto"``.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        otter: bool = True,
+        n_seq_max: Optional[int] = None,
+        guidance: Union[Guidance, dict, None] = None,
+        otter_full_signals: Optional[bool] = None,
+        _signal_source: Optional[Callable[["OtterLlama"], SignalSource]] = None,
+        **kwargs: Any,
+    ):
+        default_guidance = Guidance.coerce(guidance)
+        want_seq = 1 if n_seq_max is None else n_seq_max
+        if isinstance(want_seq, bool) or not isinstance(want_seq, int) or want_seq < 1:
+            raise ValueError(f"n_seq_max must be an integer >= 1, got {n_seq_max!r}")
+        if default_guidance is not None:
+            want_seq = max(want_seq, default_guidance.top_k + 1)
+        if want_seq > llama_cpp.llama_max_parallel_sequences():
+            raise ValueError(f"n_seq_max={want_seq} exceeds llama.cpp's limit of "
+                             f"{llama_cpp.llama_max_parallel_sequences()} parallel sequences")
+        overrides: Dict[str, Any] = {}
+        if want_seq > 1:
+            overrides["n_seq_max"] = want_seq
+            overrides["kv_unified"] = True
+        fa = kwargs.get("flash_attn", False)
+        if isinstance(fa, str):
+            if fa.lower() not in ("auto", "on", "off"):
+                raise ValueError(f"flash_attn must be True, False or 'auto', got {fa!r}")
+            kwargs["flash_attn"] = fa.lower() == "on"
+            if fa.lower() == "auto":
+                overrides["flash_attn_type"] = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        self._otter_ctx_overrides = overrides
+        self._otter_requested = bool(otter)
+        self._otter_n_seq_max_arg = n_seq_max
+        self._otter_guidance_arg = guidance
+        self.otter_full_signals = otter_full_signals
+        self._otter_src: SignalSource = SignalSource()
+        self._otter_store: Optional[_SignalStore] = None
+        self._otter_enabled = False
+        self._otter_run: Optional[_Run] = None
+        self._otter_pending: Any = _UNSET
+        self._otter_scope: Any = _UNSET
+        self._otter_last_block: Optional[dict] = None
+        self._otter_last_chunk_block: Optional[dict] = None
+        try:
+            super().__init__(model_path, **kwargs)
+        except ValueError as e:
+            raise _explain_load_failure(model_path, e) from None
+
+        self._otter_src = _signal_source(self) if _signal_source is not None \
+            else RuntimeSignalSource(self._model.model, self._ctx.ctx)
+        if self._otter_src.has_otter:
+            self._otter_store = _SignalStore(len(self.input_ids), self._otter_src.n_out,
+                                             self._otter_src.head_kind == "token_reward")
+            self._otter_enabled = True
+            if not self._otter_requested:
+                self.set_otter(False)
+        self._otter_default_guidance = default_guidance
+        if default_guidance is not None:
+            self._otter_resolve(default_guidance)  # fail at construction on a bad default
+
+    # -- context parameter hook: applied when Llama.__init__ creates the context
+    @property
+    def context_params(self):
+        cp = self.__dict__["_otter_cparams"]
+        ov = self.__dict__.get("_otter_ctx_overrides") or {}
+        if "n_seq_max" in ov:
+            cp.n_seq_max = max(int(cp.n_seq_max), ov["n_seq_max"])
+        if "kv_unified" in ov:
+            cp.kv_unified = ov["kv_unified"]
+        if "flash_attn_type" in ov:
+            cp.flash_attn_type = ov["flash_attn_type"]
+        return cp
+
+    @context_params.setter
+    def context_params(self, value) -> None:
+        self.__dict__["_otter_cparams"] = value
+
+    # ------------------------------------------------------------------
+    # properties
+    # ------------------------------------------------------------------
+    @property
+    def has_otter(self) -> bool:
+        """True when the model carries an Otter head (and the runtime reads it)."""
+        return bool(self._otter_src.has_otter)
+
+    @property
+    def n_out(self) -> int:
+        """Signals per token (0 without an Otter head)."""
+        return int(self._otter_src.n_out) if self.has_otter else 0
+
+    @property
+    def head_kind(self) -> Optional[str]:
+        """``"reward"`` / ``"token_reward"`` (None without an Otter head)."""
+        return self._otter_src.head_kind if self.has_otter else None
+
+    @property
+    def signal_names(self) -> List[str]:
+        """Names of a reward head's signals (empty for token_reward / no head)."""
+        return list(self._otter_src.signal_names) if self.has_otter else []
+
+    @property
+    def otter_enabled(self) -> bool:
+        """True while the side stream is computed."""
+        return self.has_otter and self._otter_enabled
+
+    @property
+    def n_seq_max(self) -> int:
+        return int(llama_cpp.llama_n_seq_max(self._ctx.ctx))
+
+    @property
+    def signals(self) -> np.ndarray:
+        """Signals of the evaluated positions ``[n_tokens, n_out]`` (NaN where not
+        computed), the Otter counterpart of ``scores``."""
+        self._require_otter("signals")
+        st = self._otter_store
+        n = self.n_tokens
+        if st.dense:
+            return st.arr[:n]
+        out = np.full((n, st.n_out), np.nan, dtype=np.float32)
+        for p, r in st.rows.items():
+            if p < n:
+                out[p] = r
+        return out
+
+    def set_otter(self, enabled: bool) -> None:
+        """Turn the side stream on or off (off: base speed, no signals)."""
+        enabled = bool(enabled)
+        if enabled and not self.has_otter:
+            raise ValueError(self._no_head_message("set_otter(True)"))
+        if not self.has_otter:
+            return
+        self._otter_src.set_enabled(enabled)
+        self._otter_enabled = enabled
+
+    # ------------------------------------------------------------------
+    # errors
+    # ------------------------------------------------------------------
+    def _no_head_message(self, what: str) -> str:
+        meta = getattr(self, "metadata", {}) or {}
+        if any(k.startswith("otter.") for k in meta):
+            return (f"{what}: {self.model_path} carries Otter metadata but the loaded llama.cpp runtime does "
+                    f"not provide the Otter API; install the patched runtime (`otter-gguf build-runtime`)")
+        return (f"{what}: the model {self.model_path} has no Otter head (a plain GGUF); convert an Otter "
+                f"adapter with `otter-gguf convert` to get signals")
+
+    def _require_otter(self, what: str) -> None:
+        if not self.has_otter:
+            raise ValueError(self._no_head_message(what))
+        if not self._otter_enabled:
+            raise ValueError(f"{what}: the Otter side stream is turned off (otter=False / set_otter(False)); "
+                             f"call set_otter(True) first")
+
+    def _otter_reading(self) -> bool:
+        return self.has_otter and self._otter_enabled and self._otter_store is not None
+
+    def _otter_resolve(self, g: Optional[Guidance]) -> Optional[ResolvedGuidance]:
+        if g is None:
+            return None
+        self._require_otter("guidance")
+        r = g.resolve(head_kind=self.head_kind, n_out=self.n_out, signal_names=self.signal_names,
+                      n_vocab=self._n_vocab)
+        if self.draft_model is not None:
+            raise ValueError("guidance cannot be combined with a draft_model (speculative decoding)")
+        if r.batched:
+            need = r.top_k + 1
+            have = self.n_seq_max
+            if have < need:
+                raise ValueError(
+                    f"reward guidance with top_k={r.top_k} scores the candidates as {r.top_k} parallel "
+                    f"sequences and needs a context with n_seq_max >= {need} (this one has {have}); "
+                    f"construct OtterLlama(..., n_seq_max={need}) or OtterLlama(..., guidance=...)")
+            if r.top_k > self.n_batch:
+                raise ValueError(f"guidance top_k={r.top_k} exceeds n_batch={self.n_batch}")
+        return r
+
+    # ------------------------------------------------------------------
+    # decoding hooks
+    # ------------------------------------------------------------------
+    def reset(self):
+        super().reset()
+        if self._otter_store is not None:
+            self._otter_store.truncate(0)
+
+    def eval(self, tokens: Sequence[int]):
+        """Evaluate tokens (as ``Llama.eval``) and record the signals of the
+        output rows: the last token of each decode, every token with
+        ``logits_all``."""
+        if not self._otter_reading():
+            return super().eval(tokens)
+        st = self._otter_store
+        tokens = list(tokens)
+        st.truncate(self.n_tokens)
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i: i + self.n_batch]
+            n_past = self.n_tokens
+            super().eval(chunk)
+            rows = range(len(chunk)) if self._logits_all else (len(chunk) - 1,)
+            st.note_token(n_past, chunk[0])
+            for r in rows:
+                p = n_past + r
+                st.put(p, self._otter_src.read_row(r, lambda p=p: self.input_ids[: p + 1].tolist()))
+                if r + 1 < len(chunk):
+                    st.note_token(p + 1, chunk[r + 1])
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        temp: float = 0.80,
+        repeat_penalty: float = 1.0,
+        reset: bool = True,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        penalize_nl: bool = True,
+        logits_processor: Optional[LogitsProcessorList] = None,
+        stopping_criteria=None,
+        grammar=None,
+    ):
+        run = self._otter_run
+        kw = dict(top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temp,
+                  repeat_penalty=repeat_penalty, reset=reset, frequency_penalty=frequency_penalty,
+                  presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                  mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl,
+                  logits_processor=logits_processor, stopping_criteria=stopping_criteria, grammar=grammar)
+        if run is None or not self._otter_reading():
+            return super().generate(tokens, **kw)
+        self._otter_run = None  # one generate per completion call
+        tokens = list(tokens)
+        run.prompt_len = len(tokens)
+        run.generated = []
+        g = run.guidance
+        if self._otter_store.token_head and self.otter_full_signals:
+            self._otter_store.keep_from = max(0, len(tokens) - 1)
+        else:
+            self._otter_store.keep_from = None
+        if g is not None and g.batched:
+            inner = self._otter_generate_batched(tokens, g, run, temp=temp, repeat_penalty=repeat_penalty,
+                                                 frequency_penalty=frequency_penalty,
+                                                 presence_penalty=presence_penalty,
+                                                 logits_processor=logits_processor,
+                                                 stopping_criteria=stopping_criteria, grammar=grammar,
+                                                 reset=reset)
+        else:
+            if g is not None:
+                kw["logits_processor"] = LogitsProcessorList(
+                    [*(logits_processor or []), self._otter_token_processor(g, run)])
+            self._otter_refresh_last_row(tokens)
+            inner = super().generate(tokens, **kw)
+        return self._otter_record(inner, run)
+
+    def _otter_refresh_last_row(self, tokens: List[int]) -> None:
+        """If the whole prompt is cached but its last signal row is not known
+        (computed with the side stream off, or restored), make ``generate``
+        replay the last prompt token."""
+        n = len(tokens)
+        if (n > 0 and self.n_tokens == n and not self._requires_eval
+                and self._otter_store.get(n - 1) is None
+                and self._input_ids.tolist() == tokens):
+            self._requires_eval = True
+
+    def _otter_record(self, inner: Iterator[int], run: _Run):
+        try:
+            tok = next(inner)
+            while True:
+                if run.error is not None:
+                    raise run.error
+                run.generated.append(int(tok))
+                if run.trace and len(run.trace) >= len(run.generated):
+                    run.trace[len(run.generated) - 1].setdefault("chosen", int(tok))
+                sent = yield tok
+                tok = inner.send(sent)
+        except StopIteration:
+            return
+        finally:
+            inner.close()
+
+    def _otter_token_processor(self, g: ResolvedGuidance, run: _Run):
+        trace = run.trace if g.spec.trace else None
+
+        def otter_guidance(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+            p = self.n_tokens - 1
+            row = self._otter_store.get(p)
+            if row is None:
+                # exceptions do not cross the ctypes sampler callback: report after sampling
+                run.error = RuntimeError(f"no Otter signal row for position {p} while guiding")
+                return scores
+            if g.mode == "dexperts":
+                return dexperts_logits(scores, row, g.weight)
+            return token_args_logits(scores, row, g.weight, g.top_k, trace=trace)
+
+        return otter_guidance
+
+    def _otter_prepare_prompt(self, tokens: List[int], reset: bool) -> None:
+        """Bring the context to ``tokens`` with live logits for the last one."""
+        if reset:
+            reuse = 0
+            if self.n_tokens > 0:
+                reuse = min(Llama.longest_token_prefix(self._input_ids.tolist(), tokens), len(tokens) - 1)
+            if reuse > 0 and self._ctx.kv_cache_seq_rm(-1, reuse, -1):
+                self.n_tokens = reuse
+            else:
+                self.reset()
+        self.eval(tokens[self.n_tokens:])
+
+    def _otter_generate_batched(self, tokens, g: ResolvedGuidance, run: _Run, *, temp, repeat_penalty,
+                                frequency_penalty, presence_penalty, logits_processor, stopping_criteria,
+                                grammar, reset):
+        """ARGS for scalar reward heads: every step scores the top-k candidates
+        as k parallel sequences in ONE decode, then keeps the winner's cache."""
+        mem = self._ctx.memory
+        n_vocab = self._n_vocab
+        st = self._otter_store
+        chain = None
+        try:
+            llama_cpp.llama_memory_seq_keep(mem, 0)
+            self._otter_prepare_prompt(tokens, reset)
+            logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(n_vocab,)).copy()
+            if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0 or grammar is not None:
+                chain = internals.LlamaSampler()
+                if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
+                    chain.add_penalties(n_vocab=n_vocab, penalty_last_n=self.last_n_tokens_size,
+                                        penalty_repeat=repeat_penalty, penalty_freq=frequency_penalty,
+                                        penalty_present=presence_penalty)
+                if grammar is not None:
+                    chain.add_grammar(self._model, grammar)
+            cand = internals.LlamaTokenDataArray(n_vocab=n_vocab)
+            rng = np.random.default_rng(int(self._seed) & 0xFFFFFFFFFFFFFFFF)
+            batch = self._batch.batch
+            while True:
+                n = self.n_tokens
+                if n >= self._n_ctx:
+                    return
+                cur = logits
+                if logits_processor is not None:
+                    cur = np.asarray(logits_processor(self._input_ids, cur.copy()), dtype=np.float32)
+                if chain is not None:
+                    cand.copy_logits(cur)
+                    llama_cpp.llama_sampler_apply(chain.sampler, ctypes.byref(cand.candidates))
+                    size = int(cand.candidates.size)
+                    cur = np.full(n_vocab, -np.inf, dtype=np.float32)
+                    cur[cand.candidates_data.id[:size]] = cand.candidates_data.logit[:size]
+                k = min(g.top_k, self._n_ctx - n, self.n_batch)
+                ids = top_k_ids(cur, k)
+                if ids.size == 0:
+                    raise RuntimeError("guidance: no candidate token is left after the logits processors / grammar")
+                for s in range(1, ids.size + 1):
+                    llama_cpp.llama_memory_seq_cp(mem, 0, s, -1, -1)
+                batch.n_tokens = int(ids.size)
+                for j, t in enumerate(ids.tolist()):
+                    batch.token[j] = t
+                    batch.pos[j] = n
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = j + 1
+                    batch.logits[j] = True
+                self._ctx.decode(self._batch)
+                prefix = self.input_ids[:n].tolist()
+                sig = np.stack([self._otter_src.read_row(j, lambda t=t: prefix + [t])
+                                for j, t in enumerate(ids.tolist())]).astype(np.float32)
+                rewards = g.reward(sig)
+                scores = args_scores(cur[ids], rewards, g.weight)
+                j = args_pick(scores, temp, rng)
+                tok = int(ids[j])
+                new_logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(j), shape=(n_vocab,)).copy()
+                llama_cpp.llama_memory_seq_cp(mem, j + 1, 0, n, n + 1)
+                llama_cpp.llama_memory_seq_keep(mem, 0)
+                self.input_ids[n] = tok
+                self.n_tokens = n + 1
+                self._requires_eval = False
+                if self._logits_all:
+                    self.scores[n, :] = new_logits
+                st.truncate(n)
+                st.put(n, sig[j])
+                if chain is not None:
+                    llama_cpp.llama_sampler_accept(chain.sampler, tok)
+                if g.spec.trace:
+                    run.trace.append({"candidates": ids.tolist(), "logits": cur[ids].astype(float).tolist(),
+                                      "rewards": rewards.tolist(), "scores": scores.tolist(), "chosen": tok})
+                used = cur
+                logits = new_logits
+                if stopping_criteria is not None and stopping_criteria(self._input_ids[:n], used):
+                    return
+                yield tok
+        finally:
+            if self._ctx.ctx is not None and mem is not None:
+                llama_cpp.llama_memory_seq_keep(mem, 0)
+            if chain is not None:
+                chain.close()
+
+    # ------------------------------------------------------------------
+    # completions
+    # ------------------------------------------------------------------
+    def create_completion(self, prompt, *args, guidance: Any = _UNSET, **kwargs):
+        """``Llama.create_completion`` plus ``guidance=`` (a
+        :class:`~otter_gguf.guidance.Guidance`, a dict or None). On an Otter
+        model each choice carries an ``otter`` field (docs/API.md)."""
+        if guidance is not _UNSET:
+            self._otter_pending = Guidance.coerce(guidance)
+        try:
+            return super().create_completion(prompt, *args, **kwargs)
+        finally:
+            self._otter_pending = _UNSET
+
+    def __call__(self, prompt, *args, guidance: Any = _UNSET, **kwargs):
+        if guidance is not _UNSET:
+            self._otter_pending = Guidance.coerce(guidance)
+        try:
+            return super().__call__(prompt, *args, **kwargs)
+        finally:
+            self._otter_pending = _UNSET
+
+    def create_chat_completion(self, *args, guidance: Any = _UNSET, **kwargs):
+        """``Llama.create_chat_completion`` plus ``guidance=``; on an Otter model
+        ``choices[0]["otter"]`` (and each streamed chunk's) holds the signals
+        of the generated tokens."""
+        prev = self._otter_scope
+        if guidance is not _UNSET:
+            self._otter_scope = Guidance.coerce(guidance)
+        self._otter_last_block = None
+        self._otter_last_chunk_block = None
+        try:
+            out = super().create_chat_completion(*args, **kwargs)
+        finally:
+            self._otter_scope = prev
+        if not self._otter_reading():
+            return out
+        if isinstance(out, dict):
+            if out.get("choices"):
+                out["choices"][0]["otter"] = self._otter_last_block
+            return out
+        return self._otter_chat_stream(out)
+
+    def _otter_chat_stream(self, chunks):
+        for ch in chunks:
+            choices = ch.get("choices") or []
+            if choices:
+                c0 = choices[0]
+                delta = c0.get("delta") or {}
+                if "role" in delta and not delta.get("content") and c0.get("finish_reason") is None:
+                    c0["otter"] = None  # the role preamble holds no token
+                else:
+                    c0["otter"] = self._otter_last_chunk_block
+                    self._otter_last_chunk_block = None
+            yield ch
+
+    def _create_completion(self, *args, **kwargs):
+        g = self._otter_pending
+        self._otter_pending = _UNSET
+        if g is _UNSET:
+            g = self._otter_scope
+        if g is _UNSET:
+            g = getattr(self, "_otter_default_guidance", None)
+        if not self._otter_reading():
+            if g is not None:
+                self._require_otter("guidance")
+            return super()._create_completion(*args, **kwargs)
+        bound = _COMPLETION_SIG.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        resolved = self._otter_resolve(g)
+        run = _Run(guidance=resolved, prompt=bound.arguments["prompt"], echo=bool(bound.arguments["echo"]))
+        run.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        inner = super()._create_completion(*args, **kwargs)
+        if bound.arguments["stream"]:
+            return self._otter_stream(inner, run)
+        return self._otter_single(inner, run)
+
+    def _otter_next(self, inner, run: _Run):
+        prev = self._otter_run
+        self._otter_run = run if run.prompt_len < 0 else None
+        try:
+            return next(inner)
+        finally:
+            self._otter_run = prev
+
+    def _otter_completion_tokens(self, run: _Run) -> List[int]:
+        gen = run.generated
+        if gen and llama_cpp.llama_vocab_is_eog(self._model.vocab, gen[-1]):
+            return gen[:-1]
+        return gen
+
+    def _otter_finish(self, run: _Run) -> None:
+        """One extra decode so the last generated token has its signal."""
+        toks = self._otter_completion_tokens(run)
+        if not toks or run.prompt_len < 0:
+            return
+        p = run.prompt_len + len(toks) - 1
+        if (self._otter_store.get(p) is None and self.n_tokens == p and p < self._n_ctx
+                and self._input_ids.tolist()[run.prompt_len:] == toks[:-1]):
+            self.eval([toks[-1]])
+
+    def _otter_texts(self, run: _Run, upto: int) -> None:
+        toks = run.generated
+        base = len(run.prompt) if (run.echo and isinstance(run.prompt, str)) else 0
+        while len(run.texts) < upto:
+            i = len(run.texts)
+            piece = self.detokenize([toks[i]], prev_tokens=toks[:i])
+            run.texts.append(piece.decode("utf-8", errors="ignore"))
+            run.offsets.append(base + run.chars)
+            run.chars += len(run.decoder.decode(piece))
+
+    def _otter_block(self, run: _Run, start: int, count: int) -> dict:
+        self._otter_texts(run, start + count)
+        st = self._otter_store
+        toks = run.generated[start: start + count]
+        pos = [run.prompt_len + start + i for i in range(count)]
+        block: Dict[str, Any] = {
+            "tokens": [int(t) for t in toks],
+            "token_texts": run.texts[start: start + count],
+            "text_offset": run.offsets[start: start + count],
+            "head_kind": self.head_kind,
+            "signal_names": self.signal_names,
+        }
+        if st.token_head:
+            block["token_rewards"] = [st.token_reward(p) for p in pos]
+            block["signals"] = [_floats(st.get(p)) for p in pos] if self.otter_full_signals else None
+        else:
+            rows = [_floats(st.get(p)) for p in pos]
+            block["signals"] = rows
+            block["rewards"] = [None if r is None else dict(zip(self.signal_names, r)) for r in rows]
+        if run.guidance is not None and run.guidance.spec.trace:
+            block["guidance"] = run.trace[start: start + count]
+        return block
+
+    def _otter_single(self, inner, run: _Run):
+        result = self._otter_next(inner, run)
+        inner.close()
+        self._otter_finish(run)
+        block = self._otter_block(run, 0, len(self._otter_completion_tokens(run)))
+        result["choices"][0]["otter"] = block
+        self._otter_last_block = block
+        yield result
+
+    def _otter_assign(self, run: _Run, choice: dict, limit: int) -> int:
+        """How many not-yet-attached generated tokens a stream chunk holds."""
+        lp = choice.get("logprobs")
+        if lp is not None and lp.get("tokens") is not None:
+            return min(len(lp["tokens"]), limit - run.assigned)
+        target = run.emitted_bytes + len(choice.get("text", "").encode("utf-8"))
+        take = 0
+        while run.assigned + take < limit and run.emitted_bytes < target:
+            t = run.generated[run.assigned + take]
+            run.emitted_bytes += len(self.detokenize([t]))
+            take += 1
+        return take
+
+    def _otter_stream(self, inner, run: _Run):
+        held: List[tuple] = []  # (chunk, start, count) waiting for their tokens' signals
+
+        def flush(all_: bool):
+            while held:
+                chunk, start, count = held[0]
+                if not all_ and run.prompt_len + start + count > self.n_tokens:
+                    break
+                held.pop(0)
+                block = self._otter_block(run, start, count)
+                chunk["choices"][0]["otter"] = block
+                self._otter_last_chunk_block = block
+                yield chunk
+
+        try:
+            while True:
+                try:
+                    chunk = self._otter_next(inner, run)
+                except StopIteration:
+                    return
+                choice = chunk["choices"][0]
+                if choice.get("finish_reason") is None:
+                    limit = len(self._otter_completion_tokens(run))
+                    count = self._otter_assign(run, choice, limit)
+                    held.append((chunk, run.assigned, count))
+                    run.assigned += count
+                    yield from flush(False)
+                    continue
+                # final chunk: let the inner generator finish (cache save), then the extra decode
+                try:
+                    self._otter_next(inner, run)
+                except StopIteration:
+                    pass
+                self._otter_finish(run)
+                yield from flush(True)
+                toks = self._otter_completion_tokens(run)
+                block = self._otter_block(run, run.assigned, len(toks) - run.assigned)
+                run.assigned = len(toks)
+                choice["otter"] = block
+                self._otter_last_chunk_block = block
+                yield chunk
+                return
+        finally:
+            inner.close()
+
+    # ------------------------------------------------------------------
+    # scoring
+    # ------------------------------------------------------------------
+    def score(self, text: Optional[str] = None, *, tokens: Optional[Sequence[int]] = None,
+              add_bos: bool = True, special: bool = True) -> OtterScore:
+        """Per-token Otter signals of ``text`` (tokenized like a completion
+        prompt) or of ``tokens``, without sampling. Uses the runtime's
+        all-positions mode: signals for every token, vocab logits only for the
+        last one. Leaves the context holding the scored sequence."""
+        if (text is None) == (tokens is None):
+            raise ValueError("score() takes exactly one of text= or tokens=")
+        self._require_otter("score()")
+        if text is not None:
+            if not isinstance(text, str):
+                raise ValueError(f"score(text=...) expects a str, got {type(text).__name__}")
+            toks = self.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        else:
+            toks = []
+            for t in tokens:
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                    raise ValueError(f"token ids must be integers, got {t!r}")
+                toks.append(int(t))
+        if not toks:
+            raise ValueError("score(): nothing to score (no tokens)")
+        bad = [t for t in toks if not 0 <= t < self._n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (valid ids: 0..{self._n_vocab - 1})")
+        if len(toks) > self._n_ctx:
+            raise ValueError(f"{len(toks)} tokens exceed the context window n_ctx={self._n_ctx}")
+
+        src, st = self._otter_src, self._otter_store
+        out = np.empty((len(toks), src.n_out), dtype=np.float32)
+        all_pos = src.supports_all_positions
+        llama_cpp.llama_memory_seq_keep(self._ctx.memory, 0)
+        self._ctx.kv_cache_seq_rm(-1, 0, -1)
+        self.n_tokens = 0
+        st.truncate(0)
+        if all_pos:
+            src.set_all_positions(True)
+        try:
+            for i in range(0, len(toks), self.n_batch):
+                chunk = toks[i: i + self.n_batch]
+                n_past = self.n_tokens
+                # all-positions mode: vocab logits only for the last row, signals for all;
+                # without it every row is an output row (logits for all, slower)
+                self._batch.set_batch(batch=chunk, n_past=n_past, logits_all=not all_pos)
+                self._ctx.decode(self._batch)
+                self.input_ids[n_past: n_past + len(chunk)] = chunk
+                for j in range(len(chunk)):
+                    p = n_past + j
+                    hist = (lambda p=p: toks[: p + 1])
+                    out[p] = src.read_position(j, hist) if all_pos else src.read_row(j, hist)
+                self.n_tokens += len(chunk)
+        finally:
+            if all_pos:
+                src.set_all_positions(False)
+        for p, t in enumerate(toks):
+            st.note_token(p, t)
+            st.put(p, out[p])
+        self._requires_eval = True  # the last row's logits are live, but be conservative
+        texts = [self.detokenize([t], prev_tokens=toks[:i]).decode("utf-8", errors="ignore")
+                 for i, t in enumerate(toks)]
+        return OtterScore(tokens=toks, signals=out, signal_names=self.signal_names,
+                          head_kind=self.head_kind, token_texts=texts)
+
+    # ------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------
+    def save_state(self):
+        state = super().save_state()
+        if self._otter_store is not None:
+            state.otter = self._otter_store.snapshot(self.n_tokens)
+        return state
+
+    def load_state(self, state) -> None:
+        super().load_state(state)
+        snap = getattr(state, "otter", None)
+        if self._otter_store is not None:
+            if snap is not None:
+                self._otter_store.restore(snap)
+            else:
+                self._otter_store.truncate(0)
+
+    def __getstate__(self):
+        d = super().__getstate__()
+        d.update(otter=self._otter_requested, n_seq_max=self._otter_n_seq_max_arg,
+                 guidance=self._otter_guidance_arg, otter_full_signals=self.otter_full_signals)
+        fa = self._otter_ctx_overrides.get("flash_attn_type")
+        if fa == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO:
+            d["flash_attn"] = "auto"
+        return d
+
+
+def _explain_load_failure(model_path: str, err: ValueError) -> ValueError:
+    """A GGUF with Otter tensors fails to load in a runtime without Otter
+    support ("wrong number of tensors"); say so."""
+    if "Failed to load model" not in str(err) or not os.path.isfile(model_path):
+        return err
+    if all(_otter_api()[n] is not None for n in _MODEL_FNS):
+        return err
+    try:
+        from gguf import GGUFReader
+
+        r = GGUFReader(model_path, "r")
+        has = any(k.startswith("otter.") for k in r.fields)
+    except Exception:
+        return err
+    if not has:
+        return err
+    return ValueError(f"{err}: {model_path} is an Otter GGUF and the loaded llama.cpp runtime "
+                      f"({llama_cpp_lib._lib._name}) has no Otter support; install the patched runtime "
+                      f"with `otter-gguf build-runtime`")

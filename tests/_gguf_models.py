@@ -1,0 +1,126 @@
+"""GGUF models and helpers for the OtterLlama / `run` / `score` tests.
+
+``gguf_models`` (session) converts the conftest fixtures once per process:
+``base`` is the tiny llama as a plain f32 GGUF with a chat template added (so
+``create_chat_completion`` uses the model's own template), ``otter(kind)``
+is that base plus the ``reward1`` / ``reward3`` / ``token_reward`` adapter.
+
+``require_otter_runtime()`` gates the tests that need the patched runtime's
+Otter functions: they run when the loaded libllama has them, FAIL when the
+repository's patch series provides them but the loaded runtime does not
+(stale install), and are skipped only while the series does not have them
+yet (a dev build can be used with LLAMA_CPP_LIB_PATH=...).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, Sequence
+
+import numpy as np
+import pytest
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_built: Dict[str, Path] = {}
+
+# small, fast, deterministic settings shared by the tests
+LLAMA_KW = dict(n_ctx=256, n_batch=64, n_threads=1, n_threads_batch=1, verbose=False)
+
+
+class Models:
+    def __init__(self, request, root: Path):
+        self._request = request
+        self._root = root
+
+    @property
+    def base(self) -> Path:
+        if "base" not in _built:
+            from otter_gguf_converter import convert_hf_base
+
+            src = Path(self._request.getfixturevalue("tiny_llama_dir"))
+            hf = self._root / "tiny-llama-chat"
+            if hf.exists():
+                shutil.rmtree(hf)
+            shutil.copytree(src, hf)
+            cfg_path = hf / "tokenizer_config.json"
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            cfg["chat_template"] = CHAT_TEMPLATE
+            cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+            out = self._root / "base.gguf"
+            if out.exists():
+                out.unlink()
+            _built["base"] = convert_hf_base(hf, out, "f32")
+        return _built["base"]
+
+    def otter(self, kind: str) -> Path:
+        fixture = {"reward1": "adapter_reward1_dir", "reward3": "adapter_reward3_dir",
+                   "token_reward": "adapter_token_reward_dir"}[kind]
+        if kind not in _built:
+            from otter_gguf_converter import convert
+
+            adapter = self._request.getfixturevalue(fixture)
+            out = self._root / f"otter-{kind}.gguf"
+            _built[kind] = convert(adapter, self.base, out, outtype="f32", force=True, progress=False)
+        return _built[kind]
+
+
+@pytest.fixture(scope="session")
+def gguf_models(request, tmp_path_factory) -> Models:
+    root = tmp_path_factory.getbasetemp() / "otter-api-gguf"
+    root.mkdir(exist_ok=True)
+    return Models(request, root)
+
+
+def require_otter_runtime() -> None:
+    from otter_gguf.llama import otter_runtime_available
+    from otter_gguf.runtime_build import patch_series
+
+    if otter_runtime_available():
+        return
+    import llama_cpp.llama_cpp as ll
+
+    lib = getattr(ll._lib, "_name", "?")
+    if any("llama_get_otter_signals_ith" in p.read_text(encoding="utf-8", errors="replace")
+           for p in patch_series()):
+        pytest.fail(f"the patch series provides the Otter signal API but the loaded llama.cpp runtime ({lib}) "
+                    f"lacks it: reinstall it with `otter-gguf build-runtime` (or set LLAMA_CPP_LIB_PATH)")
+    pytest.skip(f"the Otter signal API is not in the patch series yet and {lib} lacks it "
+                f"(use LLAMA_CPP_LIB_PATH=<patched build>)")
+
+
+# ---------------------------------------------------------------------------
+# a cheap deterministic signal source (no runtime support needed)
+# ---------------------------------------------------------------------------
+def fake_signals(history: Sequence[int]) -> np.ndarray:
+    """Two signals that depend on the whole history (order included)."""
+    h = np.asarray(history, dtype=np.float64)
+    w = np.arange(1, len(h) + 1, dtype=np.float64)
+    a = np.sin(0.013 * float(np.dot(h, w)))
+    b = np.cos(0.37 * float(h[-1]) + 0.11 * len(h))
+    return np.array([a, b], dtype=np.float32)
+
+
+def fake_source_factory(fn: Callable[[Sequence[int]], np.ndarray] = fake_signals,
+                        names=("alpha", "beta")):
+    from otter_gguf.llama import SignalSource
+
+    class FakeSignalSource(SignalSource):
+        has_otter = True
+        head_kind = "reward"
+
+        def __init__(self):
+            self.n_out = len(names)
+            self.signal_names = list(names)
+            self.rows_read = 0
+
+        def read_row(self, i, history):
+            self.rows_read += 1
+            return fn(list(history()))
+
+    return lambda llm: FakeSignalSource()
