@@ -1,0 +1,149 @@
+"""Malformed Otter GGUFs must fail llama_model_load_from_file with an error
+log naming the problem (NULL model), and the process must survive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_runtime_helpers import Model, quiet_logs, runtime_or_skip
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def rt():
+    ll, lib = runtime_or_skip()
+    logs: list[str] = []
+    quiet_logs(ll, logs)
+    return ll, lib, logs
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, tiny_llama_dir, adapter_reward3_dir):
+    from otter_gguf_converter.convert import convert
+    from otter_gguf_converter.hf_base import convert_hf_base
+
+    d = tmp_path_factory.mktemp("malformed")
+    base = convert_hf_base(tiny_llama_dir, d / "base.gguf", outtype="f32")
+    return convert(adapter_reward3_dir, base, d / "good.gguf", outtype="f32", progress=False)
+
+
+_SKIP_KEYS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture"}
+
+
+def rewrite(src: Path, dst: Path, *, kv: dict | None = None, drop_kv=(), drop_tensors=(), tensors: dict | None = None):
+    """Copy src to dst with changes. kv: key -> (value, GGUFValueType[, sub_type]);
+    tensors: name -> numpy f32 array (numpy order)."""
+    kv = kv or {}
+    tensors = tensors or {}
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for name, f in r.fields.items():
+        if name in _SKIP_KEYS or name in drop_kv or name in kv:
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+        val = f.contents()
+        if vtype == gguf.GGUFValueType.ARRAY and sub is None:
+            sub = gguf.GGUFValueType.STRING
+        w.add_key_value(name, val, vtype, sub_type=sub)
+    for key, spec in kv.items():
+        w.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
+    for t in r.tensors:
+        if t.name in drop_tensors:
+            continue
+        data = tensors.get(t.name)
+        if data is None:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            data = np.array(t.data, dtype=np.float32)
+        w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+U32 = gguf.GGUFValueType.UINT32
+I32 = gguf.GGUFValueType.INT32
+U64 = gguf.GGUFValueType.UINT64
+STR = gguf.GGUFValueType.STRING
+ARR = gguf.GGUFValueType.ARRAY
+
+
+def _q_shape(good):
+    r = gguf.GGUFReader(good)
+    t = next(t for t in r.tensors if t.name == "blk.1.otter_attn_q.weight")
+    return np.array(t.data, dtype=np.float32)
+
+
+CASES = {
+    "shape_mismatch": (lambda g: dict(tensors={"blk.1.otter_attn_q.weight": _q_shape(g)[:-1]}),
+                       "otter_attn_q.weight' has wrong shape"),
+    "missing_tensor": (lambda g: dict(drop_tensors={"blk.2.otter_ffn_up.weight"}),
+                       "blk.2.otter_ffn_up.weight"),
+    "n_out_zero": (lambda g: dict(kv={"otter.head.output_size": (0, U32)}), "otter.head.output_size = 0"),
+    "n_out_absurd": (lambda g: dict(kv={"otter.head.output_size": (1 << 30, U32)}), "otter.head.output_size"),
+    "n_out_mismatch": (lambda g: dict(kv={"otter.head.output_size": (4, U32)}), "signal_names has 3 entries"),
+    "vocab_hash": (lambda g: dict(kv={"otter.base.vocab_hash": (12345, U64)}), "otter.base.vocab_hash"),
+    "fingerprint_d": (lambda g: dict(kv={"otter.base.embedding_length": (512, U32)}), "otter.base.embedding_length"),
+    "fingerprint_arch": (lambda g: dict(kv={"otter.base.architecture": ("qwen2", STR)}), "otter.base.architecture"),
+    "gqa": (lambda g: dict(kv={"otter.attention.head_count_kv": (3, U32)}), "head_count_kv = 3"),
+    "head_kind": (lambda g: dict(kv={"otter.head.kind": ("policy", STR)}), "otter.head.kind = 'policy'"),
+    "key_type": (lambda g: dict(kv={"otter.embedding_length": (256, I32)}), "otter.embedding_length' has type"),
+    "missing_key": (lambda g: dict(drop_kv={"otter.feed_forward_length"}), "missing key 'otter.feed_forward_length'"),
+    "version": (lambda g: dict(kv={"otter.version": (99, U32)}), "otter.version 99"),
+    "no_version": (lambda g: dict(drop_kv={"otter.version"}), "'otter.version' is missing"),
+    "norm_not_f32": (lambda g: dict(tensors={"blk.0.otter_attn_norm.weight": np.ones(256, dtype=np.float16)}),
+                     "blk.0.otter_attn_norm.weight' has type f16, expected f32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_fails_cleanly(rt, good, tmp_path, case):
+    ll, lib, logs = rt
+    make, needle = CASES[case]
+    bad = rewrite(good, tmp_path / f"{case}.gguf", **make(good))
+    del logs[:]
+    with pytest.raises(ValueError):
+        Model(ll, lib, bad)
+    text = "".join(logs)
+    assert "error loading model" in text, text[-2000:]
+    assert needle in text, f"expected {needle!r} in the error log:\n" + "\n".join(
+        line for line in logs if "error" in line.lower())
+
+
+def test_rewrite_roundtrip_loads(rt, good, tmp_path):
+    ll, lib, _ = rt
+    m = Model(ll, lib, rewrite(good, tmp_path / "same.gguf"))
+    assert m.has_otter and m.n_out == 3
+    m.close()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.97, 0.9999])
+def test_truncated_file(rt, good, tmp_path, keep):
+    ll, lib, logs = rt
+    data = Path(good).read_bytes()
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(data[: int(len(data) * keep)])
+    del logs[:]
+    with pytest.raises(ValueError):
+        Model(ll, lib, bad)
+    assert any("error" in line.lower() or "failed" in line.lower() for line in logs)
+
+
+def test_base_gguf_still_loads(rt, good):
+    ll, lib, _ = rt
+    base = Path(good).parent / "base.gguf"
+    m = Model(ll, lib, base)
+    assert not m.has_otter and m.n_out == 0
+    assert lib.llama_model_otter_head_kind(m.ptr) is None
+    c = m.context()
+    c.decode([5, 6, 7])
+    assert c.signals_ith(0) is None  # no side stream: error log, NULL
+    c.close()
+    m.close()
