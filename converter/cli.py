@@ -7,7 +7,9 @@ the message says what was wrong and what was expected), 1 internal error.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -60,6 +62,9 @@ def convert_command(adapter_dir: Path, base: Path, out: Path, outtype: str, base
             f"--base-outtype applies to an HF model directory base only; {base} is a file and is copied "
             f"unchanged (re-quantize it with llama-quantize first if you want another type)"
         )
+    # SIGTERM unwinds like Ctrl-C, so the temporary file is removed
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
     try:
         path = convert(adapter_dir, base, out, outtype=outtype.lower(), base_outtype=(base_outtype or "f16").lower(),
                        head_type=head_type.lower() if head_type else None, force=force,
@@ -70,7 +75,14 @@ def convert_command(adapter_dir: Path, base: Path, out: Path, outtype: str, base
         raise
     except Exception as e:  # noqa: BLE001
         _internal("convert", e)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     click.echo(f"wrote {path}", err=True)
+
+
+def _sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 @click.command("inspect")

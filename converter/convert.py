@@ -26,7 +26,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from otter_gguf_converter import gguf_io, qtypes
 from otter_gguf_converter.errors import ConvertError
 from otter_gguf_converter.ggml_quant import encode
-from otter_gguf_converter.hf_base import convert_hf_base, hf_architecture, parse_base_outtype
+from otter_gguf_converter.hf_base import convert_hf_base, hf_architecture, hf_hparams, parse_base_outtype
 
 OTTER_FORMAT_VERSION = 1
 
@@ -202,6 +202,12 @@ def _check_base(cfg, info: gguf_io.BaseInfo) -> None:
     check_against_base(cfg, info.hparams())
 
 
+def _check_fields(cfg, hparams: dict, what: str) -> None:
+    bad = [f"{k}: adapter {getattr(cfg, k)!r}, base {v!r}" for k, v in hparams.items() if getattr(cfg, k) != v]
+    if bad:
+        raise ConvertError(f"adapter does not match the {what}: " + "; ".join(bad))
+
+
 def convert(
     adapter_dir,
     base,
@@ -248,6 +254,8 @@ def convert(
 
     adapter = _open_adapter(adapter_dir)
     cfg = adapter.config
+    if hf_base:  # fail before a possibly long HF conversion; the GGUF is checked again below
+        _check_fields(cfg, hf_hparams(base_path), f"HF base {base_path} (config.json)")
 
     work_dir: Path | None = None
     tmp_path: Path | None = None
@@ -343,6 +351,7 @@ def _write(reader, info, cfg, plan, tmp_path: Path, adapter, progress: bool) -> 
             for t in reader.tensors:
                 bar(f"base {t.name}", int(t.n_bytes))
                 writer.write_tensor_data(gguf_io.tensor_raw(reader, t))
+                gguf_io.release_pages(reader, t.data_offset, int(t.n_bytes))
             for p in plan:
                 bar(f"{p.name} {qtypes.type_name(p.qtype)}", p.nbytes, pre=True)
                 data = adapter.get_numpy(p.hf_name)

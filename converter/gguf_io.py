@@ -7,6 +7,7 @@ arrays, empty arrays) survives unchanged; tensors are copied as raw bytes.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -35,15 +36,26 @@ def open_gguf(path: str | os.PathLike, what: str = "base") -> GGUFReader:
     if os.path.isdir(p):
         raise ConvertError(f"{what} {p} is a directory, expected a GGUF file")
     try:
-        if os.path.getsize(p) < 24:
-            raise ValueError("file too short for a GGUF header")
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise ConvertError(f"{what} {p}: cannot read: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise ConvertError(f"{what} {p} is not a GGUF file (it does not start with the GGUF magic)")
+    try:
         reader = GGUFReader(p, "r")
-    except ConvertError:
-        raise
-    except Exception as e:  # ValueError, IndexError, struct errors from a truncated/garbled file
-        raise ConvertError(f"{what} {p} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # ValueError, IndexError, reshape errors from a truncated/garbled file
+        raise ConvertError(
+            f"{what} {p} is not a readable GGUF file: truncated or corrupt ({type(e).__name__}: {e})"
+        ) from None
     if reader.byte_order != "I":
         raise ConvertError(f"{what} {p} is a big-endian GGUF; only little-endian GGUF files are supported")
+    n_split = reader.fields.get("split.count")
+    if n_split is not None and int(n_split.contents()) > 1:
+        raise ConvertError(
+            f"{what} {p} is one shard of a split GGUF ({int(n_split.contents())} files); merge it first "
+            f"(llama-gguf-split --merge) and pass the merged file"
+        )
     end = len(reader.data)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > end:
@@ -204,6 +216,27 @@ def ggml_shape_to_numpy(ne: Sequence[int]) -> tuple[int, ...]:
 def tensor_raw(reader: GGUFReader, t) -> np.ndarray:
     """The tensor's bytes in the base file, as a uint8 view of the mmap (no copy)."""
     return reader.data[t.data_offset: t.data_offset + t.n_bytes]
+
+
+def release_pages(reader: GGUFReader, start: int, nbytes: int) -> None:
+    """Drop the mapped pages of [start, start+nbytes) from this process's RSS.
+
+    The base is mapped read-only, so the pages stay in the page cache and are
+    simply faulted in again if touched; this keeps peak RSS near the largest
+    tensor instead of the whole base file.
+    """
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo = (start // page) * page
+    hi = min(start + nbytes, len(mm))
+    hi = (hi // page) * page  # only whole pages that the tensor fully owns at the end
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):  # pragma: no cover - best effort
+            pass
 
 
 def qtype_name(t: GGMLQuantizationType) -> str:

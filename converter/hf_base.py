@@ -91,6 +91,22 @@ def hf_architecture(hf_dir: Path) -> str:
     return SUPPORTED_HF_ARCHITECTURES[arch]
 
 
+def hf_hparams(hf_dir: Path) -> dict:
+    """The base fingerprint as far as config.json tells it (vocab excluded: the
+    GGUF's token list is authoritative), for a quick check before converting."""
+    cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    arch = hf_architecture(hf_dir)
+    out = {"base_architecture": arch}
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if isinstance(cfg.get(k), int):
+            out[k] = cfg[k]
+    if "num_attention_heads" in out:
+        out["num_key_value_heads"] = cfg.get("num_key_value_heads") or out["num_attention_heads"]
+        if "hidden_size" in out:
+            out["head_dim"] = cfg.get("head_dim") or out["hidden_size"] // out["num_attention_heads"]
+    return out
+
+
 def _run_convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str) -> None:
     script = llama_cpp_source() / "convert_hf_to_gguf.py"
     cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -358,6 +359,32 @@ def test_quantized_base_byte_identical(base_q4_gguf, adapter_reward1_dir, tmp_pa
     assert GGUFReader(out).fields["otter.base.vocab_size"].contents() == 512
 
 
+def test_custom_alignment_is_kept(base_gguf, adapter_reward1_dir, tmp_path):
+    base = metadata_only_gguf(base_gguf, tmp_path / "base.gguf",
+                              set_kv={"general.alignment": (64, GGUFValueType.UINT32)})
+    out = convert(adapter_reward1_dir, base, tmp_path / "o.gguf", outtype="q4_0", progress=False)
+    r = GGUFReader(out)
+    assert r.alignment == 64 and r.fields["general.alignment"].contents() == 64
+    assert r.data_offset % 64 == 0 and all((t.data_offset - r.data_offset) % 64 == 0 for t in r.tensors)
+    check_roundtrip(out, adapter_reward1_dir, permuted=True)
+
+
+def test_split_gguf_is_refused(base_gguf, adapter_reward1_dir, tmp_path):
+    base = metadata_only_gguf(base_gguf, tmp_path / "base-00001-of-00002.gguf",
+                              set_kv={"split.count": (2, GGUFValueType.UINT16)})
+    _expect_user_error([adapter_reward1_dir, "--base", base], tmp_path, "split GGUF", "--merge")
+
+
+def test_hf_base_mismatch_found_before_converting(tiny_llama_dir, adapter_reward1_dir, tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    cfg["num_hidden_layers"] = 6
+    (hf / "config.json").write_text(json.dumps(cfg))  # no weights: conversion would fail, the check comes first
+    _expect_user_error([adapter_reward1_dir, "--base", hf], tmp_path, "config.json", "num_hidden_layers",
+                       "adapter 4, base 6")
+
+
 def test_hf_base_equals_convert_hf_to_gguf(base_gguf, tiny_llama_dir, adapter_reward1_dir, tmp_path):
     """convert_hf_base == llama.cpp's convert_hf_to_gguf.py run by hand, byte for byte;
     and `convert --base HF_DIR` carries exactly that base."""
@@ -497,10 +524,12 @@ def test_unsupported_architecture_hf(tiny_llama_dir, adapter_reward1_dir, tmp_pa
     _expect_user_error([adapter_reward1_dir, "--base", hf], tmp_path, "GPT2LMHeadModel", "LlamaForCausalLM")
 
 
-def test_bad_base_file(adapter_reward1_dir, tmp_path):
+def test_bad_base_file(base_gguf, adapter_reward1_dir, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all" * 10)
-    _expect_user_error([adapter_reward1_dir, "--base", bad], tmp_path, "not a readable GGUF")
+    _expect_user_error([adapter_reward1_dir, "--base", bad], tmp_path, "not a GGUF file")
+    bad.write_bytes(base_gguf.read_bytes()[:300_000])
+    _expect_user_error([adapter_reward1_dir, "--base", bad], tmp_path, "truncated or corrupt")
     _expect_user_error([adapter_reward1_dir, "--base", tmp_path / "missing.gguf"], tmp_path, "no such file")
 
 
@@ -575,7 +604,7 @@ def test_unwritable_directory(base_gguf, adapter_reward1_dir, tmp_path):
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError, "SIGTERM"])
 def test_interrupt_or_internal_error_leaves_nothing(exc, base_gguf, adapter_reward1_dir, tmp_path, monkeypatch):
     import importlib
 
@@ -586,7 +615,10 @@ def test_interrupt_or_internal_error_leaves_nothing(exc, base_gguf, adapter_rewa
     def boom(arr, qtype, *a, **k):
         calls[0] += 1
         if calls[0] == 5:
-            raise exc("boom")
+            if exc == "SIGTERM":
+                os.kill(os.getpid(), signal.SIGTERM)  # the CLI turns it into SystemExit(143)
+            else:
+                raise exc("boom")
         return orig(arr, qtype, *a, **k)
 
     monkeypatch.setattr(convert_mod, "encode", boom)
@@ -598,7 +630,11 @@ def test_interrupt_or_internal_error_leaves_nothing(exc, base_gguf, adapter_rewa
     else:
         r = CliRunner().invoke(cli_main, ["convert", str(adapter_reward1_dir), "--base", str(base_gguf),
                                           "-o", str(out_dir / "o.gguf"), "--no-progress"])
-        assert r.exit_code == 1, r.output
-        assert "internal error" in r.output
+        if exc == "SIGTERM":
+            assert r.exit_code == 128 + signal.SIGTERM, r.output
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "handler restored"
+        else:
+            assert r.exit_code == 1, r.output
+            assert "internal error" in r.output
     assert calls[0] == 5
     assert listing(out_dir) == []
