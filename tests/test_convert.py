@@ -443,10 +443,15 @@ def _expect_user_error(args, tmp_path, *needles, out_dir=None):
     return msg
 
 
-def test_missing_adapter_weights(base_gguf, adapter_reward1_dir, tmp_path):
+@pytest.mark.parametrize("missing", ["otter_model.safetensors", "otter_config.json"])
+def test_missing_adapter_file(missing, base_gguf, adapter_reward1_dir, tmp_path):
     ad = copy_adapter(adapter_reward1_dir, tmp_path / "ad")
-    (ad / "otter_model.safetensors").unlink()
-    _expect_user_error([ad, "--base", base_gguf], tmp_path, "otter_model.safetensors")
+    (ad / missing).unlink()
+    _expect_user_error([ad, "--base", base_gguf], tmp_path, missing, "missing")
+
+
+def test_unknown_outtype(base_gguf, adapter_reward1_dir, tmp_path):
+    _expect_user_error([adapter_reward1_dir, "--base", base_gguf, "--outtype", "q7_k"], tmp_path, "q7_k", "q4_k_m")
 
 
 def test_missing_adapter_dir(base_gguf, tmp_path):
