@@ -986,7 +986,8 @@ class OtterLlama(Llama):
         """Per-token Otter signals of ``text`` (tokenized like a completion
         prompt) or of ``tokens``, without sampling. Uses the runtime's
         all-positions mode: signals for every token, vocab logits only for the
-        last one. Leaves the context holding the scored sequence."""
+        last one. Leaves the context holding the scored sequence (for prefix
+        reuse by the next completion; not with ``logits_all``)."""
         if (text is None) == (tokens is None):
             raise ValueError("score() takes exactly one of text= or tokens=")
         self._require_otter("score()")
@@ -1038,6 +1039,9 @@ class OtterLlama(Llama):
             st.note_token(p, t)
             st.put(p, out[p])
         self._requires_eval = True  # the last row's logits are live, but be conservative
+        if self._logits_all:
+            # `scores` was not filled for these positions: do not let a completion reuse them
+            self.n_tokens = 0
         texts = [self.detokenize([t], prev_tokens=toks[:i]).decode("utf-8", errors="ignore")
                  for i, t in enumerate(toks)]
         return OtterScore(tokens=toks, signals=out, signal_names=self.signal_names,

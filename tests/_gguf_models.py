@@ -58,6 +58,41 @@ class Models:
             _built["base"] = convert_hf_base(hf, out, "f32")
         return _built["base"]
 
+    @property
+    def lora(self) -> Path:
+        """A tiny PEFT LoRA (v_proj, down_proj) for the base, converted with
+        llama.cpp's convert_lora_to_gguf.py."""
+        if "lora" not in _built:
+            import subprocess
+            import sys
+
+            import torch
+            from safetensors.torch import save_file
+
+            from otter_gguf.runtime_build import pinned_llama_cpp_source
+
+            hf = Path(self._request.getfixturevalue("tiny_llama_dir"))
+            d = self._root / "lora"
+            d.mkdir(exist_ok=True)
+            g = torch.Generator().manual_seed(0)
+            t = {}
+            for layer in range(4):
+                for mod, (o, i) in {"self_attn.v_proj": (128, 256), "mlp.down_proj": (256, 768)}.items():
+                    p = f"base_model.model.model.layers.{layer}.{mod}"
+                    t[p + ".lora_A.weight"] = torch.randn(4, i, generator=g) * 0.2
+                    t[p + ".lora_B.weight"] = torch.randn(o, 4, generator=g) * 0.2
+            save_file(t, str(d / "adapter_model.safetensors"))
+            (d / "adapter_config.json").write_text(json.dumps(
+                {"lora_alpha": 8, "r": 4, "peft_type": "LORA", "base_model_name_or_path": "tiny-llama",
+                 "target_modules": ["v_proj", "down_proj"]}), encoding="utf-8")
+            out = self._root / "lora.gguf"
+            script = Path(pinned_llama_cpp_source()) / "convert_lora_to_gguf.py"
+            res = subprocess.run([sys.executable, str(script), "--base", str(hf), "--outfile", str(out), str(d)],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0 and out.is_file(), res.stderr[-2000:]
+            _built["lora"] = out
+        return _built["lora"]
+
     def otter(self, kind: str) -> Path:
         fixture = {"reward1": "adapter_reward1_dir", "reward3": "adapter_reward3_dir",
                    "token_reward": "adapter_token_reward_dir"}[kind]

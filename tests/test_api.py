@@ -164,6 +164,18 @@ def test_plain_gguf_matches_llama(gguf_models):
     assert np.array_equal(np.asarray(ea), np.asarray(eb)) and np.asarray(eb).size > 0
 
 
+def test_lora_same_as_llama(gguf_models):
+    from llama_cpp import Llama
+
+    from otter_gguf import OtterLlama
+
+    kw = dict(LLAMA_KW, lora_path=str(gguf_models.lora))
+    a = Llama(str(gguf_models.base), **kw)(PROMPT, max_tokens=8, temperature=0)
+    b = OtterLlama(str(gguf_models.base), **kw)(PROMPT, max_tokens=8, temperature=0)
+    c = OtterLlama(str(gguf_models.base), **LLAMA_KW)(PROMPT, max_tokens=8, temperature=0)
+    assert _strip(a) == _strip(b) and a["choices"][0]["text"] != c["choices"][0]["text"]  # the LoRA is applied
+
+
 def test_plain_gguf_signals_are_a_clear_error(gguf_models):
     from otter_gguf import Guidance, OtterLlama
 
@@ -424,6 +436,11 @@ def test_otter_off_state_and_bad_use(reward3, gguf_models):
     r_on = reward3(PROMPT, max_tokens=8, temperature=0)
     plain = Llama(path, **LLAMA_KW)(PROMPT, max_tokens=8, temperature=0)
     assert r_off["choices"][0]["text"] == r_on["choices"][0]["text"] == plain["choices"][0]["text"]
+    # LoRA on an Otter GGUF: same text as llama_cpp.Llama with the LoRA, signals alongside
+    lora = OtterLlama(path, lora_path=str(gguf_models.lora), **LLAMA_KW)(PROMPT, max_tokens=6, temperature=0)
+    plain_lora = Llama(path, lora_path=str(gguf_models.lora), **LLAMA_KW)(PROMPT, max_tokens=6, temperature=0)
+    assert lora["choices"][0]["text"] == plain_lora["choices"][0]["text"] != r_on["choices"][0]["text"][: len(lora["choices"][0]["text"])]
+    assert len(lora["choices"][0]["otter"]["signals"]) == lora["usage"]["completion_tokens"] >= 6
     off.set_otter(True)
     assert off(PROMPT, max_tokens=8, temperature=0)["choices"][0]["otter"]["tokens"] == \
         r_on["choices"][0]["otter"]["tokens"]
