@@ -13,6 +13,7 @@ import pytest
 from test_runtime_helpers import Model, quiet_logs, rel_err, runtime_or_skip
 
 torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
 
 TOL = 1e-4
 
@@ -302,3 +303,58 @@ def test_qwen2(rt, gguf_dir, tiny_qwen2_dir, qwen2_adapter_dir):
         cb.close()
         m.close()
         base.close()
+
+
+# --- llama_model_quantize on Otter GGUFs -------------------------------------------------
+
+def _quantize(ll, src, dst, ftype):
+    p = ll.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.nthread = 2
+    rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
+    assert rc == 0, f"llama_model_quantize returned {rc}"
+    return dst
+
+
+@pytest.mark.parametrize("ftype_name,ftype,qtype", [("q4_k_m", 15, "Q4_K"), ("q8_0", 7, "Q8_0")])
+def test_quantize_f16_otter(rt, gguf_dir, tiny_llama_dir, adapter_reward3_dir, models, ftype_name, ftype, qtype):
+    ll, lib, _ = rt
+    src = _otter(gguf_dir, tiny_llama_dir, adapter_reward3_dir, base_outtype="f16", outtype="f16")
+    q = _quantize(ll, src, gguf_dir / f"otter-{ftype_name}.gguf", ftype)
+    qbase = _quantize(ll, _base(gguf_dir, tiny_llama_dir, "f16"), gguf_dir / f"base-f16-{ftype_name}.gguf", ftype)
+
+    # tensor types: the base tensors exactly as when quantizing the base alone, Otter rules for the rest
+    r, rb = gguf.GGUFReader(q), gguf.GGUFReader(qbase)
+    types = {t.name: t.tensor_type for t in r.tensors}
+    for t in rb.tensors:
+        assert types[t.name] == t.tensor_type, t.name
+    T = gguf.GGMLQuantizationType
+    assert types["otter_head.weight"] == T.Q8_0
+    assert types["blk.0.otter_attn_norm.weight"] == T.F32
+    assert types["blk.0.otter_attn_q.weight"] == T[qtype]
+    assert types["blk.3.otter_ffn_down.weight"] == T[qtype]
+    assert "otter.head.kind" in r.fields
+
+    m, ref = models["reward3"]
+    mq, mb = Model(ll, lib, q), Model(ll, lib, qbase)
+    toks = _tokens(24, seed=14)
+    c32, cq, cb = m.context(), mq.context(), mb.context()
+    try:
+        for c in (c32, cq, cb):
+            c.decode(toks)
+        s32 = np.stack([c32.signals_ith(i) for i in range(len(toks))])
+        sq = np.stack([cq.signals_ith(i) for i in range(len(toks))])
+        l32 = np.stack([c32.logits_ith(i) for i in range(len(toks))])
+        lq = np.stack([cq.logits_ith(i) for i in range(len(toks))])
+        # the tiny random model quantizes poorly: the signals may move as much as the base logits do,
+        # not more (here q4_k_m: signals ~0.28 vs logits ~0.45; q8_0: ~0.044 vs ~0.058)
+        err_s, err_l = rel_err(sq, s32), rel_err(lq, l32)
+        assert err_s <= max(0.02, err_l), (err_s, err_l)
+        assert err_s <= (0.1 if ftype_name == "q8_0" else 0.5), (err_s, err_l)
+        for i in range(len(toks)):
+            np.testing.assert_array_equal(cq.logits_ith(i), cb.logits_ith(i))
+    finally:
+        for c in (c32, cq, cb):
+            c.close()
+        mq.close()
+        mb.close()
