@@ -358,3 +358,22 @@ def test_quantize_f16_otter(rt, gguf_dir, tiny_llama_dir, adapter_reward3_dir, m
             c.close()
         mq.close()
         mb.close()
+
+
+def test_seq_add_shift(models):
+    """K-shift: decode at positions 100.., shift the sequence to 0.., continue.
+    RoPE attention depends on relative positions only, so the result is the
+    reference's; a side K left unshifted would break it."""
+    m, ref = models["reward3"]
+    toks = _tokens(24, seed=15)
+    c = m.context()
+    try:
+        c.decode(toks[:20], pos0=100)
+        c.ll.llama_memory_seq_add(c.mem, 0, 0, -1, -100)
+        got = []
+        for i in range(20, 24):
+            c.decode([toks[i]], pos0=i)
+            got.append(c.signals_ith(0))
+        assert rel_err(np.stack(got), _ref_signals(ref, toks)[20:]) <= 1e-3
+    finally:
+        c.close()
