@@ -101,6 +101,28 @@ def test_whole_prompt(models, kind):
         c.close()
 
 
+def test_prompt_several_ubatches(models):
+    m, ref = models["reward3"]
+    toks = _tokens(40, seed=16)
+    c = m.context(n_batch=64, n_ubatch=16)
+    try:
+        flags = [i % 3 == 0 or i == 39 for i in range(40)]
+        c.decode(toks, logits=flags)
+        idx = [i for i, f in enumerate(flags) if f]
+        got = np.stack([c.signals_ith(i) for i in idx])
+        assert rel_err(got, _ref_signals(ref, toks)[idx]) <= TOL
+        sig = lib_signals_all(c, len(idx))
+        np.testing.assert_array_equal(sig, got)
+    finally:
+        c.close()
+
+
+def lib_signals_all(c, n_rows):
+    p = c.lib.llama_get_otter_signals(c.ptr)
+    assert p
+    return np.ctypeslib.as_array(p, shape=(n_rows, c.model.n_out)).copy()
+
+
 @pytest.mark.parametrize("kind", ["reward3", "token_reward"])
 def test_token_by_token(models, kind):
     m, ref = models[kind]
@@ -180,6 +202,7 @@ def test_state_save_restore(models):
         state = c.state_save()
         c.decode(_tokens(5, seed=9), pos0=12)  # diverge
         c.state_load(state)
+        assert c.signals_ith(0) is None  # signals are not part of the state
         c.decode(toks[12:], pos0=12)
         got = np.stack([c.signals_ith(i) for i in range(8)])
         want = _ref_signals(ref, toks)[12:]
