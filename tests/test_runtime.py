@@ -254,6 +254,14 @@ def test_all_positions(models, rt):
         flags = [i % 7 == 3 for i in range(len(toks))]
         c.decode(toks, logits=flags)
         allp = np.stack([c.signals_pos(i) for i in range(len(toks))])
+        logits_allpos = [c.logits_ith(i) for i, f in enumerate(flags) if f]
+        # the base logits do not change in this mode
+        coff = m.context(n_batch=32, n_ubatch=8)
+        lib.llama_set_otter(coff.ptr, False)
+        coff.decode(toks, logits=flags)
+        for a, i in zip(logits_allpos, [i for i, f in enumerate(flags) if f]):
+            np.testing.assert_array_equal(a, coff.logits_ith(i))
+        coff.close()
         assert rel_err(allp, want) <= TOL
         np.testing.assert_array_equal(c.signals_pos(-1), allp[-1])
         assert c.signals_pos(len(toks)) is None
