@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-__all__ = ["OtterRuntimeError", "load", "series", "signals", "FUNCTIONS"]
+__all__ = ["OtterRuntimeError", "load", "bind_available", "series", "signals", "FUNCTIONS"]
 
 
 class OtterRuntimeError(RuntimeError):
@@ -84,6 +84,23 @@ def load(lib: ctypes.CDLL | None = None) -> Any:
     if lib is None:
         _bound = target
     return target
+
+
+def bind_available(lib: ctypes.CDLL | None = None) -> dict[str, Any]:
+    """name -> declared function, or None for each symbol the library lacks.
+
+    Unlike :func:`load` this does not fail on a partial (or unpatched)
+    runtime, so callers can say precisely what is missing.
+    """
+    target = lib if lib is not None else _llama_cpp_lib()
+    out: dict[str, Any] = {}
+    for name, (restype, argtypes) in FUNCTIONS.items():
+        fn = getattr(target, name, None)
+        if fn is not None:
+            fn.restype = restype
+            fn.argtypes = argtypes
+        out[name] = fn
+    return out
 
 
 def series() -> str:

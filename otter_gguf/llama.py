@@ -52,58 +52,21 @@ __all__ = ["OtterLlama", "OtterScore", "SignalSource", "RuntimeSignalSource", "o
 _UNSET: Any = object()
 
 # ---------------------------------------------------------------------------
-# Otter C API of the patched libllama (include/llama.h, "Otter side stream")
+# Otter C API of the patched libllama (declared in otter_gguf._lib)
 # ---------------------------------------------------------------------------
-_c_float_p = ctypes.POINTER(ctypes.c_float)
-_C_API: Dict[str, tuple] = {
-    "llama_model_has_otter": ([ctypes.c_void_p], ctypes.c_bool),
-    "llama_model_otter_n_out": ([ctypes.c_void_p], ctypes.c_int32),
-    "llama_model_otter_head_kind": ([ctypes.c_void_p], ctypes.c_char_p),
-    "llama_model_otter_n_signal_names": ([ctypes.c_void_p], ctypes.c_int32),
-    "llama_model_otter_signal_name": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_char_p),
-    "llama_set_otter": ([ctypes.c_void_p, ctypes.c_bool], None),
-    "llama_get_otter_signals_ith": ([ctypes.c_void_p, ctypes.c_int32], _c_float_p),
-    "llama_set_otter_all_positions": ([ctypes.c_void_p, ctypes.c_bool], None),
-    "llama_get_otter_signals_pos": ([ctypes.c_void_p, ctypes.c_int32], _c_float_p),
-}
 _MODEL_FNS = ("llama_model_has_otter", "llama_model_otter_n_out", "llama_model_otter_head_kind",
               "llama_model_otter_n_signal_names", "llama_model_otter_signal_name")
 _api_cache: Optional[Dict[str, Optional[Callable]]] = None
 
 
 def _otter_api() -> Dict[str, Optional[Callable]]:
-    """name -> callable (or None when the loaded libllama lacks it).
-
-    The declarations come from :data:`otter_gguf._lib.FUNCTIONS` (the
-    runtime's ctypes bindings) when present, else from the table above; each
-    symbol is bound on llama-cpp-python's own library, one by one, so that a
-    partial runtime still reports which parts it has.
-    """
+    """name -> callable (or None when the loaded libllama lacks it)."""
     global _api_cache
-    if _api_cache is not None:
-        return _api_cache
-    decls = {name: (argtypes, restype) for name, (argtypes, restype) in _C_API.items()}
-    try:
-        from otter_gguf import _lib as ext
+    if _api_cache is None:
+        from otter_gguf import _lib
 
-        for name, (restype, argtypes) in getattr(ext, "FUNCTIONS", {}).items():
-            if name in decls:
-                decls[name] = (argtypes, restype)
-    except ImportError:
-        pass
-    lib = llama_cpp_lib._lib
-    api: Dict[str, Optional[Callable]] = {}
-    for name, (argtypes, restype) in decls.items():
-        try:
-            fn = getattr(lib, name)
-        except AttributeError:
-            api[name] = None
-            continue
-        fn.argtypes = argtypes
-        fn.restype = restype
-        api[name] = fn
-    _api_cache = api
-    return api
+        _api_cache = _lib.bind_available(llama_cpp_lib._lib)
+    return _api_cache
 
 
 def otter_runtime_available() -> bool:
