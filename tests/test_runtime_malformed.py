@@ -98,6 +98,8 @@ CASES = {
     "missing_key": (lambda g: dict(drop_kv={"otter.feed_forward_length"}), "missing key 'otter.feed_forward_length'"),
     "version": (lambda g: dict(kv={"otter.version": (99, U32)}), "otter.version 99"),
     "no_version": (lambda g: dict(drop_kv={"otter.version"}), "'otter.version' is missing"),
+    "matrix_int": (lambda g: dict(tensors={"blk.2.otter_attn_output.weight": np.zeros((256, 512), dtype=np.int32)}),
+                   "blk.2.otter_attn_output.weight' has type i32"),
     "norm_not_f32": (lambda g: dict(tensors={"blk.0.otter_attn_norm.weight": np.ones(256, dtype=np.float16)}),
                      "blk.0.otter_attn_norm.weight' has type f16, expected f32"),
 }
