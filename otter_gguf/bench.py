@@ -1,0 +1,1227 @@
+"""`otter-gguf bench`: what the Otter side stream costs next to the alternatives.
+
+Configurations (each runs in its own subprocess, so that its peak RSS is its own;
+the configurations of one repeat are run one after the other, so every ratio is
+taken within one repeat, and the medians are over the repeats):
+
+``a``          base alone: the Otter GGUF with the side stream off (``llama_set_otter(ctx, false)``)
+``a0``         the plain base GGUF (reference: side off must cost nothing)
+``b``          Otter: next-token logits and the reward of every token in one pass (scalar ``reward`` head)
+``c``          base + a separate reward model: a second llama.cpp context (its own model file, its own
+               KV cache) fed every new token; the reward is a scalar head on its final hidden state
+``d_rm``       ARGS, k candidates per step, scored by the separate reward model: the k candidates are one
+               ``llama_batch`` of k sequences that share the prefix through ``llama_memory_seq_cp``
+``d_tok``      Otter ARGS with a ``token_reward`` head: the reward of every candidate comes with the logits (one pass)
+``d_scalar``   Otter ARGS with a scalar ``reward`` head: the k candidates in one batched decode (as ``d_rm``)
+
+The reward model ("RM") is the base architecture re-labelled ``llama-embed``: llama.cpp's
+``llama_model_llama_embed`` runs exactly the llama graph (same layers, causal attention, KV cache)
+but stops at the final norm instead of computing the ``[V, d]`` LM head, which is what a
+``LlamaForSequenceClassification`` reward model does; its ``[1, d]`` score head is applied in
+numpy to the hidden state read in embeddings mode (``llama_get_embeddings_ith``). Its file holds
+the base's tensors minus ``output.weight``, so its size is that of a reward model of the base's size.
+
+Models: ``1b`` is a random llama of the 1B shape (d=2048, 16 layers, 32/8 heads, f=8192, V=32000)
+written with gguf-py (the approach of docs/CONVERT.md), quantized by ``llama_model_quantize``
+(llama-quantize's mixes), with random Otter adapters (d2=256, h2=4, h2_kv=1, f2=1024) converted by
+``otter_gguf_converter.convert``; ``demo`` is the trained demo model (``otter_gguf/demo_model``);
+``tiny`` (``--quick``) is a tiny random llama. Everything generated lives in ``--cache-dir``.
+
+    otter-gguf bench [--quick] [--models 1b,demo] [--types q4_k_m,q8_0] [--repeats N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import click
+import numpy as np
+
+CONFIGS = ("a", "a0", "b", "c", "d_rm", "d_tok", "d_scalar")
+CONFIG_LABELS = {
+    "a": "(a) base alone (Otter GGUF, side stream off)",
+    "a0": "(a0) plain base GGUF",
+    "b": "(b) Otter: tokens + rewards, one pass",
+    "c": "(c) base + separate reward model",
+    "d_rm": "(d) ARGS k: base + RM scores k candidates (batched)",
+    "d_tok": "(d) Otter ARGS, token_reward head (one pass)",
+    "d_scalar": "(d) Otter ARGS, scalar head (k candidates batched)",
+}
+
+SHAPES: Dict[str, dict] = {
+    # d, L, h, h_kv, f, V (hd = d / h) and the Otter side stream
+    "1b": dict(d=2048, L=16, h=32, h_kv=8, f=8192, V=32000, ctx_train=8192,
+               d2=256, h2=4, h2_kv=1, f2=1024),
+    "tiny": dict(d=256, L=2, h=4, h_kv=2, f=512, V=1024, ctx_train=2048,
+                 d2=32, h2=1, h2_kv=1, f2=128),
+}
+DEFAULT_CACHE = Path(os.environ.get("OTTER_BENCH_CACHE", Path.home() / ".cache" / "otter-gguf" / "bench"))
+DEMO_DIR = Path(__file__).parent / "demo_model"
+
+
+# ---------------------------------------------------------------------------
+# model generation (cached)
+# ---------------------------------------------------------------------------
+def _side_shape(d: int, d2: int) -> dict:
+    """Side heads for a side width d2 (head dim 64 as the base's): h2 = d2/64, h2_kv = h2/4, f2 = 4*d2."""
+    h2 = max(1, d2 // 64)
+    return dict(d2=d2, h2=h2, h2_kv=max(1, h2 // 4), f2=4 * d2)
+
+
+def write_random_base(path: Path, shape: dict, seed: int = 0) -> Path:
+    """A random llama base GGUF (f16 matrices, f32 norms) of ``shape``, streamed with gguf-py
+    (the generator of docs/CONVERT.md, parameterised)."""
+    import gguf
+
+    d, L, h, hkv, f, V = (shape[k] for k in ("d", "L", "h", "h_kv", "f", "V"))
+    hd = d // h
+    rng = np.random.default_rng(seed)
+    tmp = path.with_name(f".{path.name}.partial")
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name(f"random-{path.stem}")
+    w.add_block_count(L)
+    w.add_context_length(shape.get("ctx_train", 4096))
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(f)
+    w.add_head_count(h)
+    w.add_head_count_kv(hkv)
+    w.add_rope_dimension_count(hd)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(V)])
+    w.add_token_scores([0.0] * V)
+    w.add_token_types([1] * V)
+    shapes = [("token_embd.weight", (V, d))]
+    for layer in range(L):
+        p = f"blk.{layer}."
+        shapes += [(p + "attn_norm.weight", (d,)), (p + "attn_q.weight", (d, d)),
+                   (p + "attn_k.weight", (hkv * hd, d)), (p + "attn_v.weight", (hkv * hd, d)),
+                   (p + "attn_output.weight", (d, d)), (p + "ffn_norm.weight", (d,)),
+                   (p + "ffn_gate.weight", (f, d)), (p + "ffn_up.weight", (f, d)),
+                   (p + "ffn_down.weight", (d, f))]
+    shapes += [("output_norm.weight", (d,)), ("output.weight", (V, d))]
+
+    def dt(s):
+        return np.float32 if len(s) == 1 else np.float16
+
+    for n, s in shapes:
+        w.add_tensor_info(n, s, np.dtype(dt(s)), int(np.prod(s)) * np.dtype(dt(s)).itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for n, s in shapes:
+        if len(s) == 1:
+            w.write_tensor_data(np.ones(s, np.float32))
+        else:
+            w.write_tensor_data((rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16))
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, seed: int = 1) -> Path:
+    """A random Otter adapter (f16 safetensors, written tensor by tensor) for a base of ``shape``."""
+    from otter_gguf.config import OtterConfig
+
+    d, L, h, hkv, f, V = (shape[k] for k in ("d", "L", "h", "h_kv", "f", "V"))
+    out.mkdir(parents=True, exist_ok=True)
+    n_out = V if head_kind == "token_reward" else 1
+    cfg = dict(otter_version=1, base_model=f"random-{shape['name']}", base_architecture="llama", hidden_size=d,
+               num_hidden_layers=L, num_attention_heads=h, num_key_value_heads=hkv, head_dim=d // h,
+               intermediate_size=f, vocab_size=V, otter_hidden_size=side["d2"],
+               otter_num_attention_heads=side["h2"], otter_num_key_value_heads=side["h2_kv"],
+               otter_intermediate_size=side["f2"], head_output_size=n_out, head_kind=head_kind,
+               signal_names=[] if head_kind == "token_reward" else ["reward"])
+    ts = OtterConfig.from_dict(cfg).required_tensor_shapes()
+    header, off = {}, 0
+    for n, s in ts.items():
+        nb = int(np.prod(s)) * 2
+        header[n] = {"dtype": "F16", "shape": list(s), "data_offsets": [off, off + nb]}
+        off += nb
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    rng = np.random.default_rng(seed)
+    tmp = out / ".otter_model.safetensors.partial"
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(hb)))
+        fh.write(hb)
+        for n, s in ts.items():
+            a = np.ones(s, np.float16) if len(s) == 1 else \
+                (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16)
+            fh.write(a.tobytes())
+    os.replace(tmp, out / "otter_model.safetensors")
+    (out / "otter_config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def write_reward_model(base: Path, out: Path) -> Path:
+    """The reward-model stand-in: ``base``'s tensors (minus the LM head ``output.weight``) and metadata
+    under the architecture ``llama-embed`` (llama.cpp's llama graph without the LM head)."""
+    from otter_gguf_converter import gguf_io
+
+    reader = gguf_io.open_gguf(base, "base")
+    arch = gguf_io.field_value(reader, "general.architecture")
+    new = f"{arch}-embed"
+    tmp = out.with_name(f".{out.name}.partial")
+    w = gguf_io.OtterGGUFWriter(tmp, new)
+    w.data_alignment = int(reader.alignment)
+    for key in gguf_io.kv_keys(reader):
+        if key == "general.architecture":
+            continue
+        nk = new + key[len(arch):] if key.startswith(arch + ".") else key
+        w.add_raw_value(nk, gguf_io.raw_kv_value(reader, key))
+    tensors = [t for t in reader.tensors if t.name != "output.weight"]
+    for t in tensors:
+        w.add_tensor_info(t.name, gguf_io.ggml_shape_to_numpy(t.shape), np.dtype(np.float32), int(t.n_bytes),
+                          raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in tensors:
+        w.write_tensor_data(gguf_io.tensor_raw(reader, t))
+    w.close()
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass
+class ModelSet:
+    """The files of one (model, type): base, Otter (scalar / token_reward head), reward model."""
+
+    name: str
+    qtype: str
+    base: Path
+    otter: Path                      # scalar reward head
+    rm: Path
+    otter_token: Optional[Path]      # token_reward head (None: not available)
+    d: int
+    side: dict
+    sweep: Dict[int, Path] = field(default_factory=dict)  # d2 -> Otter (scalar head) file
+
+    def bytes(self) -> dict:
+        from otter_gguf_converter import inspect_gguf
+
+        out = {"base_file": self.base.stat().st_size, "otter_file": self.otter.stat().st_size,
+               "rm_file": self.rm.stat().st_size, "rm_head": self.d * 4}
+        out["otter_tensors"] = inspect_gguf(self.otter)["otter"]["bytes"]
+        if self.otter_token is not None:
+            out["otter_token_file"] = self.otter_token.stat().st_size
+            out["otter_token_tensors"] = inspect_gguf(self.otter_token)["otter"]["bytes"]
+        return out
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _cached(path: Path, make: Callable[[Path], Any], what: str) -> Path:
+    if not path.exists():
+        t0 = time.perf_counter()
+        _log(f"[bench] making {what}: {path}")
+        make(path)
+        _log(f"[bench]   done in {time.perf_counter() - t0:.0f} s ({path.stat().st_size / 2**20:.0f} MiB)"
+             if path.is_file() else f"[bench]   done in {time.perf_counter() - t0:.0f} s")
+    return path
+
+
+def _quantize(src: Path, dst: Path, qtype: str) -> None:
+    """llama_model_quantize (llama-quantize's mixes) through the converter's helper."""
+    from otter_gguf_converter import hf_base
+
+    types = dict(hf_base.QUANTIZED_BASE_TYPES, q8_0="LLAMA_FTYPE_MOSTLY_Q8_0")
+    if qtype not in types:
+        raise click.BadParameter(f"unknown type {qtype!r}; expected one of {', '.join(sorted(types))}",
+                                 param_hint="--types")
+    tmp = dst.with_name(f".{dst.name}.partial")
+    saved = hf_base.QUANTIZED_BASE_TYPES
+    hf_base.QUANTIZED_BASE_TYPES = types
+    try:
+        hf_base._quantize(src, tmp, qtype)
+    finally:
+        hf_base.QUANTIZED_BASE_TYPES = saved
+    os.replace(tmp, dst)
+
+
+def _convert(adapter: Path, base: Path, out: Path, qtype: str) -> None:
+    from otter_gguf_converter import convert
+
+    convert(adapter, base, out, outtype=qtype, force=True, progress=False)
+
+
+def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] = ()) -> ModelSet:
+    shape = dict(SHAPES[name], name=name)
+    root = cache / name
+    root.mkdir(parents=True, exist_ok=True)
+    side = {k: shape[k] for k in ("d2", "h2", "h2_kv", "f2")}
+    f16 = _cached(root / "base-f16.gguf", lambda p: write_random_base(p, shape), f"{name} f16 base")
+    if qtype == "f16":
+        base = f16
+    else:
+        base = _cached(root / f"base-{qtype}.gguf", lambda p: _quantize(f16, p, qtype), f"{name} {qtype} base")
+    rm = _cached(root / f"rm-{qtype}.gguf", lambda p: write_reward_model(base, p), f"{name} {qtype} reward model")
+
+    def adapter(sd: dict, kind: str) -> Path:
+        a = root / f"adapter-d2_{sd['d2']}-{kind}"
+        if not (a / "otter_config.json").is_file():
+            _log(f"[bench] making adapter {a}")
+            write_random_adapter(a, shape, sd, kind)
+        return a
+
+    def otter(sd: dict, kind: str) -> Path:
+        out = root / f"otter-{qtype}-d2_{sd['d2']}-{kind}.gguf"
+        return _cached(out, lambda p: _convert(adapter(sd, kind), base, p, qtype), f"{name} {qtype} Otter {kind} d2={sd['d2']}")
+
+    ms = ModelSet(name=name, qtype=qtype, base=base, otter=otter(side, "reward"), rm=rm,
+                  otter_token=otter(side, "token_reward"), d=shape["d"], side=side)
+    for d2 in d2_values:
+        sd = side if d2 == side["d2"] else _side_shape(shape["d"], d2)
+        ms.sweep[d2] = otter(sd, "reward")
+    return ms
+
+
+def demo_available(demo_dir: Path = DEMO_DIR) -> bool:
+    return (demo_dir / "base" / "config.json").is_file() and (demo_dir / "adapter" / "otter_config.json").is_file()
+
+
+def prepare_demo(qtype: str, cache: Path, demo_dir: Path = DEMO_DIR) -> ModelSet:
+    from otter_gguf.config import OtterConfig
+    from otter_gguf_converter import convert_hf_base
+
+    root = cache / "demo"
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = OtterConfig.load(demo_dir / "adapter")
+    stamp = f"{int((demo_dir / 'adapter' / 'otter_model.safetensors').stat().st_mtime)}"
+    base = _cached(root / f"base-{qtype}-{stamp}.gguf",
+                   lambda p: convert_hf_base(demo_dir / "base", p, qtype), f"demo {qtype} base")
+    rm = _cached(root / f"rm-{qtype}-{stamp}.gguf", lambda p: write_reward_model(base, p), f"demo {qtype} RM")
+    otter = _cached(root / f"otter-{qtype}-{stamp}.gguf",
+                    lambda p: _convert(demo_dir / "adapter", base, p, qtype), f"demo {qtype} Otter")
+    token = None
+    if cfg.to_dict().get("head_kind") == "token_reward":
+        token, otter = otter, None  # pragma: no cover - the demo head is scalar
+    side = dict(d2=cfg.d2, h2=cfg.to_dict()["otter_num_attention_heads"],
+                h2_kv=cfg.to_dict()["otter_num_key_value_heads"], f2=cfg.to_dict()["otter_intermediate_size"])
+    return ModelSet(name="demo", qtype=qtype, base=base, otter=otter, rm=rm, otter_token=token, d=cfg.d, side=side)
+
+
+def warm_page_cache(paths: Sequence[Path]) -> None:
+    """Read the files once so that no configuration pays for the disk."""
+    for p in paths:
+        with open(p, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+# ---------------------------------------------------------------------------
+# the worker: one configuration in one process
+# ---------------------------------------------------------------------------
+class _Engine:
+    """A model + context + batch through llama.cpp's C API (llama-cpp-python's ctypes bindings)."""
+
+    def __init__(self, L, path: str, *, n_ctx: int, n_batch: int, n_seq: int, threads: int,
+                 embeddings: bool = False, otter: Optional[bool] = None, cb_eval: Any = None):
+        self.L = L
+        mp = L.llama_model_default_params()
+        self.model = L.llama_model_load_from_file(path.encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"failed to load {path}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_batch
+        cp.n_ubatch = n_batch
+        cp.n_seq_max = n_seq
+        cp.kv_unified = n_seq > 1
+        cp.n_threads = threads
+        cp.n_threads_batch = threads
+        cp.no_perf = False
+        if cb_eval is not None:
+            cp.cb_eval = cb_eval
+        if embeddings:
+            cp.embeddings = True
+            cp.pooling_type = L.LLAMA_POOLING_TYPE_NONE
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"failed to create a context for {path}")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(n_batch, 0, n_seq)
+        self.n_batch = n_batch
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.n_embd = L.llama_model_n_embd(self.model)
+        self.embeddings = embeddings
+        self.api = None
+        if otter is not None:
+            from otter_gguf import _lib
+
+            self.api = _lib.load()
+            if not self.api.llama_model_has_otter(self.model):
+                raise RuntimeError(f"{path} has no Otter head")
+            self.api.llama_set_otter(self.ctx, bool(otter))
+            self.n_out = int(self.api.llama_model_otter_n_out(self.model))
+
+    def decode(self, tokens: Sequence[int], pos0: int, *, seqs: Optional[Sequence[int]] = None,
+               same_pos: bool = False, out: str = "last") -> None:
+        b = self.batch
+        n = len(tokens)
+        b.n_tokens = n
+        for i, t in enumerate(tokens):
+            b.token[i] = int(t)
+            b.pos[i] = pos0 if same_pos else pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0 if seqs is None else int(seqs[i])
+            b.logits[i] = out == "all" or (out == "last" and i == n - 1)
+        rc = self.L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def prefill(self, tokens: Sequence[int], pos0: int = 0) -> None:
+        """Prompt processing in n_batch chunks; only the last token is an output row. A reward model
+        (embeddings context) outputs every token in embeddings mode, so its prompt minus the last
+        token is decoded with embeddings off (no output rows), as a reward model would."""
+        L = self.L
+        tokens = list(tokens)
+        if self.embeddings and len(tokens) > 1:
+            L.llama_set_embeddings(self.ctx, False)
+            try:
+                for i in range(0, len(tokens) - 1, self.n_batch):
+                    chunk = tokens[i: min(i + self.n_batch, len(tokens) - 1)]
+                    self.decode(chunk, pos0 + i, out="none")
+            finally:
+                L.llama_set_embeddings(self.ctx, True)
+            self.decode(tokens[-1:], pos0 + len(tokens) - 1)
+            return
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i: i + self.n_batch]
+            self.decode(chunk, pos0 + i, out="last" if i + len(chunk) == len(tokens) else "none")
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        return np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+
+    def hidden(self, i: int = -1) -> np.ndarray:
+        return np.ctypeslib.as_array(self.L.llama_get_embeddings_ith(self.ctx, i), shape=(self.n_embd,))
+
+    def signals(self, i: int = -1) -> np.ndarray:
+        ptr = self.api.llama_get_otter_signals_ith(self.ctx, i)
+        if not ptr:
+            raise RuntimeError("no Otter signals")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_out,))
+
+    def clear(self) -> None:
+        self.L.llama_memory_clear(self.mem, True)
+
+    def seq_rm_from(self, pos: int) -> None:
+        self.L.llama_memory_seq_rm(self.mem, -1, pos, -1)
+
+
+class _GGMLTensor(ctypes.Structure):
+    """The head of ggml.h's ``struct ggml_tensor`` (up to ``name``) of the pinned ggml."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+
+class _NodeProfiler:
+    """Graph node timing through the scheduler's eval callback (``cb_eval``): every node is computed
+    on its own (ask -> compute -> synchronize -> callback), so the time between the two callbacks of a
+    node is that node's compute (plus one thread-pool launch). Nodes are attributed to the side stream
+    when they are named ``otter*``, read an Otter weight or a side KV layer, or read a side node;
+    matrix products are grouped by their weight."""
+
+    def __init__(self, L, spec: dict):
+        import re
+
+        from otter_gguf_converter.ggml_quant import load_ggml_base
+
+        self.g = load_ggml_base()
+        self.g.ggml_op_desc.restype = ctypes.c_char_p
+        self.g.ggml_op_desc.argtypes = [ctypes.c_void_p]
+        self.g.ggml_nbytes.restype = ctypes.c_size_t
+        self.g.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        self.n_layer = int(spec.get("n_layer", 0))
+        self.re_cache = re.compile(r"cache_\w*?[kv]_l(\d+)")
+        self.re_blk = re.compile(r"^blk\.\d+\.")
+        self.recording = False
+        self.side: Dict[int, bool] = {}
+        self.acc: Dict[str, List[float]] = {}   # group -> [seconds, count, weight bytes]
+        self.t0 = 0.0
+        self.callback = L.ggml_backend_sched_eval_callback(self._cb)
+
+    def _leaf_side(self, t: _GGMLTensor) -> bool:
+        name = t.name.decode("utf-8", "replace")
+        if "otter" in name:
+            return True
+        m = self.re_cache.search(name)
+        return bool(m and int(m.group(1)) >= self.n_layer)
+
+    def _is_side(self, ptr: int, depth: int = 0) -> bool:
+        v = self.side.get(ptr)
+        if v is not None:
+            return v
+        t = _GGMLTensor.from_address(ptr)
+        v = self._leaf_side(t)
+        if not v and depth < 6:
+            for sp in list(t.src) + [t.view_src]:
+                if sp and self._is_side(sp, depth + 1):
+                    v = True
+                    break
+        self.side[ptr] = v
+        return v
+
+    def _cb(self, tp, ask, user_data):
+        if ask:
+            self.t0 = time.perf_counter()
+            return True
+        dt = time.perf_counter() - self.t0
+        if not self.recording:
+            return True
+        t = _GGMLTensor.from_address(tp)
+        op = (self.g.ggml_op_desc(tp) or b"?").decode()
+        side = self._is_side(tp)
+        wbytes = 0
+        if op in ("MUL_MAT", "MUL_MAT_ID", "GET_ROWS") and t.src[0]:
+            w = _GGMLTensor.from_address(t.src[0])
+            wname = w.name.decode("utf-8", "replace")
+            if wname.endswith(".weight"):
+                op = f"{op} {self.re_blk.sub('', wname)[:-len('.weight')]}"
+                wbytes = int(self.g.ggml_nbytes(t.src[0])) if op.startswith("MUL_MAT") else 0
+        key = f"{'side' if side else 'main'}: {op}"
+        a = self.acc.setdefault(key, [0.0, 0, 0])
+        a[0] += dt
+        a[1] += 1
+        a[2] += wbytes
+        return True
+
+    def summary(self, n_tokens: int) -> dict:
+        groups = {k: {"ms_per_token": 1000.0 * v[0] / n_tokens, "nodes_per_token": v[1] / n_tokens,
+                      "weight_mib_per_token": v[2] / n_tokens / 2**20,
+                      "gb_s": (v[2] / v[0] / 1e9) if v[0] and v[2] else None}
+                  for k, v in sorted(self.acc.items(), key=lambda kv: -kv[1][0])}
+        tot = {s: sum(g["ms_per_token"] for k, g in groups.items() if k.startswith(s)) for s in ("main", "side")}
+        wb = {s: sum(g["weight_mib_per_token"] for k, g in groups.items() if k.startswith(s)) for s in ("main", "side")}
+        return {"groups": groups, "ms_per_token": tot, "weight_mib_per_token": wb}
+
+
+def _top_k(x: np.ndarray, k: int) -> np.ndarray:
+    ids = np.argpartition(-x, k - 1)[:k]
+    return ids[np.argsort(-x[ids], kind="stable")]
+
+
+class _Runner:
+    """The per-step loops of the configurations (greedy; ARGS weight 1)."""
+
+    def __init__(self, L, spec: dict, cb_eval: Any = None):
+        self.spec = spec
+        cfg = spec["config"]
+        self.cfg = cfg
+        self.k = int(spec.get("top_k", 10))
+        thr = int(spec["threads"])
+        n_ctx = int(spec["n_ctx"])
+        nb = int(spec.get("n_batch", 512))
+        seqs = self.k + 1 if cfg in ("d_rm", "d_scalar") else 1
+        self.main: _Engine
+        self.rm: Optional[_Engine] = None
+        if cfg == "a":
+            self.main = _Engine(L, spec["otter"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr, cb_eval=cb_eval, otter=False)
+        elif cfg == "a0":
+            self.main = _Engine(L, spec["base"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr, cb_eval=cb_eval)
+        elif cfg in ("b", "d_scalar"):
+            self.main = _Engine(L, spec["otter"], n_ctx=n_ctx, n_batch=nb, n_seq=seqs, threads=thr, cb_eval=cb_eval, otter=True)
+        elif cfg == "d_tok":
+            self.main = _Engine(L, spec["otter_token"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr, cb_eval=cb_eval, otter=True)
+        elif cfg in ("c", "d_rm"):
+            self.main = _Engine(L, spec["base"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr)
+            self.rm = _Engine(L, spec["rm"], n_ctx=n_ctx, n_batch=nb, n_seq=seqs, threads=thr, embeddings=True)
+            self.rm_w = (np.random.default_rng(7).standard_normal(self.rm.n_embd) * 0.02).astype(np.float32)
+        else:
+            raise ValueError(f"unknown configuration {cfg!r}")
+        self.n = 0            # tokens in the context (sequence 0)
+        self.cur: np.ndarray  # next-token logits at position n - 1
+        self.rewards: List[float] = []
+
+    # -- phases
+    def prefill(self, tokens: Sequence[int]) -> None:
+        self.main.prefill(tokens, self.n)
+        if self.rm is not None:
+            self.rm.prefill(tokens, self.n)
+            self.rewards.append(float(self.rm.hidden(-1) @ self.rm_w))
+        elif self.cfg in ("b", "d_scalar"):
+            self.rewards.append(float(self.main.signals(-1)[0]))
+        self.n += len(tokens)
+        self.cur = self.main.logits(-1).copy()
+
+    def step(self) -> int:
+        cfg, n = self.cfg, self.n
+        if cfg in ("a", "a0", "b", "c", "d_tok"):
+            if cfg == "d_tok":
+                row = self.main.signals(-1)
+                ids = _top_k(self.cur, self.k)
+                tok = int(ids[np.argmax(self.cur[ids] + row[ids])])
+            else:
+                tok = int(np.argmax(self.cur))
+            self.main.decode([tok], n)
+            if cfg == "b":
+                self.rewards.append(float(self.main.signals(-1)[0]))
+            elif cfg == "c":
+                self.rm.decode([tok], n)
+                self.rewards.append(float(self.rm.hidden(-1) @ self.rm_w))
+            self.cur = self.main.logits(-1).copy()
+        else:
+            L = self.main.L
+            ids = _top_k(self.cur, self.k)
+            eng = self.rm if cfg == "d_rm" else self.main
+            for s in range(1, len(ids) + 1):
+                L.llama_memory_seq_cp(eng.mem, 0, s, -1, -1)
+            eng.decode(ids.tolist(), n, seqs=list(range(1, len(ids) + 1)), same_pos=True, out="all")
+            if cfg == "d_rm":
+                r = np.stack([eng.hidden(j) for j in range(len(ids))]) @ self.rm_w
+            else:
+                r = np.array([eng.signals(j)[0] for j in range(len(ids))], dtype=np.float32)
+            j = int(np.argmax(self.cur[ids] + r))
+            tok = int(ids[j])
+            L.llama_memory_seq_cp(eng.mem, j + 1, 0, n, n + 1)
+            L.llama_memory_seq_keep(eng.mem, 0)
+            self.rewards.append(float(r[j]))
+            if cfg == "d_rm":
+                self.main.decode([tok], n)
+                self.cur = self.main.logits(-1).copy()
+            else:
+                self.cur = self.main.logits(j).copy()
+        self.n = n + 1
+        return tok
+
+    def reset(self) -> None:
+        self.main.clear()
+        if self.rm is not None:
+            self.rm.clear()
+        self.n = 0
+        self.rewards = []
+
+    def truncate(self, n: int) -> None:
+        self.main.seq_rm_from(n)
+        if self.rm is not None:
+            self.rm.seq_rm_from(n)
+        self.n = n
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _quiet_llama(L) -> Any:
+    @L.llama_log_callback
+    def _log(level, text, user_data):  # pragma: no cover - called from C
+        if level == 4:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    L.llama_log_set(_log, ctypes.c_void_p(0))
+    return _log
+
+
+def run_worker(spec: dict) -> dict:
+    """Run one configuration (``spec["config"]``) and return its timings and peak RSS."""
+    import resource
+
+    import llama_cpp as L
+
+    keep = _quiet_llama(L)  # noqa: F841 - the callback must stay alive
+    L.llama_backend_init()
+    rss_start = _rss_kib()
+    t0 = time.perf_counter()
+    prof = _NodeProfiler(L, spec) if spec.get("mode") == "profile" else None
+    r = _Runner(L, spec, cb_eval=prof.callback if prof else None)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    V = r.main.n_vocab
+    lo = min(3, V - 1)
+    mode = spec.get("mode", "main")
+    res: Dict[str, Any] = {"config": spec["config"], "spec": spec, "load_s": load_s,
+                           "rss_after_import_kib": rss_start}
+
+    # warm-up (graphs, thread pool): a short prompt and two steps, then an empty cache
+    r.prefill(rng.integers(lo, V, size=8).tolist())
+    r.step()
+    r.step()
+    r.reset()
+
+    if mode == "main":
+        prompt = rng.integers(lo, V, size=int(spec["n_prompt"])).tolist()
+        t0 = time.perf_counter()
+        r.prefill(prompt)
+        res["prefill_s"] = time.perf_counter() - t0
+        res["n_prompt"] = len(prompt)
+        nd = int(spec["n_decode"])
+        toks = []
+        t0 = time.perf_counter()
+        for _ in range(nd):
+            toks.append(r.step())
+        res["decode_s"] = time.perf_counter() - t0
+        res["n_decode"] = nd
+        res["tokens"] = toks[:16]
+        res["rewards"] = [round(x, 5) for x in r.rewards[:4]]
+    elif mode == "ctx":
+        depths = [int(x) for x in spec["depths"]]
+        prompt = rng.integers(lo, V, size=max(depths)).tolist()
+        nd = int(spec["n_decode"])
+        rows = []
+        done = 0
+        for depth in depths:
+            t0 = time.perf_counter()
+            r.prefill(prompt[done:depth])
+            pre = time.perf_counter() - t0
+            seg = depth - done
+            done = depth
+            t0 = time.perf_counter()
+            for _ in range(nd):
+                r.step()
+            dec = time.perf_counter() - t0
+            r.truncate(depth)
+            rows.append({"depth": depth, "prefill_tokens": seg, "prefill_s": pre, "n_decode": nd, "decode_s": dec})
+        res["rows"] = rows
+    elif mode == "profile":
+        r.prefill(rng.integers(lo, V, size=int(spec["n_prompt"])).tolist())
+        nd = int(spec["n_decode"])
+        prof.recording = True
+        t0 = time.perf_counter()
+        for _ in range(nd):
+            prof.side.clear()  # node addresses are only meaningful within one graph
+            r.step()
+        res["decode_s"] = time.perf_counter() - t0
+        prof.recording = False
+        res["n_decode"] = nd
+        res["profile"] = prof.summary(nd)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    res["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res["rss_end_kib"] = _rss_kib()
+    return res
+
+
+def _run_subprocess(spec: dict, timeout: float = 3600) -> dict:
+    cmd = [sys.executable, "-m", "otter_gguf.bench", "--worker", json.dumps(spec)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"bench worker {spec['config']} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# statistics and savings
+# ---------------------------------------------------------------------------
+def summarize(values: Sequence[float]) -> dict:
+    v = [float(x) for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v), "values": v}
+
+
+def saving(extra_otter: float, extra_baseline: float) -> Optional[float]:
+    """The paper's saving: ``1 - extra(Otter) / extra(baseline)``."""
+    if extra_baseline is None or extra_otter is None or extra_baseline == 0:
+        return None
+    return 1.0 - extra_otter / extra_baseline
+
+
+def space_savings(b: dict) -> dict:
+    """Extra bytes over the base and the extra-space savings against a separate reward model."""
+    extra_rm = b["rm_file"] + b["rm_head"]
+    out = {"extra_bytes_otter": b["otter_file"] - b["base_file"], "extra_bytes_rm": extra_rm}
+    out["space_saving"] = saving(out["extra_bytes_otter"], extra_rm)
+    out["otter_over_base"] = out["extra_bytes_otter"] / b["base_file"]
+    if "otter_token_file" in b:
+        out["extra_bytes_otter_token"] = b["otter_token_file"] - b["base_file"]
+        out["space_saving_token"] = saving(out["extra_bytes_otter_token"], extra_rm)
+        out["otter_token_over_base"] = out["extra_bytes_otter_token"] / b["base_file"]
+    return out
+
+
+def time_savings(per_repeat: Dict[str, List[dict]]) -> dict:
+    """Per repeat: ms/token of every configuration, extra over (a), the savings; then medians.
+
+    ``per_repeat[config][r]`` is the worker result of configuration ``config`` in repeat ``r``.
+    """
+    reps = min(len(v) for v in per_repeat.values())
+
+    def ms(cfg, r, what="decode"):
+        x = per_repeat.get(cfg)
+        if not x or r >= len(x):
+            return None
+        w = x[r]
+        return 1000.0 * w[f"{what}_s"] / w["n_decode" if what == "decode" else "n_prompt"]
+
+    rows: Dict[str, List[Optional[float]]] = {}
+    for r in range(reps):
+        a = ms("a", r)
+        a_pre = ms("a", r, "prefill")
+        vals = {}
+        for cfg in per_repeat:
+            m = ms(cfg, r)
+            vals[f"extra_ms_{cfg}"] = None if m is None else m - a
+            p = ms(cfg, r, "prefill")
+            vals[f"extra_prefill_ms_{cfg}"] = None if p is None else p - a_pre
+        vals["saving_b_vs_c"] = saving(vals.get("extra_ms_b"), vals.get("extra_ms_c"))
+        vals["saving_prefill_b_vs_c"] = saving(vals.get("extra_prefill_ms_b"), vals.get("extra_prefill_ms_c"))
+        vals["saving_dtok_vs_drm"] = saving(vals.get("extra_ms_d_tok"), vals.get("extra_ms_d_rm"))
+        vals["saving_dscalar_vs_drm"] = saving(vals.get("extra_ms_d_scalar"), vals.get("extra_ms_d_rm"))
+        vals["ratio_b_over_a"] = (ms("a", r) / ms("b", r)) if ms("b", r) else None
+        for k, v in vals.items():
+            rows.setdefault(k, []).append(v)
+    return {k: summarize(v) for k, v in rows.items()}
+
+
+def config_stats(results: List[dict]) -> dict:
+    dec = [w["n_decode"] / w["decode_s"] for w in results]
+    pre = [w["n_prompt"] / w["prefill_s"] for w in results]
+    return {"decode_tok_s": summarize(dec), "prefill_tok_s": summarize(pre),
+            "decode_ms_per_tok": summarize([1000.0 / x for x in dec]),
+            "peak_rss_mib": summarize([w["peak_rss_kib"] / 1024 for w in results]),
+            "rss_after_import_mib": summarize([w["rss_after_import_kib"] / 1024 for w in results])}
+
+
+# ---------------------------------------------------------------------------
+# the benchmark sections
+# ---------------------------------------------------------------------------
+def _spec(ms: ModelSet, cfg: str, **kw) -> dict:
+    s = dict(config=cfg, base=str(ms.base), otter=str(ms.otter), rm=str(ms.rm),
+             otter_token=str(ms.otter_token) if ms.otter_token else None)
+    s.update(kw)
+    return s
+
+
+def bench_main(ms: ModelSet, configs: Sequence[str], *, repeats: int, threads: int, n_prompt: int,
+               n_decode: int, top_k: int) -> dict:
+    configs = [c for c in configs if not (c == "d_tok" and ms.otter_token is None)]
+    warm_page_cache([p for p in (ms.base, ms.otter, ms.rm, ms.otter_token) if p])
+    per: Dict[str, List[dict]] = {c: [] for c in configs}
+    n_ctx = n_prompt + n_decode + 64
+    for r in range(repeats):
+        for c in configs:  # interleaved: every repeat runs every configuration
+            w = _run_subprocess(_spec(ms, c, threads=threads, n_ctx=n_ctx, n_prompt=n_prompt, n_decode=n_decode,
+                                      top_k=top_k, seed=r, mode="main"))
+            per[c].append(w)
+            _log(f"[bench] {ms.name} {ms.qtype} rep {r + 1}/{repeats} {c:9s} decode "
+                 f"{w['n_decode'] / w['decode_s']:7.2f} tok/s  prefill {w['n_prompt'] / w['prefill_s']:7.1f} tok/s  "
+                 f"peak RSS {w['peak_rss_kib'] / 1024:6.0f} MiB")
+    b = ms.bytes()
+    out = {"model": ms.name, "type": ms.qtype, "side": ms.side, "d": ms.d, "bytes": b, "space": space_savings(b),
+           "configs": {c: config_stats(per[c]) for c in configs}, "time": time_savings(per),
+           "raw": {c: [{k: v for k, v in w.items()} for w in per[c]] for c in configs}}
+    out["targets"] = targets(out)
+    return out
+
+
+def targets(run: dict) -> dict:
+    """The issue's targets and how far each measured value is from its own."""
+    t = {}
+    cs, ti, sp = run["configs"], run["time"], run["space"]
+    if "a" in cs and "b" in cs:
+        a = cs["a"]["decode_tok_s"]["median"]
+        bound = 0.95 * a / (1 + sp["otter_over_base"])
+        got = cs["b"]["decode_tok_s"]["median"]
+        t["decode_b"] = {"target": bound, "value": got, "met": got >= bound, "by": got / bound - 1,
+                         "rule": "decode(b) >= 0.95 x decode(a) / (1 + Otter bytes / base bytes)"}
+    if "d_tok" in cs and "a" in cs and "otter_token_over_base" in sp:
+        a = cs["a"]["decode_tok_s"]["median"]
+        bound = 0.95 * a / (1 + sp["otter_token_over_base"])
+        got = cs["d_tok"]["decode_tok_s"]["median"]
+        t["decode_d_tok"] = {"target": bound, "value": got, "met": got >= bound, "by": got / bound - 1,
+                             "rule": "decode(d_tok) >= 0.95 x decode(a) / (1 + Otter bytes / base bytes)"}
+    for key, goal, rule in (("saving_b_vs_c", 0.90, "extra-time saving (b) vs (c) >= 90%"),
+                            ("saving_dtok_vs_drm", 0.99, "extra-time saving Otter ARGS token_reward vs (d) >= 99%"),
+                            ("saving_dscalar_vs_drm", 0.99, "extra-time saving Otter ARGS scalar vs (d) >= 99%")):
+        v = ti.get(key, {}).get("median")
+        if v is not None:
+            t[key] = {"target": goal, "value": v, "met": v >= goal, "by": v - goal, "rule": rule}
+    if sp.get("space_saving") is not None:
+        t["space_saving"] = {"target": 0.87, "value": sp["space_saving"], "met": sp["space_saving"] >= 0.87,
+                             "by": sp["space_saving"] - 0.87, "rule": "extra-space saving vs a reward model >= 87%",
+                             "d2_over_d": run["side"]["d2"] / run["d"]}
+    return t
+
+
+def bench_ctx(ms: ModelSet, configs: Sequence[str], depths: Sequence[int], *, repeats: int, threads: int,
+              n_decode: int) -> dict:
+    warm_page_cache([ms.base, ms.otter, ms.rm])
+    per: Dict[str, List[dict]] = {c: [] for c in configs}
+    for r in range(repeats):
+        for c in configs:
+            w = _run_subprocess(_spec(ms, c, threads=threads, n_ctx=max(depths) + n_decode + 64, depths=list(depths),
+                                      n_decode=n_decode, seed=r, mode="ctx"))
+            per[c].append(w)
+            _log(f"[bench] ctx {ms.qtype} rep {r + 1}/{repeats} {c}: " + "  ".join(
+                f"{x['depth']}:{x['n_decode'] / x['decode_s']:.2f}" for x in w["rows"]))
+    rows = []
+    for i, depth in enumerate(depths):
+        row: Dict[str, Any] = {"depth": depth}
+        for c in configs:
+            row[f"decode_tok_s_{c}"] = summarize([w["rows"][i]["n_decode"] / w["rows"][i]["decode_s"] for w in per[c]])
+            row[f"prefill_tok_s_{c}"] = summarize([w["rows"][i]["prefill_tokens"] / w["rows"][i]["prefill_s"]
+                                                   for w in per[c]])
+        if {"a", "b"} <= set(configs):
+            row["ratio_b_over_a"] = summarize([wa["rows"][i]["decode_s"] / wb["rows"][i]["decode_s"]
+                                               for wa, wb in zip(per["a"], per["b"])])
+        if {"a", "b", "c"} <= set(configs):
+            row["saving_b_vs_c"] = summarize([
+                saving(wb["rows"][i]["decode_s"] - wa["rows"][i]["decode_s"],
+                       wc["rows"][i]["decode_s"] - wa["rows"][i]["decode_s"])
+                for wa, wb, wc in zip(per["a"], per["b"], per["c"])])
+        rows.append(row)
+    return {"model": ms.name, "type": ms.qtype, "configs": list(configs), "n_decode": n_decode, "rows": rows,
+            "peak_rss_mib": {c: summarize([w["peak_rss_kib"] / 1024 for w in per[c]]) for c in configs}}
+
+
+def bench_d2(ms: ModelSet, *, repeats: int, threads: int, n_prompt: int, n_decode: int) -> dict:
+    from otter_gguf_converter import inspect_gguf
+
+    d2s = sorted(ms.sweep)
+    warm_page_cache([ms.base, ms.rm, *ms.sweep.values()])
+    n_ctx = n_prompt + n_decode + 64
+    per: Dict[Any, List[dict]] = {}
+    for r in range(repeats):
+        kw = dict(threads=threads, n_ctx=n_ctx, n_prompt=n_prompt, n_decode=n_decode, seed=r, mode="main")
+        per.setdefault("c", []).append(_run_subprocess(_spec(ms, "c", **kw)))
+        for d2 in d2s:
+            for c in ("a", "b"):
+                s = _spec(ms, c, **kw)
+                s["otter"] = str(ms.sweep[d2])
+                w = _run_subprocess(s)
+                per.setdefault((c, d2), []).append(w)
+            _log(f"[bench] d2 {ms.qtype} rep {r + 1}/{repeats} d2={d2}: a "
+                 f"{per[('a', d2)][-1]['n_decode'] / per[('a', d2)][-1]['decode_s']:.2f}  b "
+                 f"{per[('b', d2)][-1]['n_decode'] / per[('b', d2)][-1]['decode_s']:.2f} tok/s")
+    b = ms.bytes()
+    rows = []
+    for d2 in d2s:
+        f = ms.sweep[d2]
+        info = inspect_gguf(f)
+        by = {"base_file": b["base_file"], "otter_file": f.stat().st_size, "rm_file": b["rm_file"],
+              "rm_head": b["rm_head"]}
+        sp = space_savings(by)
+        pa, pb, pc = per[("a", d2)], per[("b", d2)], per["c"]
+        dec = lambda w: 1000.0 * w["decode_s"] / w["n_decode"]  # noqa: E731
+        ratio = summarize([dec(x) / dec(y) for x, y in zip(pa, pb)])
+        sav = summarize([saving(dec(y) - dec(x), dec(z) - dec(x)) for x, y, z in zip(pa, pb, pc)])
+        a_tok = summarize([w["n_decode"] / w["decode_s"] for w in pa])
+        b_tok = summarize([w["n_decode"] / w["decode_s"] for w in pb])
+        bound = 0.95 * a_tok["median"] / (1 + sp["otter_over_base"])
+        meta = info["otter"]["metadata"]
+        rows.append({"d2": d2, "h2": meta.get("otter.attention.head_count"),
+                     "h2_kv": meta.get("otter.attention.head_count_kv"), "f2": meta.get("otter.feed_forward_length"),
+                     "otter_types": sorted({t["type"] for t in info["otter"]["tensors"]}),
+                     "bytes": by, "space": sp, "decode_tok_s_a": a_tok, "decode_tok_s_b": b_tok,
+                     "ratio_b_over_a": ratio, "saving_b_vs_c": sav, "decode_target_b": bound,
+                     "decode_target_met": b_tok["median"] >= bound,
+                     "peak_rss_mib_b": summarize([w["peak_rss_kib"] / 1024 for w in pb])})
+    return {"model": ms.name, "type": ms.qtype, "d": ms.d, "rows": rows,
+            "decode_tok_s_c": summarize([w["n_decode"] / w["decode_s"] for w in per["c"]])}
+
+
+def bench_profile(ms: ModelSet, configs: Sequence[str], *, threads: int, n_prompt: int, n_decode: int) -> dict:
+    """Graph node timing of one decode per token (one run per configuration)."""
+    from otter_gguf_converter import inspect_gguf
+
+    n_layer = inspect_gguf(ms.base)["base"]["block_count"]
+    out = {"model": ms.name, "type": ms.qtype, "n_decode": n_decode, "configs": {}}
+    for c in configs:
+        if c == "d_tok" and ms.otter_token is None:
+            continue
+        w = _run_subprocess(_spec(ms, c, threads=threads, n_ctx=n_prompt + n_decode + 64, n_prompt=n_prompt,
+                                  n_decode=n_decode, top_k=10, seed=0, mode="profile", n_layer=n_layer))
+        out["configs"][c] = {"decode_tok_s_profiled": w["n_decode"] / w["decode_s"], **w["profile"]}
+        p = w["profile"]
+        _log(f"[bench] profile {ms.name} {ms.qtype} {c}: main {p['ms_per_token']['main']:.2f} ms/token, "
+             f"side {p['ms_per_token']['side']:.2f} ms/token")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+def _f(s: Optional[dict], fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+    if not s or s.get("median") is None:
+        return "n/a"
+    m, lo, hi = (s[k] * scale for k in ("median", "min", "max"))
+    if s["n"] == 1:
+        return fmt.format(m)
+    return f"{fmt.format(m)} ({fmt.format(lo)}–{fmt.format(hi)})"
+
+
+def _pct(s: Optional[dict]) -> str:
+    return _f(s, "{:.1f}%", 100.0)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def format_report(report: dict) -> str:
+    L: List[str] = []
+    m = report["meta"]
+    L.append(f"## otter-gguf bench ({m['date']}, {m['threads']} threads, load before/after: "
+             f"{m['load_before']} / {m.get('load_after', '?')})")
+    L.append("")
+    L.append("Values: median (min–max) over the repeats. Extra = ms/token over (a) within the same repeat.")
+    for run in report.get("main", []):
+        b, sp, ti = run["bytes"], run["space"], run["time"]
+        L.append("")
+        L.append(f"### {run['model']} {run['type']} (d={run['d']}, d2={run['side']['d2']}, h2={run['side']['h2']}, "
+                 f"h2_kv={run['side']['h2_kv']}, f2={run['side']['f2']})")
+        L.append("")
+        L.append("| configuration | decode tok/s | prefill tok/s | extra ms/token over (a) | peak RSS MiB | file bytes |")
+        L.append("|---|---|---|---|---|---|")
+        files = {"a": b["otter_file"], "a0": b["base_file"], "b": b["otter_file"],
+                 "c": b["base_file"] + b["rm_file"], "d_rm": b["base_file"] + b["rm_file"],
+                 "d_tok": b.get("otter_token_file"), "d_scalar": b["otter_file"]}
+        for c, st in run["configs"].items():
+            extra = ti.get(f"extra_ms_{c}")
+            L.append(f"| {CONFIG_LABELS[c]} | {_f(st['decode_tok_s'])} | {_f(st['prefill_tok_s'], '{:.1f}')} | "
+                     f"{'—' if c == 'a' else _f(extra)} | {_f(st['peak_rss_mib'], '{:.0f}')} | "
+                     f"{_mib(files[c]) if files.get(c) else 'n/a'} |")
+        L.append("")
+        L.append("| saving | value | target | met |")
+        L.append("|---|---|---|---|")
+        tg = run["targets"]
+
+        def tline(label, key, val):
+            t = tg.get(key)
+            if t is None:
+                L.append(f"| {label} | {val} | — | — |")
+                return
+            tgt = f"{t['target']:.2f} tok/s" if key.startswith("decode") else f"{100 * t['target']:.0f}%"
+            by = f"{100 * t['by']:+.1f}%" if key.startswith("decode") else f"{100 * t['by']:+.1f} pt"
+            L.append(f"| {label} | {val} | {tgt} | {'yes' if t['met'] else 'NO'} ({by}) |")
+
+        tline("decode (b) vs bound 0.95·(a)/(1+Otter/base bytes)", "decode_b",
+              f"{run['configs']['b']['decode_tok_s']['median']:.2f} tok/s; Otter/base bytes "
+              f"{100 * sp['otter_over_base']:.1f}%")
+        if "d_tok" in run["configs"]:
+            tline("decode (d_tok) vs the same bound (token_reward file)", "decode_d_tok",
+                  f"{run['configs']['d_tok']['decode_tok_s']['median']:.2f} tok/s; Otter/base bytes "
+                  f"{100 * sp['otter_token_over_base']:.1f}%")
+        tline("extra-time saving (b) vs (c), decode", "saving_b_vs_c", _pct(ti.get("saving_b_vs_c")))
+        L.append(f"| extra-time saving (b) vs (c), prefill | {_pct(ti.get('saving_prefill_b_vs_c'))} | — | — |")
+        if "d_tok" in run["configs"]:
+            tline("extra-time saving Otter ARGS token_reward vs (d)", "saving_dtok_vs_drm",
+                  _pct(ti.get("saving_dtok_vs_drm")))
+        if "d_scalar" in run["configs"]:
+            tline("extra-time saving Otter ARGS scalar vs (d)", "saving_dscalar_vs_drm",
+                  _pct(ti.get("saving_dscalar_vs_drm")))
+        tline(f"extra-space saving, scalar head: {_mib(sp['extra_bytes_otter'])} vs RM {_mib(sp['extra_bytes_rm'])}",
+              "space_saving", f"{100 * sp['space_saving']:.1f}%")
+        if "space_saving_token" in sp:
+            L.append(f"| extra-space saving, token_reward head: {_mib(sp['extra_bytes_otter_token'])} vs RM "
+                     f"{_mib(sp['extra_bytes_rm'])} | {100 * sp['space_saving_token']:.1f}% | — | — |")
+    for cx in report.get("ctx", []):
+        L.append("")
+        L.append(f"### decode tok/s against context length ({cx['model']} {cx['type']}, {cx['n_decode']} tokens "
+                 f"decoded at each depth)")
+        L.append("")
+        cfgs = cx["configs"]
+        L.append("| context | " + " | ".join(f"decode {c}" for c in cfgs) + " | (b)/(a) | saving (b) vs (c) | "
+                 + " | ".join(f"prefill {c}" for c in cfgs) + " |")
+        L.append("|---" * (1 + 2 * len(cfgs) + 2) + "|")
+        for row in cx["rows"]:
+            L.append(f"| {row['depth']} | " + " | ".join(_f(row[f'decode_tok_s_{c}']) for c in cfgs) + " | "
+                     f"{_f(row.get('ratio_b_over_a'), '{:.3f}')} | {_pct(row.get('saving_b_vs_c'))} | "
+                     + " | ".join(_f(row[f'prefill_tok_s_{c}'], '{:.1f}') for c in cfgs) + " |")
+    for dx in report.get("d2", []):
+        L.append("")
+        L.append(f"### against d2 ({dx['model']} {dx['type']}, d={dx['d']}; (c) decodes at "
+                 f"{_f(dx['decode_tok_s_c'])} tok/s)")
+        L.append("")
+        L.append("| d2 | h2/h2_kv/f2 | Otter bytes | Otter/base | decode (a) | decode (b) | (b)/(a) | decode bound | "
+                 "time saving vs (c) | space saving |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for row in dx["rows"]:
+            sp = row["space"]
+            L.append(f"| {row['d2']} (d/{dx['d'] // row['d2']}) | {row['h2']}/{row['h2_kv']}/{row['f2']} | "
+                     f"{_mib(sp['extra_bytes_otter'])} | {100 * sp['otter_over_base']:.1f}% | "
+                     f"{_f(row['decode_tok_s_a'])} | {_f(row['decode_tok_s_b'])} | {_f(row['ratio_b_over_a'], '{:.3f}')} | "
+                     f"{row['decode_target_b']:.2f} {'met' if row['decode_target_met'] else 'MISSED'} | "
+                     f"{_pct(row['saving_b_vs_c'])} | {100 * sp['space_saving']:.1f}% |")
+    for px in report.get("profile", []):
+        L.append("")
+        L.append(f"### graph node timing per decoded token ({px['model']} {px['type']}, cb_eval, "
+                 f"{px['n_decode']} tokens; every node computed on its own, so the sums exceed the unprofiled time)")
+        for c, p in px["configs"].items():
+            L.append("")
+            L.append(f"{CONFIG_LABELS[c]}: main {p['ms_per_token']['main']:.2f} ms/token "
+                     f"({p['weight_mib_per_token']['main']:.1f} MiB of weights), side "
+                     f"{p['ms_per_token']['side']:.2f} ms/token ({p['weight_mib_per_token']['side']:.1f} MiB)")
+            L.append("")
+            L.append("| group | ms/token | nodes/token | weights MiB/token | GB/s |")
+            L.append("|---|---|---|---|---|")
+            for k, g in list(p["groups"].items())[:24]:
+                gbs = f"{g['gb_s']:.1f}" if g["gb_s"] else ""
+                L.append(f"| {k} | {g['ms_per_token']:.3f} | {g['nodes_per_token']:.0f} | "
+                         f"{g['weight_mib_per_token']:.2f} | {gbs} |")
+    return "\n".join(L) + "\n"
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "?"
+
+
+def _meta(threads: int) -> dict:
+    import llama_cpp
+
+    try:
+        from otter_gguf import _lib
+
+        series = _lib.series()
+    except Exception as e:  # pragma: no cover - unpatched runtime
+        series = f"unavailable ({e})"
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # pragma: no cover
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:  # pragma: no cover
+        commit = ""
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": threads, "cpu": cpu, "n_cpu": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "llama_cpp_python": llama_cpp.__version__, "runtime_series": series,
+            "libllama": getattr(llama_cpp.llama_cpp._lib, "_name", "?"), "git": commit,
+            "load_before": _load()}
+
+
+def run_bench(*, quick: bool = False, models: Sequence[str] = ("1b",), types: Sequence[str] = ("q4_k_m",),
+              repeats: int = 3, threads: int = 2, cache_dir: Path = DEFAULT_CACHE, sections: Sequence[str] = ("main",),
+              configs: Sequence[str] = CONFIGS, n_prompt: int = 128, n_decode: int = 32, top_k: int = 10,
+              ctx_lengths: Sequence[int] = (256, 512, 1024, 2048, 4096), ctx_decode: int = 16,
+              d2_values: Optional[Sequence[int]] = None, sweep_type: Optional[str] = None,
+              sweep_repeats: Optional[int] = None) -> dict:
+    cache_dir = Path(cache_dir)
+    report: Dict[str, Any] = {"meta": _meta(threads), "main": [], "ctx": [], "d2": [], "profile": []}
+    report["meta"]["options"] = dict(quick=quick, models=list(models), types=list(types), repeats=repeats,
+                                     sections=list(sections), configs=list(configs), n_prompt=n_prompt,
+                                     n_decode=n_decode, top_k=top_k, ctx_lengths=list(ctx_lengths),
+                                     ctx_decode=ctx_decode, d2_values=list(d2_values or []))
+    sweep_type = sweep_type or types[0]
+    sweep_repeats = sweep_repeats or repeats
+    for name in models:
+        for qt in types:
+            want_sweep = name in SHAPES and "d2" in sections and qt == sweep_type
+            if name == "demo":
+                if not demo_available():
+                    _log("[bench] the demo model (otter_gguf/demo_model/base, adapter) is not there: skipped")
+                    report.setdefault("skipped", []).append("demo: model not present")
+                    break
+                ms = prepare_demo(qt, cache_dir)
+            else:
+                d = SHAPES[name]["d"]
+                sweep = list(d2_values) if d2_values else [d // 16, d // 8, d // 4, d // 2]
+                ms = prepare_random(name, qt, cache_dir, sweep if want_sweep else ())
+            if "main" in sections:
+                report["main"].append(bench_main(ms, configs, repeats=repeats, threads=threads, n_prompt=n_prompt,
+                                                 n_decode=n_decode, top_k=top_k))
+            if "ctx" in sections and qt == sweep_type and name != "demo":
+                report["ctx"].append(bench_ctx(ms, [c for c in ("a", "b", "c") if c in configs], ctx_lengths,
+                                               repeats=sweep_repeats, threads=threads, n_decode=ctx_decode))
+            if "profile" in sections and qt == sweep_type:
+                report["profile"].append(bench_profile(ms, [c for c in ("a", "b", "d_tok") if c in configs],
+                                                       threads=threads, n_prompt=n_prompt, n_decode=n_decode))
+            if want_sweep:
+                report["d2"].append(bench_d2(ms, repeats=sweep_repeats, threads=threads, n_prompt=n_prompt,
+                                             n_decode=n_decode))
+    report["meta"]["load_after"] = _load()
+    return report
+
+
+def _csv(s: str) -> List[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="tiny random model, few tokens, one repeat (smoke test)")
+@click.option("--models", default=None, help="comma list of 1b, demo, tiny [default: 1b,demo; --quick: tiny]")
+@click.option("--types", default=None, help="comma list of base/Otter types [default: q4_k_m,q8_0; --quick: q8_0]")
+@click.option("--repeats", type=int, default=None, help="repeats per configuration [default: 3; --quick: 1]")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the full report (every repeat) as JSON")
+@click.option("--sections", default="main,ctx,d2,profile", show_default=True,
+              help="main (the configurations table), ctx (tok/s against context length), d2 (against d2), "
+                   "profile (graph node timing of (a), (b), (d_tok))")
+@click.option("--configs", default=",".join(CONFIGS), show_default=True, help="configurations of the main table")
+@click.option("-t", "--threads", type=int, default=2, show_default=True)
+@click.option("--n-prompt", type=int, default=None, help="prompt tokens [default: 128; --quick: 16]")
+@click.option("--n-decode", type=int, default=None, help="decoded tokens [default: 32; --quick: 4]")
+@click.option("--top-k", type=int, default=10, show_default=True, help="ARGS candidates per step")
+@click.option("--ctx-lengths", default=None, help="context lengths [default: 256,512,1024,2048,4096; --quick: 32,64]")
+@click.option("--ctx-decode", type=int, default=None, help="tokens decoded at each context length [default: 16]")
+@click.option("--d2", "d2_values", default=None, help="d2 values of the sweep [default: d/16,d/8,d/4,d/2]")
+@click.option("--sweep-type", default=None, help="type of the ctx and d2 sweeps [default: the first of --types]")
+@click.option("--sweep-repeats", type=int, default=None, help="repeats of the sweeps [default: --repeats]")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE,
+              show_default=True, help="where the generated models are kept (never in the repository)")
+def bench_command(quick, models, types, repeats, json_out, sections, configs, threads, n_prompt, n_decode, top_k,
+                  ctx_lengths, ctx_decode, d2_values, sweep_type, sweep_repeats, cache_dir):
+    """Benchmark Otter against base-only and a separate reward model (speed, RSS, bytes)."""
+    models_l = _csv(models) if models else (["tiny"] if quick else ["1b", "demo"])
+    for m in models_l:
+        if m not in SHAPES and m != "demo":
+            raise click.BadParameter(f"unknown model {m!r}; expected 1b, demo or tiny", param_hint="--models")
+    configs_l = _csv(configs)
+    for c in configs_l:
+        if c not in CONFIGS:
+            raise click.BadParameter(f"unknown configuration {c!r}; expected {', '.join(CONFIGS)}",
+                                     param_hint="--configs")
+    if "a" not in configs_l:
+        configs_l.insert(0, "a")  # every extra time is measured against (a)
+    secs = _csv(sections)
+    for s in secs:
+        if s not in ("main", "ctx", "d2", "profile"):
+            raise click.BadParameter(f"unknown section {s!r}", param_hint="--sections")
+    report = run_bench(
+        quick=quick, models=models_l, types=_csv(types) if types else (["q8_0"] if quick else ["q4_k_m", "q8_0"]),
+        repeats=repeats or (1 if quick else 3), threads=threads, cache_dir=cache_dir, sections=secs,
+        configs=configs_l, n_prompt=n_prompt or (16 if quick else 128), n_decode=n_decode or (4 if quick else 32),
+        top_k=top_k, ctx_lengths=[int(x) for x in _csv(ctx_lengths)] if ctx_lengths else
+        ([32, 64] if quick else [256, 512, 1024, 2048, 4096]), ctx_decode=ctx_decode or (4 if quick else 16),
+        d2_values=[int(x) for x in _csv(d2_values)] if d2_values else None, sweep_type=sweep_type,
+        sweep_repeats=sweep_repeats)
+    text = format_report(report)
+    click.echo(text)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        click.echo(f"JSON: {json_out}", err=True)
+
+
+def _worker_main(argv: List[str]) -> int:
+    spec = json.loads(argv[0])
+    res = run_worker(spec)
+    sys.stdout.write(json.dumps(res) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    bench_command()

@@ -1,0 +1,129 @@
+"""`otter-gguf bench`: the savings arithmetic, and a smoke run on a tiny model (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from otter_gguf import bench
+
+
+def test_saving_is_the_papers_definition():
+    assert bench.saving(1.0, 10.0) == pytest.approx(0.9)
+    assert bench.saving(0.0, 5.0) == 1.0
+    assert bench.saving(2.0, 0.0) is None
+    assert bench.saving(None, 1.0) is None
+
+
+def test_space_savings_arithmetic():
+    b = {"base_file": 1000, "otter_file": 1100, "rm_file": 900, "rm_head": 100, "otter_token_file": 1300}
+    s = bench.space_savings(b)
+    assert s["extra_bytes_otter"] == 100
+    assert s["extra_bytes_rm"] == 1000
+    assert s["space_saving"] == pytest.approx(0.9)
+    assert s["otter_over_base"] == pytest.approx(0.1)
+    assert s["extra_bytes_otter_token"] == 300
+    assert s["space_saving_token"] == pytest.approx(0.7)
+
+
+def _w(decode_s, prefill_s, n_decode=10, n_prompt=20):
+    return {"decode_s": decode_s, "n_decode": n_decode, "prefill_s": prefill_s, "n_prompt": n_prompt,
+            "peak_rss_kib": 1024, "rss_after_import_kib": 512}
+
+
+def test_time_savings_per_repeat_then_median():
+    # ms/token: a 100, b 110, c 200 -> extra b 10, c 100 -> saving 0.9 (repeat 1); a 100, b 120, c 180 -> 0.75
+    per = {"a": [_w(1.0, 2.0), _w(1.0, 2.0)], "b": [_w(1.1, 2.2), _w(1.2, 2.2)], "c": [_w(2.0, 4.0), _w(1.8, 4.0)],
+           "d_rm": [_w(4.0, 4.0), _w(5.0, 4.0)], "d_tok": [_w(1.2, 2.0), _w(1.1, 2.0)]}
+    t = bench.time_savings(per)
+    assert t["extra_ms_b"]["values"] == pytest.approx([10.0, 20.0])
+    assert t["saving_b_vs_c"]["values"] == pytest.approx([0.9, 0.75])
+    assert t["saving_b_vs_c"]["median"] == pytest.approx(0.825)
+    assert t["saving_b_vs_c"]["min"] == pytest.approx(0.75) and t["saving_b_vs_c"]["max"] == pytest.approx(0.9)
+    assert t["saving_prefill_b_vs_c"]["values"] == pytest.approx([0.9, 0.9])
+    assert t["saving_dtok_vs_drm"]["values"] == pytest.approx([1 - 20 / 300, 1 - 10 / 400])
+    assert t["ratio_b_over_a"]["values"] == pytest.approx([100 / 110, 100 / 120])
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    from tests._gguf_models import require_otter_runtime
+
+    require_otter_runtime()
+    d = tmp_path_factory.mktemp("bench")
+    out = d / "r.json"
+    res = CliRunner().invoke(bench.bench_command, [
+        "--quick", "-t", "1", "--cache-dir", str(d / "cache"), "--json", str(out), "--d2", "16,32",
+        "--ctx-lengths", "24,48", "--n-decode", "3"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return json.loads(out.read_text()), res.output
+
+
+def _ms(w):
+    return 1000.0 * w["decode_s"] / w["n_decode"]
+
+
+def test_quick_report_structure(quick_report):
+    rep, text = quick_report
+    assert set(rep) >= {"meta", "main", "ctx", "d2"}
+    assert rep["meta"]["threads"] == 1 and rep["meta"]["load_before"]
+    (run,) = rep["main"]
+    assert run["model"] == "tiny" and run["type"] == "q8_0"
+    assert set(run["configs"]) == set(bench.CONFIGS)
+    for c, st in run["configs"].items():
+        for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mib"):
+            assert st[k]["n"] == 1 and st[k]["median"] > 0, (c, k)
+        assert len(run["raw"][c]) == 1
+    assert {"decode_b", "saving_b_vs_c", "saving_dtok_vs_drm", "saving_dscalar_vs_drm",
+            "space_saving"} <= set(run["targets"])
+    for line in ("| (a) base alone", "| (c) base + separate reward model", "extra-space saving",
+                 "against context length", "against d2"):
+        assert line in text
+    (cx,) = rep["ctx"]
+    assert [r["depth"] for r in cx["rows"]] == [24, 48]
+    (dx,) = rep["d2"]
+    assert [r["d2"] for r in dx["rows"]] == [16, 32]
+
+
+def test_quick_report_savings_arithmetic(quick_report):
+    rep, _ = quick_report
+    run = rep["main"][0]
+    raw, t, b, sp = run["raw"], run["time"], run["bytes"], run["space"]
+    a = _ms(raw["a"][0])
+    extra = {c: _ms(raw[c][0]) - a for c in raw}
+    for c in raw:
+        assert t[f"extra_ms_{c}"]["median"] == pytest.approx(extra[c])
+    assert t["saving_b_vs_c"]["median"] == pytest.approx(1 - extra["b"] / extra["c"])
+    assert t["saving_dtok_vs_drm"]["median"] == pytest.approx(1 - extra["d_tok"] / extra["d_rm"])
+    assert t["saving_dscalar_vs_drm"]["median"] == pytest.approx(1 - extra["d_scalar"] / extra["d_rm"])
+    # bytes: the files on disk; the RM is the base minus its LM head plus a [d] f32 score head
+    assert b["rm_head"] == run["d"] * 4
+    assert 0 < b["rm_file"] < b["base_file"] < b["otter_file"] < b["otter_token_file"]
+    assert b["otter_tensors"] <= b["otter_file"] - b["base_file"]
+    assert sp["space_saving"] == pytest.approx(
+        1 - (b["otter_file"] - b["base_file"]) / (b["rm_file"] + b["rm_head"]))
+    tg = run["targets"]["decode_b"]
+    assert tg["target"] == pytest.approx(
+        0.95 * run["configs"]["a"]["decode_tok_s"]["median"] / (1 + sp["otter_over_base"]))
+    assert tg["met"] == (tg["value"] >= tg["target"])
+    for row in rep["d2"][0]["rows"]:
+        s = row["space"]
+        assert s["space_saving"] == pytest.approx(1 - s["extra_bytes_otter"] / s["extra_bytes_rm"])
+        assert math.isfinite(row["ratio_b_over_a"]["median"])
+
+
+def test_reward_model_file_has_no_lm_head(quick_report, tmp_path_factory):
+    from otter_gguf_converter import inspect_gguf
+
+    rep, _ = quick_report
+    rm = rep["main"][0]["raw"]["c"][0]
+    assert rm["rewards"] and all(math.isfinite(x) for x in rm["rewards"])
+    assert all(math.isfinite(x) for x in rep["main"][0]["raw"]["b"][0]["rewards"])
+    # the greedy tokens of (a), (a0), (b) and (c) are the same: the main logits are the base's
+    toks = {c: rep["main"][0]["raw"][c][0]["tokens"] for c in ("a", "a0", "b", "c")}
+    assert toks["a"] == toks["a0"] == toks["b"] == toks["c"]
+    info = inspect_gguf(rep["main"][0]["raw"]["c"][0]["spec"]["rm"])
+    assert info["base"]["architecture"] == "llama-embed"
