@@ -19,6 +19,8 @@ def _register() -> None:
     _converter_cli.register(main)
     from otter_gguf.cli_run import register as _register_run
     _register_run(main)
+    from otter_gguf.eval import register as _register_eval
+    _register_eval(main)
     from otter_gguf.bench import bench_command
     main.add_command(bench_command)
 
