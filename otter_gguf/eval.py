@@ -864,6 +864,11 @@ def compare_with_baseline(report: dict[str, Any], baseline: dict[str, Any],
     line each; empty when every metric is within tolerance. Sizes (bytes, bpw)
     must match exactly: they only depend on the types."""
     fails: list[str] = []
+    bref, rref = baseline.get("reference") or {}, report.get("reference") or {}
+    if bref.get("worst"):
+        cur, base = rref.get("worst") or {}, bref["worst"]
+        for key in ("mean_abs_rel", "max_abs_rel", "spearman", "rank_agreement"):
+            fails += _check_metric("MODEL.gguf", key, cur.get(key), base.get(key), tolerances)
     for t, b in baseline["types"].items():
         r = report["types"].get(t)
         if r is None:
@@ -874,22 +879,26 @@ def compare_with_baseline(report: dict[str, Any], baseline: dict[str, Any],
                 fails.append(f"{t}: {key} {r['sizes'][key]} != baseline {b['sizes'][key]} "
                              f"(the type's layout changed; regenerate the baseline if intended)")
         cur, base = _metrics_of(r), _metrics_of(b)
-        for key, (rel, ab) in tolerances.items():
-            bv, cv = base.get(key), cur.get(key)
-            if bv is None:
-                continue
-            if cv is None:
-                fails.append(f"{t}: {key} is n/a (baseline {bv:.6g})")
-                continue
-            if key in _HIGHER_IS_BETTER:
-                bound = bv - ab
-                if cv < bound:
-                    fails.append(f"{t}: {key} {cv:.6g} < {bound:.6g} (baseline {bv:.6g} - {ab:g})")
-            else:
-                bound = bv * (1 + rel) + ab
-                if cv > bound:
-                    fails.append(f"{t}: {key} {cv:.6g} > {bound:.6g} (baseline {bv:.6g} * {1 + rel:g} + {ab:g})")
+        for key in tolerances:
+            fails += _check_metric(t, key, cur.get(key), base.get(key), tolerances)
     return fails
+
+
+def _check_metric(t: str, key: str, cv, bv, tolerances) -> list[str]:
+    if bv is None or key not in tolerances:
+        return []
+    if cv is None:
+        return [f"{t}: {key} is n/a (baseline {bv:.6g})"]
+    rel, ab = tolerances[key]
+    if key in _HIGHER_IS_BETTER:
+        bound = bv - ab
+        if cv < bound:
+            return [f"{t}: {key} {cv:.6g} < {bound:.6g} (baseline {bv:.6g} - {ab:g})"]
+    else:
+        bound = bv * (1 + rel) + ab
+        if cv > bound:
+            return [f"{t}: {key} {cv:.6g} > {bound:.6g} (baseline {bv:.6g} * {1 + rel:g} + {ab:g})"]
+    return []
 
 
 def check_targets(report: dict[str, Any], targets: dict[str, dict[str, tuple[str, float]]] = TARGETS) -> list[str]:
