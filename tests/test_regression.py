@@ -15,6 +15,7 @@ Regenerate the baseline after an intended change (and say why in the commit):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -47,10 +48,20 @@ def demo_report(tmp_path_factory):
     report["adapter"] = "otter_gguf/demo_model/adapter"
     report["base"] = "otter_gguf/demo_model/base"
     report["prompts"]["source"] = "otter_gguf/data/eval_prompts.txt"
+    report["demo_model_sha256"] = _demo_fingerprint()
     if os.environ.get("OTTER_UPDATE_BASELINE") == "1":
         BASELINE.parent.mkdir(parents=True, exist_ok=True)
         BASELINE.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _demo_fingerprint() -> dict[str, str]:
+    out = {}
+    for rel in ("base/model.safetensors", "base/config.json", "base/tokenizer.model",
+                "adapter/otter_model.safetensors", "adapter/otter_config.json"):
+        p = DEMO / rel
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "missing"
+    return out
 
 
 def _tables(report: dict, baseline: dict | None) -> str:
@@ -66,6 +77,10 @@ def test_demo_eval_matches_baseline(demo_report):
     baseline = json.loads(BASELINE.read_text(encoding="utf-8"))
     assert demo_report["prompts"]["sha256"] == baseline["prompts"]["sha256"], \
         "the default prompt set changed: regenerate the baseline (OTTER_UPDATE_BASELINE=1)"
+    changed = [k for k, v in demo_report["demo_model_sha256"].items()
+               if baseline.get("demo_model_sha256", {}).get(k) != v]
+    assert not changed, (f"the demo model changed since the baseline ({', '.join(changed)}): regenerate it "
+                         f"(OTTER_UPDATE_BASELINE=1) and check the new numbers" + _tables(demo_report, baseline))
     fails = ev.compare_with_baseline(demo_report, baseline)
     assert not fails, "regression against the baseline:\n  " + "\n  ".join(fails) + _tables(demo_report, baseline)
 
