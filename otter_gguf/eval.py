@@ -39,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -839,12 +839,20 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``eval.json``, ``eval.md`` and ``eval.png`` into ``out_dir``."""
+    """Write ``eval.json``, ``eval.md`` and ``eval.png`` into ``out_dir``
+    (the PNG needs matplotlib; without it a warning, and no ``"png"`` key)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "md": out / "eval.md", "png": out / "eval.png"}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     paths["md"].write_text(_markdown(report), encoding="utf-8")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("otter-gguf eval: matplotlib is not installed, no eval.png (pip install matplotlib)",
+              file=sys.stderr)
+        del paths["png"]
+        return paths
     plot(report, paths["png"])
     return paths
 
@@ -986,7 +994,7 @@ def _eval_command():
         except OSError as e:
             raise UserError(f"cannot write to --out {out_dir}: {e.strerror or e}") from None
         click.echo(format_table(report))
-        click.echo(f"wrote {paths['json']}, {paths['md']}, {paths['png']} ({report['seconds']} s)", err=True)
+        click.echo(f"wrote {', '.join(str(p) for p in paths.values())} ({report['seconds']} s)", err=True)
 
     return eval_command
 
