@@ -33,7 +33,7 @@ SIGNAL_NAMES = ["sentiment"]
 VOCAB = 512
 N_TRAIN_DOCS = 12000
 N_HELDOUT_DOCS = 300
-OTTER_LR = 3e-4
+OTTER_LR = 1e-3
 
 
 def train_tokenizer(texts: list[str], out: Path) -> None:
