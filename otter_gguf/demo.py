@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     shifts = []
     for i, qtype in enumerate(args.types.split(",")):
         gguf = args.work / f"demo-otter-{qtype}.gguf"
-        if not gguf.is_file():
-            convert(adapter, base, gguf, outtype=qtype, base_outtype=qtype, progress=False)
+        convert(adapter, base, gguf, outtype=qtype, base_outtype=qtype, progress=False, force=True)
         print(f"== {qtype}: {gguf}")
         if i == 0:
             print(format_report(inspect_gguf(gguf)))
