@@ -21,7 +21,6 @@ tests may inject another source.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import ctypes
 import inspect
 import math

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
-import sys
 import time
 from pathlib import Path
 
