@@ -24,7 +24,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
 
 from otter_gguf.adapter import open_adapter
 from otter_gguf.cli import main as cli_main
-from otter_gguf_converter import OUTTYPES, convert, convert_hf_base, gguf_tensor_name
+from otter_gguf_converter import OUTTYPES, convert, gguf_tensor_name
 
 # Relative RMS error (RMS of the difference / std of the tensor) allowed per
 # type after dequantization. f32 must be exact. The bounds are ~1.3-2x what
@@ -45,19 +45,9 @@ def _llama_cpp_source() -> Path:
     return Path(pinned_llama_cpp_source())
 
 
-def session_base(tmp_path_factory, hf_dir, outtype: str = "f32") -> Path:
-    """The tiny HF base converted once per session (shared across test files)."""
-    d = tmp_path_factory.getbasetemp() / f"otter-base-{Path(hf_dir).name}-{outtype}"
-    p = d / "base.gguf"
-    if not p.is_file():
-        d.mkdir(exist_ok=True)
-        convert_hf_base(hf_dir, p, outtype)
-    return p
-
-
 @pytest.fixture(scope="session")
-def base_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
-    return session_base(tmp_path_factory, tiny_llama_dir, "f32")
+def base_gguf(hf_base_gguf, tiny_llama_dir) -> Path:
+    return hf_base_gguf(tiny_llama_dir, "f32")
 
 
 @pytest.fixture(scope="session")
@@ -271,8 +261,8 @@ def test_otter_metadata_and_fingerprint(base_gguf, adapter_reward3_dir, tmp_path
     assert val("otter.base.vocab_hash", GGUFValueType.UINT64) == h
 
 
-def test_qwen2_is_not_permuted(tmp_path_factory, tiny_qwen2_dir, qwen2_adapter_dir, tmp_path):
-    base = session_base(tmp_path_factory, tiny_qwen2_dir, "f32")
+def test_qwen2_is_not_permuted(hf_base_gguf, tiny_qwen2_dir, qwen2_adapter_dir, tmp_path):
+    base = hf_base_gguf(tiny_qwen2_dir, "f32")
     out = convert(qwen2_adapter_dir, base, tmp_path / "o.gguf", outtype="f32", progress=False)
     check_roundtrip(out, qwen2_adapter_dir, permuted=False)
 

@@ -10,22 +10,12 @@ from click.testing import CliRunner
 from gguf import GGUFReader
 
 from otter_gguf.cli import main as cli_main
-from otter_gguf_converter import convert, convert_hf_base
-
-
-def session_base(tmp_path_factory, hf_dir, outtype: str = "f32") -> Path:
-    """The tiny HF base converted once per session (same path as in test_convert.py)."""
-    d = tmp_path_factory.getbasetemp() / f"otter-base-{Path(hf_dir).name}-{outtype}"
-    p = d / "base.gguf"
-    if not p.is_file():
-        d.mkdir(exist_ok=True)
-        convert_hf_base(hf_dir, p, outtype)
-    return p
+from otter_gguf_converter import convert
 
 
 @pytest.fixture(scope="session")
-def plain_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
-    return session_base(tmp_path_factory, tiny_llama_dir, "f32")
+def plain_gguf(hf_base_gguf, tiny_llama_dir) -> Path:
+    return hf_base_gguf(tiny_llama_dir, "f32")
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_runtime_helpers import Model, quiet_logs, rel_err, runtime_or_skip
+from test_runtime_helpers import Model, rel_err
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def rt():
-    ll, lib = runtime_or_skip()
-    logs: list[str] = []
-    quiet_logs(ll, logs)
-    return ll, lib, logs
 
 
 @pytest.fixture(scope="module")

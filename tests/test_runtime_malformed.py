@@ -8,17 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_runtime_helpers import Model, quiet_logs, runtime_or_skip
+from test_runtime_helpers import Model
 
 gguf = pytest.importorskip("gguf")
-
-
-@pytest.fixture(scope="module")
-def rt():
-    ll, lib = runtime_or_skip()
-    logs: list[str] = []
-    quiet_logs(ll, logs)
-    return ll, lib, logs
 
 
 @pytest.fixture(scope="module")
