@@ -131,6 +131,38 @@ def write_random_base(path: Path, shape: dict, seed: int = 0) -> Path:
     return path
 
 
+def _bench_runtime():
+    """benchmarks/bench_runtime.py (the runtime benchmark) when this is a source checkout, else None."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_runtime.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("_otter_bench_runtime", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _is_runtime_bench_shape(mod, shape: dict) -> bool:
+    try:
+        return (mod.D, mod.L, mod.H, mod.HKV, mod.F, mod.V) == tuple(shape[k] for k in ("d", "L", "h", "h_kv", "f", "V"))
+    except AttributeError:
+        return False
+
+
+def write_base(path: Path, shape: dict) -> Path:
+    """The random base: benchmarks/bench_runtime.py's generator for the 1B shape (the same model as the
+    runtime benchmark), :func:`write_random_base` for other shapes."""
+    mod = _bench_runtime()
+    if mod is not None and _is_runtime_bench_shape(mod, shape) and hasattr(mod, "write_base_f16"):
+        tmp = path.with_name(f".{path.name}.partial")
+        mod.write_base_f16(tmp)
+        os.replace(tmp, path)
+        return path
+    return write_random_base(path, shape)
+
+
 def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, seed: int = 1) -> Path:
     """A random Otter adapter (f16 safetensors, written tensor by tensor) for a base of ``shape``."""
     from otter_gguf.config import OtterConfig
@@ -265,7 +297,7 @@ def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] 
     root = cache / name
     root.mkdir(parents=True, exist_ok=True)
     side = {k: shape[k] for k in ("d2", "h2", "h2_kv", "f2")}
-    f16 = _cached(root / "base-f16.gguf", lambda p: write_random_base(p, shape), f"{name} f16 base")
+    f16 = _cached(root / "base-f16.gguf", lambda p: write_base(p, shape), f"{name} f16 base")
     if qtype == "f16":
         base = f16
     else:
@@ -276,7 +308,12 @@ def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] 
         a = root / f"adapter-d2_{sd['d2']}-{kind}"
         if not (a / "otter_config.json").is_file():
             _log(f"[bench] making adapter {a}")
-            write_random_adapter(a, shape, sd, kind)
+            mod = _bench_runtime()
+            if (kind == "reward" and mod is not None and _is_runtime_bench_shape(mod, shape)
+                    and (mod.D2, mod.H2, mod.H2KV, mod.F2) == tuple(sd[k] for k in ("d2", "h2", "h2_kv", "f2"))):
+                mod.write_adapter(a)  # the runtime benchmark's adapter
+            else:
+                write_random_adapter(a, shape, sd, kind)
         return a
 
     def otter(sd: dict, kind: str) -> Path:
@@ -327,16 +364,26 @@ def warm_page_cache(paths: Sequence[Path]) -> None:
 # ---------------------------------------------------------------------------
 # the worker: one configuration in one process
 # ---------------------------------------------------------------------------
+_MODELS: Dict[str, Any] = {}
+
+
+def _load_model(L, path: str):
+    """One llama_model per file and process (the contexts of the configurations share it)."""
+    if path not in _MODELS:
+        m = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+        if not m:
+            raise RuntimeError(f"failed to load {path}")
+        _MODELS[path] = m
+    return _MODELS[path]
+
+
 class _Engine:
     """A model + context + batch through llama.cpp's C API (llama-cpp-python's ctypes bindings)."""
 
     def __init__(self, L, path: str, *, n_ctx: int, n_batch: int, n_seq: int, threads: int,
                  embeddings: bool = False, otter: Optional[bool] = None, cb_eval: Any = None):
         self.L = L
-        mp = L.llama_model_default_params()
-        self.model = L.llama_model_load_from_file(path.encode(), mp)
-        if not self.model:
-            raise RuntimeError(f"failed to load {path}")
+        self.model = _load_model(L, path)
         cp = L.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = n_batch
@@ -569,6 +616,7 @@ class _Runner:
                 row = self.main.signals(-1)
                 ids = _top_k(self.cur, self.k)
                 tok = int(ids[np.argmax(self.cur[ids] + row[ids])])
+                self.rewards.append(float(row[tok]))
             else:
                 tok = int(np.argmax(self.cur))
             self.main.decode([tok], n)
@@ -644,6 +692,8 @@ def run_worker(spec: dict) -> dict:
     L.llama_backend_init()
     rss_start = _rss_kib()
     t0 = time.perf_counter()
+    if spec.get("mode") == "session":
+        return _run_session(L, spec)
     prof = _NodeProfiler(L, spec) if spec.get("mode") == "profile" else None
     r = _Runner(L, spec, cb_eval=prof.callback if prof else None)
     load_s = time.perf_counter() - t0
@@ -675,25 +725,6 @@ def run_worker(spec: dict) -> dict:
         res["n_decode"] = nd
         res["tokens"] = toks[:16]
         res["rewards"] = [round(x, 5) for x in r.rewards[:4]]
-    elif mode == "ctx":
-        depths = [int(x) for x in spec["depths"]]
-        prompt = rng.integers(lo, V, size=max(depths)).tolist()
-        nd = int(spec["n_decode"])
-        rows = []
-        done = 0
-        for depth in depths:
-            t0 = time.perf_counter()
-            r.prefill(prompt[done:depth])
-            pre = time.perf_counter() - t0
-            seg = depth - done
-            done = depth
-            t0 = time.perf_counter()
-            for _ in range(nd):
-                r.step()
-            dec = time.perf_counter() - t0
-            r.truncate(depth)
-            rows.append({"depth": depth, "prefill_tokens": seg, "prefill_s": pre, "n_decode": nd, "decode_s": dec})
-        res["rows"] = rows
     elif mode == "profile":
         r.prefill(rng.integers(lo, V, size=int(spec["n_prompt"])).tolist())
         nd = int(spec["n_decode"])
@@ -713,11 +744,68 @@ def run_worker(spec: dict) -> dict:
     return res
 
 
+def _run_session(L, spec: dict) -> dict:
+    """All configurations of ``spec["runs"]`` in one process, interleaved round-robin: each prefill
+    chunk and each decode step of every configuration is timed next to the same chunk / step of the
+    others (the starting configuration rotates), so that a burst of load on the shared machine hits
+    all of them alike. Per configuration: the list of chunk times and of step times."""
+    import resource
+
+    runs = spec["runs"]  # name -> the spec fields of that configuration (config, files)
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    t0 = time.perf_counter()
+    runners = {}
+    for name, rs in runs.items():
+        runners[name] = _Runner(L, dict(spec, **rs))
+    load_s = time.perf_counter() - t0
+    names = list(runners)
+    V = min(r.main.n_vocab for r in runners.values())
+    lo = min(3, V - 1)
+    for r in runners.values():  # warm-up: graphs, thread pools
+        r.prefill(rng.integers(lo, V, size=8).tolist())
+        r.step()
+        r.step()
+        r.reset()
+    chunk = int(spec.get("chunk", 64))
+    nd = int(spec["n_decode"])
+    depths = [int(x) for x in spec.get("depths") or [int(spec["n_prompt"])]]
+    prompt = rng.integers(lo, V, size=max(depths)).tolist()
+    out: Dict[str, Dict[str, Any]] = {n: {"rows": []} for n in names}
+    done = 0
+    rot = 0
+    for depth in depths:
+        pre = {n: [] for n in names}
+        for i in range(done, depth, chunk):
+            seg = prompt[i: min(i + chunk, depth)]
+            for j in range(len(names)):
+                n = names[(rot + j) % len(names)]
+                t = time.perf_counter()
+                runners[n].prefill(seg)
+                pre[n].append((len(seg), time.perf_counter() - t))
+            rot += 1
+        steps = {n: [] for n in names}
+        for _ in range(nd):
+            for j in range(len(names)):
+                n = names[(rot + j) % len(names)]
+                t = time.perf_counter()
+                runners[n].step()
+                steps[n].append(time.perf_counter() - t)
+            rot += 1
+        for n in names:
+            runners[n].truncate(depth)
+            out[n]["rows"].append({"depth": depth, "prefill": pre[n], "steps": steps[n]})
+        done = depth
+    for n in names:
+        out[n]["rewards"] = [round(x, 5) for x in runners[n].rewards[:4]]
+    return {"mode": "session", "load_s": load_s, "configs": out,
+            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "load": _load()}
+
+
 def _run_subprocess(spec: dict, timeout: float = 3600) -> dict:
     cmd = [sys.executable, "-m", "otter_gguf.bench", "--worker", json.dumps(spec)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
-        raise RuntimeError(f"bench worker {spec['config']} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"bench worker {spec.get('config', spec.get('mode'))} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -752,18 +840,16 @@ def space_savings(b: dict) -> dict:
 
 
 def time_savings(per_repeat: Dict[str, List[dict]]) -> dict:
-    """Per repeat: ms/token of every configuration, extra over (a), the savings; then medians.
-
-    ``per_repeat[config][r]`` is the worker result of configuration ``config`` in repeat ``r``.
-    """
+    """Per repeat: ms/token of every configuration, the extra over (a), the savings; then median and
+    spread over the repeats. ``per_repeat[config][r]`` holds ``decode_ms`` (median ms per decode step)
+    and ``prefill_ms`` (median ms per prompt token) of configuration ``config`` in repeat ``r``."""
     reps = min(len(v) for v in per_repeat.values())
 
     def ms(cfg, r, what="decode"):
         x = per_repeat.get(cfg)
         if not x or r >= len(x):
             return None
-        w = x[r]
-        return 1000.0 * w[f"{what}_s"] / w["n_decode" if what == "decode" else "n_prompt"]
+        return x[r][f"{what}_ms"]
 
     rows: Dict[str, List[Optional[float]]] = {}
     for r in range(reps):
@@ -779,19 +865,31 @@ def time_savings(per_repeat: Dict[str, List[dict]]) -> dict:
         vals["saving_prefill_b_vs_c"] = saving(vals.get("extra_prefill_ms_b"), vals.get("extra_prefill_ms_c"))
         vals["saving_dtok_vs_drm"] = saving(vals.get("extra_ms_d_tok"), vals.get("extra_ms_d_rm"))
         vals["saving_dscalar_vs_drm"] = saving(vals.get("extra_ms_d_scalar"), vals.get("extra_ms_d_rm"))
-        vals["ratio_b_over_a"] = (ms("a", r) / ms("b", r)) if ms("b", r) else None
+        vals["ratio_b_over_a"] = (a / ms("b", r)) if ms("b", r) else None
         for k, v in vals.items():
             rows.setdefault(k, []).append(v)
     return {k: summarize(v) for k, v in rows.items()}
 
 
-def config_stats(results: List[dict]) -> dict:
-    dec = [w["n_decode"] / w["decode_s"] for w in results]
-    pre = [w["n_prompt"] / w["prefill_s"] for w in results]
-    return {"decode_tok_s": summarize(dec), "prefill_tok_s": summarize(pre),
-            "decode_ms_per_tok": summarize([1000.0 / x for x in dec]),
-            "peak_rss_mib": summarize([w["peak_rss_kib"] / 1024 for w in results]),
-            "rss_after_import_mib": summarize([w["rss_after_import_kib"] / 1024 for w in results])}
+def session_record(row: dict) -> dict:
+    """ms per decode step and per prompt token (medians over the steps / chunks) of one session row."""
+    steps = row["steps"]
+    pre = [t / n for n, t in row["prefill"] if n]
+    return {"decode_ms": 1000.0 * statistics.median(steps) if steps else None,
+            "decode_ms_mean": 1000.0 * statistics.fmean(steps) if steps else None,
+            "prefill_ms": 1000.0 * statistics.median(pre) if pre else None,
+            "n_decode": len(steps), "n_prompt": sum(n for n, _ in row["prefill"])}
+
+
+def config_stats(recs: List[dict], rss: Sequence[dict] = ()) -> dict:
+    dec = [1000.0 / w["decode_ms"] for w in recs]
+    pre = [1000.0 / w["prefill_ms"] for w in recs if w.get("prefill_ms")]
+    out = {"decode_tok_s": summarize(dec), "prefill_tok_s": summarize(pre),
+           "decode_ms_per_tok": summarize([w["decode_ms"] for w in recs])}
+    if rss:
+        out["peak_rss_mib"] = summarize([w["peak_rss_kib"] / 1024 for w in rss])
+        out["rss_after_import_mib"] = summarize([w["rss_after_import_kib"] / 1024 for w in rss])
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -804,24 +902,43 @@ def _spec(ms: ModelSet, cfg: str, **kw) -> dict:
     return s
 
 
+def _session(runs: Dict[str, dict], *, repeats: int, label: str, **kw) -> List[dict]:
+    """``repeats`` interleaved sessions (one process each) of the configurations in ``runs``."""
+    out = []
+    for r in range(repeats):
+        w = _run_subprocess(dict(kw, mode="session", runs=runs, seed=r))
+        out.append(w)
+        line = "  ".join(f"{n} {1000.0 / session_record(c['rows'][-1])['decode_ms']:.2f}"
+                         for n, c in w["configs"].items())
+        _log(f"[bench] {label} rep {r + 1}/{repeats} (load {w['load']}) decode tok/s: {line}")
+    return out
+
+
 def bench_main(ms: ModelSet, configs: Sequence[str], *, repeats: int, threads: int, n_prompt: int,
-               n_decode: int, top_k: int) -> dict:
+               n_decode: int, top_k: int, rss_repeats: int = 1) -> dict:
     configs = [c for c in configs if not (c == "d_tok" and ms.otter_token is None)]
     warm_page_cache([p for p in (ms.base, ms.otter, ms.rm, ms.otter_token) if p])
-    per: Dict[str, List[dict]] = {c: [] for c in configs}
     n_ctx = n_prompt + n_decode + 64
-    for r in range(repeats):
-        for c in configs:  # interleaved: every repeat runs every configuration
-            w = _run_subprocess(_spec(ms, c, threads=threads, n_ctx=n_ctx, n_prompt=n_prompt, n_decode=n_decode,
-                                      top_k=top_k, seed=r, mode="main"))
-            per[c].append(w)
-            _log(f"[bench] {ms.name} {ms.qtype} rep {r + 1}/{repeats} {c:9s} decode "
-                 f"{w['n_decode'] / w['decode_s']:7.2f} tok/s  prefill {w['n_prompt'] / w['prefill_s']:7.1f} tok/s  "
-                 f"peak RSS {w['peak_rss_kib'] / 1024:6.0f} MiB")
+    # peak RSS: every configuration alone in its own process
+    rss: Dict[str, List[dict]] = {c: [] for c in configs}
+    for r in range(rss_repeats):
+        for c in configs:
+            w = _run_subprocess(_spec(ms, c, threads=threads, n_ctx=n_ctx, n_prompt=n_prompt,
+                                      n_decode=min(n_decode, 8), top_k=top_k, seed=r, mode="main"))
+            rss[c].append(w)
+            _log(f"[bench] {ms.name} {ms.qtype} {c:9s} alone: peak RSS {w['peak_rss_kib'] / 1024:6.0f} MiB")
+    # timing: all configurations interleaved in one process per repeat
+    runs = {c: _spec(ms, c) for c in configs}
+    sess = _session(runs, repeats=repeats, label=f"{ms.name} {ms.qtype}", threads=threads, n_ctx=n_ctx,
+                    n_prompt=n_prompt, n_decode=n_decode, top_k=top_k)
+    per = {c: [session_record(w["configs"][c]["rows"][0]) for w in sess] for c in configs}
     b = ms.bytes()
     out = {"model": ms.name, "type": ms.qtype, "side": ms.side, "d": ms.d, "bytes": b, "space": space_savings(b),
-           "configs": {c: config_stats(per[c]) for c in configs}, "time": time_savings(per),
-           "raw": {c: [{k: v for k, v in w.items()} for w in per[c]] for c in configs}}
+           "configs": {c: config_stats(per[c], rss[c]) for c in configs}, "time": time_savings(per),
+           "per_repeat": per, "loads": [w["load"] for w in sess],
+           "steps": {c: [w["configs"][c]["rows"][0] for w in sess] for c in configs},
+           "rewards": {c: sess[0]["configs"][c]["rewards"] for c in configs},
+           "rss_runs": rss}
     out["targets"] = targets(out)
     return out
 
@@ -858,32 +975,25 @@ def targets(run: dict) -> dict:
 def bench_ctx(ms: ModelSet, configs: Sequence[str], depths: Sequence[int], *, repeats: int, threads: int,
               n_decode: int) -> dict:
     warm_page_cache([ms.base, ms.otter, ms.rm])
-    per: Dict[str, List[dict]] = {c: [] for c in configs}
-    for r in range(repeats):
-        for c in configs:
-            w = _run_subprocess(_spec(ms, c, threads=threads, n_ctx=max(depths) + n_decode + 64, depths=list(depths),
-                                      n_decode=n_decode, seed=r, mode="ctx"))
-            per[c].append(w)
-            _log(f"[bench] ctx {ms.qtype} rep {r + 1}/{repeats} {c}: " + "  ".join(
-                f"{x['depth']}:{x['n_decode'] / x['decode_s']:.2f}" for x in w["rows"]))
+    runs = {c: _spec(ms, c) for c in configs}
+    sess = _session(runs, repeats=repeats, label=f"ctx {ms.name} {ms.qtype}", threads=threads,
+                    n_ctx=max(depths) + n_decode + 64, depths=list(depths), n_decode=n_decode, chunk=256,
+                    n_batch=512)
     rows = []
     for i, depth in enumerate(depths):
+        rec = {c: [session_record(w["configs"][c]["rows"][i]) for w in sess] for c in configs}
         row: Dict[str, Any] = {"depth": depth}
         for c in configs:
-            row[f"decode_tok_s_{c}"] = summarize([w["rows"][i]["n_decode"] / w["rows"][i]["decode_s"] for w in per[c]])
-            row[f"prefill_tok_s_{c}"] = summarize([w["rows"][i]["prefill_tokens"] / w["rows"][i]["prefill_s"]
-                                                   for w in per[c]])
+            row[f"decode_tok_s_{c}"] = summarize([1000.0 / x["decode_ms"] for x in rec[c]])
+            row[f"prefill_tok_s_{c}"] = summarize([1000.0 / x["prefill_ms"] for x in rec[c]])
         if {"a", "b"} <= set(configs):
-            row["ratio_b_over_a"] = summarize([wa["rows"][i]["decode_s"] / wb["rows"][i]["decode_s"]
-                                               for wa, wb in zip(per["a"], per["b"])])
+            row["ratio_b_over_a"] = summarize([x["decode_ms"] / y["decode_ms"] for x, y in zip(rec["a"], rec["b"])])
         if {"a", "b", "c"} <= set(configs):
-            row["saving_b_vs_c"] = summarize([
-                saving(wb["rows"][i]["decode_s"] - wa["rows"][i]["decode_s"],
-                       wc["rows"][i]["decode_s"] - wa["rows"][i]["decode_s"])
-                for wa, wb, wc in zip(per["a"], per["b"], per["c"])])
+            row["saving_b_vs_c"] = summarize([saving(y["decode_ms"] - x["decode_ms"], z["decode_ms"] - x["decode_ms"])
+                                              for x, y, z in zip(rec["a"], rec["b"], rec["c"])])
         rows.append(row)
     return {"model": ms.name, "type": ms.qtype, "configs": list(configs), "n_decode": n_decode, "rows": rows,
-            "peak_rss_mib": {c: summarize([w["peak_rss_kib"] / 1024 for w in per[c]]) for c in configs}}
+            "loads": [w["load"] for w in sess]}
 
 
 def bench_d2(ms: ModelSet, *, repeats: int, threads: int, n_prompt: int, n_decode: int) -> dict:
@@ -892,19 +1002,15 @@ def bench_d2(ms: ModelSet, *, repeats: int, threads: int, n_prompt: int, n_decod
     d2s = sorted(ms.sweep)
     warm_page_cache([ms.base, ms.rm, *ms.sweep.values()])
     n_ctx = n_prompt + n_decode + 64
-    per: Dict[Any, List[dict]] = {}
-    for r in range(repeats):
-        kw = dict(threads=threads, n_ctx=n_ctx, n_prompt=n_prompt, n_decode=n_decode, seed=r, mode="main")
-        per.setdefault("c", []).append(_run_subprocess(_spec(ms, "c", **kw)))
-        for d2 in d2s:
-            for c in ("a", "b"):
-                s = _spec(ms, c, **kw)
-                s["otter"] = str(ms.sweep[d2])
-                w = _run_subprocess(s)
-                per.setdefault((c, d2), []).append(w)
-            _log(f"[bench] d2 {ms.qtype} rep {r + 1}/{repeats} d2={d2}: a "
-                 f"{per[('a', d2)][-1]['n_decode'] / per[('a', d2)][-1]['decode_s']:.2f}  b "
-                 f"{per[('b', d2)][-1]['n_decode'] / per[('b', d2)][-1]['decode_s']:.2f} tok/s")
+    runs = {"c": _spec(ms, "c")}
+    for d2 in d2s:
+        for c in ("a", "b"):
+            s = _spec(ms, c)
+            s["otter"] = str(ms.sweep[d2])
+            runs[f"{c}_{d2}"] = s
+    sess = _session(runs, repeats=repeats, label=f"d2 {ms.name} {ms.qtype}", threads=threads, n_ctx=n_ctx,
+                    n_prompt=n_prompt, n_decode=n_decode)
+    rec = {n: [session_record(w["configs"][n]["rows"][0]) for w in sess] for n in runs}
     b = ms.bytes()
     rows = []
     for d2 in d2s:
@@ -913,12 +1019,12 @@ def bench_d2(ms: ModelSet, *, repeats: int, threads: int, n_prompt: int, n_decod
         by = {"base_file": b["base_file"], "otter_file": f.stat().st_size, "rm_file": b["rm_file"],
               "rm_head": b["rm_head"]}
         sp = space_savings(by)
-        pa, pb, pc = per[("a", d2)], per[("b", d2)], per["c"]
-        dec = lambda w: 1000.0 * w["decode_s"] / w["n_decode"]  # noqa: E731
-        ratio = summarize([dec(x) / dec(y) for x, y in zip(pa, pb)])
-        sav = summarize([saving(dec(y) - dec(x), dec(z) - dec(x)) for x, y, z in zip(pa, pb, pc)])
-        a_tok = summarize([w["n_decode"] / w["decode_s"] for w in pa])
-        b_tok = summarize([w["n_decode"] / w["decode_s"] for w in pb])
+        pa, pb, pc = rec[f"a_{d2}"], rec[f"b_{d2}"], rec["c"]
+        ratio = summarize([x["decode_ms"] / y["decode_ms"] for x, y in zip(pa, pb)])
+        sav = summarize([saving(y["decode_ms"] - x["decode_ms"], z["decode_ms"] - x["decode_ms"])
+                         for x, y, z in zip(pa, pb, pc)])
+        a_tok = summarize([1000.0 / w["decode_ms"] for w in pa])
+        b_tok = summarize([1000.0 / w["decode_ms"] for w in pb])
         bound = 0.95 * a_tok["median"] / (1 + sp["otter_over_base"])
         meta = info["otter"]["metadata"]
         rows.append({"d2": d2, "h2": meta.get("otter.attention.head_count"),
@@ -926,10 +1032,9 @@ def bench_d2(ms: ModelSet, *, repeats: int, threads: int, n_prompt: int, n_decod
                      "otter_types": sorted({t["type"] for t in info["otter"]["tensors"]}),
                      "bytes": by, "space": sp, "decode_tok_s_a": a_tok, "decode_tok_s_b": b_tok,
                      "ratio_b_over_a": ratio, "saving_b_vs_c": sav, "decode_target_b": bound,
-                     "decode_target_met": b_tok["median"] >= bound,
-                     "peak_rss_mib_b": summarize([w["peak_rss_kib"] / 1024 for w in pb])})
-    return {"model": ms.name, "type": ms.qtype, "d": ms.d, "rows": rows,
-            "decode_tok_s_c": summarize([w["n_decode"] / w["decode_s"] for w in per["c"]])}
+                     "decode_target_met": b_tok["median"] >= bound})
+    return {"model": ms.name, "type": ms.qtype, "d": ms.d, "rows": rows, "loads": [w["load"] for w in sess],
+            "decode_tok_s_c": summarize([1000.0 / w["decode_ms"] for w in rec["c"]])}
 
 
 def bench_profile(ms: ModelSet, configs: Sequence[str], *, threads: int, n_prompt: int, n_decode: int) -> dict:
@@ -991,7 +1096,7 @@ def format_report(report: dict) -> str:
         for c, st in run["configs"].items():
             extra = ti.get(f"extra_ms_{c}")
             L.append(f"| {CONFIG_LABELS[c]} | {_f(st['decode_tok_s'])} | {_f(st['prefill_tok_s'], '{:.1f}')} | "
-                     f"{'—' if c == 'a' else _f(extra)} | {_f(st['peak_rss_mib'], '{:.0f}')} | "
+                     f"{'—' if c == 'a' else _f(extra)} | {_f(st.get('peak_rss_mib'), '{:.0f}')} | "
                      f"{_mib(files[c]) if files.get(c) else 'n/a'} |")
         L.append("")
         L.append("| saving | value | target | met |")

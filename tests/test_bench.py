@@ -29,15 +29,14 @@ def test_space_savings_arithmetic():
     assert s["space_saving_token"] == pytest.approx(0.7)
 
 
-def _w(decode_s, prefill_s, n_decode=10, n_prompt=20):
-    return {"decode_s": decode_s, "n_decode": n_decode, "prefill_s": prefill_s, "n_prompt": n_prompt,
-            "peak_rss_kib": 1024, "rss_after_import_kib": 512}
+def _w(decode_ms, prefill_ms):
+    return {"decode_ms": decode_ms, "prefill_ms": prefill_ms}
 
 
 def test_time_savings_per_repeat_then_median():
     # ms/token: a 100, b 110, c 200 -> extra b 10, c 100 -> saving 0.9 (repeat 1); a 100, b 120, c 180 -> 0.75
-    per = {"a": [_w(1.0, 2.0), _w(1.0, 2.0)], "b": [_w(1.1, 2.2), _w(1.2, 2.2)], "c": [_w(2.0, 4.0), _w(1.8, 4.0)],
-           "d_rm": [_w(4.0, 4.0), _w(5.0, 4.0)], "d_tok": [_w(1.2, 2.0), _w(1.1, 2.0)]}
+    per = {"a": [_w(100, 10), _w(100, 10)], "b": [_w(110, 11), _w(120, 11)], "c": [_w(200, 20), _w(180, 20)],
+           "d_rm": [_w(400, 20), _w(500, 20)], "d_tok": [_w(120, 10), _w(110, 10)]}
     t = bench.time_savings(per)
     assert t["extra_ms_b"]["values"] == pytest.approx([10.0, 20.0])
     assert t["saving_b_vs_c"]["values"] == pytest.approx([0.9, 0.75])
@@ -46,6 +45,13 @@ def test_time_savings_per_repeat_then_median():
     assert t["saving_prefill_b_vs_c"]["values"] == pytest.approx([0.9, 0.9])
     assert t["saving_dtok_vs_drm"]["values"] == pytest.approx([1 - 20 / 300, 1 - 10 / 400])
     assert t["ratio_b_over_a"]["values"] == pytest.approx([100 / 110, 100 / 120])
+
+
+def test_session_record_uses_medians():
+    r = bench.session_record({"steps": [0.1, 0.3, 0.2, 5.0], "prefill": [(10, 1.0), (10, 2.0), (5, 10.0)]})
+    assert r["decode_ms"] == pytest.approx(250.0)
+    assert r["prefill_ms"] == pytest.approx(200.0)
+    assert r["n_decode"] == 4 and r["n_prompt"] == 25
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +68,6 @@ def quick_report(tmp_path_factory):
     return json.loads(out.read_text()), res.output
 
 
-def _ms(w):
-    return 1000.0 * w["decode_s"] / w["n_decode"]
-
-
 def test_quick_report_structure(quick_report):
     rep, text = quick_report
     assert set(rep) >= {"meta", "main", "ctx", "d2"}
@@ -76,7 +78,7 @@ def test_quick_report_structure(quick_report):
     for c, st in run["configs"].items():
         for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mib"):
             assert st[k]["n"] == 1 and st[k]["median"] > 0, (c, k)
-        assert len(run["raw"][c]) == 1
+        assert len(run["per_repeat"][c]) == 1 and len(run["rss_runs"][c]) == 1
     assert {"decode_b", "saving_b_vs_c", "saving_dtok_vs_drm", "saving_dscalar_vs_drm",
             "space_saving"} <= set(run["targets"])
     for line in ("| (a) base alone", "| (c) base + separate reward model", "extra-space saving",
@@ -91,10 +93,10 @@ def test_quick_report_structure(quick_report):
 def test_quick_report_savings_arithmetic(quick_report):
     rep, _ = quick_report
     run = rep["main"][0]
-    raw, t, b, sp = run["raw"], run["time"], run["bytes"], run["space"]
-    a = _ms(raw["a"][0])
-    extra = {c: _ms(raw[c][0]) - a for c in raw}
-    for c in raw:
+    per, t, b, sp = run["per_repeat"], run["time"], run["bytes"], run["space"]
+    a = per["a"][0]["decode_ms"]
+    extra = {c: per[c][0]["decode_ms"] - a for c in per}
+    for c in per:
         assert t[f"extra_ms_{c}"]["median"] == pytest.approx(extra[c])
     assert t["saving_b_vs_c"]["median"] == pytest.approx(1 - extra["b"] / extra["c"])
     assert t["saving_dtok_vs_drm"]["median"] == pytest.approx(1 - extra["d_tok"] / extra["d_rm"])
@@ -119,11 +121,11 @@ def test_reward_model_file_has_no_lm_head(quick_report, tmp_path_factory):
     from otter_gguf_converter import inspect_gguf
 
     rep, _ = quick_report
-    rm = rep["main"][0]["raw"]["c"][0]
-    assert rm["rewards"] and all(math.isfinite(x) for x in rm["rewards"])
-    assert all(math.isfinite(x) for x in rep["main"][0]["raw"]["b"][0]["rewards"])
+    run = rep["main"][0]
+    for c in ("b", "c", "d_rm", "d_tok", "d_scalar"):
+        assert run["rewards"][c] and all(math.isfinite(x) for x in run["rewards"][c]), c
     # the greedy tokens of (a), (a0), (b) and (c) are the same: the main logits are the base's
-    toks = {c: rep["main"][0]["raw"][c][0]["tokens"] for c in ("a", "a0", "b", "c")}
+    toks = {c: run["rss_runs"][c][0]["tokens"] for c in ("a", "a0", "b", "c")}
     assert toks["a"] == toks["a0"] == toks["b"] == toks["c"]
-    info = inspect_gguf(rep["main"][0]["raw"]["c"][0]["spec"]["rm"])
+    info = inspect_gguf(run["rss_runs"]["c"][0]["spec"]["rm"])
     assert info["base"]["architecture"] == "llama-embed"
