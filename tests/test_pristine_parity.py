@@ -1,0 +1,75 @@
+"""Non-Otter GGUFs run exactly as before: the patched runtime gives logits
+bit-identical to a pristine build of the same pinned llama.cpp source."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from otter_gguf import runtime_build as rb
+
+_LOGITS = r"""
+import sys, numpy as np, llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_batch=64, n_threads=1, n_threads_batch=1,
+                      logits_all=True, verbose=False)
+toks = [1] + list(range(20, 60))
+llm.eval(toks)
+np.save(sys.argv[2], np.asarray(llm.scores[: len(toks)], dtype=np.float32))
+llm.reset()
+print(hasattr(llama_cpp.llama_cpp._lib, "llama_otter_series"))
+for t in toks[:8]:                      # token by token too
+    llm.eval([t])
+np.save(sys.argv[3], np.asarray(llm.scores[:8], dtype=np.float32))
+"""
+
+
+def _pristine_lib_dir() -> Path:
+    """libllama built from the pristine pinned source with the runtime's own
+    ISA flags (cached next to the runtime wheels)."""
+    args = [a for a in rb.default_cmake_args() if a.startswith("-DGGML_")]
+    key = hashlib.sha256(" ".join([rb.LLAMA_CPP_PYTHON_VERSION, *args]).encode()).hexdigest()[:16]
+    build = rb.cache_dir() / "pristine" / key
+    lib = build / "bin"
+    if not (lib / "libllama.so").is_file() and not (lib / "libllama.dylib").is_file():
+        src = rb.pinned_llama_cpp_source()
+        cfg = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+               "-DBUILD_SHARED_LIBS=ON", *rb._BASE_CMAKE_ARGS, *args]
+        subprocess.run(cfg, check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
+                        "--target", "llama"], check=True, capture_output=True)
+    return lib
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q4_k_m"])
+def test_plain_gguf_logits_match_pristine_llama_cpp(hf_base_gguf, tiny_llama_dir, tmp_path,
+                                                   outtype):
+    import llama_cpp
+
+    base = hf_base_gguf(tiny_llama_dir, "f32")
+    if outtype != "f32":
+        q = tmp_path / f"base-{outtype}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        assert llama_cpp.llama_model_quantize(str(base).encode(), str(q).encode(), params) == 0
+        base = q
+    pristine = _pristine_lib_dir()
+    out = {}
+    for name, env_lib in (("patched", None), ("pristine", str(pristine))):
+        env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+        if env_lib:
+            env["LLAMA_CPP_LIB_PATH"] = env_lib
+        a, b = tmp_path / f"{name}-batch.npy", tmp_path / f"{name}-step.npy"
+        res = subprocess.run([sys.executable, "-c", _LOGITS, str(base), str(a), str(b)],
+                             env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.split()[-1] == ("False" if env_lib else "True"), res.stdout
+        out[name] = (np.load(a), np.load(b))
+    for got, want in zip(out["patched"], out["pristine"]):
+        assert got.shape == want.shape and np.isfinite(got).all()
+        assert np.array_equal(got, want), f"max |diff| {np.max(np.abs(got - want))}"
