@@ -59,6 +59,11 @@ class RuntimeBuildError(RuntimeError):
     """A build step failed; the message says which and what to do."""
 
 
+class RuntimeBuildInputError(RuntimeBuildError):
+    """The input or environment is wrong (a patch that does not apply, no
+    compiler or cmake, an existing --dev-source directory): exit code 2."""
+
+
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
@@ -71,7 +76,7 @@ def patches_dir() -> Path:
 def patch_series(directory: Path | None = None) -> list[Path]:
     directory = directory or patches_dir()
     if not directory.is_dir():
-        raise RuntimeBuildError(f"patch directory not found: {directory}")
+        raise RuntimeBuildInputError(f"patch directory not found: {directory}")
     return sorted(directory.glob("*.patch"))
 
 
@@ -150,14 +155,14 @@ _HUNK_RE = re.compile(r"error: patch failed: (\S+):(\d+)")
 def apply_series(llama_dir: Path, patches: list[Path]) -> None:
     """Apply patches in order with `git apply`; name the patch and hunk on failure."""
     if shutil.which("git") is None:
-        raise RuntimeBuildError("git not found: it is needed to apply patches/ (apt-get install git)")
+        raise RuntimeBuildInputError("git not found: it is needed to apply patches/ (apt-get install git)")
     for p in patches:
         res = subprocess.run(["git", "apply", "--whitespace=nowarn", "-v", str(p.resolve())],
                              cwd=llama_dir, capture_output=True, text=True)
         if res.returncode != 0:
             hunks = [f"{f} (hunk at line {ln})" for f, ln in _HUNK_RE.findall(res.stderr)]
             where = "; ".join(hunks) if hunks else res.stderr.strip().splitlines()[-1:]
-            raise RuntimeBuildError(
+            raise RuntimeBuildInputError(
                 f"patch {p.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s "
                 f"vendor/llama.cpp: {where}\n{res.stderr.strip()}")
 
@@ -224,10 +229,10 @@ def plan_build(user_cmake_args: str | None = None) -> BuildPlan:
 
 def _check_toolchain() -> None:
     if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        raise RuntimeBuildError("no C++ compiler found (c++, g++ or clang++): install one "
+        raise RuntimeBuildInputError("no C++ compiler found (c++, g++ or clang++): install one "
                                 "(Debian: apt-get install build-essential; macOS: xcode-select --install)")
     if shutil.which("cmake") is None:
-        raise RuntimeBuildError("cmake not found: install cmake >= 3.21 "
+        raise RuntimeBuildInputError("cmake not found: install cmake >= 3.21 "
                                 "(Debian: apt-get install cmake, or pip install cmake)")
 
 
@@ -343,21 +348,26 @@ def build_runtime(user_cmake_args: str | None = None, force: bool = False) -> Bu
 def make_dev_source(dest: Path) -> Path:
     """Pristine llama.cpp source with the series applied as git commits (for editing)."""
     if dest.exists():
-        raise RuntimeBuildError(f"{dest} exists: remove it first (it may hold unexported commits)")
+        raise RuntimeBuildInputError(f"{dest} exists: remove it first (it may hold unexported commits)")
     patches = patch_series()
     src = pinned_llama_cpp_source()
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".git"))
     git = ["git", "-c", "user.name=otter-gguf", "-c", "user.email=dev@otter-gguf"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-q", "-m", f"pristine llama.cpp from llama-cpp-python "
-                          f"{LLAMA_CPP_PYTHON_VERSION}"], cwd=dest, check=True)
-    subprocess.run(["git", "tag", "pristine"], cwd=dest, check=True)
-    if patches:
-        res = subprocess.run(git + ["am", "-q", *[str(p.resolve()) for p in patches]], cwd=dest,
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeBuildError(f"git am failed in {dest}:\n{res.stderr.strip()}")
+    try:
+        subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+        subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+        subprocess.run(git + ["commit", "-q", "-m", f"pristine llama.cpp from llama-cpp-python "
+                              f"{LLAMA_CPP_PYTHON_VERSION}"], cwd=dest, check=True)
+        subprocess.run(["git", "tag", "pristine"], cwd=dest, check=True)
+        for p in patches:
+            res = subprocess.run(git + ["am", "-q", "--3way", str(p.resolve())], cwd=dest,
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeBuildInputError(
+                    f"patch {p.name} does not apply as a commit (git am): {res.stderr.strip()}")
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     return dest
 
 
@@ -389,5 +399,8 @@ def build_runtime_command(check: bool, force: bool, cmake_args: str | None,
                        f"patches/ is {want}; run `otter-gguf build-runtime`")
             raise SystemExit(1)
         build_runtime(cmake_args, force=force)
+    except RuntimeBuildInputError as e:
+        click.echo(f"Error: {e}", err=True)
+        raise SystemExit(2) from None
     except RuntimeBuildError as e:
         raise click.ClickException(str(e)) from None

@@ -77,3 +77,23 @@ def test_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(rb.shutil, "which", lambda name: None)
     with pytest.raises(rb.RuntimeBuildError, match="no C\\+\\+ compiler"):
         rb._check_toolchain()
+
+
+def test_bad_input_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+    bad = tmp_path / "patches"
+    bad.mkdir()
+    (bad / "0001-bad.patch").write_text(
+        "--- a/include/llama.h\n+++ b/include/llama.h\n@@ -3,3 +3,4 @@\n nope\n nope\n+x\n nope\n")
+    env = {**__import__("os").environ, "OTTER_GGUF_PATCHES": str(bad)}
+    # an existing --dev-source directory is refused before anything is written
+    existing = tmp_path / "src"
+    existing.mkdir()
+    res = subprocess.run([sys.executable, "-m", "otter_gguf.cli", "build-runtime", "--dev-source",
+                          str(existing)], capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and "exists" in res.stderr, res.stderr
+    # a patch that does not apply: named, exit 2, no directory left half made
+    dest = tmp_path / "dev"
+    res = subprocess.run([sys.executable, "-m", "otter_gguf.cli", "build-runtime", "--dev-source",
+                          str(dest)], capture_output=True, text=True, env=env)
+    assert res.returncode == 2, res.stderr
+    assert "0001-bad.patch" in res.stderr and not dest.exists()
