@@ -67,6 +67,14 @@ SHAPES: Dict[str, dict] = {
                  d2=32, h2=1, h2_kv=1, f2=128),
 }
 DEFAULT_CACHE = Path(os.environ.get("OTTER_BENCH_CACHE", Path.home() / ".cache" / "otter-gguf" / "bench"))
+
+
+def _portable(text: str) -> str:
+    """A report without this machine's paths: the interpreter's prefix as
+    ``$PREFIX`` and the home directory as ``~``."""
+    for path, name in ((sys.prefix, "$PREFIX"), (str(Path.home()), "~")):
+        text = text.replace(json.dumps(path)[1:-1], name)
+    return text
 DEMO_DIR = Path(__file__).parent / "demo_model"
 
 
@@ -1314,7 +1322,7 @@ def bench_command(quick, models, types, repeats, json_out, sections, configs, th
     click.echo(text)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        json_out.write_text(_portable(json.dumps(report, indent=1, default=str)) + "\n")
         click.echo(f"JSON: {json_out}", err=True)
 
 

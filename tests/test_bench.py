@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+import sys
 import math
 
 import pytest
@@ -65,7 +67,9 @@ def quick_report(tmp_path_factory):
         "--quick", "-t", "1", "--cache-dir", str(d / "cache"), "--json", str(out), "--d2", "16,32",
         "--ctx-lengths", "24,48", "--n-decode", "3"])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    return json.loads(out.read_text()), res.output
+    text = out.read_text()
+    assert str(Path.home()) not in text and sys.prefix not in text, "machine paths in the report"
+    return json.loads(text), res.output
 
 
 def test_quick_report_structure(quick_report):
