@@ -15,7 +15,7 @@ decode(side-on) >= 0.95 * decode(base) / (1 + otter_bytes/base_bytes).
 
 The base GGUF is written directly with gguf-py (random weights, a dummy
 SentencePiece-style vocabulary); the adapter is written with
-otter_gguf.adapter.save_adapter and converted with otter_gguf_converter.
+otter_gguf.format.adapter.save_adapter and converted with otter_gguf_converter.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def write_base_f16(path: Path, seed: int = 0) -> None:
 
 
 def write_adapter(out: Path, seed: int = 1) -> Path:
-    from otter_gguf.adapter import save_adapter
-    from otter_gguf.config import OtterConfig
+    from otter_gguf.format.adapter import save_adapter
+    from otter_gguf.format.config import OtterConfig
 
     cfg = OtterConfig(
         base_model="bench-1b-random", base_architecture="llama",
@@ -195,7 +195,7 @@ def run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads: 
 
     quiet_llama_logs()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from otter_gguf import _lib
+    from otter_gguf.runtime import capi as _lib
 
     lib = _lib.load()
     mp = ll.llama_model_default_params()

@@ -185,7 +185,7 @@ def _warn(msg: str) -> None:
 
 
 def _open_adapter(adapter_dir):
-    from otter_gguf.adapter import open_adapter
+    from otter_gguf.format.adapter import open_adapter
 
     p = Path(adapter_dir)
     if not p.exists():
@@ -197,7 +197,7 @@ def _open_adapter(adapter_dir):
 
 
 def _check_base(cfg, info: gguf_io.BaseInfo) -> None:
-    from otter_gguf.adapter import check_against_base
+    from otter_gguf.format.adapter import check_against_base
 
     check_against_base(cfg, info.hparams())
 

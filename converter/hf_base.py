@@ -63,7 +63,7 @@ def parse_base_outtype(name: str) -> str:
 
 def llama_cpp_source() -> Path:
     """The pinned llama.cpp source tree (convert_hf_to_gguf.py, gguf-py/)."""
-    from otter_gguf.runtime_build import pinned_llama_cpp_source
+    from otter_gguf.runtime.build import pinned_llama_cpp_source
 
     src = Path(pinned_llama_cpp_source())
     if not (src / "convert_hf_to_gguf.py").is_file():

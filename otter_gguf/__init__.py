@@ -8,11 +8,11 @@ __all__ = ["OtterLlama", "Guidance", "OtterScore"]
 def __getattr__(name):
     # lazy: `import otter_gguf` must not import llama_cpp (and load libllama)
     if name in ("OtterLlama", "OtterScore"):
-        from otter_gguf import llama as _llama
+        from otter_gguf.runtime import llama as _llama
 
         return getattr(_llama, name)
     if name == "Guidance":
-        from otter_gguf.guidance import Guidance
+        from otter_gguf.runtime.guidance import Guidance
 
         return Guidance
     raise AttributeError(f"module 'otter_gguf' has no attribute {name!r}")

@@ -69,7 +69,7 @@ class Models:
             import torch
             from safetensors.torch import save_file
 
-            from otter_gguf.runtime_build import pinned_llama_cpp_source
+            from otter_gguf.runtime.build import pinned_llama_cpp_source
 
             hf = Path(self._request.getfixturevalue("tiny_llama_dir"))
             d = self._root / "lora"
@@ -113,8 +113,8 @@ def gguf_models(request, tmp_path_factory) -> Models:
 
 
 def require_otter_runtime() -> None:
-    from otter_gguf.llama import otter_runtime_available
-    from otter_gguf.runtime_build import patch_series
+    from otter_gguf.runtime.llama import otter_runtime_available
+    from otter_gguf.runtime.build import patch_series
 
     if otter_runtime_available():
         return
@@ -143,7 +143,7 @@ def fake_signals(history: Sequence[int]) -> np.ndarray:
 
 def fake_source_factory(fn: Callable[[Sequence[int]], np.ndarray] = fake_signals,
                         names=("alpha", "beta")):
-    from otter_gguf.llama import SignalSource
+    from otter_gguf.runtime.llama import SignalSource
 
     class FakeSignalSource(SignalSource):
         has_otter = True

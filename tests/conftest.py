@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from otter_gguf import fixtures as fx
+from otter_gguf.reference import fixtures as fx
 
 # The test machines are small and shared: torch's intra-op threads spin-wait
 # and slow tiny matmuls down by 10x or more when cores are oversubscribed.

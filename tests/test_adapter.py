@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from otter_gguf.adapter import (
+from otter_gguf.format.adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     AdapterError,
@@ -19,7 +19,7 @@ from otter_gguf.adapter import (
     open_adapter,
     save_adapter,
 )
-from otter_gguf import config as config_mod
+from otter_gguf.format import config as config_mod
 
 
 def small_dict(**over):
@@ -402,7 +402,7 @@ def test_save_open_round_trip(tmp_path, dtype, st, tol):
 
 
 def test_save_numpy_input_and_torch_free_bf16_writer(tmp_path, monkeypatch):
-    from otter_gguf import adapter as adapter_mod
+    from otter_gguf.format import adapter as adapter_mod
     cfg = OtterConfig.from_dict(small_dict())
     t = small_tensors(cfg, seed=5)
     monkeypatch.setattr(adapter_mod, "_torch", lambda: None)

@@ -48,7 +48,7 @@ def _stream_tokens(chunks):
 # guidance settings and selection rules (no model)
 # ---------------------------------------------------------------------------
 def test_guidance_validation():
-    from otter_gguf.guidance import Guidance
+    from otter_gguf.runtime.guidance import Guidance
 
     for w in (float("nan"), float("inf"), -float("inf"), "1", None, True):
         with pytest.raises(ValueError, match="weight"):
@@ -80,7 +80,7 @@ def test_guidance_validation():
 
 
 def test_selection_rules():
-    from otter_gguf.guidance import args_pick, dexperts_logits, token_args_logits, top_k_ids
+    from otter_gguf.runtime.guidance import args_pick, dexperts_logits, token_args_logits, top_k_ids
 
     logits = np.array([1.0, 3.0, 3.0, -np.inf, 2.0, 0.5], dtype=np.float32)
     assert top_k_ids(logits, 3).tolist() == [1, 2, 4]  # ties to the lower id, -inf never
@@ -99,7 +99,7 @@ def test_selection_rules():
 
 
 def test_signal_store_sparse_keeps_latest_and_token_rewards():
-    from otter_gguf.llama import _SignalStore
+    from otter_gguf.runtime.llama import _SignalStore
 
     st = _SignalStore(16, 4, token_head=True, dense=False)
     st.put(3, np.array([0.0, 1.0, 2.0, 3.0], dtype=np.float32))
@@ -221,7 +221,7 @@ def test_signals_follow_the_fed_history_fake_source(gguf_models):
 
 def test_scalar_args_fake_source_picks_logit_plus_w_reward(gguf_models):
     from otter_gguf import Guidance, OtterLlama
-    from otter_gguf.guidance import top_k_ids
+    from otter_gguf.runtime.guidance import top_k_ids
 
     k, w = 4, 2.5
     llm = OtterLlama(str(gguf_models.base), n_seq_max=k + 1, _signal_source=fake_source_factory(), **LLAMA_KW)
@@ -332,7 +332,7 @@ def test_chat_completion_carries_signals(reward3):
 
 def test_token_head_args_and_dexperts_pick_logit_plus_w_signal(token_head):
     from otter_gguf import Guidance
-    from otter_gguf.guidance import top_k_ids
+    from otter_gguf.runtime.guidance import top_k_ids
 
     llm = token_head
     prompt_toks = llm.tokenize(PROMPT.encode())
@@ -366,7 +366,7 @@ def test_token_head_args_and_dexperts_pick_logit_plus_w_signal(token_head):
 
 def test_scalar_args_one_batched_decode_per_step_equals_one_by_one(reward3):
     from otter_gguf import Guidance
-    from otter_gguf.guidance import top_k_ids
+    from otter_gguf.runtime.guidance import top_k_ids
 
     llm = reward3
     k, w = 4, 3.0

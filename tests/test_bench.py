@@ -10,7 +10,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from otter_gguf import bench
+from otter_gguf.tools import bench
 
 
 def test_saving_is_the_papers_definition():

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
 
-from otter_gguf.adapter import open_adapter
+from otter_gguf.format.adapter import open_adapter
 from otter_gguf.cli import main as cli_main
 from otter_gguf_converter import OUTTYPES, convert, gguf_tensor_name
 
@@ -40,7 +40,7 @@ LLAMA_CPP_SRC = None
 
 
 def _llama_cpp_source() -> Path:
-    from otter_gguf.runtime_build import pinned_llama_cpp_source
+    from otter_gguf.runtime.build import pinned_llama_cpp_source
 
     return Path(pinned_llama_cpp_source())
 
@@ -269,8 +269,8 @@ def test_qwen2_is_not_permuted(hf_base_gguf, tiny_qwen2_dir, qwen2_adapter_dir, 
 
 def test_block_size_fallback_one_warning(base_gguf, tiny_llama_dir, tmp_path, capfd):
     """d2=100: rows of d+d2=356 fit no quant block (-> f16); f+f2=896 fits 32 but not 256 (q4_k -> q5_0)."""
-    from otter_gguf.adapter import save_adapter
-    from otter_gguf.config import OtterConfig
+    from otter_gguf.format.adapter import save_adapter
+    from otter_gguf.format.config import OtterConfig
 
     cfg = OtterConfig(
         base_model="tiny", base_architecture="llama", hidden_size=256, num_hidden_layers=4,
@@ -294,7 +294,7 @@ def test_block_size_fallback_one_warning(base_gguf, tiny_llama_dir, tmp_path, ca
 
 
 def test_streams_one_adapter_tensor_at_a_time(base_gguf, adapter_reward1_dir, tmp_path, monkeypatch):
-    from otter_gguf import adapter as adapter_mod
+    from otter_gguf.format import adapter as adapter_mod
 
     live: list[weakref.ref] = []
     peak = [0]

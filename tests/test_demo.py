@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from otter_gguf.demo import DEMO_DIR
-from otter_gguf.demo_model import corpus
-from otter_gguf.demo_model.train import N_HELDOUT_DOCS, SEED, encode
+from otter_gguf.demo import corpus
+from otter_gguf.demo.train import N_HELDOUT_DOCS, SEED, encode
 
 
 def test_heldout_reward_correlates_with_true_label() -> None:
     import sentencepiece as spm
 
-    from otter_gguf.reference import load_otter
+    from otter_gguf.reference.model import load_otter
 
     model = load_otter(DEMO_DIR / "base", DEMO_DIR / "adapter")
     sp = spm.SentencePieceProcessor(model_file=str(DEMO_DIR / "base" / "tokenizer.model"))
@@ -53,7 +53,7 @@ def demo_q8(tmp_path_factory):
 
 def test_guidance_moves_the_true_label(demo_q8) -> None:
     from otter_gguf import Guidance, OtterLlama
-    from otter_gguf.demo import _label_share
+    from otter_gguf.demo.run import _label_share
 
     llm = OtterLlama(str(demo_q8), n_ctx=256, n_threads=1, verbose=False, n_seq_max=11)
     plain, n = _label_share(llm, None, 2, 16)

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from _gguf_models import gguf_models, require_otter_runtime  # noqa: F401
-from otter_gguf import eval as ev
+from otter_gguf.tools import eval as ev
 from otter_gguf.cli import main
 
 PROMPTS = [
@@ -249,7 +249,7 @@ def test_quantized_model_is_refused(gguf_models, adapter_reward1_dir, tiny_llama
 def test_model_of_another_base_is_refused(gguf_models, adapter_reward1_dir, tmp_path):
     """MODEL.gguf must be the --base model: same shapes but other weights -> exit 2."""
     require_otter_runtime()
-    from otter_gguf import fixtures as fx
+    from otter_gguf.reference import fixtures as fx
 
     other = fx.make_tiny_llama(tmp_path / "other-llama", seed=1)
     prompts = tmp_path / "p.txt"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from otter_gguf import runtime_build as rb
+from otter_gguf.runtime import build as rb
 
 _LOGITS = r"""
 import sys, numpy as np, llama_cpp

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from otter_gguf.adapter import AdapterError, load_adapter
-from otter_gguf.reference import (
+from otter_gguf.format.adapter import AdapterError, load_adapter
+from otter_gguf.reference.model import (
     BaseConfig,
     OtterModel,
     ReferenceError,
@@ -58,7 +58,7 @@ def otter_case(request, tiny_llama_dir, tiny_qwen2_dir, adapter_reward1_dir, ada
 
 # ------------------------------------------------------------------ oracle
 def wide_forward(base, config, ot, tokens):
-    """Spec §3's *wide* form, written independently of otter_gguf.reference:
+    """Spec §3's *wide* form, written independently of otter_gguf.reference.model:
     one transformer of width d+d2 with h+h2 heads and f+f2 FFN units, base
     weights zero-padded, RMS statistic from the first d dims only. Plain
     per-head loops, RoPE from the closed form. tokens: [T]."""
@@ -431,7 +431,7 @@ def test_insert_otter_random_init(tiny_llama_dir):
 
 # ------------------------------------------------------------- fixtures
 def test_fixtures_are_deterministic(tmp_path, tiny_llama_dir):
-    from otter_gguf.fixtures import make_tiny_llama
+    from otter_gguf.reference.fixtures import make_tiny_llama
     again = make_tiny_llama(tmp_path / "again", seed=0)
     for fn in ("model.safetensors", "tokenizer.model", "config.json", "tokenizer_config.json"):
         assert (again / fn).read_bytes() == (Path(tiny_llama_dir) / fn).read_bytes(), fn
@@ -464,7 +464,7 @@ def test_llama_cpp_converts_tiny_llama_and_tokenizes_alike(tmp_path, tiny_llama_
 
     sp = spm.SentencePieceProcessor(model_file=str(Path(tiny_llama_dir) / "tokenizer.model"))
     llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
-    from otter_gguf.fixtures import CORPUS_PATH
+    from otter_gguf.reference.fixtures import CORPUS_PATH
     samples = CORPUS_PATH.read_text().split("\n\n")[:20] + ["Hello  world\tÜ ✓ 日本 12345"]
     for s in samples:
         assert llm.tokenize(s.encode(), add_bos=False, special=False) == sp.encode(s), s

@@ -1,11 +1,11 @@
 """Quantization regression suite on the demo model (docs/EVAL.md).
 
-Runs ``otter-gguf eval`` on otter_gguf/demo_model (base + sentiment adapter)
+Runs ``otter-gguf eval`` on otter_gguf/demo (base + sentiment adapter)
 for f16, q8_0, q6_k, q5_k_m, q4_k_m and q4_0 with the default prompt set and
 compares the report with the committed baseline
 (tests/baselines/demo_eval_baseline.json) within
-``otter_gguf.eval.REGRESSION_TOLERANCES``; it also enforces the absolute
-targets ``otter_gguf.eval.TARGETS``. A failure prints the measured table next
+``otter_gguf.tools.eval.REGRESSION_TOLERANCES``; it also enforces the absolute
+targets ``otter_gguf.tools.eval.TARGETS``. A failure prints the measured table next
 to the baseline's.
 
 Regenerate the baseline after an intended change (and say why in the commit):
@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 from _gguf_models import require_otter_runtime
-from otter_gguf import eval as ev
+from otter_gguf.demo import DEMO_DIR
+from otter_gguf.tools import eval as ev
 
-DEMO = Path(ev.__file__).resolve().parent / "demo_model"
+DEMO = DEMO_DIR
 BASELINE = Path(__file__).resolve().parent / "baselines" / "demo_eval_baseline.json"
 TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
@@ -45,8 +46,8 @@ def demo_report(tmp_path_factory):
     # paths of this run are meaningless in the baseline
     report["model"] = "demo-f32.gguf (otter-gguf convert --outtype f32 --base-outtype f32)"
     report["reference"]["gguf"] = report["model"]
-    report["adapter"] = "otter_gguf/demo_model/adapter"
-    report["base"] = "otter_gguf/demo_model/base"
+    report["adapter"] = "otter_gguf/demo/adapter"
+    report["base"] = "otter_gguf/demo/base"
     report["prompts"]["source"] = "otter_gguf/data/eval_prompts.txt"
     report["demo_model_sha256"] = _demo_fingerprint()
     if os.environ.get("OTTER_UPDATE_BASELINE") == "1":

@@ -44,7 +44,7 @@ def _otter(gguf_dir, hf_dir, adapter_dir, base_outtype="f32", outtype="f32"):
 @pytest.fixture(scope="module")
 def models(rt, gguf_dir, tiny_llama_dir, adapter_reward1_dir, adapter_reward3_dir, adapter_token_reward_dir):
     ll, lib, _ = rt
-    from otter_gguf.reference import load_otter
+    from otter_gguf.reference.model import load_otter
 
     out = {}
     for name, ad in [("reward1", adapter_reward1_dir), ("reward3", adapter_reward3_dir),
@@ -307,7 +307,7 @@ def test_main_logits_bit_identical(rt, gguf_dir, tiny_llama_dir, adapter_reward3
 
 def test_qwen2(rt, gguf_dir, tiny_qwen2_dir, qwen2_adapter_dir):
     ll, lib, _ = rt
-    from otter_gguf.reference import load_otter
+    from otter_gguf.reference.model import load_otter
 
     m = Model(ll, lib, _otter(gguf_dir, tiny_qwen2_dir, qwen2_adapter_dir))
     base = Model(ll, lib, _base(gguf_dir, tiny_qwen2_dir, "f32"))

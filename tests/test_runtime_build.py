@@ -1,4 +1,4 @@
-"""The patch series and the patched-runtime build (otter_gguf.runtime_build)."""
+"""The patch series and the patched-runtime build (otter_gguf.runtime.build)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from otter_gguf import runtime_build as rb
+from otter_gguf.runtime import build as rb
 
 
 def test_series_applies_to_pristine_pinned_source(tmp_path: Path) -> None:

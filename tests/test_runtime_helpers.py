@@ -1,5 +1,5 @@
 """Helpers for the runtime tests: drive the patched llama.cpp through
-llama-cpp-python's low-level bindings plus the Otter C API (otter_gguf._lib).
+llama-cpp-python's low-level bindings plus the Otter C API (otter_gguf.runtime.capi).
 
 No tests here; imported by tests/test_runtime*.py.
 """
@@ -27,7 +27,7 @@ def runtime_or_skip():
     if not hasattr(ll._lib, "llama_otter_series"):
         pytest.skip("the loaded llama.cpp runtime lacks llama_otter_series (unpatched); "
                     "set LLAMA_CPP_LIB_PATH to a patched build")
-    from otter_gguf import _lib
+    from otter_gguf.runtime import capi as _lib
 
     return ll, _lib.load()
 

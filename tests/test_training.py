@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from otter_gguf.adapter import load_adapter
-from otter_gguf.reference import OtterModel, insert_otter, load_base
-from otter_gguf.training import train_head
+from otter_gguf.format.adapter import load_adapter
+from otter_gguf.reference.model import OtterModel, insert_otter, load_base
+from otter_gguf.reference.training import train_head
 
 
 def _seqs(n, T, seed):

@@ -1,6 +1,6 @@
 """`make demo`: the whole mission on the embedded default model.
 
-The embedded default is the demo model in `otter_gguf/demo_model/`: a small
+The embedded default is the demo model in `otter_gguf/demo/`: a small
 `llama` base LM trained on synthetic reviews plus an Otter head trained to
 read the sentiment of the text so far (one signal, "sentiment", about +1 for
 positive and -1 for negative). The demo
@@ -9,7 +9,7 @@ positive and -1 for negative). The demo
 2. runs one prompt unguided and reward-guided, printing every token's reward,
 3. generates a batch of reviews unguided and guided at both quant types and
    prints the share of positive sentences (the true label, decided from the
-   words by `demo_model.corpus`), i.e. the label shift guidance causes.
+   words by `otter_gguf.demo.corpus`), i.e. the label shift guidance causes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+from otter_gguf.demo import DEMO_DIR
+
 PROMPT = "the food was"
 BATCH_PROMPTS = ["the food was", "i think the movie is", "the staff was", "we found the room",
                  "anna said the coffee was", "after lunch the weather seemed",
@@ -45,7 +46,7 @@ def _show(title: str, result: dict) -> None:
 
 
 def _label_share(llm, guidance, n_per_prompt: int, max_tokens: int) -> tuple[float, int]:
-    from otter_gguf.demo_model.corpus import sentence_labels
+    from otter_gguf.demo.corpus import sentence_labels
 
     labels: list[int] = []
     for i, prompt in enumerate(BATCH_PROMPTS):

@@ -24,7 +24,7 @@ the base's tensors minus ``output.weight``, so its size is that of a reward mode
 Models: ``1b`` is a random llama of the 1B shape (d=2048, 16 layers, 32/8 heads, f=8192, V=32000)
 written with gguf-py (the approach of docs/CONVERT.md), quantized by ``llama_model_quantize``
 (llama-quantize's mixes), with random Otter adapters (d2=256, h2=4, h2_kv=1, f2=1024) converted by
-``otter_gguf_converter.convert``; ``demo`` is the trained demo model (``otter_gguf/demo_model``);
+``otter_gguf_converter.convert``; ``demo`` is the trained demo model (``otter_gguf/demo``);
 ``tiny`` (``--quick``) is a tiny random llama. Everything generated lives in ``--cache-dir``.
 
     otter-gguf bench [--quick] [--models 1b,demo] [--types q4_k_m,q8_0] [--repeats N] [--json OUT]
@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import click
 import numpy as np
+
+from otter_gguf.demo import DEMO_DIR
 
 CONFIGS = ("a", "a0", "b", "c", "d_rm", "d_tok", "d_scalar")
 CONFIG_LABELS = {
@@ -69,13 +70,16 @@ SHAPES: Dict[str, dict] = {
 DEFAULT_CACHE = Path(os.environ.get("OTTER_BENCH_CACHE", Path.home() / ".cache" / "otter-gguf" / "bench"))
 
 
+class BenchError(ValueError):
+    """Bad benchmark input (an unknown model, type, configuration or section)."""
+
+
 def _portable(text: str) -> str:
     """A report without this machine's paths: the interpreter's prefix as
     ``$PREFIX`` and the home directory as ``~``."""
     for path, name in ((sys.prefix, "$PREFIX"), (str(Path.home()), "~")):
         text = text.replace(json.dumps(path)[1:-1], name)
     return text
-DEMO_DIR = Path(__file__).parent / "demo_model"
 
 
 # ---------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def write_base(path: Path, shape: dict) -> Path:
 
 def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, seed: int = 1) -> Path:
     """A random Otter adapter (f16 safetensors, written tensor by tensor) for a base of ``shape``."""
-    from otter_gguf.config import OtterConfig
+    from otter_gguf.format.config import OtterConfig
 
     d, L, h, hkv, f, V = (shape[k] for k in ("d", "L", "h", "h_kv", "f", "V"))
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +267,7 @@ class ModelSet:
 
 
 def _log(msg: str) -> None:
-    click.echo(msg, err=True)
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _cached(path: Path, make: Callable[[Path], Any], what: str) -> Path:
@@ -282,8 +286,7 @@ def _quantize(src: Path, dst: Path, qtype: str) -> None:
 
     types = dict(hf_base.QUANTIZED_BASE_TYPES, q8_0="LLAMA_FTYPE_MOSTLY_Q8_0")
     if qtype not in types:
-        raise click.BadParameter(f"unknown type {qtype!r}; expected one of {', '.join(sorted(types))}",
-                                 param_hint="--types")
+        raise BenchError(f"--types: unknown type {qtype!r}; expected one of {', '.join(sorted(types))}")
     tmp = dst.with_name(f".{dst.name}.partial")
     saved = hf_base.QUANTIZED_BASE_TYPES
     hf_base.QUANTIZED_BASE_TYPES = types
@@ -341,7 +344,7 @@ def demo_available(demo_dir: Path = DEMO_DIR) -> bool:
 
 
 def prepare_demo(qtype: str, cache: Path, demo_dir: Path = DEMO_DIR) -> ModelSet:
-    from otter_gguf.config import OtterConfig
+    from otter_gguf.format.config import OtterConfig
     from otter_gguf_converter import convert_hf_base
 
     root = cache / "demo"
@@ -417,7 +420,7 @@ class _Engine:
         self.embeddings = embeddings
         self.api = None
         if otter is not None:
-            from otter_gguf import _lib
+            from otter_gguf.runtime import capi as _lib
 
             self.api = _lib.load()
             if not self.api.llama_model_has_otter(self.model):
@@ -810,7 +813,7 @@ def _run_session(L, spec: dict) -> dict:
 
 
 def _run_subprocess(spec: dict, timeout: float = 3600) -> dict:
-    cmd = [sys.executable, "-m", "otter_gguf.bench", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "otter_gguf.tools.bench", "--worker", json.dumps(spec)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"bench worker {spec.get('config', spec.get('mode'))} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
@@ -1198,7 +1201,7 @@ def _meta(threads: int) -> dict:
     import llama_cpp
 
     try:
-        from otter_gguf import _lib
+        from otter_gguf.runtime import capi as _lib
 
         series = _lib.series()
     except Exception as e:  # pragma: no cover - unpatched runtime
@@ -1242,7 +1245,7 @@ def run_bench(*, quick: bool = False, models: Sequence[str] = ("1b",), types: Se
             want_sweep = name in SHAPES and "d2" in sections and qt == sweep_type
             if name == "demo":
                 if not demo_available():
-                    _log("[bench] the demo model (otter_gguf/demo_model/base, adapter) is not there: skipped")
+                    _log("[bench] the demo model (otter_gguf/demo/base, adapter) is not there: skipped")
                     report.setdefault("skipped", []).append("demo: model not present")
                     break
                 ms = prepare_demo(qt, cache_dir)
@@ -1270,62 +1273,6 @@ def _csv(s: str) -> List[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-@click.command("bench")
-@click.option("--quick", is_flag=True, help="tiny random model, few tokens, one repeat (smoke test)")
-@click.option("--models", default=None, help="comma list of 1b, demo, tiny [default: 1b,demo; --quick: tiny]")
-@click.option("--types", default=None, help="comma list of base/Otter types [default: q4_k_m,q8_0; --quick: q8_0]")
-@click.option("--repeats", type=int, default=None, help="repeats per configuration [default: 3; --quick: 1]")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="write the full report (every repeat) as JSON")
-@click.option("--sections", default="main,ctx,d2,profile", show_default=True,
-              help="main (the configurations table), ctx (tok/s against context length), d2 (against d2), "
-                   "profile (graph node timing of (a), (b), (d_tok))")
-@click.option("--configs", default=",".join(CONFIGS), show_default=True, help="configurations of the main table")
-@click.option("-t", "--threads", type=int, default=2, show_default=True)
-@click.option("--n-prompt", type=int, default=None, help="prompt tokens [default: 128; --quick: 16]")
-@click.option("--n-decode", type=int, default=None, help="decoded tokens [default: 32; --quick: 4]")
-@click.option("--top-k", type=int, default=10, show_default=True, help="ARGS candidates per step")
-@click.option("--ctx-lengths", default=None, help="context lengths [default: 256,512,1024,2048,4096; --quick: 32,64]")
-@click.option("--ctx-decode", type=int, default=None, help="tokens decoded at each context length [default: 16]")
-@click.option("--d2", "d2_values", default=None, help="d2 values of the sweep [default: d/16,d/8,d/4,d/2]")
-@click.option("--sweep-type", default=None, help="type of the ctx and d2 sweeps [default: the first of --types]")
-@click.option("--sweep-repeats", type=int, default=None, help="repeats of the sweeps [default: --repeats]")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE,
-              show_default=True, help="where the generated models are kept (never in the repository)")
-def bench_command(quick, models, types, repeats, json_out, sections, configs, threads, n_prompt, n_decode, top_k,
-                  ctx_lengths, ctx_decode, d2_values, sweep_type, sweep_repeats, cache_dir):
-    """Benchmark Otter against base-only and a separate reward model (speed, RSS, bytes)."""
-    models_l = _csv(models) if models else (["tiny"] if quick else ["1b", "demo"])
-    for m in models_l:
-        if m not in SHAPES and m != "demo":
-            raise click.BadParameter(f"unknown model {m!r}; expected 1b, demo or tiny", param_hint="--models")
-    configs_l = _csv(configs)
-    for c in configs_l:
-        if c not in CONFIGS:
-            raise click.BadParameter(f"unknown configuration {c!r}; expected {', '.join(CONFIGS)}",
-                                     param_hint="--configs")
-    if "a" not in configs_l:
-        configs_l.insert(0, "a")  # every extra time is measured against (a)
-    secs = _csv(sections)
-    for s in secs:
-        if s not in ("main", "ctx", "d2", "profile"):
-            raise click.BadParameter(f"unknown section {s!r}", param_hint="--sections")
-    report = run_bench(
-        quick=quick, models=models_l, types=_csv(types) if types else (["q8_0"] if quick else ["q4_k_m", "q8_0"]),
-        repeats=repeats or (1 if quick else 3), threads=threads, cache_dir=cache_dir, sections=secs,
-        configs=configs_l, n_prompt=n_prompt or (16 if quick else 128), n_decode=n_decode or (4 if quick else 32),
-        top_k=top_k, ctx_lengths=[int(x) for x in _csv(ctx_lengths)] if ctx_lengths else
-        ([32, 64] if quick else [256, 512, 1024, 2048, 4096]), ctx_decode=ctx_decode or (4 if quick else 16),
-        d2_values=[int(x) for x in _csv(d2_values)] if d2_values else None, sweep_type=sweep_type,
-        sweep_repeats=sweep_repeats)
-    text = format_report(report)
-    click.echo(text)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(_portable(json.dumps(report, indent=1, default=str)) + "\n")
-        click.echo(f"JSON: {json_out}", err=True)
-
-
 def _worker_main(argv: List[str]) -> int:
     spec = json.loads(argv[0])
     res = run_worker(spec)
@@ -1337,4 +1284,4 @@ def _worker_main(argv: List[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
         sys.exit(_worker_main(sys.argv[2:]))
-    bench_command()
+    sys.exit("usage: python -m otter_gguf.tools.bench --worker SPEC (the command is `otter-gguf bench`)")

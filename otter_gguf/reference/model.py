@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from otter_gguf.adapter import _validate_header, check_against_base, load_adapter
-from otter_gguf.config import OtterConfig
+from otter_gguf.format.adapter import _validate_header, check_against_base, load_adapter
+from otter_gguf.format.config import OtterConfig
 
 __all__ = [
     "BaseConfig",

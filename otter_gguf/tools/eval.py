@@ -9,12 +9,12 @@ For every type T of ``--types``:
    (``llama_model_quantize``, the code of ``llama-quantize``, its mixes);
 2. the adapter is converted onto that base with ``otter-gguf convert``'s
    code (``convert(adapter, base_T.gguf, out, outtype=T)``): Otter tensors at T;
-3. the result runs on the patched runtime (:class:`~otter_gguf.llama.OtterLlama`)
+3. the result runs on the patched runtime (:class:`~otter_gguf.runtime.llama.OtterLlama`)
    over the prompt set: signals from :meth:`OtterLlama.score` (all-positions
    mode), main logits from ``eval`` with ``logits_all=True``.
 
 Signals are compared with the float32 PyTorch reference
-(:func:`otter_gguf.reference.load_otter`), main logits with MODEL.gguf run by
+(:func:`otter_gguf.reference.model.load_otter`), main logits with MODEL.gguf run by
 the same runtime (llama-perplexity's ``--kl-divergence`` setting: the f32
 GGUF is the reference distribution). Every model sees the same token ids
 (tokenized once by MODEL.gguf's tokenizer, BOS added).
@@ -65,7 +65,7 @@ __all__ = [
 
 EVAL_FORMAT_VERSION = 1
 DEFAULT_TYPES: tuple[str, ...] = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
-DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "eval_prompts.txt"
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "eval_prompts.txt"
 
 #: type name -> llama_ftype constant name of llama.cpp's quantizer (for the base)
 _BASE_FTYPES = {
@@ -381,7 +381,7 @@ def _torch_reference(base_dir: Path, adapter_dir: Path, token_lists, tick,
                      threads: int | None = None) -> tuple[list, list, Any]:
     import torch
 
-    from otter_gguf.reference import load_otter
+    from otter_gguf.reference.model import load_otter
 
     old = torch.get_num_threads()
     if threads:
@@ -406,7 +406,7 @@ KV_TYPES = {"f16": 1, "f32": 0, "bf16": 30}
 
 @contextlib.contextmanager
 def _llama(path: Path, n_ctx: int, threads: int, kv_type: str = "f16"):
-    from otter_gguf.llama import OtterLlama
+    from otter_gguf.runtime.llama import OtterLlama
 
     with _quiet_llama_logs() as kept:
         try:
@@ -557,7 +557,7 @@ def evaluate(
     (f16, llama.cpp's default; f32 isolates the weight quantization). Raises :class:`EvalError` (and the converter's /
     adapter's own ``ValueError`` subclasses) for bad input.
     """
-    from otter_gguf.llama import otter_runtime_available
+    from otter_gguf.runtime.llama import otter_runtime_available
 
     t_start = time.time()
     model_gguf = Path(model_gguf)
@@ -584,13 +584,13 @@ def evaluate(
         raise EvalError(f"--base {base_dir}: no config.json there (expected the HF base model directory; "
                         f"the PyTorch reference runs on it)")
     threads = int(threads or max(1, (os.cpu_count() or 2) // 2))
-    from otter_gguf.adapter import open_adapter
+    from otter_gguf.format.adapter import open_adapter
 
     adapter = open_adapter(adapter_dir)  # AdapterError on a bad adapter
     acfg = adapter.config
     minfo = _inspect_model(model_gguf)
     try:
-        from otter_gguf.adapter import check_against_base
+        from otter_gguf.format.adapter import check_against_base
 
         check_against_base(acfg, minfo.hparams)
     except ValueError as e:
@@ -722,7 +722,7 @@ def evaluate(
 
 def _series() -> str | None:
     try:
-        from otter_gguf import _lib
+        from otter_gguf.runtime import capi as _lib
 
         return _lib.series()
     except Exception:  # noqa: BLE001 - informational only
@@ -924,81 +924,3 @@ def check_targets(report: dict[str, Any], targets: dict[str, dict[str, tuple[str
             if not ok:
                 fails.append(f"{t}: {key} = {_f(v, '.6g')}, target {op} {bound:g}")
     return fails
-
-
-# ---------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------
-def _eval_command():
-    import click
-
-    class UserError(click.ClickException):
-        exit_code = 2
-
-    @click.command("eval")
-    @click.argument("model", metavar="MODEL.gguf", type=click.Path(path_type=Path))
-    @click.option("--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path),
-                  help="The Otter adapter directory (otter_config.json + otter_model.safetensors).")
-    @click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
-                  help="The HF base model directory (the float32 PyTorch reference runs on it).")
-    @click.option("--types", default=",".join(DEFAULT_TYPES), show_default=True,
-                  help="Comma-separated types: each quantizes the base (llama-quantize) and the Otter "
-                       "tensors (otter-gguf convert --outtype) to it.")
-    @click.option("--prompts", "prompts", type=click.Path(path_type=Path), default=None,
-                  help="Prompt file, one text per line ('#' comments). Default: the packaged set.")
-    @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("otter-eval"),
-                  show_default=True, help="Directory for eval.json, eval.md and eval.png.")
-    @click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
-                  help="Threads for llama.cpp (default: half the CPUs, as llama-cpp-python).")
-    @click.option("--kv-type", type=click.Choice(sorted(KV_TYPES)), default="f16", show_default=True,
-                  help="KV cache type of every runtime model (f32 isolates the weight quantization).")
-    @click.option("--keep-gguf", is_flag=True, help="Keep the per-type GGUFs in OUT/gguf/.")
-    @click.option("--no-progress", is_flag=True, help="No progress bar.")
-    def eval_command(model: Path, adapter_dir: Path, base_dir: Path, types: str, prompts: Path | None,
-                     out_dir: Path, threads: int | None, kv_type: str, keep_gguf: bool,
-                     no_progress: bool) -> None:
-        """Signal error and main-logit KLD of MODEL.gguf's quantizations.
-
-        MODEL.gguf is the unquantized (f32, or f16/bf16) GGUF of the base, plain
-        or with the Otter head (then its own signal error is the first row):
-        the reference of the main logits and the source of the quantized bases.
-        See docs/EVAL.md.
-        """
-        from otter_gguf.config import AdapterError
-        from otter_gguf.reference import ReferenceError as RefError
-        from otter_gguf_converter.errors import ConvertError
-
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UserError(f"--out {out_dir} exists and is not a directory")
-        try:
-            type_list = parse_types(types)
-        except EvalError as e:
-            raise click.BadParameter(str(e), param_hint="--types") from None
-        try:
-            report = evaluate(model, adapter_dir, base_dir, types=type_list, prompts=prompts,
-                              threads=threads, kv_type=kv_type,
-                              keep_dir=(out_dir / "gguf") if keep_gguf else None,
-                              progress=not no_progress)
-        except (EvalError, ConvertError, AdapterError, RefError) as e:
-            raise UserError(str(e)) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
-            raise
-        except Exception as e:  # noqa: BLE001
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
-            click.echo(f"otter-gguf eval: internal error: {type(e).__name__}: {e}", err=True)
-            sys.exit(1)
-        try:
-            paths = write_outputs(report, out_dir)
-        except OSError as e:
-            raise UserError(f"cannot write to --out {out_dir}: {e.strerror or e}") from None
-        click.echo(format_table(report))
-        click.echo(f"wrote {', '.join(str(p) for p in paths.values())} ({report['seconds']} s)", err=True)
-
-    return eval_command
-
-
-def register(group) -> None:
-    """Add ``eval`` to the ``otter-gguf`` click group."""
-    group.add_command(_eval_command())

@@ -1,6 +1,6 @@
 """Train the embedded demo model: a small llama base LM plus an Otter sentiment head.
 
-    python -m otter_gguf.demo_model.train [OUT_DIR]   (default: this package's directory)
+    python -m otter_gguf.demo.train [OUT_DIR]   (default: this package's directory)
 
 Seeded and CPU-only. Steps: generate the synthetic review corpus
 (`corpus.py`), train a SentencePiece tokenizer on it, train a `llama` base LM
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from otter_gguf.demo_model import corpus
+from otter_gguf.demo import corpus
 
 SEED = 1234
 BASE_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -99,9 +99,9 @@ def train_base(out: Path, docs: list[list[int]], steps: int, log) -> None:
 
 
 def train_otter(base_dir: Path, adapter_dir: Path, data, steps: int, log) -> dict:
-    from otter_gguf.adapter import save_adapter
-    from otter_gguf.reference import OtterModel, insert_otter, load_base
-    from otter_gguf.training import train_head
+    from otter_gguf.format.adapter import save_adapter
+    from otter_gguf.reference.model import OtterModel, insert_otter, load_base
+    from otter_gguf.reference.training import train_head
 
     base = load_base(base_dir)
     config, tensors = insert_otter(base, **OTTER_SHAPE, n_out=1, head_kind="reward",
@@ -121,7 +121,7 @@ def train_otter(base_dir: Path, adapter_dir: Path, data, steps: int, log) -> dic
 
 
 def heldout_correlation(base_dir: Path, adapter_dir: Path, data) -> float:
-    from otter_gguf.reference import load_otter
+    from otter_gguf.reference.model import load_otter
 
     model = load_otter(base_dir, adapter_dir)
     pred, true = [], []
@@ -135,7 +135,7 @@ def heldout_correlation(base_dir: Path, adapter_dir: Path, data) -> float:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m otter_gguf.demo_model.train")
+    ap = argparse.ArgumentParser(prog="python -m otter_gguf.demo.train")
     ap.add_argument("out", nargs="?", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--reuse-base", action="store_true",
                     help="keep an already trained base/ and only (re)train the Otter adapter")

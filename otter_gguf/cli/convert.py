@@ -8,34 +8,19 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
-import traceback
 from pathlib import Path
 
 import click
 
+from otter_gguf.cli.errors import UserError, internal_error
+from otter_gguf.format.config import AdapterError
 from otter_gguf_converter.errors import ConvertError
 from otter_gguf_converter.hf_base import BASE_OUTTYPES
 from otter_gguf_converter.qtypes import HEAD_TYPES, OUTTYPES
 
 
-class UserError(click.ClickException):
-    """A user error: printed as ``Error: ...``, exit code 2."""
-
-    exit_code = 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from otter_gguf.config import AdapterError
-
-    return (ConvertError, AdapterError)
-
-
-def _internal(cmd: str, e: BaseException) -> None:
-    traceback.print_exc(file=sys.stderr)
-    click.echo(f"otter-gguf {cmd}: internal error: {type(e).__name__}: {e}", err=True)
-    sys.exit(1)
+_USER_ERRORS = (ConvertError, AdapterError)
 
 
 @click.command("convert")
@@ -69,12 +54,12 @@ def convert_command(adapter_dir: Path, base: Path, out: Path, outtype: str, base
         path = convert(adapter_dir, base, out, outtype=outtype.lower(), base_outtype=(base_outtype or "f16").lower(),
                        head_type=head_type.lower() if head_type else None, force=force,
                        progress=not no_progress)
-    except _user_errors() as e:
+    except _USER_ERRORS as e:
         raise UserError(str(e)) from None
     except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001
-        _internal("convert", e)
+        internal_error("convert", e)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
@@ -94,16 +79,11 @@ def inspect_command(file: Path, as_json: bool) -> None:
 
     try:
         report = inspect_gguf(file)
-    except _user_errors() as e:
+    except _USER_ERRORS as e:
         raise UserError(str(e)) from None
     except Exception as e:  # noqa: BLE001
-        _internal("inspect", e)
+        internal_error("inspect", e)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(format_report(report))
-
-
-def register(group: click.Group) -> None:
-    group.add_command(convert_command)
-    group.add_command(inspect_command)

@@ -3,7 +3,7 @@
 Nothing is downloaded: the tokenizer is a SentencePiece model trained on the
 shipped ``otter_gguf/data/tiny_corpus.txt``; the weights are seeded random.
 
-    python -m otter_gguf.fixtures OUT_DIR
+    python -m otter_gguf.reference.fixtures OUT_DIR
 
 writes ``tiny-llama/``, ``tiny-qwen2/``, ``adapter-reward1/``,
 ``adapter-reward3/``, ``adapter-token-reward/`` and
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-CORPUS_PATH = Path(__file__).parent / "data" / "tiny_corpus.txt"
+CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 
 TINY = dict(d=256, L=4, h=4, h_kv=2, hd=64, f=768, V=512)
 ADAPTER = dict(d2=256, h2=4, h2_kv=1, f2=256)
@@ -240,11 +240,11 @@ def make_adapter(out_dir: str | os.PathLike, base_dir: str | os.PathLike,
     with q/k/v biases and a head bias) or ``token_reward`` (n_out=V).
     ``init="random"`` uses side weights scaled like the base's, so signals are
     O(1), vary per token and depend on the side stream; ``init="copy"`` uses
-    :func:`otter_gguf.reference.insert_otter`'s copy initialisation with a
+    :func:`otter_gguf.reference.model.insert_otter`'s copy initialisation with a
     head scaled to O(1) outputs.
     """
-    from otter_gguf.adapter import save_adapter
-    from otter_gguf.reference import insert_otter, load_base
+    from otter_gguf.format.adapter import save_adapter
+    from otter_gguf.reference.model import insert_otter, load_base
 
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"kind must be one of {', '.join(ADAPTER_KINDS)}, found {kind!r}")
@@ -313,7 +313,7 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m otter_gguf.fixtures OUT_DIR", file=sys.stderr)
+        print("usage: python -m otter_gguf.reference.fixtures OUT_DIR", file=sys.stderr)
         return 2
     for name, p in make_all(argv[0]).items():
         print(f"{name}: {p}")

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from otter_gguf.reference import OtterModel
+from otter_gguf.reference.model import OtterModel
 
 __all__ = ["train_head"]
 

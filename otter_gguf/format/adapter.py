@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 
-from otter_gguf.config import BASE_FIELDS, CONFIG_FILE_NAME, AdapterError, OtterConfig
+from otter_gguf.format.config import BASE_FIELDS, CONFIG_FILE_NAME, AdapterError, OtterConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -4,7 +4,7 @@
 :meth:`otter_gguf.OtterLlama.create_completion`, ``__call__`` and
 ``create_chat_completion`` (a plain ``dict`` with the same keys works too).
 The selection rules live here as small numpy functions so they can be tested
-without a model; :mod:`otter_gguf.llama` wires them into decoding.
+without a model; :mod:`otter_gguf.runtime.llama` wires them into decoding.
 
 Two head kinds, two mechanisms (see docs/API.md):
 

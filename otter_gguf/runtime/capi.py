@@ -8,7 +8,7 @@ bindings. An unpatched runtime lacks the symbols: :func:`load` then raises
 
 Example::
 
-    from otter_gguf import _lib
+    from otter_gguf.runtime import capi as _lib
     lib = _lib.load()
     if lib.llama_model_has_otter(model):
         n_out = lib.llama_model_otter_n_out(model)

@@ -22,7 +22,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
@@ -65,7 +64,7 @@ class RuntimeBuildInputError(RuntimeBuildError):
 
 
 def project_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def patches_dir() -> Path:
@@ -98,7 +97,7 @@ def cache_dir() -> Path:
 
 
 def _log(msg: str) -> None:
-    click.echo(f"otter-gguf: {msg}", err=True)
+    print(f"otter-gguf: {msg}", file=sys.stderr, flush=True)
 
 
 # -- source ---------------------------------------------------------------
@@ -250,9 +249,9 @@ def _run_streaming(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
             if m:
                 src = source.search(line)
                 what = Path(src.group(1)).name if src else line.split()[-1][-60:]
-                click.echo(f"  [{m.group(1)}/{m.group(2)}] {what}", err=True)
+                print(f"  [{m.group(1)}/{m.group(2)}] {what}", file=sys.stderr, flush=True)
             elif re.search(r"\berror\b|Created wheel", line):
-                click.echo("  " + line.rstrip()[:200], err=True)
+                print("  " + line.rstrip()[:200], file=sys.stderr, flush=True)
         return proc.wait()
 
 
@@ -369,38 +368,3 @@ def make_dev_source(dest: Path) -> Path:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return dest
-
-
-@click.command("build-runtime")
-@click.option("--check", is_flag=True,
-              help="Only say whether the installed runtime carries the current patch series.")
-@click.option("--force", is_flag=True, help="Rebuild and reinstall even if up to date.")
-@click.option("--cmake-args", default=None, metavar="ARGS",
-              help="Extra CMake arguments (default: $CMAKE_ARGS), e.g. -DGGML_METAL=ON.")
-@click.option("--dev-source", type=click.Path(path_type=Path), default=None,
-              help="Instead of building: lay out the pristine source with the series applied "
-                   "as git commits in this directory (see CONTRIBUTING.md).")
-def build_runtime_command(check: bool, force: bool, cmake_args: str | None,
-                          dev_source: Path | None) -> None:
-    """Build the patched llama.cpp runtime (llama-cpp-python) and install it here."""
-    try:
-        if dev_source is not None:
-            path = make_dev_source(dev_source)
-            click.echo(f"{path}: pristine llama.cpp + {len(patch_series())} patch commit(s); "
-                       "tag 'pristine' marks the base")
-            return
-        if check:
-            want = SERIES_PREFIX + series_id()
-            got = installed_series()
-            if got == want:
-                click.echo(f"runtime is current: {got}")
-                return
-            click.echo(f"runtime is NOT current: installed {got or 'no patched runtime'}, "
-                       f"patches/ is {want}; run `otter-gguf build-runtime`")
-            raise SystemExit(1)
-        build_runtime(cmake_args, force=force)
-    except RuntimeBuildInputError as e:
-        click.echo(f"Error: {e}", err=True)
-        raise SystemExit(2) from None
-    except RuntimeBuildError as e:
-        raise click.ClickException(str(e)) from None

@@ -10,7 +10,7 @@ by the patched runtime it also
 * attaches those signals to completion and chat results (``choice["otter"]``,
   streamed chunks carry the signals of the tokens they hold),
 * scores given text or tokens without sampling (:meth:`OtterLlama.score`),
-* steers decoding with the head (``guidance=``, see :mod:`otter_gguf.guidance`).
+* steers decoding with the head (``guidance=``, see :mod:`otter_gguf.runtime.guidance`).
 
 The schema of the ``otter`` field and the guidance semantics are documented in
 docs/API.md. Signals reach Python through a small :class:`SignalSource` seam:
@@ -36,7 +36,7 @@ import llama_cpp.llama_cpp as llama_cpp_lib
 from llama_cpp import Llama
 from llama_cpp.llama import LogitsProcessorList
 
-from otter_gguf.guidance import (
+from otter_gguf.runtime.guidance import (
     Guidance,
     ResolvedGuidance,
     args_pick,
@@ -51,7 +51,7 @@ __all__ = ["OtterLlama", "OtterScore", "SignalSource", "RuntimeSignalSource", "o
 _UNSET: Any = object()
 
 # ---------------------------------------------------------------------------
-# Otter C API of the patched libllama (declared in otter_gguf._lib)
+# Otter C API of the patched libllama (declared in otter_gguf.runtime.capi)
 # ---------------------------------------------------------------------------
 _MODEL_FNS = ("llama_model_has_otter", "llama_model_otter_n_out", "llama_model_otter_head_kind",
               "llama_model_otter_n_signal_names", "llama_model_otter_signal_name")
@@ -62,7 +62,7 @@ def _otter_api() -> Dict[str, Optional[Callable]]:
     """name -> callable (or None when the loaded libllama lacks it)."""
     global _api_cache
     if _api_cache is None:
-        from otter_gguf import _lib
+        from otter_gguf.runtime import capi as _lib
 
         _api_cache = _lib.bind_available(llama_cpp_lib._lib)
     return _api_cache
@@ -334,7 +334,7 @@ class OtterLlama(Llama):
     n_seq_max: parallel sequences of the context (llama.cpp ``n_seq_max``;
         the KV cache is unified when > 1). Scalar-reward guidance with
         ``top_k=k`` needs ``k + 1``.
-    guidance: default :class:`~otter_gguf.guidance.Guidance` (or dict) for
+    guidance: default :class:`~otter_gguf.runtime.guidance.Guidance` (or dict) for
         every completion / chat call that does not pass its own; also sizes
         ``n_seq_max``.
     otter_full_signals: include the full signal rows of token_reward heads
@@ -744,7 +744,7 @@ class OtterLlama(Llama):
     # ------------------------------------------------------------------
     def create_completion(self, prompt, *args, guidance: Any = _UNSET, **kwargs):
         """``Llama.create_completion`` plus ``guidance=`` (a
-        :class:`~otter_gguf.guidance.Guidance`, a dict or None). On an Otter
+        :class:`~otter_gguf.runtime.guidance.Guidance`, a dict or None). On an Otter
         model each choice carries an ``otter`` field (docs/API.md)."""
         if guidance is not _UNSET:
             self._otter_pending = Guidance.coerce(guidance)

@@ -45,7 +45,7 @@ def _context_options(f):
 
 def _load(model: str, *, ctx_size, threads, batch_size, flash_attn, cache_type_k, cache_type_v, seed,
           guidance=None, otter: bool = True):
-    from otter_gguf.llama import OtterLlama
+    from otter_gguf.runtime.llama import OtterLlama
 
     kw: dict[str, Any] = dict(n_ctx=ctx_size, n_batch=batch_size, flash_attn=flash_attn,
                               type_k=CACHE_TYPES[cache_type_k], type_v=CACHE_TYPES[cache_type_v],
@@ -153,7 +153,7 @@ def run_command(model, prompt, n_predict, temp, guidance_weight, guidance_top_k,
                 guidance_signal, display, as_json, ctx_size, threads, batch_size, flash_attn,
                 cache_type_k, cache_type_v, seed):
     """Generate from PROMPT with MODEL, showing each token's Otter reward."""
-    from otter_gguf.guidance import Guidance
+    from otter_gguf.runtime.guidance import Guidance
 
     guided = any(x is not None for x in (guidance_weight, guidance_top_k, guidance_mode)) or guidance_signal
     g = None
@@ -297,9 +297,3 @@ def score_command(model, text, tokens_s, as_json, ctx_size, threads, batch_size,
     for j, (t, txt) in enumerate(zip(res.tokens, res.token_texts)):
         click.echo(f"{j:>5} {t:>7} " + " ".join(f"{float(v):12.4f}" for v in res.signals[j])
                    + f"  {json.dumps(txt)}")
-
-
-def register(group: click.Group) -> None:
-    """Add `run` and `score` to the `otter-gguf` group."""
-    group.add_command(run_command)
-    group.add_command(score_command)

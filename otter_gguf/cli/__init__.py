@@ -1,0 +1,29 @@
+"""The `otter-gguf` command line: click commands only, one module per command family.
+
+Each command parses its options, calls the library layer below (format,
+converter, runtime, tools) and maps its errors to exit codes
+(:mod:`otter_gguf.cli.errors`). Nothing outside this package imports click.
+"""
+
+from __future__ import annotations
+
+import click
+
+from otter_gguf.cli.bench import bench_command
+from otter_gguf.cli.convert import convert_command, inspect_command
+from otter_gguf.cli.eval import eval_command
+from otter_gguf.cli.run import run_command, score_command
+from otter_gguf.cli.runtime import build_runtime_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="otter-gguf")
+def main() -> None:
+    """Otter reward heads on llama.cpp: convert, inspect, run, score."""
+
+
+for _command in (build_runtime_command, convert_command, inspect_command, run_command, score_command,
+                 eval_command, bench_command):
+    main.add_command(_command)
+
+__all__ = ["main"]

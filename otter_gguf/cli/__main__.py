@@ -1,0 +1,3 @@
+from otter_gguf.cli import main
+
+main()

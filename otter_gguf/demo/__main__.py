@@ -1,0 +1,5 @@
+import sys
+
+from otter_gguf.demo.run import main
+
+sys.exit(main())
