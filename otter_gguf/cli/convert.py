@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from otter_gguf.cli.errors import UserError, internal_error
+from otter_gguf.cli.errors import UserError, reported
 from otter_gguf.format.config import AdapterError
 from otter_gguf_converter.errors import ConvertError
 from otter_gguf_converter.hf_base import BASE_OUTTYPES
@@ -51,15 +51,11 @@ def convert_command(adapter_dir: Path, base: Path, out: Path, outtype: str, base
     main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
     try:
-        path = convert(adapter_dir, base, out, outtype=outtype.lower(), base_outtype=(base_outtype or "f16").lower(),
-                       head_type=head_type.lower() if head_type else None, force=force,
-                       progress=not no_progress)
-    except _USER_ERRORS as e:
-        raise UserError(str(e)) from None
-    except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
-        raise
-    except Exception as e:  # noqa: BLE001
-        internal_error("convert", e)
+        with reported("convert", *_USER_ERRORS):
+            path = convert(adapter_dir, base, out, outtype=outtype.lower(),
+                           base_outtype=(base_outtype or "f16").lower(),
+                           head_type=head_type.lower() if head_type else None, force=force,
+                           progress=not no_progress)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
@@ -77,12 +73,8 @@ def inspect_command(file: Path, as_json: bool) -> None:
     """Show the base model and the Otter head (if any) of a GGUF FILE."""
     from otter_gguf_converter.inspect import format_report, inspect_gguf
 
-    try:
+    with reported("inspect", *_USER_ERRORS):
         report = inspect_gguf(file)
-    except _USER_ERRORS as e:
-        raise UserError(str(e)) from None
-    except Exception as e:  # noqa: BLE001
-        internal_error("inspect", e)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

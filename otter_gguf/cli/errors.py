@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import traceback
+from contextlib import contextmanager
+from typing import Iterator
 
 import click
 
@@ -19,3 +21,17 @@ def internal_error(cmd: str, e: BaseException) -> None:
     traceback.print_exc(file=sys.stderr)
     click.echo(f"otter-gguf {cmd}: internal error: {type(e).__name__}: {e}", err=True)
     sys.exit(1)
+
+
+@contextmanager
+def reported(cmd: str, *user_errors: type[BaseException]) -> Iterator[None]:
+    """Run a command's body: ``user_errors`` become :class:`UserError` (exit 2),
+    click's own exits pass through, anything else is an internal error (exit 1)."""
+    try:
+        yield
+    except user_errors as e:
+        raise UserError(str(e)) from None
+    except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001
+        internal_error(cmd, e)

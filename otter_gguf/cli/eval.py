@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from otter_gguf.cli.errors import UserError, internal_error
+from otter_gguf.cli.errors import UserError, reported
 from otter_gguf.tools import eval as ev
 
 
@@ -49,17 +49,11 @@ def eval_command(model: Path, adapter_dir: Path, base_dir: Path, types: str, pro
         type_list = ev.parse_types(types)
     except ev.EvalError as e:
         raise click.BadParameter(str(e), param_hint="--types") from None
-    try:
+    with reported("eval", ev.EvalError, ConvertError, AdapterError, RefError):
         report = ev.evaluate(model, adapter_dir, base_dir, types=type_list, prompts=prompts,
-                          threads=threads, kv_type=kv_type,
-                          keep_dir=(out_dir / "gguf") if keep_gguf else None,
-                          progress=not no_progress)
-    except (ev.EvalError, ConvertError, AdapterError, RefError) as e:
-        raise UserError(str(e)) from None
-    except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
-        raise
-    except Exception as e:  # noqa: BLE001
-        internal_error("eval", e)
+                             threads=threads, kv_type=kv_type,
+                             keep_dir=(out_dir / "gguf") if keep_gguf else None,
+                             progress=not no_progress)
     try:
         paths = ev.write_outputs(report, out_dir)
     except OSError as e:
