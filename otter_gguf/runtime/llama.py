@@ -36,6 +36,8 @@ import llama_cpp.llama_cpp as llama_cpp_lib
 from llama_cpp import Llama
 from llama_cpp.llama import LogitsProcessorList
 
+from otter_gguf.runtime import capi
+from otter_gguf.runtime.capi import otter_runtime_available
 from otter_gguf.runtime.guidance import (
     Guidance,
     ResolvedGuidance,
@@ -49,29 +51,6 @@ from otter_gguf.runtime.guidance import (
 __all__ = ["OtterLlama", "OtterScore", "SignalSource", "RuntimeSignalSource", "otter_runtime_available"]
 
 _UNSET: Any = object()
-
-# ---------------------------------------------------------------------------
-# Otter C API of the patched libllama (declared in otter_gguf.runtime.capi)
-# ---------------------------------------------------------------------------
-_MODEL_FNS = ("llama_model_has_otter", "llama_model_otter_n_out", "llama_model_otter_head_kind",
-              "llama_model_otter_n_signal_names", "llama_model_otter_signal_name")
-_api_cache: Optional[Dict[str, Optional[Callable]]] = None
-
-
-def _otter_api() -> Dict[str, Optional[Callable]]:
-    """name -> callable (or None when the loaded libllama lacks it)."""
-    global _api_cache
-    if _api_cache is None:
-        from otter_gguf.runtime import capi as _lib
-
-        _api_cache = _lib.bind_available(llama_cpp_lib._lib)
-    return _api_cache
-
-
-def otter_runtime_available() -> bool:
-    """True when the loaded libllama exposes the Otter signal API."""
-    api = _otter_api()
-    return all(api[n] is not None for n in _MODEL_FNS) and api["llama_get_otter_signals_ith"] is not None
 
 
 def _s(b) -> Optional[str]:
@@ -118,34 +97,26 @@ class RuntimeSignalSource(SignalSource):
     """Signals from the patched libllama's Otter C API."""
 
     def __init__(self, model: Any, ctx: Any):
-        api = _otter_api()
-        self._api = api
         self._model = model
         self._ctx = ctx
-        has = api["llama_model_has_otter"]
-        self.has_otter = bool(has(model)) if has is not None else False
+        self.has_otter = capi.available("llama_model_has_otter") and bool(capi.llama_model_has_otter(model))
         if not self.has_otter:
             return
-        self.n_out = int(api["llama_model_otter_n_out"](model))
-        self.head_kind = _s(api["llama_model_otter_head_kind"](model))
-        n_names = int(api["llama_model_otter_n_signal_names"](model))
-        self.signal_names = [_s(api["llama_model_otter_signal_name"](model, i)) or f"signal_{i}"
+        capi.require("llama_model_otter_n_out", "llama_model_otter_head_kind", "llama_model_otter_n_signal_names",
+                     "llama_model_otter_signal_name", "llama_set_otter", "llama_get_otter_signals_ith")
+        self.n_out = int(capi.llama_model_otter_n_out(model))
+        self.head_kind = _s(capi.llama_model_otter_head_kind(model))
+        n_names = int(capi.llama_model_otter_n_signal_names(model))
+        self.signal_names = [_s(capi.llama_model_otter_signal_name(model, i)) or f"signal_{i}"
                              for i in range(n_names)]
-        self.supports_all_positions = (api["llama_set_otter_all_positions"] is not None
-                                       and api["llama_get_otter_signals_pos"] is not None)
-        self._get_ith = api["llama_get_otter_signals_ith"]
-        if self._get_ith is None:
-            raise RuntimeError("this libllama reports an Otter head but lacks llama_get_otter_signals_ith; "
-                               "rebuild the runtime with `otter-gguf build-runtime`")
+        self.supports_all_positions = capi.available("llama_set_otter_all_positions", "llama_get_otter_signals_pos")
 
     def set_enabled(self, enabled: bool) -> None:
-        fn = self._api["llama_set_otter"]
-        if fn is not None:
-            fn(self._ctx, bool(enabled))
+        capi.llama_set_otter(self._ctx, bool(enabled))
 
     def set_all_positions(self, enabled: bool) -> None:
         if self.supports_all_positions:
-            self._api["llama_set_otter_all_positions"](self._ctx, bool(enabled))
+            capi.llama_set_otter_all_positions(self._ctx, bool(enabled))
 
     def _copy(self, ptr, what: str) -> np.ndarray:
         if not ptr:
@@ -153,11 +124,10 @@ class RuntimeSignalSource(SignalSource):
         return np.ctypeslib.as_array(ptr, shape=(self.n_out,)).copy()
 
     def read_row(self, i: int, history) -> np.ndarray:
-        return self._copy(self._get_ith(self._ctx, int(i)), f"output row {i}")
+        return self._copy(capi.llama_get_otter_signals_ith(self._ctx, int(i)), f"output row {i}")
 
     def read_position(self, j: int, history) -> np.ndarray:
-        fn = self._api["llama_get_otter_signals_pos"]
-        return self._copy(fn(self._ctx, int(j)), f"batch position {j}")
+        return self._copy(capi.llama_get_otter_signals_pos(self._ctx, int(j)), f"batch position {j}")
 
 
 class _SignalStore:
@@ -1042,7 +1012,7 @@ def _explain_load_failure(model_path: str, err: ValueError) -> ValueError:
     support ("wrong number of tensors"); say so."""
     if "Failed to load model" not in str(err) or not os.path.isfile(model_path):
         return err
-    if all(_otter_api()[n] is not None for n in _MODEL_FNS):
+    if capi.available(*capi.MODEL_FUNCTIONS):
         return err
     try:
         from gguf import GGUFReader
