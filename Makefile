@@ -7,11 +7,13 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup runtime demo test llama-src patches-check clean help
+.PHONY: setup runtime demo test test-unit test-fast llama-src patches-check clean help
 
 help:
 	@echo "make demo       run the demo (sets up first)"
-	@echo "make test       run the test suite (sets up first)"
+	@echo "make test       run the test suite, all tiers (sets up first)"
+	@echo "make test-unit  the unit tier only (no runtime build needed)"
+	@echo "make test-fast  all but the slow tier"
 	@echo "make setup      create $(VENV) with torch, otter-gguf and the patched runtime"
 	@echo "make runtime    (re)build the patched llama.cpp runtime (cached)"
 	@echo "make llama-src  lay out build/llama-src: pinned llama.cpp + patches/ as git commits"
@@ -34,6 +36,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# tiers (pyproject.toml markers): unit, runtime, slow
+test-unit: $(VENV)/.stamp-python
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 llama-src: $(VENV)/.stamp-python
 	$(VENV)/bin/otter-gguf build-runtime --dev-source build/llama-src

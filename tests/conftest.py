@@ -1,5 +1,10 @@
-"""Shared session fixtures: tiny deterministic checkpoints built locally.
+"""The shared fixtures (tiny deterministic checkpoints built locally, their
+GGUFs, the patched runtime) and the test tiers.
 
+Every test carries exactly one tier marker (pyproject.toml): ``unit`` (no
+llama_cpp), ``runtime`` (the patched library) or ``slow`` (pristine build,
+demo model at many types, > ~20 s). Tests import no fixtures: they are all
+here; plain helpers are in tests/helpers.py (``from helpers import ...``).
 The names below are used across the test suite; keep them stable.
 """
 
@@ -11,12 +16,49 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import Models, require_otter_runtime
 from otter_gguf.reference import fixtures as fx
+
+TIERS = ("unit", "runtime", "slow")
 
 # The test machines are small and shared: torch's intra-op threads spin-wait
 # and slow tiny matmuls down by 10x or more when cores are oversubscribed.
 # One thread is fastest for these tiny models (override: OTTER_TORCH_THREADS).
 torch.set_num_threads(int(os.environ.get("OTTER_TORCH_THREADS", "1")))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Each test has one tier: its closest tier marker (a function's mark
+    overrides its module's ``pytestmark``), made its only one so that ``-m``
+    selects it in that tier alone. A test that uses the runtime (the
+    ``otter_runtime`` fixture, directly or through ``rt``) is not ``unit``."""
+    bad, tier = [], {}
+    for item in items:
+        own = {m.name for m in item.own_markers if m.name in TIERS}
+        closest = next((m.name for m in item.iter_markers() if m.name in TIERS), None)
+        if closest is None or len(own) > 1:
+            bad.append(f"{item.nodeid}: tier markers {sorted(own) or 'none'} "
+                       f"(want exactly one of {', '.join(TIERS)})")
+        elif closest == "unit" and "otter_runtime" in getattr(item, "fixturenames", ()):
+            bad.append(f"{item.nodeid}: marked unit but uses the runtime (otter_runtime)")
+        tier[item] = closest
+    if bad:
+        raise pytest.UsageError("test tiers:\n  " + "\n  ".join(bad))
+    for item in items:
+        for node in item.listchain():
+            node.own_markers[:] = [m for m in node.own_markers if m.name not in TIERS]
+    for item in items:
+        item.add_marker(tier[item])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A ``runtime`` test first passes the runtime check (before its fixtures):
+    it fails, never skips, on a missing or stale runtime (``slow`` tests that
+    need the runtime request the ``otter_runtime`` fixture)."""
+    if item.get_closest_marker("runtime") is not None:
+        require_otter_runtime()
 
 
 @pytest.fixture(scope="session")
@@ -71,12 +113,26 @@ def hf_base_gguf(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="module")
-def rt():
-    """(llama_cpp.llama_cpp, Otter lib, captured log lines) of the patched runtime."""
-    from test_runtime_helpers import quiet_logs, runtime_or_skip
+@pytest.fixture(scope="session")
+def otter_runtime():
+    """``llama_cpp.llama_cpp`` of the patched runtime; fails (never skips) otherwise."""
+    return require_otter_runtime()
 
-    ll, lib = runtime_or_skip()
+
+@pytest.fixture(scope="session")
+def gguf_models(request, tmp_path_factory) -> Models:
+    """The tiny llama base / Otter GGUFs (helpers.Models), built on first use."""
+    root = tmp_path_factory.getbasetemp() / "otter-api-gguf"
+    root.mkdir(exist_ok=True)
+    return Models(request, root)
+
+
+@pytest.fixture(scope="module")
+def rt(otter_runtime):
+    """(llama_cpp.llama_cpp, Otter lib, captured log lines) of the patched runtime."""
+    from otter_gguf.runtime import capi
+    from test_runtime_helpers import quiet_logs
+
     logs: list[str] = []
-    quiet_logs(ll, logs)
-    return ll, lib, logs
+    quiet_logs(otter_runtime, logs)
+    return otter_runtime, capi.load(), logs

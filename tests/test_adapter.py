@@ -21,6 +21,8 @@ from otter_gguf.format.adapter import (
 )
 from otter_gguf.format import config as config_mod
 
+pytestmark = pytest.mark.unit
+
 
 def small_dict(**over):
     d = {

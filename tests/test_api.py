@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from _gguf_models import LLAMA_KW, fake_signals, fake_source_factory, gguf_models, require_otter_runtime  # noqa: F401
+from helpers import LLAMA_KW, fake_signals, fake_source_factory
+
+pytestmark = pytest.mark.runtime
 
 PROMPT = "The quick brown"
 
@@ -47,6 +49,7 @@ def _stream_tokens(chunks):
 # ---------------------------------------------------------------------------
 # guidance settings and selection rules (no model)
 # ---------------------------------------------------------------------------
+@pytest.mark.unit
 def test_guidance_validation():
     from otter_gguf.runtime.guidance import Guidance
 
@@ -79,6 +82,7 @@ def test_guidance_validation():
         Guidance(signal="r").resolve(head_kind="token_reward", n_out=10, signal_names=[], n_vocab=10)
 
 
+@pytest.mark.unit
 def test_selection_rules():
     from otter_gguf.runtime.guidance import args_pick, dexperts_logits, token_args_logits, top_k_ids
 
@@ -98,6 +102,7 @@ def test_selection_rules():
     assert draws == [args_pick(np.array([0.0, 1.0, 2.0]), 1.0, np.random.default_rng(5)) for _ in range(3)]
 
 
+@pytest.mark.unit
 def test_signal_store_sparse_keeps_latest_and_token_rewards():
     from otter_gguf.runtime.llama import _SignalStore
 
@@ -248,7 +253,6 @@ def test_scalar_args_fake_source_picks_logit_plus_w_reward(gguf_models):
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reward3(gguf_models):
-    require_otter_runtime()
     from otter_gguf import OtterLlama
 
     return OtterLlama(str(gguf_models.otter("reward3")), n_seq_max=5, **LLAMA_KW)
@@ -256,7 +260,6 @@ def reward3(gguf_models):
 
 @pytest.fixture(scope="module")
 def token_head(gguf_models):
-    require_otter_runtime()
     from otter_gguf import OtterLlama
 
     return OtterLlama(str(gguf_models.otter("token_reward")), **LLAMA_KW)

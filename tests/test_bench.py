@@ -12,7 +12,10 @@ from click.testing import CliRunner
 
 from otter_gguf.tools import bench
 
+pytestmark = pytest.mark.runtime
 
+
+@pytest.mark.unit
 def test_saving_is_the_papers_definition():
     assert bench.saving(1.0, 10.0) == pytest.approx(0.9)
     assert bench.saving(0.0, 5.0) == 1.0
@@ -20,6 +23,7 @@ def test_saving_is_the_papers_definition():
     assert bench.saving(None, 1.0) is None
 
 
+@pytest.mark.unit
 def test_space_savings_arithmetic():
     b = {"base_file": 1000, "otter_file": 1100, "rm_file": 900, "rm_head": 100, "otter_token_file": 1300}
     s = bench.space_savings(b)
@@ -35,6 +39,7 @@ def _w(decode_ms, prefill_ms):
     return {"decode_ms": decode_ms, "prefill_ms": prefill_ms}
 
 
+@pytest.mark.unit
 def test_time_savings_per_repeat_then_median():
     # ms/token: a 100, b 110, c 200 -> extra b 10, c 100 -> saving 0.9 (repeat 1); a 100, b 120, c 180 -> 0.75
     per = {"a": [_w(100, 10), _w(100, 10)], "b": [_w(110, 11), _w(120, 11)], "c": [_w(200, 20), _w(180, 20)],
@@ -49,6 +54,7 @@ def test_time_savings_per_repeat_then_median():
     assert t["ratio_b_over_a"]["values"] == pytest.approx([100 / 110, 100 / 120])
 
 
+@pytest.mark.unit
 def test_session_record_uses_medians():
     r = bench.session_record({"steps": [0.1, 0.3, 0.2, 5.0], "prefill": [(10, 1.0), (10, 2.0), (5, 10.0)]})
     assert r["decode_ms"] == pytest.approx(250.0)
@@ -58,9 +64,6 @@ def test_session_record_uses_medians():
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
-    from tests._gguf_models import require_otter_runtime
-
-    require_otter_runtime()
     d = tmp_path_factory.mktemp("bench")
     out = d / "r.json"
     res = CliRunner().invoke(bench.bench_command, [

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from _gguf_models import LLAMA_KW, gguf_models, require_otter_runtime  # noqa: F401
+from helpers import LLAMA_KW
 
 CTX = ["--ctx-size", "256", "--threads", "1", "--batch-size", "64"]
+
+pytestmark = pytest.mark.runtime
 
 
 def _cli(*args):
@@ -22,7 +24,6 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def reward3_path(gguf_models):
-    require_otter_runtime()
     return str(gguf_models.otter("reward3"))
 
 

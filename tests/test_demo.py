@@ -12,6 +12,8 @@ from otter_gguf.demo import DEMO_DIR
 from otter_gguf.demo import corpus
 from otter_gguf.demo.train import N_HELDOUT_DOCS, SEED, encode
 
+pytestmark = pytest.mark.unit
+
 
 def test_heldout_reward_correlates_with_true_label() -> None:
     import sentencepiece as spm
@@ -51,6 +53,7 @@ def demo_q8(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_guidance_moves_the_true_label(demo_q8) -> None:
     from otter_gguf import Guidance, OtterLlama
     from otter_gguf.demo.run import _label_share

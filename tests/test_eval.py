@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from _gguf_models import gguf_models, require_otter_runtime  # noqa: F401
 from otter_gguf.tools import eval as ev
 from otter_gguf.cli import main
+
+pytestmark = pytest.mark.unit
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -158,8 +159,8 @@ def test_gguf_sizes(gguf_models):
     assert plain["base_bytes"] == sizes["base_bytes"]
 
 
+@pytest.mark.runtime
 def test_eval_cli_end_to_end(gguf_models, adapter_reward3_dir, tiny_llama_dir, tmp_path):
-    require_otter_runtime()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     out = tmp_path / "out"
@@ -191,8 +192,8 @@ def test_eval_cli_end_to_end(gguf_models, adapter_reward3_dir, tiny_llama_dir, t
     assert 0 < q8["logits"]["kld_p99"] and 0 < q8["logits"]["top1"] <= 1
 
 
+@pytest.mark.runtime
 def test_eval_plain_model_token_reward_head(gguf_models, adapter_token_reward_dir, tiny_llama_dir, tmp_path):
-    require_otter_runtime()
     report = ev.evaluate(gguf_models.base, adapter_token_reward_dir, tiny_llama_dir, types=["f16"],
                          prompts=PROMPTS[:3], threads=1, progress=False)
     assert report["signal_names"] == ["token_reward"]
@@ -239,6 +240,7 @@ def test_bad_inputs_exit_2(gguf_models, adapter_reward1_dir, adapter_reward3_dir
         assert msg in res.output, (args, res.output)
 
 
+@pytest.mark.runtime
 def test_quantized_model_is_refused(gguf_models, adapter_reward1_dir, tiny_llama_dir, tmp_path):
     q = tmp_path / "base-q8_0.gguf"
     ev._quantize_base(Path(gguf_models.base), q, "q8_0", 1)
@@ -246,9 +248,9 @@ def test_quantized_model_is_refused(gguf_models, adapter_reward1_dir, tiny_llama
     assert res.exit_code == 2 and "unquantized" in res.output, res.output
 
 
+@pytest.mark.runtime
 def test_model_of_another_base_is_refused(gguf_models, adapter_reward1_dir, tmp_path):
     """MODEL.gguf must be the --base model: same shapes but other weights -> exit 2."""
-    require_otter_runtime()
     from otter_gguf.reference import fixtures as fx
 
     other = fx.make_tiny_llama(tmp_path / "other-llama", seed=1)

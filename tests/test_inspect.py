@@ -12,6 +12,8 @@ from gguf import GGUFReader
 from otter_gguf.cli import main as cli_main
 from otter_gguf_converter import convert
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="session")
 def plain_gguf(hf_base_gguf, tiny_llama_dir) -> Path:

@@ -14,6 +14,8 @@ import pytest
 
 from otter_gguf.runtime import build as rb
 
+pytestmark = pytest.mark.slow
+
 _LOGITS = r"""
 import sys, numpy as np, llama_cpp
 llm = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_batch=64, n_threads=1, n_threads_batch=1,

@@ -21,6 +21,8 @@ from otter_gguf.reference.model import (
     load_otter,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def rand_tokens(*shape, seed=0, vocab=512):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
@@ -450,6 +452,7 @@ def test_tokenizer_byte_fallback(tiny_llama_dir):
     assert sp.decode(ids) == text
 
 
+@pytest.mark.runtime
 def test_llama_cpp_converts_tiny_llama_and_tokenizes_alike(tmp_path, tiny_llama_dir):
     """llama.cpp's own converter (pinned source) accepts the fixture, and
     llama.cpp's tokenizer agrees with SentencePiece on a sample."""

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from _gguf_models import require_otter_runtime
 from otter_gguf.demo import DEMO_DIR
 from otter_gguf.tools import eval as ev
+
+pytestmark = pytest.mark.slow
 
 DEMO = DEMO_DIR
 BASELINE = Path(__file__).resolve().parent / "baselines" / "demo_eval_baseline.json"
@@ -32,11 +33,10 @@ TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
 
 @pytest.fixture(scope="module")
-def demo_report(tmp_path_factory):
+def demo_report(tmp_path_factory, otter_runtime):
     base, adapter = DEMO / "base", DEMO / "adapter"
     if not (base / "config.json").is_file() or not (adapter / "otter_config.json").is_file():
         pytest.skip(f"the demo model is not in {DEMO} (base/ and adapter/)")
-    require_otter_runtime()
     from otter_gguf_converter import convert
 
     work = tmp_path_factory.mktemp("demo-eval")

@@ -15,6 +15,8 @@ from test_runtime_helpers import Model, rel_err
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
+pytestmark = pytest.mark.runtime
+
 TOL = 1e-4
 
 

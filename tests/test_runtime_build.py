@@ -11,6 +11,8 @@ import pytest
 
 from otter_gguf.runtime import build as rb
 
+pytestmark = pytest.mark.unit
+
 
 def test_series_applies_to_pristine_pinned_source(tmp_path: Path) -> None:
     pristine = rb.pinned_llama_cpp_source()
@@ -41,6 +43,7 @@ def test_failing_patch_names_patch_and_hunk(tmp_path: Path) -> None:
     assert "0001-bad.patch" in msg and "include/llama.h" in msg and "line 3" in msg
 
 
+@pytest.mark.runtime
 def test_installed_runtime_reports_current_series() -> None:
     assert rb.installed_series() == rb.SERIES_PREFIX + rb.series_id()
     res = subprocess.run([sys.executable, "-m", "otter_gguf.cli", "build-runtime", "--check"],
@@ -49,6 +52,7 @@ def test_installed_runtime_reports_current_series() -> None:
     assert "runtime is current" in res.stdout
 
 
+@pytest.mark.runtime
 def test_check_reports_stale_runtime(tmp_path: Path) -> None:
     changed = tmp_path / "patches"
     shutil.copytree(rb.patches_dir(), changed)

@@ -12,6 +12,8 @@ from test_runtime_helpers import Model
 
 gguf = pytest.importorskip("gguf")
 
+pytestmark = pytest.mark.runtime
+
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, tiny_llama_dir, adapter_reward3_dir):

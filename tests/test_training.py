@@ -9,6 +9,8 @@ from otter_gguf.format.adapter import load_adapter
 from otter_gguf.reference.model import OtterModel, insert_otter, load_base
 from otter_gguf.reference.training import train_head
 
+pytestmark = pytest.mark.unit
+
 
 def _seqs(n, T, seed):
     g = torch.Generator().manual_seed(seed)

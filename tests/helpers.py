@@ -1,23 +1,27 @@
-"""GGUF models and helpers for the OtterLlama / `run` / `score` tests.
+"""Helpers shared by the tests: plain functions and classes, no fixtures.
 
-``gguf_models`` (session) converts the conftest fixtures once per process:
-``base`` is the tiny llama as a plain f32 GGUF with a chat template added (so
-``create_chat_completion`` uses the model's own template), ``otter(kind)``
-is that base plus the ``reward1`` / ``reward3`` / ``token_reward`` adapter.
+Import them as ``from helpers import ...`` (tests/ is on sys.path); the
+shared fixtures live in tests/conftest.py.
 
-``require_otter_runtime()`` gates the tests that need the patched runtime's
-Otter functions: they run when the loaded libllama has them, FAIL when the
-repository's patch series provides them but the loaded runtime does not
-(stale install), and are skipped only while the series does not have them
-yet (a dev build can be used with LLAMA_CPP_LIB_PATH=...).
+``Models`` converts the conftest checkpoints to GGUF once per process (the
+``gguf_models`` fixture): ``base`` is the tiny llama as a plain f32 GGUF with
+a chat template added (so ``create_chat_completion`` uses the model's own
+template), ``otter(kind)`` is that base plus the ``reward1`` / ``reward3`` /
+``token_reward`` adapter.
+
+``require_otter_runtime()`` is the one runtime check (the ``otter_runtime``
+fixture): a runtime test FAILS, never skips, when llama_cpp is missing or the
+library it loaded is not the patched runtime of patches/ (run ``make runtime``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -105,28 +109,43 @@ class Models:
         return _built[kind]
 
 
-@pytest.fixture(scope="session")
-def gguf_models(request, tmp_path_factory) -> Models:
-    root = tmp_path_factory.getbasetemp() / "otter-api-gguf"
-    root.mkdir(exist_ok=True)
-    return Models(request, root)
+def otter_runtime_problem(lib, want: str, dev_ok: bool = False) -> Optional[str]:
+    """Why ``lib`` (the loaded libllama, or any object with its attributes) is
+    not the patched runtime of the series ``want`` ("otter-gguf/<hash>"), or None.
+
+    ``dev_ok``: also accept a dev build's marker ("otter-gguf/dev", a build made
+    by hand from ``make llama-src``; used through LLAMA_CPP_LIB_PATH).
+    """
+    from otter_gguf.runtime import capi
+    from otter_gguf.runtime.build import SERIES_PREFIX
+
+    name = getattr(lib, "_name", None) or repr(lib)
+    missing = [n for n in capi.NAMES if not hasattr(lib, n)]
+    if missing:
+        return f"the loaded llama.cpp library {name} lacks the Otter API (missing {', '.join(missing)})"
+    fn = lib.llama_otter_series
+    fn.restype, fn.argtypes = ctypes.c_char_p, []
+    got = (fn() or b"").decode(errors="replace")
+    if got == want or (dev_ok and got == SERIES_PREFIX + "dev"):
+        return None
+    return f"the loaded llama.cpp library {name} carries the patch series {got!r}, patches/ is {want!r}"
 
 
-def require_otter_runtime() -> None:
-    from otter_gguf.runtime.llama import otter_runtime_available
-    from otter_gguf.runtime.build import patch_series
+def require_otter_runtime():
+    """The runtime check of every runtime test: ``llama_cpp.llama_cpp`` of the
+    patched runtime, or ``pytest.fail`` saying to run ``make runtime``."""
+    from otter_gguf.runtime.build import SERIES_PREFIX, series_id
 
-    if otter_runtime_available():
-        return
-    import llama_cpp.llama_cpp as ll
-
-    lib = getattr(ll._lib, "_name", "?")
-    if any("llama_get_otter_signals_ith" in p.read_text(encoding="utf-8", errors="replace")
-           for p in patch_series()):
-        pytest.fail(f"the patch series provides the Otter signal API but the loaded llama.cpp runtime ({lib}) "
-                    f"lacks it: reinstall it with `otter-gguf build-runtime` (or set LLAMA_CPP_LIB_PATH)")
-    pytest.skip(f"the Otter signal API is not in the patch series yet and {lib} lacks it "
-                f"(use LLAMA_CPP_LIB_PATH=<patched build>)")
+    fix = "run `make runtime` (or point LLAMA_CPP_LIB_PATH at a patched build)"
+    try:
+        from llama_cpp import llama_cpp as ll
+    except ImportError as e:
+        pytest.fail(f"llama-cpp-python is not importable ({e}): {fix}", pytrace=False)
+    problem = otter_runtime_problem(ll._lib, SERIES_PREFIX + series_id(),
+                                    dev_ok=bool(os.environ.get("LLAMA_CPP_LIB_PATH")))
+    if problem:
+        pytest.fail(f"{problem}: {fix}", pytrace=False)
+    return ll
 
 
 # ---------------------------------------------------------------------------
