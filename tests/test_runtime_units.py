@@ -101,3 +101,91 @@ def test_capi_load_returns_the_typed_module(fake_lib):
     lib = capi.load()
     assert lib is capi and capi.otter_runtime_available()
     assert inspect.signature(lib.llama_model_otter_n_out) == inspect.signature(capi.llama_model_otter_n_out)
+
+
+# ---------------------------------------------------------------------------
+# the signal store (otter_gguf.runtime.signals)
+# ---------------------------------------------------------------------------
+def _row(*v):
+    return np.array(v, dtype=np.float32)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_signal_store_put_get_array_truncate(dense):
+    from otter_gguf.runtime.signals import SignalStore
+
+    st = SignalStore(8, 2, token_head=False, dense=dense)
+    st.keep_from = 0  # sparse: keep every row (as for full signals from position 0)
+    assert st.dense is dense and st.get(0) is None and st.array(3).shape == (3, 2)
+    assert np.isnan(st.array(3)).all()
+    st.put(0, _row(1, 2))
+    st.put(2, _row(5, 6))
+    assert st.get(1) is None and st.get(-1) is None and st.get(8) is None
+    np.testing.assert_array_equal(st.get(2), [5, 6])
+    arr = st.array(3)
+    np.testing.assert_array_equal(arr[[0, 2]], [[1, 2], [5, 6]])
+    assert np.isnan(arr[1]).all() and st.hi == 3
+    assert st.array(2).shape == (2, 2)  # positions >= n are not part of the array
+    st.truncate(1)  # an n_tokens rewind to 1
+    assert st.get(2) is None and st.hi == 1 and st.get(0) is not None
+    st.truncate(5)  # beyond what was written: nothing happens
+    np.testing.assert_array_equal(st.get(0), [1, 2])
+    st.truncate(-3)
+    assert st.get(0) is None and st.hi == 0
+
+
+def test_signal_store_token_rewards_are_the_previous_row_at_the_token():
+    from otter_gguf.runtime.signals import SignalStore
+
+    st = SignalStore(6, 4, token_head=True)
+    assert st.dense  # 6 x 4 floats
+    st.note_token(0, 1)  # position 0 has no previous row
+    st.put(0, _row(0.5, 1.5, 2.5, 3.5))
+    st.note_token(1, 3)
+    st.note_token(2, 0)  # no row at 1 yet
+    st.note_token(1, 9)  # outside the row: ignored (the reward of 1 stays)
+    assert st.token_reward(0) is None and st.token_reward(1) == 3.5 and st.token_reward(2) is None
+    assert st.token_reward(6) is None and st.hi == 2
+    st.truncate(1)
+    assert st.token_reward(1) is None and st.get(0) is not None
+    plain = SignalStore(6, 2, token_head=False)
+    plain.put(0, _row(1, 2))
+    plain.note_token(1, 1)
+    assert plain.token_reward(1) is None and plain.tok_reward is None
+
+
+def test_signal_store_sparse_keeps_only_the_latest_row_before_keep_from():
+    from otter_gguf.runtime.signals import SignalStore
+
+    st = SignalStore(16, 3, token_head=True, dense=False)
+    for p in range(4):
+        st.put(p, _row(p, p + 1, p + 2))
+    assert sorted(st.rows) == [3]
+    st.keep_from = 4
+    for p in range(4, 7):
+        st.note_token(p, 2)
+        st.put(p, _row(10 * p, 10 * p + 1, 10 * p + 2))
+    assert sorted(st.rows) == [4, 5, 6]  # 3 < keep_from went when 4 came (after giving 4 its reward)
+    assert [st.token_reward(p) for p in (4, 5, 6)] == [5.0, 42.0, 52.0]
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_signal_store_snapshot_restore(dense):
+    from otter_gguf.runtime.signals import SignalStore
+
+    st = SignalStore(10, 3, token_head=True, dense=dense)
+    st.keep_from = 0
+    for p, t in enumerate([2, 0, 1, 2]):
+        st.note_token(p, t)
+        st.put(p, _row(p, p + 0.25, p + 0.5))
+    snap = st.snapshot(3)  # the state holds 3 tokens
+    st.truncate(1)
+    st.put(1, _row(-1, -1, -1))
+    st.put(5, _row(7, 7, 7))
+    st.restore(snap)
+    assert st.hi == 3 and st.get(3) is None and st.get(5) is None
+    np.testing.assert_array_equal(st.array(3), [[0, 0.25, 0.5], [1, 1.25, 1.5], [2, 2.25, 2.5]])
+    assert [st.token_reward(p) for p in range(4)] == [None, 0.0, 1.25, None]
+    st.put(4, _row(9, 9, 9))  # after restore, writing and truncating works as before
+    st.truncate(3)
+    assert st.get(4) is None and st.hi == 3

@@ -47,184 +47,12 @@ from otter_gguf.runtime.guidance import (
     token_args_logits,
     top_k_ids,
 )
+from otter_gguf.runtime.signals import RuntimeSignalSource, SignalSource, SignalStore
 
 __all__ = ["OtterLlama", "OtterScore", "SignalSource", "RuntimeSignalSource", "otter_runtime_available"]
 
 _UNSET: Any = object()
-
-
-def _s(b) -> Optional[str]:
-    if b is None:
-        return None
-    return b.decode("utf-8", errors="replace") if isinstance(b, bytes) else str(b)
-
-
-# ---------------------------------------------------------------------------
-# signal sources (the seam between OtterLlama and the runtime)
-# ---------------------------------------------------------------------------
-class SignalSource:
-    """Where an :class:`OtterLlama` gets its Otter signals from.
-
-    ``read_row(i, history)`` returns the signals of output row ``i`` of the
-    last decode (``llama_get_logits_ith`` index semantics: the batch index of
-    a token whose ``logits`` flag was set). ``history()`` returns the token
-    sequence up to and including that row's token (only sources that
-    recompute signals need it). ``read_position(j, history)`` returns the
-    signals of batch position ``j`` of the last decode made in all-positions
-    mode.
-    """
-
-    has_otter: bool = False
-    n_out: int = 0
-    head_kind: Optional[str] = None
-    signal_names: List[str] = []
-    supports_all_positions: bool = False
-
-    def set_enabled(self, enabled: bool) -> None:
-        pass
-
-    def set_all_positions(self, enabled: bool) -> None:
-        pass
-
-    def read_row(self, i: int, history: Callable[[], Sequence[int]]) -> np.ndarray:
-        raise NotImplementedError
-
-    def read_position(self, j: int, history: Callable[[], Sequence[int]]) -> np.ndarray:
-        raise NotImplementedError
-
-
-class RuntimeSignalSource(SignalSource):
-    """Signals from the patched libllama's Otter C API."""
-
-    def __init__(self, model: Any, ctx: Any):
-        self._model = model
-        self._ctx = ctx
-        self.has_otter = capi.available("llama_model_has_otter") and bool(capi.llama_model_has_otter(model))
-        if not self.has_otter:
-            return
-        capi.require("llama_model_otter_n_out", "llama_model_otter_head_kind", "llama_model_otter_n_signal_names",
-                     "llama_model_otter_signal_name", "llama_set_otter", "llama_get_otter_signals_ith")
-        self.n_out = int(capi.llama_model_otter_n_out(model))
-        self.head_kind = _s(capi.llama_model_otter_head_kind(model))
-        n_names = int(capi.llama_model_otter_n_signal_names(model))
-        self.signal_names = [_s(capi.llama_model_otter_signal_name(model, i)) or f"signal_{i}"
-                             for i in range(n_names)]
-        self.supports_all_positions = capi.available("llama_set_otter_all_positions", "llama_get_otter_signals_pos")
-
-    def set_enabled(self, enabled: bool) -> None:
-        capi.llama_set_otter(self._ctx, bool(enabled))
-
-    def set_all_positions(self, enabled: bool) -> None:
-        if self.supports_all_positions:
-            capi.llama_set_otter_all_positions(self._ctx, bool(enabled))
-
-    def _copy(self, ptr, what: str) -> np.ndarray:
-        if not ptr:
-            raise RuntimeError(f"libllama returned no Otter signals for {what}")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_out,)).copy()
-
-    def read_row(self, i: int, history) -> np.ndarray:
-        return self._copy(capi.llama_get_otter_signals_ith(self._ctx, int(i)), f"output row {i}")
-
-    def read_position(self, j: int, history) -> np.ndarray:
-        return self._copy(capi.llama_get_otter_signals_pos(self._ctx, int(j)), f"batch position {j}")
-
-
-class _SignalStore:
-    """Signals per context position (NaN / absent where not computed).
-
-    Dense ``[n_ctx, n_out]`` when that is small; otherwise (token_reward heads
-    of big vocabularies) only the rows at positions ``>= keep_from`` and the
-    latest row are kept. For token_reward heads ``token_reward[p]`` is
-    ``row[p - 1][token at p]``: what the head said, one step earlier, about
-    the token that was then fed at ``p``.
-    """
-
-    DENSE_LIMIT = 1 << 24  # floats
-
-    def __init__(self, n_ctx: int, n_out: int, token_head: bool, dense: Optional[bool] = None):
-        self.n_ctx = n_ctx
-        self.n_out = n_out
-        self.token_head = token_head
-        self.dense = (n_ctx * n_out <= self.DENSE_LIMIT) if dense is None else dense
-        self.keep_from: Optional[int] = None
-        self.hi = 0  # 1 + highest position ever written since the last truncate
-        if self.dense:
-            self.arr = np.full((n_ctx, n_out), np.nan, dtype=np.float32)
-        else:
-            self.rows: Dict[int, np.ndarray] = {}
-        self.tok_reward = np.full(n_ctx, np.nan, dtype=np.float32) if token_head else None
-
-    def truncate(self, n: int) -> None:
-        """Forget everything at positions >= n."""
-        n = max(0, n)
-        if n >= self.hi:
-            return
-        if self.dense:
-            self.arr[n:self.hi] = np.nan
-        else:
-            for p in [p for p in self.rows if p >= n]:
-                del self.rows[p]
-        if self.tok_reward is not None:
-            self.tok_reward[n:self.hi] = np.nan
-        self.hi = n
-
-    def get(self, p: int) -> Optional[np.ndarray]:
-        if p < 0 or p >= self.n_ctx:
-            return None
-        if self.dense:
-            row = self.arr[p]
-            return None if np.isnan(row[0]) else row
-        return self.rows.get(p)
-
-    def put(self, p: int, row: np.ndarray, token_at_next: Optional[int] = None) -> None:
-        if self.dense:
-            self.arr[p] = row
-        else:
-            latest = max(self.rows) if self.rows else -1
-            self.rows[p] = np.asarray(row, dtype=np.float32)
-            if p > latest and latest >= 0 and (self.keep_from is None or latest < self.keep_from):
-                del self.rows[latest]
-        self.hi = max(self.hi, p + 1)
-
-    def note_token(self, p: int, token: int) -> None:
-        """Token ``token`` is fed at position ``p``: record its token reward."""
-        if self.tok_reward is None or p <= 0:
-            return
-        prev = self.get(p - 1)
-        if prev is not None and 0 <= token < prev.shape[0]:
-            self.tok_reward[p] = prev[token]
-            self.hi = max(self.hi, p + 1)
-
-    def token_reward(self, p: int) -> Optional[float]:
-        if self.tok_reward is None or not (0 <= p < self.n_ctx):
-            return None
-        v = float(self.tok_reward[p])
-        return None if math.isnan(v) else v
-
-    def snapshot(self, n: int) -> dict:
-        snap: Dict[str, Any] = {"n": n}
-        if self.dense:
-            snap["arr"] = self.arr[:n].copy()
-        else:
-            snap["rows"] = {p: r.copy() for p, r in self.rows.items() if p < n}
-        if self.tok_reward is not None:
-            snap["tok_reward"] = self.tok_reward[:n].copy()
-        return snap
-
-    def restore(self, snap: dict) -> None:
-        self.truncate(0)
-        if self.dense:
-            self.arr[:] = np.nan
-        n = int(snap["n"])
-        if self.dense and "arr" in snap:
-            self.arr[:n] = snap["arr"]
-        elif not self.dense and "rows" in snap:
-            self.rows = {p: r.copy() for p, r in snap["rows"].items()}
-        if self.tok_reward is not None and "tok_reward" in snap:
-            self.tok_reward[:] = np.nan
-            self.tok_reward[:n] = snap["tok_reward"]
-        self.hi = n
+_SignalStore = SignalStore  # the name tests/test_api.py imports
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +178,7 @@ class OtterLlama(Llama):
         self._otter_guidance_arg = guidance
         self.otter_full_signals = otter_full_signals
         self._otter_src: SignalSource = SignalSource()
-        self._otter_store: Optional[_SignalStore] = None
+        self._otter_store: Optional[SignalStore] = None
         self._otter_enabled = False
         self._otter_run: Optional[_Run] = None
         self._otter_pending: Any = _UNSET
@@ -365,7 +193,7 @@ class OtterLlama(Llama):
         self._otter_src = _signal_source(self) if _signal_source is not None \
             else RuntimeSignalSource(self._model.model, self._ctx.ctx)
         if self._otter_src.has_otter:
-            self._otter_store = _SignalStore(len(self.input_ids), self._otter_src.n_out,
+            self._otter_store = SignalStore(len(self.input_ids), self._otter_src.n_out,
                                              self._otter_src.head_kind == "token_reward")
             self._otter_enabled = True
             if not self._otter_requested:
@@ -428,15 +256,7 @@ class OtterLlama(Llama):
         """Signals of the evaluated positions ``[n_tokens, n_out]`` (NaN where not
         computed), the Otter counterpart of ``scores``."""
         self._require_otter("signals")
-        st = self._otter_store
-        n = self.n_tokens
-        if st.dense:
-            return st.arr[:n]
-        out = np.full((n, st.n_out), np.nan, dtype=np.float32)
-        for p, r in st.rows.items():
-            if p < n:
-                out[p] = r
-        return out
+        return self._otter_store.array(self.n_tokens)
 
     def set_otter(self, enabled: bool) -> None:
         """Turn the side stream on or off (off: base speed, no signals)."""
