@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-import sys
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from gguf import GGUFReader
 
 from otter_gguf.tools import bench
 
@@ -62,13 +64,18 @@ def test_session_record_uses_medians():
     assert r["n_decode"] == 4 and r["n_prompt"] == 25
 
 
+N_PROMPT, N_DECODE = 12, 3
+
+
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     out = d / "r.json"
-    res = CliRunner().invoke(bench.bench_command, [
+    from otter_gguf.cli.bench import bench_command
+
+    res = CliRunner().invoke(bench_command, [
         "--quick", "-t", "1", "--cache-dir", str(d / "cache"), "--json", str(out), "--d2", "16,32",
-        "--ctx-lengths", "24,48", "--n-decode", "3"])
+        "--ctx-lengths", "24,48", "--n-prompt", str(N_PROMPT), "--n-decode", str(N_DECODE)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     text = out.read_text()
     assert str(Path.home()) not in text and sys.prefix not in text, "machine paths in the report"
@@ -95,6 +102,53 @@ def test_quick_report_structure(quick_report):
     assert [r["depth"] for r in cx["rows"]] == [24, 48]
     (dx,) = rep["d2"]
     assert [r["d2"] for r in dx["rows"]] == [16, 32]
+
+
+def test_quick_report_token_counts_are_the_requested_ones(quick_report):
+    rep, _ = quick_report
+    run = rep["main"][0]
+    opts = rep["meta"]["options"]
+    assert (opts["n_prompt"], opts["n_decode"]) == (N_PROMPT, N_DECODE)
+    assert opts["ctx_lengths"] == [24, 48] and opts["d2_values"] == [16, 32]
+    for c in bench.CONFIGS:
+        (rec,) = run["per_repeat"][c]
+        assert (rec["n_prompt"], rec["n_decode"]) == (N_PROMPT, N_DECODE), c
+        (rss,) = run["rss_runs"][c]
+        assert (rss["n_prompt"], rss["n_decode"], len(rss["tokens"])) == (N_PROMPT, N_DECODE, N_DECODE), c
+        assert (rss["spec"]["n_prompt"], rss["spec"]["n_decode"]) == (N_PROMPT, N_DECODE), c
+
+
+def test_quick_report_bytes_are_the_files(quick_report):
+    """The byte counts are the files' sizes and, for the Otter part, the sum of
+    the otter_* tensors' bytes read with gguf-py; the RM head is [d] f32."""
+    rep, _ = quick_report
+    run = rep["main"][0]
+    spec, b = run["rss_runs"]["c"][0]["spec"], run["bytes"]
+    for key, f in (("base_file", "base"), ("otter_file", "otter"), ("rm_file", "rm"),
+                   ("otter_token_file", "otter_token")):
+        assert b[key] == os.path.getsize(spec[f]), key
+    for key, f in (("otter_tensors", "otter"), ("otter_token_tensors", "otter_token")):
+        assert b[key] == sum(int(t.n_bytes) for t in GGUFReader(spec[f]).tensors if "otter_" in t.name), key
+    d = GGUFReader(spec["base"]).fields["llama.embedding_length"].contents()
+    assert run["d"] == d and b["rm_head"] == 4 * d
+
+
+def test_quick_report_ratios_and_savings_from_its_numbers(quick_report):
+    rep, _ = quick_report
+    run = rep["main"][0]
+    per, b, sp = run["per_repeat"], run["bytes"], run["space"]
+    for c, st in run["configs"].items():
+        assert st["decode_tok_s"]["median"] == pytest.approx(1000 / st["decode_ms_per_tok"]["median"]), c
+    assert run["time"]["ratio_b_over_a"]["median"] == pytest.approx(per["a"][0]["decode_ms"] / per["b"][0]["decode_ms"])
+    extra_otter, extra_rm = b["otter_file"] - b["base_file"], b["rm_file"] + b["rm_head"]
+    assert (sp["extra_bytes_otter"], sp["extra_bytes_rm"]) == (extra_otter, extra_rm)
+    assert sp["space_saving"] == pytest.approx(1 - extra_otter / extra_rm)
+    assert sp["otter_over_base"] == pytest.approx(extra_otter / b["base_file"])
+    assert sp["extra_bytes_otter_token"] == b["otter_token_file"] - b["base_file"]
+    assert sp["space_saving_token"] == pytest.approx(1 - sp["extra_bytes_otter_token"] / extra_rm)
+    for row in rep["d2"][0]["rows"]:
+        assert row["ratio_b_over_a"]["median"] == pytest.approx(
+            row["decode_tok_s_b"]["median"] / row["decode_tok_s_a"]["median"]), row["d2"]
 
 
 def test_quick_report_savings_arithmetic(quick_report):
@@ -134,5 +188,18 @@ def test_reward_model_file_has_no_lm_head(quick_report, tmp_path_factory):
     # the greedy tokens of (a), (a0), (b) and (c) are the same: the main logits are the base's
     toks = {c: run["rss_runs"][c][0]["tokens"] for c in ("a", "a0", "b", "c")}
     assert toks["a"] == toks["a0"] == toks["b"] == toks["c"]
-    info = inspect_gguf(run["rss_runs"]["c"][0]["spec"]["rm"])
+    spec = run["rss_runs"]["c"][0]["spec"]
+    info = inspect_gguf(spec["rm"])
     assert info["base"]["architecture"] == "llama-embed"
+    # the RM file is the base's tensors, bytes unchanged, minus the LM head; its
+    # [d] f32 score head is not a tensor of the file (run["bytes"]["rm_head"])
+    base = {t.name: t for t in GGUFReader(spec["base"]).tensors}
+    rm = {t.name: t for t in GGUFReader(spec["rm"]).tensors}
+    assert "output.weight" in base and "output.weight" not in rm
+    assert list(rm) == [n for n in base if n != "output.weight"]
+    for n, t in rm.items():
+        assert (t.tensor_type, list(t.shape)) == (base[n].tensor_type, list(base[n].shape)), n
+        assert bytes(t.data) == bytes(base[n].data), n
+    n_vocab = len(GGUFReader(spec["base"]).fields["tokenizer.ggml.tokens"].data)
+    assert list(base["output.weight"].shape) == list(rm["token_embd.weight"].shape) == [run["d"], n_vocab]
+    assert not [n for n in rm if "otter" in n or n.startswith(("cls", "score"))]
