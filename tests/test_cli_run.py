@@ -63,32 +63,53 @@ def test_score_bad_use_exits_2(reward3_path, gguf_models):
     assert r.exit_code == 2
 
 
-def test_run_streams_rewards_and_summary(reward3_path):
+@pytest.fixture(scope="module")
+def greedy_ref(reward3_path):
+    """The API's greedy completion of "The quick brown", 6 tokens."""
     from otter_gguf import OtterLlama
 
+    return OtterLlama(reward3_path, **LLAMA_KW)("The quick brown", max_tokens=6, temperature=0)
+
+
+def test_run_streams_rewards_and_summary(reward3_path, greedy_ref):
     r = _cli("run", reward3_path, "-p", "The quick brown", "-n", "6", "--temp", "0", "--seed", "3",
              "--flash-attn", "off", "--cache-type-k", "f16", "--cache-type-v", "f16", *CTX)
     assert r.exit_code == 0, r.output
     rows = [ln.split() for ln in r.stdout.splitlines() if re.match(r"\s+\d+\s+-?\d+\.\d{4}\s", ln)]
     assert len(rows) == 6
-    ref = OtterLlama(reward3_path, **LLAMA_KW)("The quick brown", max_tokens=6, temperature=0)
-    want = ref["choices"][0]["otter"]["signals"]
+    want = greedy_ref["choices"][0]["otter"]["signals"]
     np.testing.assert_allclose([[float(x) for x in row[1:4]] for row in rows], want, atol=1e-4)
     assert re.search(r"helpfulness: mean -?\d+\.\d+\s+min -?\d+\.\d+\s+last -?\d+\.\d+", r.stdout)
     assert re.search(r"tokens: 6 .* tokens/s", r.stdout)
 
+
+def test_run_json_is_the_api_completion(reward3_path, greedy_ref):
     j = _cli("run", reward3_path, "-p", "The quick brown", "-n", "6", "--temp", "0", "--json", *CTX)
     assert j.exit_code == 0, j.output
     out = json.loads(j.stdout)
-    assert out["choices"][0]["otter"]["tokens"] == ref["choices"][0]["otter"]["tokens"]
-    assert out["choices"][0]["text"] == ref["choices"][0]["text"]
+    assert out["choices"][0]["otter"]["tokens"] == greedy_ref["choices"][0]["otter"]["tokens"]
+    assert out["choices"][0]["text"] == greedy_ref["choices"][0]["text"]
+
+
+def test_run_guided_tokens_are_the_api_guided_tokens(reward3_path):
+    from otter_gguf import Guidance, OtterLlama
 
     g = _cli("run", reward3_path, "-p", "The quick brown", "-n", "5", "--temp", "0", "--json",
              "--guidance-weight", "3", "--guidance-top-k", "3", "--guidance-signal", "honesty=1",
              "--guidance-signal", "helpfulness=0.5", *CTX)
     assert g.exit_code == 0, g.output
-    assert len(json.loads(g.stdout)["choices"][0]["otter"]["tokens"]) == 5
+    out = json.loads(g.stdout)["choices"][0]
+    llm = OtterLlama(reward3_path, n_seq_max=4, **LLAMA_KW)
+    guidance = Guidance(weight=3.0, top_k=3, signal={"honesty": 1.0, "helpfulness": 0.5})
+    ref = llm("The quick brown", max_tokens=5, temperature=0, guidance=guidance)["choices"][0]
+    plain = llm("The quick brown", max_tokens=5, temperature=0)["choices"][0]
+    assert len(out["otter"]["tokens"]) == 5
+    assert out["otter"]["tokens"] == ref["otter"]["tokens"] and out["text"] == ref["text"]
+    np.testing.assert_allclose(out["otter"]["signals"], ref["otter"]["signals"], atol=1e-5)
+    assert ref["otter"]["tokens"] != plain["otter"]["tokens"], "the guidance changes the tokens"
 
+
+def test_run_color_display(reward3_path):
     c = _cli("run", reward3_path, "-p", "The quick brown", "-n", "4", "--temp", "0", "--display", "color", *CTX)
     assert c.exit_code == 0 and "\x1b[48;2;" in c.stdout
 
