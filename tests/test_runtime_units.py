@@ -189,3 +189,199 @@ def test_signal_store_snapshot_restore(dense):
     st.put(4, _row(9, 9, 9))  # after restore, writing and truncating works as before
     st.truncate(3)
     assert st.get(4) is None and st.hi == 3
+
+
+# ---------------------------------------------------------------------------
+# completion assembly: the `otter` blocks (otter_gguf.runtime.completion)
+# ---------------------------------------------------------------------------
+# token id -> bytes; 11 and 12 split the two bytes of "é" (b"\xc3\xa9"); 13 is end-of-generation
+PIECES = {10: b"Hi", 11: b" \xc3", 12: b"\xa9!", 13: b"", 14: b" ok"}
+EOG = 13
+
+
+def _detokenize(tokens, prev_tokens=None):
+    return b"".join(PIECES[t] for t in tokens)
+
+
+def _assembler(store, head_kind="reward", names=("alpha", "beta")):
+    from otter_gguf.runtime.completion import CompletionAssembler
+
+    return CompletionAssembler(store, head_kind=head_kind, signal_names=list(names), detokenize=_detokenize,
+                               is_eog=lambda t: t == EOG)
+
+
+def _reward_store(prompt_len, rows):
+    from otter_gguf.runtime.signals import SignalStore
+
+    st = SignalStore(32, 2, token_head=False)
+    for i, r in enumerate(rows):
+        if r is not None:
+            st.put(prompt_len + i, _row(*r))
+    return st
+
+
+def test_otter_block_of_a_reward_head():
+    from otter_gguf.runtime.completion import CompletionRun
+
+    st = _reward_store(3, [(0.5, -1.0), (1.5, np.nan), None])
+    asm = _assembler(st)
+    run = CompletionRun(guidance=None, prompt="Say:", prompt_len=3, generated=[10, 11, 12, EOG])
+    toks = asm.completion_tokens(run)
+    assert toks == [10, 11, 12]  # the final end-of-generation token is not part of the completion
+    block = asm.block(run, 0, len(toks))
+    assert block == {
+        "tokens": [10, 11, 12],
+        "token_texts": ["Hi", " ", "!"],  # invalid UTF-8 (half of "é") dropped
+        "text_offset": [0, 2, 3],  # in "Hi é!": "é" starts at 3, where token 12 completes it
+        "head_kind": "reward",
+        "signal_names": ["alpha", "beta"],
+        "signals": [[0.5, -1.0], [1.5, None], None],  # NaN -> None; no row -> None
+        "rewards": [{"alpha": 0.5, "beta": -1.0}, {"alpha": 1.5, "beta": None}, None],
+    }
+    # a later block continues the offsets; echo=True counts the prompt's characters
+    run2 = CompletionRun(guidance=None, prompt="Say:", echo=True, prompt_len=3, generated=[10, 11, 12, 14])
+    assert asm.block(run2, 0, 1)["text_offset"] == [4]
+    b2 = asm.block(run2, 1, 3)
+    assert b2["text_offset"] == [6, 7, 9] and b2["token_texts"] == [" ", "!", " ok"]
+    assert b2["signals"][2] is None and "guidance" not in b2
+
+
+def test_otter_block_of_a_token_reward_head_and_the_trace():
+    from otter_gguf.runtime.completion import CompletionRun
+    from otter_gguf.runtime.guidance import Guidance
+    from otter_gguf.runtime.signals import SignalStore
+
+    st = SignalStore(8, 4, token_head=True)
+    vocab_rows = {1: _row(0.1, 0.2, 0.3, 0.4), 2: _row(1.1, 1.2, 1.3, 1.4), 3: _row(2.1, 2.2, 2.3, 2.4)}
+    st.put(1, vocab_rows[1])  # the last prompt position (prompt_len = 2)
+    for p, tok in [(2, 3), (3, 0)]:  # generated tokens 3 then 0, fed at 2 and 3
+        st.note_token(p, tok)
+        st.put(p, vocab_rows[p])
+    global PIECES
+    pieces = PIECES
+    PIECES = {0: b"a", 3: b"bc"}
+    try:
+        g = Guidance(mode="dexperts", trace=True).resolve(head_kind="token_reward", n_out=4, signal_names=[],
+                                                          n_vocab=4)
+        trace = [{"candidates": [3], "chosen": 3}, {"candidates": [0], "chosen": 0}]
+        run = CompletionRun(guidance=g, prompt_len=2, generated=[3, 0], trace=trace)
+        asm = _assembler(st, "token_reward", [])
+        block = asm.block(run, 0, 2)
+        assert block["token_rewards"] == pytest.approx([0.4, 1.1])  # row[p - 1][token at p]
+        assert block["signals"] is None and "rewards" not in block  # full rows only on request
+        assert block["signal_names"] == [] and block["head_kind"] == "token_reward"
+        assert block["guidance"] == trace and block["text_offset"] == [0, 2]
+        run.full_signals = True
+        full = asm.block(run, 1, 1)
+        # the full row of the token at p is the head's output after consuming it: row p
+        assert full["signals"] == [pytest.approx([2.1, 2.2, 2.3, 2.4])] and full["guidance"] == trace[1:]
+    finally:
+        PIECES = pieces
+
+
+def test_record_passes_tokens_through_and_notes_them():
+    from otter_gguf.runtime.completion import CompletionRun, record
+
+    run = CompletionRun(guidance=None, trace=[{"candidates": [5, 6]}, {"candidates": [7], "chosen": 9}])
+    assert list(record((t for t in [6, 7, 8]), run)) == [6, 7, 8]
+    assert run.generated == [6, 7, 8]
+    assert run.trace == [{"candidates": [5, 6], "chosen": 6}, {"candidates": [7], "chosen": 9}]
+    bad = CompletionRun(guidance=None)
+    gen = record((t for t in [1, 2]), bad)
+    assert next(gen) == 1
+    bad.error = RuntimeError("no Otter signal row for position 4 while guiding")
+    with pytest.raises(RuntimeError, match="position 4"):
+        next(gen)
+
+
+class _FakeModel:
+    """Streams chunks the way Llama._create_completion does: the chunk of token i is
+    yielded when i is sampled, before it is fed (n_tokens = prompt_len + i)."""
+
+    def __init__(self, run, prompt_len, tokens, texts, rows):
+        self.run, self.prompt_len, self.n = run, prompt_len, prompt_len
+        self.tokens, self.texts, self.rows = tokens, texts, rows
+        self.store = _reward_store(prompt_len, [])
+
+    def feed(self, upto):  # eval of the generated tokens before `upto`: their signals
+        for i in range(self.n - self.prompt_len, upto):
+            self.store.put(self.prompt_len + i, _row(*self.rows[i]))
+        self.n = self.prompt_len + upto
+
+    def chunks(self):
+        self.run.prompt_len = self.prompt_len
+        for i, (tok, text) in enumerate(zip(self.tokens, self.texts)):
+            self.feed(i)
+            self.run.generated.append(tok)
+            if text is not None:
+                yield {"choices": [{"text": text, "finish_reason": None, "logprobs": None}]}
+        yield {"choices": [{"text": "", "finish_reason": "stop", "logprobs": None}]}
+
+    def result(self):  # not streamed: one result after the whole generation
+        for _ in self.chunks():
+            pass
+        yield {"choices": [{"text": "".join(t for t in self.texts if t), "finish_reason": "stop"}]}
+
+    def finish(self):  # the extra decode of the last completion token
+        self.feed(len([t for t in self.tokens if t != EOG]))
+
+
+@pytest.mark.parametrize("eog", [False, True])
+def test_stream_blocks_are_held_until_their_signals_exist_and_add_up(eog):
+    from otter_gguf.runtime.completion import CompletionRun
+
+    tokens, texts = [10, 11, 12, 14], ["Hi", None, " é!", " ok"]  # token 11 alone is no text yet
+    rows = [(0.1, 0.2), (1.1, 1.2), (2.1, 2.2), (3.1, 3.2)]
+    if eog:
+        tokens, texts = tokens + [EOG], texts + [None]
+    run = CompletionRun(guidance=None, prompt="P")
+    model = _FakeModel(run, 5, tokens, texts, rows)
+    asm = _assembler(model.store)
+    inner = model.chunks()
+    seen = []
+    for chunk in asm.stream(run, inner, lambda: next(inner), model.finish, lambda: model.n):
+        block = chunk["choices"][0]["otter"]
+        seen.append((chunk["choices"][0]["text"], block["tokens"], model.n))
+        assert asm.last_chunk_block is block
+        assert all(s is not None for s in block["signals"])  # never attached before the signals exist
+    assert [s[:2] for s in seen] == [("Hi", [10]), (" é!", [11, 12]), (" ok", [14]), ("", [])]
+    assert seen[0][2] >= 5 + 1 and seen[1][2] >= 5 + 3  # "Hi" waited for token 10 to be fed
+    # the concatenation over the chunks equals the non-streamed block
+    run_single = CompletionRun(guidance=None, prompt="P")
+    model_single = _FakeModel(run_single, 5, tokens, texts, rows)
+    asm_single = _assembler(model_single.store)
+    inner_single = model_single.result()
+    (result,) = asm_single.single(run_single, inner_single, lambda: next(inner_single), model_single.finish)
+    whole = result["choices"][0]["otter"]
+    assert asm_single.last_block is whole and whole["tokens"] == [10, 11, 12, 14]
+    assert whole["text_offset"] == [0, 2, 3, 5]
+    assert whole["rewards"][3] == {"alpha": pytest.approx(3.1), "beta": pytest.approx(3.2)}
+
+
+def test_stream_assigns_tokens_by_logprobs_and_keeps_unassigned_for_the_final_chunk():
+    from otter_gguf.runtime.completion import CompletionRun
+
+    run = CompletionRun(guidance=None, prompt_len=0, generated=[10, 11, 12, 14])
+    asm = _assembler(_reward_store(0, [(0, 0)] * 4))
+    chunks = iter([{"choices": [{"text": "Hi é", "finish_reason": None, "logprobs": {"tokens": ["Hi", " ", "é"]}}]},
+                   {"choices": [{"text": "", "finish_reason": "stop", "logprobs": None}]}])
+    got = [c["choices"][0]["otter"]["tokens"] for c in asm.stream(run, (c for c in ()), lambda: next(chunks), lambda: None,
+                                                                     lambda: 4)]
+    assert got == [[10, 11, 12], [14]]  # the stop-cut token 14 comes with the final chunk
+
+
+def test_chat_stream_attaches_the_completion_chunk_blocks():
+    asm = _assembler(_reward_store(0, []))
+    role = {"choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]}
+    c1 = {"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]}
+    c2 = {"choices": [{"delta": {}, "finish_reason": "stop"}]}
+
+    def chunks():
+        yield role
+        asm.last_chunk_block = {"tokens": [10]}
+        yield c1
+        yield c2
+
+    out = list(asm.chat_stream(chunks()))
+    assert [c["choices"][0]["otter"] for c in out] == [None, {"tokens": [10]}, None]
+    assert asm.last_chunk_block is None

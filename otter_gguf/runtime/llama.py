@@ -20,13 +20,12 @@ tests may inject another source.
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import inspect
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -38,6 +37,7 @@ from llama_cpp.llama import LogitsProcessorList
 
 from otter_gguf.runtime import capi
 from otter_gguf.runtime.capi import otter_runtime_available
+from otter_gguf.runtime.completion import CompletionAssembler, CompletionRun, record
 from otter_gguf.runtime.guidance import (
     Guidance,
     ResolvedGuidance,
@@ -90,33 +90,6 @@ class OtterScore:
         return {"tokens": [int(t) for t in self.tokens],
                 "signals": self.signals.astype(float).tolist(),
                 "signal_names": list(self.signal_names)}
-
-
-# ---------------------------------------------------------------------------
-# one completion call's bookkeeping
-# ---------------------------------------------------------------------------
-@dataclass
-class _Run:
-    guidance: Optional[ResolvedGuidance]
-    prompt: Any = None
-    echo: bool = False
-    prompt_len: int = -1
-    generated: List[int] = field(default_factory=list)
-    trace: List[dict] = field(default_factory=list)
-    error: Optional[BaseException] = None
-    # streaming: tokens already attached to chunks, their bytes, text decoder state
-    assigned: int = 0
-    emitted_bytes: int = 0
-    chars: int = 0
-    decoder: Any = None
-    offsets: List[int] = field(default_factory=list)
-    texts: List[str] = field(default_factory=list)
-
-
-def _floats(row: Optional[np.ndarray]) -> Optional[List[Optional[float]]]:
-    if row is None:
-        return None
-    return [None if not math.isfinite(v) else v for v in row.astype(float).tolist()]
 
 
 _COMPLETION_SIG = inspect.signature(Llama._create_completion)
@@ -180,11 +153,10 @@ class OtterLlama(Llama):
         self._otter_src: SignalSource = SignalSource()
         self._otter_store: Optional[SignalStore] = None
         self._otter_enabled = False
-        self._otter_run: Optional[_Run] = None
+        self._otter_blocks: Optional[CompletionAssembler] = None
+        self._otter_run: Optional[CompletionRun] = None
         self._otter_pending: Any = _UNSET
         self._otter_scope: Any = _UNSET
-        self._otter_last_block: Optional[dict] = None
-        self._otter_last_chunk_block: Optional[dict] = None
         try:
             super().__init__(model_path, **kwargs)
         except ValueError as e:
@@ -194,7 +166,10 @@ class OtterLlama(Llama):
             else RuntimeSignalSource(self._model.model, self._ctx.ctx)
         if self._otter_src.has_otter:
             self._otter_store = SignalStore(len(self.input_ids), self._otter_src.n_out,
-                                             self._otter_src.head_kind == "token_reward")
+                                            self._otter_src.head_kind == "token_reward")
+            self._otter_blocks = CompletionAssembler(
+                self._otter_store, head_kind=self.head_kind, signal_names=self.signal_names,
+                detokenize=self.detokenize, is_eog=lambda t: llama_cpp.llama_vocab_is_eog(self._model.vocab, t))
             self._otter_enabled = True
             if not self._otter_requested:
                 self.set_otter(False)
@@ -389,7 +364,7 @@ class OtterLlama(Llama):
                     [*(logits_processor or []), self._otter_token_processor(g, run)])
             self._otter_refresh_last_row(tokens)
             inner = super().generate(tokens, **kw)
-        return self._otter_record(inner, run)
+        return record(inner, run)
 
     def _otter_refresh_last_row(self, tokens: List[int]) -> None:
         """If the whole prompt is cached but its last signal row is not known
@@ -401,23 +376,7 @@ class OtterLlama(Llama):
                 and self._input_ids.tolist() == tokens):
             self._requires_eval = True
 
-    def _otter_record(self, inner: Iterator[int], run: _Run):
-        try:
-            tok = next(inner)
-            while True:
-                if run.error is not None:
-                    raise run.error
-                run.generated.append(int(tok))
-                if run.trace and len(run.trace) >= len(run.generated):
-                    run.trace[len(run.generated) - 1].setdefault("chosen", int(tok))
-                sent = yield tok
-                tok = inner.send(sent)
-        except StopIteration:
-            return
-        finally:
-            inner.close()
-
-    def _otter_token_processor(self, g: ResolvedGuidance, run: _Run):
+    def _otter_token_processor(self, g: ResolvedGuidance, run: CompletionRun):
         trace = run.trace if g.spec.trace else None
 
         def otter_guidance(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -445,7 +404,7 @@ class OtterLlama(Llama):
                 self.reset()
         self.eval(tokens[self.n_tokens:])
 
-    def _otter_generate_batched(self, tokens, g: ResolvedGuidance, run: _Run, *, temp, repeat_penalty,
+    def _otter_generate_batched(self, tokens, g: ResolvedGuidance, run: CompletionRun, *, temp, repeat_penalty,
                                 frequency_penalty, presence_penalty, logits_processor, stopping_criteria,
                                 grammar, reset):
         """ARGS for scalar reward heads: every step scores the top-k candidates
@@ -558,8 +517,9 @@ class OtterLlama(Llama):
         prev = self._otter_scope
         if guidance is not _UNSET:
             self._otter_scope = Guidance.coerce(guidance)
-        self._otter_last_block = None
-        self._otter_last_chunk_block = None
+        blocks = self._otter_blocks
+        if blocks is not None:
+            blocks.last_block = blocks.last_chunk_block = None
         try:
             out = super().create_chat_completion(*args, **kwargs)
         finally:
@@ -568,22 +528,9 @@ class OtterLlama(Llama):
             return out
         if isinstance(out, dict):
             if out.get("choices"):
-                out["choices"][0]["otter"] = self._otter_last_block
+                out["choices"][0]["otter"] = blocks.last_block
             return out
-        return self._otter_chat_stream(out)
-
-    def _otter_chat_stream(self, chunks):
-        for ch in chunks:
-            choices = ch.get("choices") or []
-            if choices:
-                c0 = choices[0]
-                delta = c0.get("delta") or {}
-                if "role" in delta and not delta.get("content") and c0.get("finish_reason") is None:
-                    c0["otter"] = None  # the role preamble holds no token
-                else:
-                    c0["otter"] = self._otter_last_chunk_block
-                    self._otter_last_chunk_block = None
-            yield ch
+        return blocks.chat_stream(out)
 
     def _create_completion(self, *args, **kwargs):
         g = self._otter_pending
@@ -599,14 +546,15 @@ class OtterLlama(Llama):
         bound = _COMPLETION_SIG.bind(self, *args, **kwargs)
         bound.apply_defaults()
         resolved = self._otter_resolve(g)
-        run = _Run(guidance=resolved, prompt=bound.arguments["prompt"], echo=bool(bound.arguments["echo"]))
-        run.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        run = CompletionRun(guidance=resolved, prompt=bound.arguments["prompt"], echo=bool(bound.arguments["echo"]),
+                            full_signals=bool(self.otter_full_signals))
         inner = super()._create_completion(*args, **kwargs)
+        step, finish = partial(self._otter_next, inner, run), partial(self._otter_finish, run)
         if bound.arguments["stream"]:
-            return self._otter_stream(inner, run)
-        return self._otter_single(inner, run)
+            return self._otter_blocks.stream(run, inner, step, finish, lambda: self.n_tokens)
+        return self._otter_blocks.single(run, inner, step, finish)
 
-    def _otter_next(self, inner, run: _Run):
+    def _otter_next(self, inner, run: CompletionRun):
         prev = self._otter_run
         self._otter_run = run if run.prompt_len < 0 else None
         try:
@@ -614,121 +562,15 @@ class OtterLlama(Llama):
         finally:
             self._otter_run = prev
 
-    def _otter_completion_tokens(self, run: _Run) -> List[int]:
-        gen = run.generated
-        if gen and llama_cpp.llama_vocab_is_eog(self._model.vocab, gen[-1]):
-            return gen[:-1]
-        return gen
-
-    def _otter_finish(self, run: _Run) -> None:
+    def _otter_finish(self, run: CompletionRun) -> None:
         """One extra decode so the last generated token has its signal."""
-        toks = self._otter_completion_tokens(run)
+        toks = self._otter_blocks.completion_tokens(run)
         if not toks or run.prompt_len < 0:
             return
         p = run.prompt_len + len(toks) - 1
         if (self._otter_store.get(p) is None and self.n_tokens == p and p < self._n_ctx
                 and self._input_ids.tolist()[run.prompt_len:] == toks[:-1]):
             self.eval([toks[-1]])
-
-    def _otter_texts(self, run: _Run, upto: int) -> None:
-        toks = run.generated
-        base = len(run.prompt) if (run.echo and isinstance(run.prompt, str)) else 0
-        while len(run.texts) < upto:
-            i = len(run.texts)
-            piece = self.detokenize([toks[i]], prev_tokens=toks[:i])
-            run.texts.append(piece.decode("utf-8", errors="ignore"))
-            run.offsets.append(base + run.chars)
-            run.chars += len(run.decoder.decode(piece))
-
-    def _otter_block(self, run: _Run, start: int, count: int) -> dict:
-        self._otter_texts(run, start + count)
-        st = self._otter_store
-        toks = run.generated[start: start + count]
-        pos = [run.prompt_len + start + i for i in range(count)]
-        block: Dict[str, Any] = {
-            "tokens": [int(t) for t in toks],
-            "token_texts": run.texts[start: start + count],
-            "text_offset": run.offsets[start: start + count],
-            "head_kind": self.head_kind,
-            "signal_names": self.signal_names,
-        }
-        if st.token_head:
-            block["token_rewards"] = [st.token_reward(p) for p in pos]
-            block["signals"] = [_floats(st.get(p)) for p in pos] if self.otter_full_signals else None
-        else:
-            rows = [_floats(st.get(p)) for p in pos]
-            block["signals"] = rows
-            block["rewards"] = [None if r is None else dict(zip(self.signal_names, r)) for r in rows]
-        if run.guidance is not None and run.guidance.spec.trace:
-            block["guidance"] = run.trace[start: start + count]
-        return block
-
-    def _otter_single(self, inner, run: _Run):
-        result = self._otter_next(inner, run)
-        inner.close()
-        self._otter_finish(run)
-        block = self._otter_block(run, 0, len(self._otter_completion_tokens(run)))
-        result["choices"][0]["otter"] = block
-        self._otter_last_block = block
-        yield result
-
-    def _otter_assign(self, run: _Run, choice: dict, limit: int) -> int:
-        """How many not-yet-attached generated tokens a stream chunk holds."""
-        lp = choice.get("logprobs")
-        if lp is not None and lp.get("tokens") is not None:
-            return min(len(lp["tokens"]), limit - run.assigned)
-        target = run.emitted_bytes + len(choice.get("text", "").encode("utf-8"))
-        take = 0
-        while run.assigned + take < limit and run.emitted_bytes < target:
-            t = run.generated[run.assigned + take]
-            run.emitted_bytes += len(self.detokenize([t]))
-            take += 1
-        return take
-
-    def _otter_stream(self, inner, run: _Run):
-        held: List[tuple] = []  # (chunk, start, count) waiting for their tokens' signals
-
-        def flush(all_: bool):
-            while held:
-                chunk, start, count = held[0]
-                if not all_ and run.prompt_len + start + count > self.n_tokens:
-                    break
-                held.pop(0)
-                block = self._otter_block(run, start, count)
-                chunk["choices"][0]["otter"] = block
-                self._otter_last_chunk_block = block
-                yield chunk
-
-        try:
-            while True:
-                try:
-                    chunk = self._otter_next(inner, run)
-                except StopIteration:
-                    return
-                choice = chunk["choices"][0]
-                if choice.get("finish_reason") is None:
-                    limit = len(self._otter_completion_tokens(run))
-                    count = self._otter_assign(run, choice, limit)
-                    held.append((chunk, run.assigned, count))
-                    run.assigned += count
-                    yield from flush(False)
-                    continue
-                # final chunk: let the inner generator finish (cache save), then the extra decode
-                try:
-                    self._otter_next(inner, run)
-                except StopIteration:
-                    pass
-                self._otter_finish(run)
-                yield from flush(True)
-                toks = self._otter_completion_tokens(run)
-                block = self._otter_block(run, run.assigned, len(toks) - run.assigned)
-                run.assigned = len(toks)
-                choice["otter"] = block
-                self._otter_last_chunk_block = block
-                yield chunk
-                return
-        finally:
-            inner.close()
 
     # ------------------------------------------------------------------
     # scoring
