@@ -102,7 +102,6 @@ def test_selection_rules():
     assert draws == [args_pick(np.array([0.0, 1.0, 2.0]), 1.0, np.random.default_rng(5)) for _ in range(3)]
 
 
-@pytest.mark.unit
 def test_signal_store_sparse_keeps_latest_and_token_rewards():
     from otter_gguf.runtime.llama import _SignalStore
 

@@ -26,7 +26,8 @@ from otter_gguf.format.adapter import open_adapter
 from otter_gguf.cli import main as cli_main
 from otter_gguf_converter import OUTTYPES, convert, gguf_tensor_name
 
-pytestmark = pytest.mark.unit
+# quantized outtypes use ggml's quantizer from the runtime's libggml-base
+pytestmark = pytest.mark.runtime
 
 # Relative RMS error (RMS of the difference / std of the tensor) allowed per
 # type after dequantization. f32 must be exact. The bounds are ~1.3-2x what
@@ -342,7 +343,6 @@ def test_base_tensors_and_metadata_byte_identical(base_gguf, adapter_reward1_dir
     assert_base_identical(out, base_gguf)
 
 
-@pytest.mark.runtime
 def test_quantized_base_byte_identical(base_q4_gguf, adapter_reward1_dir, tmp_path):
     rb = GGUFReader(base_q4_gguf)
     assert {t.tensor_type for t in rb.tensors} >= {QT.Q4_K, QT.Q6_K}, "a q4_k_m base"
@@ -378,7 +378,6 @@ def test_hf_base_mismatch_found_before_converting(tiny_llama_dir, adapter_reward
                        "adapter 4, base 6")
 
 
-@pytest.mark.runtime
 def test_hf_base_equals_convert_hf_to_gguf(base_gguf, tiny_llama_dir, adapter_reward1_dir, tmp_path):
     """convert_hf_base == llama.cpp's convert_hf_to_gguf.py run by hand, byte for byte;
     and `convert --base HF_DIR` carries exactly that base."""

@@ -212,6 +212,7 @@ def _run(args):
     return CliRunner().invoke(main, ["eval", *map(str, args), "--no-progress"])
 
 
+@pytest.mark.runtime
 def test_bad_inputs_exit_2(gguf_models, adapter_reward1_dir, adapter_reward3_dir, tiny_llama_dir, tmp_path):
     model = gguf_models.otter("reward1")
     ok = ["--adapter", adapter_reward1_dir, "--base", tiny_llama_dir]

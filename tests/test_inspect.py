@@ -12,7 +12,8 @@ from gguf import GGUFReader
 from otter_gguf.cli import main as cli_main
 from otter_gguf_converter import convert
 
-pytestmark = pytest.mark.unit
+# the Otter GGUF is quantized with ggml's quantizer from the runtime's libggml-base
+pytestmark = pytest.mark.runtime
 
 
 @pytest.fixture(scope="session")
