@@ -385,3 +385,38 @@ def test_chat_stream_attaches_the_completion_chunk_blocks():
     out = list(asm.chat_stream(chunks()))
     assert [c["choices"][0]["otter"] for c in out] == [None, {"tokens": [10]}, None]
     assert asm.last_chunk_block is None
+
+
+# ---------------------------------------------------------------------------
+# token_reward guidance as a logits processor (otter_gguf.runtime.guided)
+# ---------------------------------------------------------------------------
+def test_token_processor_uses_the_row_of_the_last_fed_position():
+    from otter_gguf.runtime.completion import CompletionRun
+    from otter_gguf.runtime.guidance import Guidance
+    from otter_gguf.runtime.guided import token_processor
+    from otter_gguf.runtime.signals import SignalStore
+
+    st = SignalStore(8, 5, token_head=True)
+    st.put(2, _row(0.0, 1.0, -1.0, 2.0, 0.5))
+    logits = np.array([1.0, 0.5, 3.0, 2.5, -np.inf], dtype=np.float32)
+    pos = {"p": 2}
+    args = Guidance(weight=2.0, top_k=3, trace=True).resolve(head_kind="token_reward", n_out=5, signal_names=[],
+                                                             n_vocab=5)
+    run = CompletionRun(guidance=args)
+    proc = token_processor(args, run, st, lambda: pos["p"])
+    out = proc(np.zeros(3, dtype=np.intc), logits.copy())
+    # top 3 by logit: 2 (3.0), 3 (2.5), 0 (1.0) -> 3.0 - 2, 2.5 + 4, 1.0 + 0; the rest -inf
+    np.testing.assert_allclose(out[[0, 2, 3]], [1.0, 1.0, 6.5])
+    assert np.isneginf(out[[1, 4]]).all()
+    assert run.trace == [{"candidates": [2, 3, 0], "logits": [3.0, 2.5, 1.0], "rewards": [-1.0, 2.0, 0.0],
+                          "scores": [1.0, 6.5, 1.0]}]
+    dex = Guidance(weight=0.5, mode="dexperts").resolve(head_kind="token_reward", n_out=5, signal_names=[],
+                                                         n_vocab=5)
+    run2 = CompletionRun(guidance=dex)
+    out2 = token_processor(dex, run2, st, lambda: pos["p"])(None, logits.copy())
+    np.testing.assert_allclose(out2[:4], [1.0, 1.0, 2.5, 3.5])
+    assert np.isneginf(out2[4]) and run2.trace == []  # dexperts keeps every token, records no trace
+    pos["p"] = 3  # no row there: the logits pass unchanged and the run carries the error
+    same = proc(None, logits.copy())
+    np.testing.assert_array_equal(same, logits)
+    assert isinstance(run.error, RuntimeError) and "position 3" in str(run.error)

@@ -20,7 +20,6 @@ tests may inject another source.
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -30,23 +29,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 import llama_cpp
-import llama_cpp._internals as internals
 import llama_cpp.llama_cpp as llama_cpp_lib
 from llama_cpp import Llama
 from llama_cpp.llama import LogitsProcessorList
 
-from otter_gguf.runtime import capi
+from otter_gguf.runtime import capi, guided
 from otter_gguf.runtime.capi import otter_runtime_available
 from otter_gguf.runtime.completion import CompletionAssembler, CompletionRun, record
-from otter_gguf.runtime.guidance import (
-    Guidance,
-    ResolvedGuidance,
-    args_pick,
-    args_scores,
-    dexperts_logits,
-    token_args_logits,
-    top_k_ids,
-)
+from otter_gguf.runtime.guidance import Guidance, ResolvedGuidance
 from otter_gguf.runtime.signals import RuntimeSignalSource, SignalSource, SignalStore
 
 __all__ = ["OtterLlama", "OtterScore", "SignalSource", "RuntimeSignalSource", "otter_runtime_available"]
@@ -352,16 +342,15 @@ class OtterLlama(Llama):
         else:
             self._otter_store.keep_from = None
         if g is not None and g.batched:
-            inner = self._otter_generate_batched(tokens, g, run, temp=temp, repeat_penalty=repeat_penalty,
-                                                 frequency_penalty=frequency_penalty,
-                                                 presence_penalty=presence_penalty,
-                                                 logits_processor=logits_processor,
-                                                 stopping_criteria=stopping_criteria, grammar=grammar,
-                                                 reset=reset)
+            inner = guided.generate_batched(self, tokens, g, run, temp=temp, repeat_penalty=repeat_penalty,
+                                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                            logits_processor=logits_processor,
+                                            stopping_criteria=stopping_criteria, grammar=grammar, reset=reset)
         else:
             if g is not None:
                 kw["logits_processor"] = LogitsProcessorList(
-                    [*(logits_processor or []), self._otter_token_processor(g, run)])
+                    [*(logits_processor or []),
+                     guided.token_processor(g, run, self._otter_store, lambda: self.n_tokens - 1)])
             self._otter_refresh_last_row(tokens)
             inner = super().generate(tokens, **kw)
         return record(inner, run)
@@ -375,118 +364,6 @@ class OtterLlama(Llama):
                 and self._otter_store.get(n - 1) is None
                 and self._input_ids.tolist() == tokens):
             self._requires_eval = True
-
-    def _otter_token_processor(self, g: ResolvedGuidance, run: CompletionRun):
-        trace = run.trace if g.spec.trace else None
-
-        def otter_guidance(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-            p = self.n_tokens - 1
-            row = self._otter_store.get(p)
-            if row is None:
-                # exceptions do not cross the ctypes sampler callback: report after sampling
-                run.error = RuntimeError(f"no Otter signal row for position {p} while guiding")
-                return scores
-            if g.mode == "dexperts":
-                return dexperts_logits(scores, row, g.weight)
-            return token_args_logits(scores, row, g.weight, g.top_k, trace=trace)
-
-        return otter_guidance
-
-    def _otter_prepare_prompt(self, tokens: List[int], reset: bool) -> None:
-        """Bring the context to ``tokens`` with live logits for the last one."""
-        if reset:
-            reuse = 0
-            if self.n_tokens > 0:
-                reuse = min(Llama.longest_token_prefix(self._input_ids.tolist(), tokens), len(tokens) - 1)
-            if reuse > 0 and self._ctx.kv_cache_seq_rm(-1, reuse, -1):
-                self.n_tokens = reuse
-            else:
-                self.reset()
-        self.eval(tokens[self.n_tokens:])
-
-    def _otter_generate_batched(self, tokens, g: ResolvedGuidance, run: CompletionRun, *, temp, repeat_penalty,
-                                frequency_penalty, presence_penalty, logits_processor, stopping_criteria,
-                                grammar, reset):
-        """ARGS for scalar reward heads: every step scores the top-k candidates
-        as k parallel sequences in ONE decode, then keeps the winner's cache."""
-        mem = self._ctx.memory
-        n_vocab = self._n_vocab
-        st = self._otter_store
-        chain = None
-        try:
-            llama_cpp.llama_memory_seq_keep(mem, 0)
-            self._otter_prepare_prompt(tokens, reset)
-            logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(n_vocab,)).copy()
-            if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0 or grammar is not None:
-                chain = internals.LlamaSampler()
-                if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
-                    chain.add_penalties(n_vocab=n_vocab, penalty_last_n=self.last_n_tokens_size,
-                                        penalty_repeat=repeat_penalty, penalty_freq=frequency_penalty,
-                                        penalty_present=presence_penalty)
-                if grammar is not None:
-                    chain.add_grammar(self._model, grammar)
-            cand = internals.LlamaTokenDataArray(n_vocab=n_vocab)
-            rng = np.random.default_rng(int(self._seed) & 0xFFFFFFFFFFFFFFFF)
-            batch = self._batch.batch
-            while True:
-                n = self.n_tokens
-                if n >= self._n_ctx:
-                    return
-                cur = logits
-                if logits_processor is not None:
-                    cur = np.asarray(logits_processor(self._input_ids, cur.copy()), dtype=np.float32)
-                if chain is not None:
-                    cand.copy_logits(cur)
-                    llama_cpp.llama_sampler_apply(chain.sampler, ctypes.byref(cand.candidates))
-                    size = int(cand.candidates.size)
-                    cur = np.full(n_vocab, -np.inf, dtype=np.float32)
-                    cur[cand.candidates_data.id[:size]] = cand.candidates_data.logit[:size]
-                k = min(g.top_k, self._n_ctx - n, self.n_batch)
-                ids = top_k_ids(cur, k)
-                if ids.size == 0:
-                    raise RuntimeError("guidance: no candidate token is left after the logits processors / grammar")
-                for s in range(1, ids.size + 1):
-                    llama_cpp.llama_memory_seq_cp(mem, 0, s, -1, -1)
-                batch.n_tokens = int(ids.size)
-                for j, t in enumerate(ids.tolist()):
-                    batch.token[j] = t
-                    batch.pos[j] = n
-                    batch.n_seq_id[j] = 1
-                    batch.seq_id[j][0] = j + 1
-                    batch.logits[j] = True
-                self._ctx.decode(self._batch)
-                prefix = self.input_ids[:n].tolist()
-                sig = np.stack([self._otter_src.read_row(j, lambda t=t: prefix + [t])
-                                for j, t in enumerate(ids.tolist())]).astype(np.float32)
-                rewards = g.reward(sig)
-                scores = args_scores(cur[ids], rewards, g.weight)
-                j = args_pick(scores, temp, rng)
-                tok = int(ids[j])
-                new_logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(j), shape=(n_vocab,)).copy()
-                llama_cpp.llama_memory_seq_cp(mem, j + 1, 0, n, n + 1)
-                llama_cpp.llama_memory_seq_keep(mem, 0)
-                self.input_ids[n] = tok
-                self.n_tokens = n + 1
-                self._requires_eval = False
-                if self._logits_all:
-                    self.scores[n, :] = new_logits
-                st.truncate(n)
-                st.put(n, sig[j])
-                if chain is not None:
-                    llama_cpp.llama_sampler_accept(chain.sampler, tok)
-                if g.spec.trace:
-                    run.trace.append({"candidates": ids.tolist(), "logits": cur[ids].astype(float).tolist(),
-                                      "rewards": rewards.tolist(), "scores": scores.tolist(), "chosen": tok})
-                used = cur
-                logits = new_logits
-                if stopping_criteria is not None and stopping_criteria(self._input_ids[:n], used):
-                    return
-                yield tok
-        finally:
-            if self._ctx.ctx is not None and mem is not None:
-                llama_cpp.llama_memory_seq_keep(mem, 0)
-            if chain is not None:
-                chain.close()
 
     # ------------------------------------------------------------------
     # completions

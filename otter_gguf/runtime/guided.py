@@ -1,0 +1,157 @@
+"""Reward-guided decoding inside an OtterLlama (docs/API.md, "Reward-guided decoding").
+
+The selection rules are the numpy functions of :mod:`otter_gguf.runtime.guidance`;
+this module runs them during generation:
+
+* :func:`token_processor`: ``token_reward`` heads, one pass per step, as a
+  llama-cpp-python logits processor reading the signal row of the last fed
+  position;
+* :func:`generate_batched`: scalar ``reward`` heads, ARGS with the ``top_k``
+  candidates decoded as ``top_k`` parallel sequences (1..k, sharing the prefix
+  of sequence 0) in ONE ``llama_batch`` per step.
+
+llama_cpp is imported only when batched guidance runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Callable, List
+
+import numpy as np
+
+from otter_gguf.runtime.completion import CompletionRun
+from otter_gguf.runtime.guidance import (
+    ResolvedGuidance,
+    args_pick,
+    args_scores,
+    dexperts_logits,
+    token_args_logits,
+    top_k_ids,
+)
+from otter_gguf.runtime.signals import SignalStore
+
+__all__ = ["token_processor", "prepare_prompt", "generate_batched"]
+
+
+def token_processor(g: ResolvedGuidance, run: CompletionRun, store: SignalStore,
+                    position: Callable[[], int]):
+    """The llama-cpp-python logits processor of token_reward guidance: re-ranks
+    (``args``) or shifts (``dexperts``) the logits with the signal row of the
+    last fed position (``position()``, i.e. ``n_tokens - 1``) in ``store``."""
+    trace = run.trace if g.spec.trace else None
+
+    def otter_guidance(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        p = position()
+        row = store.get(p)
+        if row is None:
+            # exceptions do not cross the ctypes sampler callback: report after sampling
+            run.error = RuntimeError(f"no Otter signal row for position {p} while guiding")
+            return scores
+        if g.mode == "dexperts":
+            return dexperts_logits(scores, row, g.weight)
+        return token_args_logits(scores, row, g.weight, g.top_k, trace=trace)
+
+    return otter_guidance
+
+
+def prepare_prompt(llm: Any, tokens: List[int], reset: bool) -> None:
+    """Bring the context to ``tokens`` with live logits for the last one."""
+    if reset:
+        reuse = 0
+        if llm.n_tokens > 0:
+            reuse = min(llm.longest_token_prefix(llm._input_ids.tolist(), tokens), len(tokens) - 1)
+        if reuse > 0 and llm._ctx.kv_cache_seq_rm(-1, reuse, -1):
+            llm.n_tokens = reuse
+        else:
+            llm.reset()
+    llm.eval(tokens[llm.n_tokens:])
+
+
+def generate_batched(llm: Any, tokens: List[int], g: ResolvedGuidance, run: CompletionRun, *, temp, repeat_penalty,
+                     frequency_penalty, presence_penalty, logits_processor, stopping_criteria, grammar, reset):
+    """ARGS for scalar reward heads: every step scores the top-k candidates
+    as k parallel sequences in ONE decode, then keeps the winner's cache.
+    A generator of the chosen tokens, as ``Llama.generate``; ``llm`` is the
+    :class:`~otter_gguf.runtime.llama.OtterLlama`."""
+    import llama_cpp
+    import llama_cpp._internals as internals
+
+    mem = llm._ctx.memory
+    n_vocab = llm._n_vocab
+    st = llm._otter_store
+    chain = None
+    try:
+        llama_cpp.llama_memory_seq_keep(mem, 0)
+        prepare_prompt(llm, tokens, reset)
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,)).copy()
+        if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0 or grammar is not None:
+            chain = internals.LlamaSampler()
+            if repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0:
+                chain.add_penalties(n_vocab=n_vocab, penalty_last_n=llm.last_n_tokens_size,
+                                    penalty_repeat=repeat_penalty, penalty_freq=frequency_penalty,
+                                    penalty_present=presence_penalty)
+            if grammar is not None:
+                chain.add_grammar(llm._model, grammar)
+        cand = internals.LlamaTokenDataArray(n_vocab=n_vocab)
+        rng = np.random.default_rng(int(llm._seed) & 0xFFFFFFFFFFFFFFFF)
+        batch = llm._batch.batch
+        while True:
+            n = llm.n_tokens
+            if n >= llm._n_ctx:
+                return
+            cur = logits
+            if logits_processor is not None:
+                cur = np.asarray(logits_processor(llm._input_ids, cur.copy()), dtype=np.float32)
+            if chain is not None:
+                cand.copy_logits(cur)
+                llama_cpp.llama_sampler_apply(chain.sampler, ctypes.byref(cand.candidates))
+                size = int(cand.candidates.size)
+                cur = np.full(n_vocab, -np.inf, dtype=np.float32)
+                cur[cand.candidates_data.id[:size]] = cand.candidates_data.logit[:size]
+            k = min(g.top_k, llm._n_ctx - n, llm.n_batch)
+            ids = top_k_ids(cur, k)
+            if ids.size == 0:
+                raise RuntimeError("guidance: no candidate token is left after the logits processors / grammar")
+            for s in range(1, ids.size + 1):
+                llama_cpp.llama_memory_seq_cp(mem, 0, s, -1, -1)
+            batch.n_tokens = int(ids.size)
+            for j, t in enumerate(ids.tolist()):
+                batch.token[j] = t
+                batch.pos[j] = n
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = j + 1
+                batch.logits[j] = True
+            llm._ctx.decode(llm._batch)
+            prefix = llm.input_ids[:n].tolist()
+            sig = np.stack([llm._otter_src.read_row(j, lambda t=t: prefix + [t])
+                            for j, t in enumerate(ids.tolist())]).astype(np.float32)
+            rewards = g.reward(sig)
+            scores = args_scores(cur[ids], rewards, g.weight)
+            j = args_pick(scores, temp, rng)
+            tok = int(ids[j])
+            new_logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(j), shape=(n_vocab,)).copy()
+            llama_cpp.llama_memory_seq_cp(mem, j + 1, 0, n, n + 1)
+            llama_cpp.llama_memory_seq_keep(mem, 0)
+            llm.input_ids[n] = tok
+            llm.n_tokens = n + 1
+            llm._requires_eval = False
+            if llm._logits_all:
+                llm.scores[n, :] = new_logits
+            st.truncate(n)
+            st.put(n, sig[j])
+            if chain is not None:
+                llama_cpp.llama_sampler_accept(chain.sampler, tok)
+            if g.spec.trace:
+                run.trace.append({"candidates": ids.tolist(), "logits": cur[ids].astype(float).tolist(),
+                                  "rewards": rewards.tolist(), "scores": scores.tolist(), "chosen": tok})
+            used = cur
+            logits = new_logits
+            if stopping_criteria is not None and stopping_criteria(llm._input_ids[:n], used):
+                return
+            yield tok
+    finally:
+        if llm._ctx.ctx is not None and mem is not None:
+            llama_cpp.llama_memory_seq_keep(mem, 0)
+        if chain is not None:
+            chain.close()
