@@ -420,3 +420,35 @@ def test_token_processor_uses_the_row_of_the_last_fed_position():
     same = proc(None, logits.copy())
     np.testing.assert_array_equal(same, logits)
     assert isinstance(run.error, RuntimeError) and "position 3" in str(run.error)
+
+
+# ---------------------------------------------------------------------------
+# score() input checks and OtterScore (otter_gguf.runtime.score)
+# ---------------------------------------------------------------------------
+def test_score_input_checks():
+    from otter_gguf.runtime.score import check_tokens, token_ids
+
+    assert token_ids([1, np.int64(7), np.uint16(3)]) == [1, 7, 3]
+    for bad in ([1, True], [1, 2.0], ["5"]):
+        with pytest.raises(ValueError, match="token ids must be integers"):
+            token_ids(bad)
+    check_tokens([0, 511], 512, 2)
+    with pytest.raises(ValueError, match="nothing to score"):
+        check_tokens([], 512, 8)
+    with pytest.raises(ValueError, match=r"token id 512 is outside the vocabulary \(valid ids: 0\.\.511\)"):
+        check_tokens([3, 512, -1], 512, 8)
+    with pytest.raises(ValueError, match="3 tokens exceed the context window n_ctx=2"):
+        check_tokens([1, 2, 3], 512, 2)
+
+
+def test_otter_score_views():
+    from otter_gguf.runtime.score import OtterScore
+
+    sig = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -3.0], [7.0, 8.0, 9.0]], dtype=np.float32)
+    s = OtterScore(tokens=[2, 0, 1], signals=sig, signal_names=["a", "b", "c"], head_kind="reward")
+    np.testing.assert_array_equal(s.rewards["b"], [-1.0, 0.25, 8.0])
+    # token_reward view: signals[j - 1][tokens[j]]
+    np.testing.assert_array_equal(s.token_rewards[1:], [0.5, 0.25])
+    assert np.isnan(s.token_rewards[0])
+    assert s.to_dict() == {"tokens": [2, 0, 1], "signals": [[0.5, -1.0, 2.0], [1.5, 0.25, -3.0], [7.0, 8.0, 9.0]],
+                           "signal_names": ["a", "b", "c"]}

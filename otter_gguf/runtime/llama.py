@@ -13,16 +13,21 @@ by the patched runtime it also
 * steers decoding with the head (``guidance=``, see :mod:`otter_gguf.runtime.guidance`).
 
 The schema of the ``otter`` field and the guidance semantics are documented in
-docs/API.md. Signals reach Python through a small :class:`SignalSource` seam:
-:class:`RuntimeSignalSource` reads them from the patched libllama (Otter C API);
-tests may inject another source.
+docs/API.md. This class wires llama-cpp-python's hooks (``eval``, ``generate``,
+``_create_completion``, state) to the parts that do the work:
+
+* :mod:`.signals`: the :class:`SignalSource` seam (:class:`RuntimeSignalSource`
+  reads the patched libllama through :mod:`.capi`; tests may inject another
+  source) and the per-position :class:`~.signals.SignalStore`;
+* :mod:`.completion`: the ``otter`` blocks of results and streamed chunks;
+* :mod:`.guided`: reward guidance during generation (rules in :mod:`.guidance`);
+* :mod:`.score`: :meth:`OtterLlama.score` and :class:`OtterScore`.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -34,54 +39,17 @@ from llama_cpp import Llama
 from llama_cpp.llama import LogitsProcessorList
 
 from otter_gguf.runtime import capi, guided
+from otter_gguf.runtime import score as scoring
 from otter_gguf.runtime.capi import otter_runtime_available
 from otter_gguf.runtime.completion import CompletionAssembler, CompletionRun, record
 from otter_gguf.runtime.guidance import Guidance, ResolvedGuidance
+from otter_gguf.runtime.score import OtterScore
 from otter_gguf.runtime.signals import RuntimeSignalSource, SignalSource, SignalStore
 
 __all__ = ["OtterLlama", "OtterScore", "SignalSource", "RuntimeSignalSource", "otter_runtime_available"]
 
 _UNSET: Any = object()
 _SignalStore = SignalStore  # the name tests/test_api.py imports
-
-
-# ---------------------------------------------------------------------------
-# score() result
-# ---------------------------------------------------------------------------
-@dataclass
-class OtterScore:
-    """Per-token Otter signals of a given token sequence (no sampling).
-
-    ``signals[j]`` is the signal at position ``j``: the head's output on the
-    hidden state after consuming ``tokens[j]`` (spec §3).
-    """
-
-    tokens: List[int]
-    signals: np.ndarray  # [len(tokens), n_out] float32
-    signal_names: List[str]
-    head_kind: str
-    token_texts: List[str] = field(default_factory=list)
-
-    @property
-    def rewards(self) -> Dict[str, np.ndarray]:
-        """reward heads: ``{name: [len(tokens)] values}``."""
-        return {n: self.signals[:, i] for i, n in enumerate(self.signal_names)}
-
-    @property
-    def token_rewards(self) -> np.ndarray:
-        """token_reward heads: ``signals[j - 1][tokens[j]]`` (NaN for j == 0)."""
-        out = np.full(len(self.tokens), np.nan, dtype=np.float32)
-        for j in range(1, len(self.tokens)):
-            out[j] = self.signals[j - 1, self.tokens[j]]
-        return out
-
-    def to_dict(self) -> dict:
-        """``{"tokens": [...], "signals": [[n_out] per token], "signal_names": [...]}``"""
-        return {"tokens": [int(t) for t in self.tokens],
-                "signals": self.signals.astype(float).tolist(),
-                "signal_names": list(self.signal_names)}
-
-
 _COMPLETION_SIG = inspect.signature(Llama._create_completion)
 
 
@@ -459,64 +427,7 @@ class OtterLlama(Llama):
         all-positions mode: signals for every token, vocab logits only for the
         last one. Leaves the context holding the scored sequence (for prefix
         reuse by the next completion; not with ``logits_all``)."""
-        if (text is None) == (tokens is None):
-            raise ValueError("score() takes exactly one of text= or tokens=")
-        self._require_otter("score()")
-        if text is not None:
-            if not isinstance(text, str):
-                raise ValueError(f"score(text=...) expects a str, got {type(text).__name__}")
-            toks = self.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
-        else:
-            toks = []
-            for t in tokens:
-                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                    raise ValueError(f"token ids must be integers, got {t!r}")
-                toks.append(int(t))
-        if not toks:
-            raise ValueError("score(): nothing to score (no tokens)")
-        bad = [t for t in toks if not 0 <= t < self._n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (valid ids: 0..{self._n_vocab - 1})")
-        if len(toks) > self._n_ctx:
-            raise ValueError(f"{len(toks)} tokens exceed the context window n_ctx={self._n_ctx}")
-
-        src, st = self._otter_src, self._otter_store
-        out = np.empty((len(toks), src.n_out), dtype=np.float32)
-        all_pos = src.supports_all_positions
-        llama_cpp.llama_memory_seq_keep(self._ctx.memory, 0)
-        self._ctx.kv_cache_seq_rm(-1, 0, -1)
-        self.n_tokens = 0
-        st.truncate(0)
-        if all_pos:
-            src.set_all_positions(True)
-        try:
-            for i in range(0, len(toks), self.n_batch):
-                chunk = toks[i: i + self.n_batch]
-                n_past = self.n_tokens
-                # all-positions mode: vocab logits only for the last row, signals for all;
-                # without it every row is an output row (logits for all, slower)
-                self._batch.set_batch(batch=chunk, n_past=n_past, logits_all=not all_pos)
-                self._ctx.decode(self._batch)
-                self.input_ids[n_past: n_past + len(chunk)] = chunk
-                for j in range(len(chunk)):
-                    p = n_past + j
-                    hist = (lambda p=p: toks[: p + 1])
-                    out[p] = src.read_position(j, hist) if all_pos else src.read_row(j, hist)
-                self.n_tokens += len(chunk)
-        finally:
-            if all_pos:
-                src.set_all_positions(False)
-        for p, t in enumerate(toks):
-            st.note_token(p, t)
-            st.put(p, out[p])
-        self._requires_eval = True  # the last row's logits are live, but be conservative
-        if self._logits_all:
-            # `scores` was not filled for these positions: do not let a completion reuse them
-            self.n_tokens = 0
-        texts = [self.detokenize([t], prev_tokens=toks[:i]).decode("utf-8", errors="ignore")
-                 for i, t in enumerate(toks)]
-        return OtterScore(tokens=toks, signals=out, signal_names=self.signal_names,
-                          head_kind=self.head_kind, token_texts=texts)
+        return scoring.score(self, text, tokens=tokens, add_bos=add_bos, special=special)
 
     # ------------------------------------------------------------------
     # state
