@@ -4,12 +4,12 @@ The conversion is llama.cpp's ``convert_hf_to_gguf.py`` from the pinned
 llama.cpp source (run as a subprocess with this interpreter, with the pinned
 ``gguf-py`` it puts on its own path), nothing re-implemented. Types it cannot
 write directly are produced afterwards by llama.cpp's quantizer
-(``llama_cpp.llama_model_quantize``), exactly as ``llama-quantize`` would.
+(``llama_cpp.llama_model_quantize`` through :func:`otter_gguf_converter.llamacpp.quantize`),
+exactly as ``llama-quantize`` would.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from otter_gguf_converter.errors import ConvertError
+from otter_gguf_converter.llamacpp import LLAMA_FTYPES, LlamaCppSourceError, pinned_llama_cpp_source, quantize
 
 #: HF ``architectures[0]`` -> the llama.cpp architecture it converts to
 SUPPORTED_HF_ARCHITECTURES = {
@@ -29,29 +30,11 @@ SUPPORTED_HF_ARCHITECTURES = {
 #: types convert_hf_to_gguf.py writes itself
 DIRECT_BASE_TYPES = ("f32", "f16", "bf16", "q8_0")
 
-#: types made by llama_model_quantize afterwards (value: LLAMA_FTYPE_* name);
-#: like llama-quantize, q3_k / q4_k / q5_k are aliases of the _m mixes.
-QUANTIZED_BASE_TYPES = {
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
-    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
-    "q2_k_s": "LLAMA_FTYPE_MOSTLY_Q2_K_S",
-    "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "q3_k_s": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
-    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "q3_k_l": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
-    "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q5_k": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-}
+#: types made by llama_model_quantize afterwards (llamacpp.LLAMA_FTYPES: like llama-quantize,
+#: q3_k / q4_k / q5_k are aliases of the _m mixes)
+QUANTIZED_BASE_TYPES = tuple(t for t in LLAMA_FTYPES if t not in DIRECT_BASE_TYPES)
 
-BASE_OUTTYPES = DIRECT_BASE_TYPES + tuple(QUANTIZED_BASE_TYPES)
+BASE_OUTTYPES = DIRECT_BASE_TYPES + QUANTIZED_BASE_TYPES
 
 
 def parse_base_outtype(name: str) -> str:
@@ -63,11 +46,9 @@ def parse_base_outtype(name: str) -> str:
 
 def llama_cpp_source() -> Path:
     """The pinned llama.cpp source tree (convert_hf_to_gguf.py, gguf-py/)."""
-    from otter_gguf.runtime.build import pinned_llama_cpp_source
-
-    src = Path(pinned_llama_cpp_source())
+    src = pinned_llama_cpp_source()
     if not (src / "convert_hf_to_gguf.py").is_file():
-        raise RuntimeError(f"{src} has no convert_hf_to_gguf.py; the pinned llama.cpp source is incomplete")
+        raise LlamaCppSourceError(f"{src} has no convert_hf_to_gguf.py; the pinned llama.cpp source is incomplete")
     return src
 
 
@@ -118,47 +99,6 @@ def _run_convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str) -> None:
         raise RuntimeError(f"convert_hf_to_gguf.py failed (exit {res.returncode}) on {hf_dir}:\n{tail}")
 
 
-def _quantize(src: Path, dst: Path, outtype: str) -> None:
-    try:
-        import llama_cpp
-    except ImportError as e:
-        raise ConvertError(
-            f"--base-outtype {outtype} needs llama.cpp's quantizer from the runtime (llama_cpp), which is not "
-            f"importable ({e}); install it with `otter-gguf build-runtime` or use --base-outtype "
-            f"{'/'.join(DIRECT_BASE_TYPES)}"
-        ) from None
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANTIZED_BASE_TYPES[outtype])
-    params.nthread = os.cpu_count() or 1
-    # llama.cpp logs every tensor at INFO level: keep its warnings and errors
-    # (ggml_log_level: 3 WARN, 4 ERROR) for stderr / the error message only.
-    kept: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def _log(level, text, user_data):  # pragma: no cover - called from C
-        if level in (3, 4):
-            kept.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
-    try:
-        ret = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        _restore_llama_log(llama_cpp)
-    if ret != 0 or not dst.is_file():
-        raise RuntimeError(f"llama_model_quantize({src} -> {outtype}) failed with code {ret}:\n" + "".join(kept[-20:]))
-    if kept:
-        sys.stderr.write("".join(kept))
-
-
-def _restore_llama_log(llama_cpp) -> None:
-    try:
-        from llama_cpp import _logger
-
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    except Exception:  # pragma: no cover - older/newer llama_cpp layouts
-        llama_cpp.llama_log_set(None, ctypes.c_void_p(0))
-
-
 def convert_hf_base(hf_dir, out_gguf, outtype: str = "f32") -> Path:
     """Convert an HF model directory to a GGUF file with llama.cpp's own tools.
 
@@ -185,7 +125,7 @@ def convert_hf_base(hf_dir, out_gguf, outtype: str = "f32") -> Path:
             mid = work / "base-16.gguf"
             _run_convert_hf_to_gguf(hf_dir, mid, "auto")
             tmp = work / "base-q.gguf"
-            _quantize(mid, tmp, outtype)
+            quantize(mid, tmp, outtype)
             mid.unlink()
         os.replace(tmp, out)
     finally:

@@ -129,10 +129,10 @@ def gguf_models(request, tmp_path_factory) -> Models:
 
 @pytest.fixture(scope="module")
 def rt(otter_runtime):
-    """(llama_cpp.llama_cpp, Otter lib, captured log lines) of the patched runtime."""
+    """(llama_cpp.llama_cpp, Otter lib, captured log lines) of the patched runtime; llama.cpp's
+    log goes to the list (not to stderr) while the module runs."""
     from otter_gguf.runtime import capi
-    from test_runtime_helpers import quiet_logs
+    from otter_gguf_converter.llamacpp import llama_logs
 
-    logs: list[str] = []
-    quiet_logs(otter_runtime, logs)
-    return otter_runtime, capi.load(), logs
+    with llama_logs(log_level=None) as logs:
+        yield otter_runtime, capi.load(), logs

@@ -73,7 +73,7 @@ class Models:
             import torch
             from safetensors.torch import save_file
 
-            from otter_gguf.runtime.build import pinned_llama_cpp_source
+            from otter_gguf_converter.llamacpp import pinned_llama_cpp_source
 
             hf = Path(self._request.getfixturevalue("tiny_llama_dir"))
             d = self._root / "lora"
@@ -90,7 +90,7 @@ class Models:
                 {"lora_alpha": 8, "r": 4, "peft_type": "LORA", "base_model_name_or_path": "tiny-llama",
                  "target_modules": ["v_proj", "down_proj"]}), encoding="utf-8")
             out = self._root / "lora.gguf"
-            script = Path(pinned_llama_cpp_source()) / "convert_lora_to_gguf.py"
+            script = pinned_llama_cpp_source() / "convert_lora_to_gguf.py"
             res = subprocess.run([sys.executable, str(script), "--base", str(hf), "--outfile", str(out), str(d)],
                                  capture_output=True, text=True)
             assert res.returncode == 0 and out.is_file(), res.stderr[-2000:]

@@ -25,6 +25,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
 from otter_gguf.format.adapter import open_adapter
 from otter_gguf.cli import main as cli_main
 from otter_gguf_converter import OUTTYPES, convert, gguf_tensor_name
+from otter_gguf_converter.llamacpp import pinned_llama_cpp_source, quantize
 
 # quantized outtypes use ggml's quantizer from the runtime's libggml-base
 pytestmark = pytest.mark.runtime
@@ -39,13 +40,6 @@ TOLERANCE = {
     QT.Q5_0: 6e-2, QT.Q5_1: 6e-2, QT.Q5_K: 6e-2,
     QT.Q4_0: 0.12, QT.Q4_1: 0.12, QT.Q4_K: 0.12, QT.Q3_K: 0.2, QT.Q2_K: 0.4,
 }
-LLAMA_CPP_SRC = None
-
-
-def _llama_cpp_source() -> Path:
-    from otter_gguf.runtime.build import pinned_llama_cpp_source
-
-    return Path(pinned_llama_cpp_source())
 
 
 @pytest.fixture(scope="session")
@@ -56,14 +50,7 @@ def base_gguf(hf_base_gguf, tiny_llama_dir) -> Path:
 @pytest.fixture(scope="session")
 def base_q4_gguf(tmp_path_factory, base_gguf) -> Path:
     """A q4_k_m base GGUF made by llama.cpp's quantizer (llama-quantize's code; needs the runtime)."""
-    import ctypes
-
-    llama_cpp = pytest.importorskip("llama_cpp")
-    out = tmp_path_factory.mktemp("q4km") / "base-q4_k_m.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    assert llama_cpp.llama_model_quantize(str(base_gguf).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    return out
+    return quantize(base_gguf, tmp_path_factory.mktemp("q4km") / "base-q4_k_m.gguf", "q4_k_m")
 
 
 # ---------------------------------------------------------------- helpers
@@ -382,7 +369,7 @@ def test_hf_base_equals_convert_hf_to_gguf(base_gguf, tiny_llama_dir, adapter_re
     """convert_hf_base == llama.cpp's convert_hf_to_gguf.py run by hand, byte for byte;
     and `convert --base HF_DIR` carries exactly that base."""
     direct = tmp_path / "direct.gguf"
-    script = _llama_cpp_source() / "convert_hf_to_gguf.py"
+    script = pinned_llama_cpp_source() / "convert_hf_to_gguf.py"
     res = subprocess.run([sys.executable, str(script), str(tiny_llama_dir), "--outfile", str(direct),
                           "--outtype", "f32"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]

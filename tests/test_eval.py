@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from otter_gguf.tools import eval as ev
+from otter_gguf_converter.llamacpp import quantize
 from otter_gguf.cli import main
 
 pytestmark = pytest.mark.unit
@@ -244,7 +244,7 @@ def test_bad_inputs_exit_2(gguf_models, adapter_reward1_dir, adapter_reward3_dir
 @pytest.mark.runtime
 def test_quantized_model_is_refused(gguf_models, adapter_reward1_dir, tiny_llama_dir, tmp_path):
     q = tmp_path / "base-q8_0.gguf"
-    ev._quantize_base(Path(gguf_models.base), q, "q8_0", 1)
+    quantize(gguf_models.base, q, "q8_0", threads=1)
     res = _run([q, "--adapter", adapter_reward1_dir, "--base", tiny_llama_dir])
     assert res.exit_code == 2 and "unquantized" in res.output, res.output
 

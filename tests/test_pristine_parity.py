@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from otter_gguf.runtime import build as rb
+from otter_gguf_converter.llamacpp import LLAMA_CPP_PYTHON_VERSION, cache_dir, pinned_llama_cpp_source, quantize
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +36,11 @@ def _pristine_lib_dir() -> Path:
     """libllama built from the pristine pinned source with the runtime's own
     ISA flags (cached next to the runtime wheels)."""
     args = [a for a in rb.default_cmake_args() if a.startswith("-DGGML_")]
-    key = hashlib.sha256(" ".join([rb.LLAMA_CPP_PYTHON_VERSION, *args]).encode()).hexdigest()[:16]
-    build = rb.cache_dir() / "pristine" / key
+    key = hashlib.sha256(" ".join([LLAMA_CPP_PYTHON_VERSION, *args]).encode()).hexdigest()[:16]
+    build = cache_dir() / "pristine" / key
     lib = build / "bin"
     if not (lib / "libllama.so").is_file() and not (lib / "libllama.dylib").is_file():
-        src = rb.pinned_llama_cpp_source()
+        src = pinned_llama_cpp_source()
         cfg = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                "-DBUILD_SHARED_LIBS=ON", *rb._BASE_CMAKE_ARGS, *args]
         subprocess.run(cfg, check=True, capture_output=True)
@@ -51,15 +52,9 @@ def _pristine_lib_dir() -> Path:
 @pytest.mark.parametrize("outtype", ["f32", "q4_k_m"])
 def test_plain_gguf_logits_match_pristine_llama_cpp(hf_base_gguf, tiny_llama_dir, tmp_path,
                                                    outtype):
-    import llama_cpp
-
     base = hf_base_gguf(tiny_llama_dir, "f32")
     if outtype != "f32":
-        q = tmp_path / f"base-{outtype}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-        assert llama_cpp.llama_model_quantize(str(base).encode(), str(q).encode(), params) == 0
-        base = q
+        base = quantize(base, tmp_path / f"base-{outtype}.gguf", outtype)
     pristine = _pristine_lib_dir()
     out = {}
     for name, env_lib in (("patched", None), ("pristine", str(pristine))):

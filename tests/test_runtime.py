@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from otter_gguf_converter.llamacpp import quantize
 from test_runtime_helpers import Model, rel_err
 
 torch = pytest.importorskip("torch")
@@ -332,21 +333,13 @@ def test_qwen2(rt, gguf_dir, tiny_qwen2_dir, qwen2_adapter_dir):
 
 # --- llama_model_quantize on Otter GGUFs -------------------------------------------------
 
-def _quantize(ll, src, dst, ftype):
-    p = ll.llama_model_quantize_default_params()
-    p.ftype = ftype
-    p.nthread = 2
-    rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
-    assert rc == 0, f"llama_model_quantize returned {rc}"
-    return dst
-
-
-@pytest.mark.parametrize("ftype_name,ftype,qtype", [("q4_k_m", 15, "Q4_K"), ("q8_0", 7, "Q8_0")])
-def test_quantize_f16_otter(rt, gguf_dir, tiny_llama_dir, adapter_reward3_dir, models, ftype_name, ftype, qtype):
+@pytest.mark.parametrize("ftype_name,qtype", [("q4_k_m", "Q4_K"), ("q8_0", "Q8_0")])
+def test_quantize_f16_otter(rt, gguf_dir, tiny_llama_dir, adapter_reward3_dir, models, ftype_name, qtype):
     ll, lib, _ = rt
     src = _otter(gguf_dir, tiny_llama_dir, adapter_reward3_dir, base_outtype="f16", outtype="f16")
-    q = _quantize(ll, src, gguf_dir / f"otter-{ftype_name}.gguf", ftype)
-    qbase = _quantize(ll, _base(gguf_dir, tiny_llama_dir, "f16"), gguf_dir / f"base-f16-{ftype_name}.gguf", ftype)
+    q = quantize(src, gguf_dir / f"otter-{ftype_name}.gguf", ftype_name, threads=2)
+    qbase = quantize(_base(gguf_dir, tiny_llama_dir, "f16"), gguf_dir / f"base-f16-{ftype_name}.gguf", ftype_name,
+                     threads=2)
 
     # tensor types: the base tensors exactly as when quantizing the base alone, Otter rules for the rest
     r, rb = gguf.GGUFReader(q), gguf.GGUFReader(qbase)

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from otter_gguf.runtime import build as rb
+from otter_gguf_converter.llamacpp import pinned_llama_cpp_source
 
 pytestmark = pytest.mark.unit
 
 
 def test_series_applies_to_pristine_pinned_source(tmp_path: Path) -> None:
-    pristine = rb.pinned_llama_cpp_source()
+    pristine = pinned_llama_cpp_source()
     work = tmp_path / "llama.cpp"
     shutil.copytree(pristine, work, ignore=shutil.ignore_patterns(".git"))
     patches = rb.patch_series()
@@ -29,7 +30,7 @@ def test_series_applies_to_pristine_pinned_source(tmp_path: Path) -> None:
 
 
 def test_failing_patch_names_patch_and_hunk(tmp_path: Path) -> None:
-    pristine = rb.pinned_llama_cpp_source()
+    pristine = pinned_llama_cpp_source()
     work = tmp_path / "llama.cpp"
     (work / "include").mkdir(parents=True)
     shutil.copy(pristine / "include" / "llama.h", work / "include" / "llama.h")

@@ -16,38 +16,6 @@ FA_DISABLED = 0
 FA_ENABLED = 1
 
 
-def runtime_or_skip():
-    """(llama_cpp.llama_cpp, Otter lib) or pytest.skip if the runtime is not the patched one."""
-    import pytest
-
-    try:
-        from llama_cpp import llama_cpp as ll
-    except Exception as e:  # pragma: no cover
-        pytest.skip(f"llama-cpp-python not importable: {e}")
-    if not hasattr(ll._lib, "llama_otter_series"):
-        pytest.skip("the loaded llama.cpp runtime lacks llama_otter_series (unpatched); "
-                    "set LLAMA_CPP_LIB_PATH to a patched build")
-    from otter_gguf.runtime import capi as _lib
-
-    return ll, _lib.load()
-
-
-_log_cb = None
-
-
-def quiet_logs(ll, sink: list | None = None):
-    """Route llama.cpp logs into `sink` (list of str) instead of stderr."""
-    global _log_cb
-
-    @ll.llama_log_callback
-    def _cb(level, text, user_data):
-        if sink is not None:
-            sink.append(text.decode(errors="replace"))
-
-    _log_cb = _cb
-    ll.llama_log_set(_cb, ctypes.c_void_p())
-
-
 class Model:
     def __init__(self, ll, lib, path: Path):
         self.ll, self.lib = ll, lib

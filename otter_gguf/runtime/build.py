@@ -9,6 +9,7 @@ interpreter's environment.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,14 +18,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+# the pinned source and the cache live with the converter's llama.cpp helper (the converter uses them too)
+from otter_gguf_converter.llamacpp import (LLAMA_CPP_PYTHON_VERSION, SDIST_NAME, LlamaCppSourceError, cache_dir,
+                                           extract_sdist, fetch_sdist, pinned_llama_cpp_source)
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
 SERIES_PREFIX = "otter-gguf/"
 
 # Build only the shared libraries llama-cpp-python loads.
@@ -87,15 +88,6 @@ def series_id(patches: list[Path] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_dir() -> Path:
-    env = os.environ.get("OTTER_GGUF_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("otter-gguf"))
-
-
 def _log(msg: str) -> None:
     print(f"otter-gguf: {msg}", file=sys.stderr, flush=True)
 
@@ -103,49 +95,13 @@ def _log(msg: str) -> None:
 # -- source ---------------------------------------------------------------
 
 
-def fetch_sdist() -> Path:
-    """The pinned llama-cpp-python sdist, downloaded once with pip."""
-    dest = cache_dir() / "sdist"
-    path = dest / f"{SDIST_NAME}.tar.gz"
-    if path.is_file():
-        return path
-    dest.mkdir(parents=True, exist_ok=True)
-    _log(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist with pip")
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        got = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if res.returncode != 0 or not got:
-            raise RuntimeBuildError(
-                f"pip download of llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} failed:\n"
-                + (res.stderr.strip()[-2000:] or res.stdout.strip()[-2000:]))
-        os.replace(got[0], path)
-    return path
-
-
-def _extract(sdist: Path, dest: Path) -> Path:
-    """Extract the sdist into dest (which must not exist); return the source root."""
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
+@contextlib.contextmanager
+def _source_errors():
+    """The pinned source's errors (download, extraction) as build errors."""
     try:
-        with tarfile.open(sdist) as tf:
-            tf.extractall(tmp, filter="data")
-        root = tmp / SDIST_NAME
-        if not (root / "vendor" / "llama.cpp").is_dir():
-            raise RuntimeBuildError(f"{sdist} has no vendor/llama.cpp directory")
-        os.replace(root, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def pinned_llama_cpp_source() -> Path:
-    """Pristine (unpatched) pinned llama.cpp source, e.g. for convert_hf_to_gguf.py."""
-    root = cache_dir() / "src" / SDIST_NAME
-    if not root.is_dir():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        _extract(fetch_sdist(), root)
-    return root / "vendor" / "llama.cpp"
+        yield
+    except LlamaCppSourceError as e:
+        raise RuntimeBuildError(str(e)) from None
 
 
 _HUNK_RE = re.compile(r"error: patch failed: (\S+):(\d+)")
@@ -263,11 +219,13 @@ def build_wheel(plan: BuildPlan) -> Path:
         return found[0]
     _check_toolchain()
     patches = patch_series()
-    sdist = fetch_sdist()
+    with _source_errors():
+        sdist = fetch_sdist()
     work_root = cache_dir() / "build"
     work_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_root, prefix=f"{plan.key}-") as tmp:
-        src = _extract(sdist, Path(tmp) / SDIST_NAME)
+        with _source_errors():
+            src = extract_sdist(sdist, Path(tmp) / SDIST_NAME)
         _log(f"applying {len(patches)} patch(es) from {patches_dir()}")
         apply_series(src / "vendor" / "llama.cpp", patches)
         out = Path(tmp) / "dist"
@@ -349,7 +307,8 @@ def make_dev_source(dest: Path) -> Path:
     if dest.exists():
         raise RuntimeBuildInputError(f"{dest} exists: remove it first (it may hold unexported commits)")
     patches = patch_series()
-    src = pinned_llama_cpp_source()
+    with _source_errors():
+        src = pinned_llama_cpp_source()
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".git"))
     git = ["git", "-c", "user.name=otter-gguf", "-c", "user.email=dev@otter-gguf"]
     try:

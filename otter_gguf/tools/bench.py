@@ -22,7 +22,8 @@ numpy to the hidden state read in embeddings mode (``llama_get_embeddings_ith``)
 the base's tensors minus ``output.weight``, so its size is that of a reward model of the base's size.
 
 Models: ``1b`` is a random llama of the 1B shape (d=2048, 16 layers, 32/8 heads, f=8192, V=32000)
-written with gguf-py (the approach of docs/CONVERT.md), quantized by ``llama_model_quantize``
+written with gguf-py (``otter_gguf_converter.llamacpp.write_random_base``, the model of
+benchmarks/bench_runtime.py too), quantized by ``llama_model_quantize``
 (llama-quantize's mixes), with random Otter adapters (d2=256, h2=4, h2_kv=1, f2=1024) converted by
 ``otter_gguf_converter.convert``; ``demo`` is the trained demo model (``otter_gguf/demo``);
 ``tiny`` (``--quick``) is a tiny random llama. Everything generated lives in ``--cache-dir``.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import platform
 import statistics
@@ -48,6 +50,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from otter_gguf.demo import DEMO_DIR
+from otter_gguf_converter.llamacpp import cache_dir, write_random_base
 
 CONFIGS = ("a", "a0", "b", "c", "d_rm", "d_tok", "d_scalar")
 CONFIG_LABELS = {
@@ -62,12 +65,13 @@ CONFIG_LABELS = {
 
 SHAPES: Dict[str, dict] = {
     # d, L, h, h_kv, f, V (hd = d / h) and the Otter side stream
-    "1b": dict(d=2048, L=16, h=32, h_kv=8, f=8192, V=32000, ctx_train=8192,
+    # 1b: the model of the committed results (benchmarks/results) and of benchmarks/bench_runtime.py
+    "1b": dict(d=2048, L=16, h=32, h_kv=8, f=8192, V=32000, ctx_train=4096, model_name="bench-1b-random",
                d2=256, h2=4, h2_kv=1, f2=1024),
     "tiny": dict(d=256, L=2, h=4, h_kv=2, f=512, V=1024, ctx_train=2048,
                  d2=32, h2=1, h2_kv=1, f2=128),
 }
-DEFAULT_CACHE = Path(os.environ.get("OTTER_BENCH_CACHE", Path.home() / ".cache" / "otter-gguf" / "bench"))
+DEFAULT_CACHE = Path(os.environ.get("OTTER_BENCH_CACHE") or cache_dir() / "bench")
 
 
 class BenchError(ValueError):
@@ -89,90 +93,6 @@ def _side_shape(d: int, d2: int) -> dict:
     """Side heads for a side width d2 (head dim 64 as the base's): h2 = d2/64, h2_kv = h2/4, f2 = 4*d2."""
     h2 = max(1, d2 // 64)
     return dict(d2=d2, h2=h2, h2_kv=max(1, h2 // 4), f2=4 * d2)
-
-
-def write_random_base(path: Path, shape: dict, seed: int = 0) -> Path:
-    """A random llama base GGUF (f16 matrices, f32 norms) of ``shape``, streamed with gguf-py
-    (the generator of docs/CONVERT.md, parameterised)."""
-    import gguf
-
-    d, L, h, hkv, f, V = (shape[k] for k in ("d", "L", "h", "h_kv", "f", "V"))
-    hd = d // h
-    rng = np.random.default_rng(seed)
-    tmp = path.with_name(f".{path.name}.partial")
-    w = gguf.GGUFWriter(tmp, "llama")
-    w.add_name(f"random-{path.stem}")
-    w.add_block_count(L)
-    w.add_context_length(shape.get("ctx_train", 4096))
-    w.add_embedding_length(d)
-    w.add_feed_forward_length(f)
-    w.add_head_count(h)
-    w.add_head_count_kv(hkv)
-    w.add_rope_dimension_count(hd)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"<t{i}>" for i in range(V)])
-    w.add_token_scores([0.0] * V)
-    w.add_token_types([1] * V)
-    shapes = [("token_embd.weight", (V, d))]
-    for layer in range(L):
-        p = f"blk.{layer}."
-        shapes += [(p + "attn_norm.weight", (d,)), (p + "attn_q.weight", (d, d)),
-                   (p + "attn_k.weight", (hkv * hd, d)), (p + "attn_v.weight", (hkv * hd, d)),
-                   (p + "attn_output.weight", (d, d)), (p + "ffn_norm.weight", (d,)),
-                   (p + "ffn_gate.weight", (f, d)), (p + "ffn_up.weight", (f, d)),
-                   (p + "ffn_down.weight", (d, f))]
-    shapes += [("output_norm.weight", (d,)), ("output.weight", (V, d))]
-
-    def dt(s):
-        return np.float32 if len(s) == 1 else np.float16
-
-    for n, s in shapes:
-        w.add_tensor_info(n, s, np.dtype(dt(s)), int(np.prod(s)) * np.dtype(dt(s)).itemsize)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for n, s in shapes:
-        if len(s) == 1:
-            w.write_tensor_data(np.ones(s, np.float32))
-        else:
-            w.write_tensor_data((rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16))
-    w.close()
-    os.replace(tmp, path)
-    return path
-
-
-def _bench_runtime():
-    """benchmarks/bench_runtime.py (the runtime benchmark) when this is a source checkout, else None."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_runtime.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("_otter_bench_runtime", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _is_runtime_bench_shape(mod, shape: dict) -> bool:
-    try:
-        return (mod.D, mod.L, mod.H, mod.HKV, mod.F, mod.V) == tuple(shape[k] for k in ("d", "L", "h", "h_kv", "f", "V"))
-    except AttributeError:
-        return False
-
-
-def write_base(path: Path, shape: dict) -> Path:
-    """The random base: benchmarks/bench_runtime.py's generator for the 1B shape (the same model as the
-    runtime benchmark), :func:`write_random_base` for other shapes."""
-    mod = _bench_runtime()
-    if mod is not None and _is_runtime_bench_shape(mod, shape) and hasattr(mod, "write_base_f16"):
-        tmp = path.with_name(f".{path.name}.partial")
-        mod.write_base_f16(tmp)
-        os.replace(tmp, path)
-        return path
-    return write_random_base(path, shape)
 
 
 def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, seed: int = 1) -> Path:
@@ -281,20 +201,12 @@ def _cached(path: Path, make: Callable[[Path], Any], what: str) -> Path:
 
 
 def _quantize(src: Path, dst: Path, qtype: str) -> None:
-    """llama_model_quantize (llama-quantize's mixes) through the converter's helper."""
-    from otter_gguf_converter import hf_base
+    """llama_model_quantize (llama-quantize's mixes) of the random base."""
+    from otter_gguf_converter.llamacpp import LLAMA_FTYPES, quantize
 
-    types = dict(hf_base.QUANTIZED_BASE_TYPES, q8_0="LLAMA_FTYPE_MOSTLY_Q8_0")
-    if qtype not in types:
-        raise BenchError(f"--types: unknown type {qtype!r}; expected one of {', '.join(sorted(types))}")
-    tmp = dst.with_name(f".{dst.name}.partial")
-    saved = hf_base.QUANTIZED_BASE_TYPES
-    hf_base.QUANTIZED_BASE_TYPES = types
-    try:
-        hf_base._quantize(src, tmp, qtype)
-    finally:
-        hf_base.QUANTIZED_BASE_TYPES = saved
-    os.replace(tmp, dst)
+    if qtype not in LLAMA_FTYPES:
+        raise BenchError(f"--types: unknown type {qtype!r}; expected one of {', '.join(LLAMA_FTYPES)}")
+    quantize(src, dst, qtype)
 
 
 def _convert(adapter: Path, base: Path, out: Path, qtype: str) -> None:
@@ -308,7 +220,7 @@ def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] 
     root = cache / name
     root.mkdir(parents=True, exist_ok=True)
     side = {k: shape[k] for k in ("d2", "h2", "h2_kv", "f2")}
-    f16 = _cached(root / "base-f16.gguf", lambda p: write_base(p, shape), f"{name} f16 base")
+    f16 = _cached(root / "base-f16.gguf", lambda p: write_random_base(p, shape), f"{name} f16 base")
     if qtype == "f16":
         base = f16
     else:
@@ -319,12 +231,7 @@ def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] 
         a = root / f"adapter-d2_{sd['d2']}-{kind}"
         if not (a / "otter_config.json").is_file():
             _log(f"[bench] making adapter {a}")
-            mod = _bench_runtime()
-            if (kind == "reward" and mod is not None and _is_runtime_bench_shape(mod, shape)
-                    and (mod.D2, mod.H2, mod.H2KV, mod.F2) == tuple(sd[k] for k in ("d2", "h2", "h2_kv", "f2"))):
-                mod.write_adapter(a)  # the runtime benchmark's adapter
-            else:
-                write_random_adapter(a, shape, sd, kind)
+            write_random_adapter(a, shape, sd, kind)
         return a
 
     def otter(sd: dict, kind: str) -> Path:
@@ -683,23 +590,20 @@ def _rss_kib() -> int:
     return 0
 
 
-def _quiet_llama(L) -> Any:
-    @L.llama_log_callback
-    def _log(level, text, user_data):  # pragma: no cover - called from C
-        if level == 4:
-            sys.stderr.write(text.decode("utf-8", "replace"))
-
-    L.llama_log_set(_log, ctypes.c_void_p(0))
-    return _log
-
-
 def run_worker(spec: dict) -> dict:
-    """Run one configuration (``spec["config"]``) and return its timings and peak RSS."""
+    """Run one configuration (``spec["config"]``) and return its timings and peak RSS;
+    llama.cpp's log: its errors only (to stderr, through ``logging``)."""
+    from otter_gguf_converter.llamacpp import llama_logs
+
+    with llama_logs(level=logging.ERROR, log_level=logging.ERROR):
+        return _run_worker(spec)
+
+
+def _run_worker(spec: dict) -> dict:
     import resource
 
     import llama_cpp as L
 
-    keep = _quiet_llama(L)  # noqa: F841 - the callback must stay alive
     L.llama_backend_init()
     rss_start = _rss_kib()
     t0 = time.perf_counter()

@@ -28,9 +28,9 @@ and documented one by one; :func:`compare_with_baseline` and
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -66,14 +66,6 @@ __all__ = [
 EVAL_FORMAT_VERSION = 1
 DEFAULT_TYPES: tuple[str, ...] = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "eval_prompts.txt"
-
-#: type name -> llama_ftype constant name of llama.cpp's quantizer (for the base)
-_BASE_FTYPES = {
-    "f32": "LLAMA_FTYPE_ALL_F32",
-    "f16": "LLAMA_FTYPE_MOSTLY_F16",
-    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-}
 
 #: absolute targets (issue 6), enforced by the regression suite: type -> metric -> (op, bound)
 TARGETS: dict[str, dict[str, tuple[str, float]]] = {
@@ -246,11 +238,11 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
 
 def parse_types(types: str | Sequence[str]) -> list[str]:
     """``"f16,q8_0"`` or a list -> validated, de-duplicated type names."""
-    from otter_gguf_converter.hf_base import QUANTIZED_BASE_TYPES
+    from otter_gguf_converter.llamacpp import LLAMA_FTYPES
     from otter_gguf_converter.qtypes import OUTTYPES
 
     items = types.split(",") if isinstance(types, str) else list(types)
-    known = [t for t in OUTTYPES if t in _BASE_FTYPES or t in QUANTIZED_BASE_TYPES]
+    known = [t for t in OUTTYPES if t in LLAMA_FTYPES]
     out: list[str] = []
     for raw in items:
         t = str(raw).strip().lower()
@@ -263,52 +255,6 @@ def parse_types(types: str | Sequence[str]) -> list[str]:
     if not out:
         raise EvalError("--types is empty; give at least one type, e.g. --types q8_0,q4_k_m")
     return out
-
-
-def _ftype(name: str) -> int:
-    import llama_cpp
-    from otter_gguf_converter.hf_base import QUANTIZED_BASE_TYPES
-
-    return int(getattr(llama_cpp, _BASE_FTYPES.get(name) or QUANTIZED_BASE_TYPES[name]))
-
-
-@contextlib.contextmanager
-def _quiet_llama_logs():
-    """Collect llama.cpp's WARN/ERROR log lines instead of printing them (the
-    eval loads many models); yields the list."""
-    import llama_cpp
-
-    kept: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def _log(level, text, user_data):  # pragma: no cover - called from C
-        if level in (3, 4):  # ggml_log_level WARN, ERROR
-            kept.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
-    try:
-        yield kept
-    finally:
-        try:
-            from llama_cpp import _logger
-
-            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        except Exception:  # pragma: no cover - other llama_cpp layouts
-            llama_cpp.llama_log_set(None, ctypes.c_void_p(0))
-
-
-def _quantize_base(src: Path, dst: Path, outtype: str, threads: int) -> None:
-    """llama_model_quantize (llama-quantize's code and mixes) of a plain base GGUF."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = _ftype(outtype)
-    params.nthread = threads
-    with _quiet_llama_logs() as kept:
-        ret = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if ret != 0 or not dst.is_file():
-        raise RuntimeError(f"llama_model_quantize({src.name} -> {outtype}) failed with code {ret}:\n"
-                           + "".join(kept[-20:]))
 
 
 def _write_base_part(src: Path, dst: Path) -> None:
@@ -407,14 +353,15 @@ KV_TYPES = {"f16": 1, "f32": 0, "bf16": 30}
 @contextlib.contextmanager
 def _llama(path: Path, n_ctx: int, threads: int, kv_type: str = "f16"):
     from otter_gguf.runtime.llama import OtterLlama
+    from otter_gguf_converter.llamacpp import llama_logs
 
-    with _quiet_llama_logs() as kept:
+    with llama_logs(level=logging.WARNING, log_level=None) as kept:  # kept for the error message only
         try:
             llm = OtterLlama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                              n_threads=threads, n_threads_batch=threads, verbose=False,
                              type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
         except ValueError as e:
-            raise RuntimeError(f"cannot load {path}: {e}\n" + "".join(kept[-10:])) from None
+            raise RuntimeError(f"cannot load {path}: {e}\n" + "\n".join(kept[-10:])) from None
     try:
         yield llm
     finally:
@@ -450,7 +397,9 @@ def _run_gguf(path: Path, token_lists, n_ctx: int, threads: int, tick, *, signal
 def _tokenize(path: Path, prompts: Sequence[str], threads: int) -> list[list[int]]:
     from llama_cpp import Llama
 
-    with _quiet_llama_logs():
+    from otter_gguf_converter.llamacpp import llama_logs
+
+    with llama_logs(log_level=None):
         llm = Llama(str(path), vocab_only=True, verbose=False, n_threads=threads)
     try:
         return [llm.tokenize(p.encode("utf-8"), add_bos=True, special=False) for p in prompts]
@@ -669,8 +618,10 @@ def evaluate(
                 for p in (base_t, otter_t):
                     if p.exists():
                         p.unlink()
-                _quantize_base(base_src, base_t, t, threads)
                 from otter_gguf_converter import convert
+                from otter_gguf_converter.llamacpp import quantize
+
+                quantize(base_src, base_t, t, threads=threads, log_level=None)
 
                 with contextlib.redirect_stdout(sys.stderr):
                     convert(adapter_dir, base_t, otter_t, outtype=t, force=True, progress=False)
