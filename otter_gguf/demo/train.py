@@ -13,7 +13,6 @@ bf16 safetensors), `adapter/` (Otter adapter, bf16) and `metrics.json`
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -35,16 +34,10 @@ OTTER_LR = 1e-3
 
 
 def train_tokenizer(texts: list[str], out: Path) -> None:
-    import sentencepiece as spm
+    from otter_gguf.reference.tokenizer import train_sentencepiece
 
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buf, vocab_size=VOCAB, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, num_threads=1, seed_sentencepiece_size=100000,
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, hard_vocab_limit=False,
-        split_digits=True, minloglevel=2,
-    )
-    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    model = train_sentencepiece(VOCAB, texts=texts, seed_sentencepiece_size=100000, hard_vocab_limit=False)
+    (out / "tokenizer.model").write_bytes(model)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "model_max_length": 2048, "tokenizer_class": "LlamaTokenizer",

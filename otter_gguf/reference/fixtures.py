@@ -16,7 +16,6 @@ f+f2=1024) is a multiple of 256 and every ggml quant type applies.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -39,32 +38,13 @@ _SPECIAL = {
 
 
 def train_tokenizer(vocab_size: int = 512, seed: int = 0) -> bytes:
-    """Train the tiny SentencePiece BPE model (byte fallback), deterministic."""
-    import sentencepiece as spm
+    """Train the tiny SentencePiece BPE model (byte fallback) on the shipped corpus, deterministic."""
+    from otter_gguf.reference.tokenizer import train_sentencepiece
 
-    spm.set_random_generator_seed(seed)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        input=str(CORPUS_PATH),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        num_threads=1,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
-    return buf.getvalue()
+    return train_sentencepiece(
+        vocab_size, input_file=CORPUS_PATH, seed=seed, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
+        shuffle_input_sentence=False)
 
 
 def _write_json(path: Path, obj) -> None:
