@@ -10,7 +10,8 @@ Public API::
 See docs/FORMAT.md for the file layout and the output types.
 """
 
-from otter_gguf_converter.convert import convert, gguf_tensor_name, rope_permute, rope_unpermute
+from otter_gguf.format.constants import gguf_tensor_name
+from otter_gguf_converter.convert import convert, rope_permute, rope_unpermute
 from otter_gguf_converter.errors import ConvertError
 from otter_gguf_converter.gguf_io import vocab_hash_tokens
 from otter_gguf_converter.hf_base import BASE_OUTTYPES, convert_hf_base

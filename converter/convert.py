@@ -23,46 +23,11 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
+from otter_gguf.format.constants import KEY_PREFIX, OTTER_FORMAT_VERSION, Keys, OtterTensor, gguf_name, parse_hf_name
 from otter_gguf_converter import gguf_io, qtypes
 from otter_gguf_converter.errors import ConvertError
 from otter_gguf_converter.ggml_quant import encode
 from otter_gguf_converter.hf_base import convert_hf_base, hf_architecture, hf_hparams, parse_base_outtype
-
-OTTER_FORMAT_VERSION = 1
-
-# HF (spec §4) suffix -> GGUF name (docs/FORMAT.md), per layer
-_LAYER_MAP = {
-    "input_layernorm.weight": "otter_attn_norm.weight",
-    "self_attn.q_proj.weight": "otter_attn_q.weight",
-    "self_attn.k_proj.weight": "otter_attn_k.weight",
-    "self_attn.v_proj.weight": "otter_attn_v.weight",
-    "self_attn.q_proj.bias": "otter_attn_q.bias",
-    "self_attn.k_proj.bias": "otter_attn_k.bias",
-    "self_attn.v_proj.bias": "otter_attn_v.bias",
-    "self_attn.o_proj.weight": "otter_attn_output.weight",
-    "post_attention_layernorm.weight": "otter_ffn_norm.weight",
-    "mlp.gate_proj.weight": "otter_ffn_gate.weight",
-    "mlp.up_proj.weight": "otter_ffn_up.weight",
-    "mlp.down_proj.weight": "otter_ffn_down.weight",
-}
-_GLOBAL_MAP = {
-    "otter.embed_tokens.weight": "otter_token_embd.weight",
-    "otter.norm.weight": "otter_output_norm.weight",
-    "otter.head.weight": "otter_head.weight",
-    "otter.head.bias": "otter_head.bias",
-}
-
-
-def gguf_tensor_name(hf_name: str) -> str:
-    """GGUF name of an adapter tensor (spec §4 -> docs/FORMAT.md)."""
-    if hf_name in _GLOBAL_MAP:
-        return _GLOBAL_MAP[hf_name]
-    parts = hf_name.split(".", 3)
-    if len(parts) == 4 and parts[0] == "otter" and parts[1] == "layers" and parts[2].isdigit():
-        suffix = _LAYER_MAP.get(parts[3])
-        if suffix is not None:
-            return f"blk.{int(parts[2])}.{suffix}"
-    raise KeyError(hf_name)
 
 
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -127,11 +92,12 @@ def plan_tensors(adapter, cfg, arch: str, outtype: str, head_type: str | None):
     for hf in cfg.tensor_order():
         if hf not in present:
             continue
-        name = gguf_tensor_name(hf)
+        kind, bid, suffix = parse_hf_name(hf)
+        name = gguf_name(kind, bid, suffix)
         shape = tuple(int(x) for x in adapter.shape(hf))
         if len(shape) == 1:
             qt = QT.F32
-        elif name == "otter_head.weight":
+        elif kind == OtterTensor.HEAD:
             qt = qtypes.head_type(outtype, head_type)
         else:
             qt = qtypes.tensor_type(outtype, name, n_layer, side_gqa)
@@ -141,9 +107,9 @@ def plan_tensors(adapter, cfg, arch: str, outtype: str, head_type: str | None):
                 fallbacks.append(fb)
         perm = None
         if arch == "llama":
-            if name.endswith("otter_attn_q.weight") or name.endswith("otter_attn_q.bias"):
+            if kind == OtterTensor.ATTN_Q:
                 perm = h2
-            elif name.endswith("otter_attn_k.weight") or name.endswith("otter_attn_k.bias"):
+            elif kind == OtterTensor.ATTN_K:
                 perm = h2kv
         plan.append(PlannedTensor(hf, name, shape, qt, _nbytes(qt, shape), perm))
     return plan, fallbacks
@@ -152,24 +118,24 @@ def plan_tensors(adapter, cfg, arch: str, outtype: str, head_type: str | None):
 def _otter_metadata(writer, cfg, info: gguf_io.BaseInfo) -> None:
     u32 = GGUFValueType.UINT32
     kv = writer.add_key_value
-    kv("otter.version", OTTER_FORMAT_VERSION, u32)
-    kv("otter.base_model", str(cfg.base_model), GGUFValueType.STRING)
-    kv("otter.embedding_length", cfg.otter_hidden_size, u32)
-    kv("otter.attention.head_count", cfg.otter_num_attention_heads, u32)
-    kv("otter.attention.head_count_kv", cfg.otter_num_key_value_heads, u32)
-    kv("otter.feed_forward_length", cfg.otter_intermediate_size, u32)
-    kv("otter.head.output_size", cfg.head_output_size, u32)
-    kv("otter.head.kind", cfg.head_kind, GGUFValueType.STRING)
-    kv("otter.head.signal_names", list(cfg.signal_names), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
-    kv("otter.base.architecture", info.architecture, GGUFValueType.STRING)
-    kv("otter.base.embedding_length", info.d, u32)
-    kv("otter.base.block_count", info.n_layer, u32)
-    kv("otter.base.attention.head_count", info.h, u32)
-    kv("otter.base.attention.head_count_kv", info.h_kv, u32)
-    kv("otter.base.attention.key_length", info.hd, u32)
-    kv("otter.base.feed_forward_length", info.f, u32)
-    kv("otter.base.vocab_size", info.vocab_size, u32)
-    kv("otter.base.vocab_hash", info.vocab_hash, GGUFValueType.UINT64)
+    kv(Keys.VERSION, OTTER_FORMAT_VERSION, u32)
+    kv(Keys.BASE_MODEL, str(cfg.base_model), GGUFValueType.STRING)
+    kv(Keys.EMBEDDING_LENGTH, cfg.otter_hidden_size, u32)
+    kv(Keys.Attention.HEAD_COUNT, cfg.otter_num_attention_heads, u32)
+    kv(Keys.Attention.HEAD_COUNT_KV, cfg.otter_num_key_value_heads, u32)
+    kv(Keys.FEED_FORWARD_LENGTH, cfg.otter_intermediate_size, u32)
+    kv(Keys.Head.OUTPUT_SIZE, cfg.head_output_size, u32)
+    kv(Keys.Head.KIND, str(cfg.head_kind), GGUFValueType.STRING)
+    kv(Keys.Head.SIGNAL_NAMES, list(cfg.signal_names), GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    kv(Keys.Base.ARCHITECTURE, info.architecture, GGUFValueType.STRING)
+    kv(Keys.Base.EMBEDDING_LENGTH, info.d, u32)
+    kv(Keys.Base.BLOCK_COUNT, info.n_layer, u32)
+    kv(Keys.Base.ATTENTION_HEAD_COUNT, info.h, u32)
+    kv(Keys.Base.ATTENTION_HEAD_COUNT_KV, info.h_kv, u32)
+    kv(Keys.Base.ATTENTION_KEY_LENGTH, info.hd, u32)
+    kv(Keys.Base.FEED_FORWARD_LENGTH, info.f, u32)
+    kv(Keys.Base.VOCAB_SIZE, info.vocab_size, u32)
+    kv(Keys.Base.VOCAB_HASH, info.vocab_hash, GGUFValueType.UINT64)
 
 
 def _human(n: float) -> str:
@@ -272,7 +238,7 @@ def convert(
             base_gguf = base_path
         reader = gguf_io.open_gguf(base_gguf, "base")
         info = gguf_io.base_info(reader, str(base_path))
-        already = [k for k in gguf_io.kv_keys(reader) if k.startswith("otter.")]
+        already = [k for k in gguf_io.kv_keys(reader) if k.startswith(KEY_PREFIX)]
         already_t = [t.name for t in reader.tensors if gguf_io.is_otter_tensor(t.name)]
         if already or already_t:
             raise ConvertError(

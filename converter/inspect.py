@@ -5,20 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from otter_gguf.format.constants import FINGERPRINT_KEYS, KEY_PREFIX, Keys
 from otter_gguf_converter import gguf_io
 from otter_gguf_converter.errors import ConvertError
-
-_FINGERPRINT = {
-    "otter.base.architecture": "architecture",
-    "otter.base.embedding_length": "embedding_length",
-    "otter.base.block_count": "block_count",
-    "otter.base.attention.head_count": "head_count",
-    "otter.base.attention.head_count_kv": "head_count_kv",
-    "otter.base.attention.key_length": "key_length",
-    "otter.base.feed_forward_length": "feed_forward_length",
-    "otter.base.vocab_size": "vocab_size",
-    "otter.base.vocab_hash": "vocab_hash",
-}
 
 
 def _opt_int(reader, key):
@@ -63,7 +52,7 @@ def inspect_gguf(path) -> dict[str, Any]:
         "bytes": base_bytes,
         "quant_mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])),
     }
-    otter_keys = [k for k in gguf_io.kv_keys(reader) if k.startswith("otter.")]
+    otter_keys = [k for k in gguf_io.kv_keys(reader) if k.startswith(KEY_PREFIX)]
     result: dict[str, Any] = {
         "file": p,
         "file_bytes": os.path.getsize(p),
@@ -86,7 +75,7 @@ def inspect_gguf(path) -> dict[str, Any]:
     ]
     otter_bytes = sum(x["bytes"] for x in tensors)
     mismatches = []
-    for key, bk in _FINGERPRINT.items():
+    for key, bk in FINGERPRINT_KEYS.items():
         if key not in meta:
             mismatches.append(f"{key} missing")
         elif meta[key] != base[bk]:
@@ -129,18 +118,18 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("otter: no Otter head in this file (a plain GGUF)")
         return "\n".join(lines)
     m = o["metadata"]
-    names = m.get("otter.head.signal_names") or []
+    names = m.get(Keys.Head.SIGNAL_NAMES) or []
     lines.append(
-        f"otter: version {m.get('otter.version')}, head kind {m.get('otter.head.kind')}, "
-        f"n_out {m.get('otter.head.output_size')}" + (f" (signals: {', '.join(names)})" if names else "")
+        f"otter: version {m.get(Keys.VERSION)}, head kind {m.get(Keys.Head.KIND)}, "
+        f"n_out {m.get(Keys.Head.OUTPUT_SIZE)}" + (f" (signals: {', '.join(names)})" if names else "")
     )
     lines.append(
-        f"  d2={m.get('otter.embedding_length')} h2={m.get('otter.attention.head_count')} "
-        f"h2_kv={m.get('otter.attention.head_count_kv')} f2={m.get('otter.feed_forward_length')}  "
-        f"base_model: {m.get('otter.base_model')!r}"
+        f"  d2={m.get(Keys.EMBEDDING_LENGTH)} h2={m.get(Keys.Attention.HEAD_COUNT)} "
+        f"h2_kv={m.get(Keys.Attention.HEAD_COUNT_KV)} f2={m.get(Keys.FEED_FORWARD_LENGTH)}  "
+        f"base_model: {m.get(Keys.BASE_MODEL)!r}"
     )
     if o["fingerprint_ok"]:
-        lines.append(f"  fingerprint: matches this file's base (vocab hash {m['otter.base.vocab_hash']:#018x})")
+        lines.append(f"  fingerprint: matches this file's base (vocab hash {m[Keys.Base.VOCAB_HASH]:#018x})")
     else:
         lines.append("  fingerprint: MISMATCH: " + "; ".join(o["fingerprint_mismatches"]))
     lines.append("  metadata:")

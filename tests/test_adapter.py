@@ -20,6 +20,8 @@ from otter_gguf.format.adapter import (
     save_adapter,
 )
 from otter_gguf.format import config as config_mod
+from otter_gguf.format.constants import BIAS, HeadKind, hf_name
+from otter_gguf.format.constants import OtterTensor as T
 
 pytestmark = pytest.mark.unit
 
@@ -41,7 +43,7 @@ def small_dict(**over):
         "otter_num_key_value_heads": 1,
         "otter_intermediate_size": 16,
         "head_output_size": 1,
-        "head_kind": "reward",
+        "head_kind": HeadKind.REWARD.value,
         "signal_names": ["reward"],
     }
     d.update(over)
@@ -89,27 +91,27 @@ def test_required_and_optional_shapes_follow_spec():
     cfg = OtterConfig.from_dict(small_dict())
     req = cfg.required_tensor_shapes()
     assert len(req) == 1 + 9 * 2 + 2
-    assert req["otter.embed_tokens.weight"] == (40, 8)
-    assert req["otter.layers.1.input_layernorm.weight"] == (8,)
-    assert req["otter.layers.0.self_attn.q_proj.weight"] == (2 * 8, 16 + 8)
-    assert req["otter.layers.0.self_attn.k_proj.weight"] == (1 * 8, 24)
-    assert req["otter.layers.0.self_attn.v_proj.weight"] == (8, 24)
-    assert req["otter.layers.0.self_attn.o_proj.weight"] == (8, (2 + 2) * 8)
-    assert req["otter.layers.1.post_attention_layernorm.weight"] == (8,)
-    assert req["otter.layers.1.mlp.gate_proj.weight"] == (16, 24)
-    assert req["otter.layers.1.mlp.up_proj.weight"] == (16, 24)
-    assert req["otter.layers.1.mlp.down_proj.weight"] == (8, 32 + 16)
-    assert req["otter.norm.weight"] == (8,)
-    assert req["otter.head.weight"] == (1, 24)
+    assert req[hf_name(T.TOKEN_EMBD)] == (40, 8)
+    assert req[hf_name(T.ATTN_NORM, 1)] == (8,)
+    assert req[hf_name(T.ATTN_Q, 0)] == (2 * 8, 16 + 8)
+    assert req[hf_name(T.ATTN_K, 0)] == (1 * 8, 24)
+    assert req[hf_name(T.ATTN_V, 0)] == (8, 24)
+    assert req[hf_name(T.ATTN_OUT, 0)] == (8, (2 + 2) * 8)
+    assert req[hf_name(T.FFN_NORM, 1)] == (8,)
+    assert req[hf_name(T.FFN_GATE, 1)] == (16, 24)
+    assert req[hf_name(T.FFN_UP, 1)] == (16, 24)
+    assert req[hf_name(T.FFN_DOWN, 1)] == (8, 32 + 16)
+    assert req[hf_name(T.OUTPUT_NORM)] == (8,)
+    assert req[hf_name(T.HEAD)] == (1, 24)
     opt = cfg.optional_tensor_shapes()
     assert opt == {
-        "otter.layers.0.self_attn.q_proj.bias": (16,),
-        "otter.layers.0.self_attn.k_proj.bias": (8,),
-        "otter.layers.0.self_attn.v_proj.bias": (8,),
-        "otter.layers.1.self_attn.q_proj.bias": (16,),
-        "otter.layers.1.self_attn.k_proj.bias": (8,),
-        "otter.layers.1.self_attn.v_proj.bias": (8,),
-        "otter.head.bias": (1,),
+        hf_name(T.ATTN_Q, 0, BIAS): (16,),
+        hf_name(T.ATTN_K, 0, BIAS): (8,),
+        hf_name(T.ATTN_V, 0, BIAS): (8,),
+        hf_name(T.ATTN_Q, 1, BIAS): (16,),
+        hf_name(T.ATTN_K, 1, BIAS): (8,),
+        hf_name(T.ATTN_V, 1, BIAS): (8,),
+        hf_name(T.HEAD, suffix=BIAS): (1,),
     }
 
 
@@ -139,9 +141,9 @@ def test_adapter_error_is_value_error_and_reexported():
         ({"otter_version": 2}, None, ["otter_version", "1", "2"]),
         ({"base_architecture": "gpt2"}, None, ["base_architecture", "llama", "qwen2", "'gpt2'"]),
         ({"base_model": None}, None, ["base_model", "string"]),
-        ({"head_kind": "token_reward", "signal_names": [], "head_output_size": 39}, None,
+        ({"head_kind": HeadKind.TOKEN_REWARD.value, "signal_names": [], "head_output_size": 39}, None,
          ["head_output_size (39)", "vocab_size (40)", "token_reward"]),
-        ({"head_kind": "token_reward", "signal_names": ["x"], "head_output_size": 40}, None,
+        ({"head_kind": HeadKind.TOKEN_REWARD.value, "signal_names": ["x"], "head_output_size": 40}, None,
          ["signal_names", "empty", "token_reward"]),
         ({"num_attention_heads": 3, "num_key_value_heads": 2}, None,
          ["num_attention_heads (3)", "num_key_value_heads (2)"]),
@@ -180,8 +182,8 @@ def test_config_not_an_object():
 
 
 def test_token_reward_config_ok():
-    cfg = OtterConfig.from_dict(small_dict(head_kind="token_reward", head_output_size=40, signal_names=[]))
-    assert cfg.required_tensor_shapes()["otter.head.weight"] == (40, 24)
+    cfg = OtterConfig.from_dict(small_dict(head_kind=HeadKind.TOKEN_REWARD.value, head_output_size=40, signal_names=[]))
+    assert cfg.required_tensor_shapes()[hf_name(T.HEAD)] == (40, 24)
 
 
 # ------------------------------------------------------- header validation
@@ -192,21 +194,21 @@ def test_open_good_adapter_reads_header_and_values(good):
     assert ad.path == path
     assert set(ad.tensor_names) == set(t)
     # layer order: embedding first, layer 0 before layer 1, head last
-    assert ad.tensor_names[0] == "otter.embed_tokens.weight"
-    assert ad.tensor_names[-1] == "otter.head.weight"
-    assert ad.tensor_names.index("otter.layers.0.mlp.down_proj.weight") < \
-        ad.tensor_names.index("otter.layers.1.input_layernorm.weight")
-    assert ad.shape("otter.layers.0.self_attn.o_proj.weight") == (8, 32)
-    assert ad.dtype("otter.norm.weight") == "F32"
+    assert ad.tensor_names[0] == hf_name(T.TOKEN_EMBD)
+    assert ad.tensor_names[-1] == hf_name(T.HEAD)
+    assert ad.tensor_names.index(hf_name(T.FFN_DOWN, 0)) < \
+        ad.tensor_names.index(hf_name(T.ATTN_NORM, 1))
+    assert ad.shape(hf_name(T.ATTN_OUT, 0)) == (8, 32)
+    assert ad.dtype(hf_name(T.OUTPUT_NORM)) == "F32"
     names = []
     for name, arr in ad.iter_numpy():
         names.append(name)
         assert arr.dtype == np.float32
         np.testing.assert_array_equal(arr, t[name])
     assert names == ad.tensor_names
-    tt = ad.get_torch("otter.head.weight", torch.float64)
+    tt = ad.get_torch(hf_name(T.HEAD), torch.float64)
     assert tt.dtype == torch.float64
-    np.testing.assert_array_equal(tt.numpy(), t["otter.head.weight"].astype(np.float64))
+    np.testing.assert_array_equal(tt.numpy(), t[hf_name(T.HEAD)].astype(np.float64))
     cfg2, allt = load_adapter(path)
     assert cfg2 == cfg and set(allt) == set(t)
     assert all(v.dtype == torch.float32 for v in allt.values())
@@ -215,12 +217,12 @@ def test_open_good_adapter_reads_header_and_values(good):
 def test_missing_tensor(tmp_path):
     cfg = OtterConfig.from_dict(small_dict())
     t = small_tensors(cfg)
-    del t["otter.layers.1.mlp.up_proj.weight"]
+    del t[hf_name(T.FFN_UP, 1)]
     ad = write_raw(tmp_path / "ad", small_dict(), t)
     with pytest.raises(AdapterError) as ei:
         open_adapter(ad)
     assert "missing required tensor" in str(ei.value)
-    assert "otter.layers.1.mlp.up_proj.weight" in str(ei.value)
+    assert hf_name(T.FFN_UP, 1) in str(ei.value)
     assert ADAPTER_WEIGHTS_NAME in str(ei.value)
 
 
@@ -241,15 +243,15 @@ def test_optional_biases_accepted_and_listed(tmp_path):
     cfg = OtterConfig.from_dict(small_dict())
     t = small_tensors(cfg, biases=True)
     ad = open_adapter(write_raw(tmp_path / "ad", small_dict(), t))
-    assert "otter.head.bias" in ad.tensor_names
+    assert hf_name(T.HEAD, suffix=BIAS) in ad.tensor_names
     i = ad.tensor_names.index
-    assert i("otter.layers.0.self_attn.q_proj.bias") < i("otter.layers.0.self_attn.o_proj.weight")
+    assert i(hf_name(T.ATTN_Q, 0, BIAS)) < i(hf_name(T.ATTN_OUT, 0))
 
 
 @pytest.mark.parametrize("name, bad_shape, want", [
-    ("otter.layers.0.self_attn.q_proj.weight", (16, 16), "[16, 24]"),
-    ("otter.head.weight", (24, 1), "[1, 24]"),  # transposed
-    ("otter.norm.weight", (8, 1), "[8]"),
+    (hf_name(T.ATTN_Q, 0), (16, 16), "[16, 24]"),
+    (hf_name(T.HEAD), (24, 1), "[1, 24]"),  # transposed
+    (hf_name(T.OUTPUT_NORM), (8, 1), "[8]"),
 ])
 def test_wrong_shape(tmp_path, name, bad_shape, want):
     cfg = OtterConfig.from_dict(small_dict())
@@ -266,7 +268,7 @@ def test_wrong_shape(tmp_path, name, bad_shape, want):
 def test_wrong_bias_shape(tmp_path):
     cfg = OtterConfig.from_dict(small_dict())
     t = small_tensors(cfg, biases=True)
-    t["otter.layers.1.self_attn.k_proj.bias"] = np.zeros(16, np.float32)
+    t[hf_name(T.ATTN_K, 1, BIAS)] = np.zeros(16, np.float32)
     with pytest.raises(AdapterError, match=r"k_proj.bias.*\[16\], expected \[8\]"):
         open_adapter(write_raw(tmp_path / "ad", small_dict(), t))
 
@@ -275,11 +277,11 @@ def test_wrong_bias_shape(tmp_path):
 def test_wrong_dtype(tmp_path, np_dtype, st_name):
     cfg = OtterConfig.from_dict(small_dict())
     t = small_tensors(cfg)
-    t["otter.layers.0.mlp.gate_proj.weight"] = np.ones((16, 24), np_dtype)
+    t[hf_name(T.FFN_GATE, 0)] = np.ones((16, 24), np_dtype)
     with pytest.raises(AdapterError) as ei:
         open_adapter(write_raw(tmp_path / "ad", small_dict(), t))
     msg = str(ei.value)
-    assert "otter.layers.0.mlp.gate_proj.weight" in msg
+    assert hf_name(T.FFN_GATE, 0) in msg
     assert st_name in msg and "F32, F16, BF16" in msg
 
 
@@ -287,13 +289,13 @@ def test_wrong_dtype(tmp_path, np_dtype, st_name):
 def test_non_finite_values(tmp_path, bad):
     cfg = OtterConfig.from_dict(small_dict())
     t = small_tensors(cfg)
-    t["otter.layers.1.self_attn.v_proj.weight"][3, 5] = bad
+    t[hf_name(T.ATTN_V, 1)][3, 5] = bad
     ad = open_adapter(write_raw(tmp_path / "ad", small_dict(), t))  # header is fine
-    ad.get_numpy("otter.layers.0.self_attn.v_proj.weight")  # other tensors read fine
+    ad.get_numpy(hf_name(T.ATTN_V, 0))  # other tensors read fine
     with pytest.raises(AdapterError) as ei:
-        ad.get_numpy("otter.layers.1.self_attn.v_proj.weight")
+        ad.get_numpy(hf_name(T.ATTN_V, 1))
     msg = str(ei.value)
-    assert "otter.layers.1.self_attn.v_proj.weight" in msg and "non-finite" in msg
+    assert hf_name(T.ATTN_V, 1) in msg and "non-finite" in msg
     assert ("1 NaN" if np.isnan(bad) else "1 Inf") in msg
     with pytest.raises(AdapterError, match="v_proj.weight"):
         load_adapter(ad.path)
@@ -304,7 +306,7 @@ def test_non_finite_values(tmp_path, bad):
 def test_non_finite_bf16_raw_path(tmp_path):
     cfg = OtterConfig.from_dict(small_dict())
     t = {n: torch.from_numpy(a) for n, a in small_tensors(cfg).items()}
-    t["otter.norm.weight"][2] = float("nan")
+    t[hf_name(T.OUTPUT_NORM)][2] = float("nan")
     out = tmp_path / "ad"
     out.mkdir()
     cfg.save(out)
@@ -313,7 +315,7 @@ def test_non_finite_bf16_raw_path(tmp_path):
     ad = open_adapter(out)
     for use_torch in (True, False):
         with pytest.raises(AdapterError, match="otter.norm.weight.*1 NaN"):
-            ad.get_numpy("otter.norm.weight", _use_torch=use_torch)
+            ad.get_numpy(hf_name(T.OUTPUT_NORM), _use_torch=use_torch)
 
 
 @pytest.mark.parametrize("keep", [0, 5, 100, -7])
@@ -367,7 +369,7 @@ def test_missing_weights_file(good):
 def test_get_unknown_tensor(good):
     ad = open_adapter(good[0])
     with pytest.raises(AdapterError, match="no tensor named 'otter.head.bias'"):
-        ad.get_numpy("otter.head.bias")
+        ad.get_numpy(hf_name(T.HEAD, suffix=BIAS))
 
 
 # ------------------------------------------------------------ round trips
@@ -398,7 +400,7 @@ def test_save_open_round_trip(tmp_path, dtype, st, tol):
         for n in ad.tensor_names:
             np.testing.assert_array_equal(ad.get_numpy(n, _use_torch=False), ad.get_numpy(n))
         # and equals torch's own bf16 rounding
-        n = "otter.layers.0.self_attn.q_proj.weight"
+        n = hf_name(T.ATTN_Q, 0)
         np.testing.assert_array_equal(
             ad.get_numpy(n), torch.from_numpy(t[n]).to(torch.bfloat16).float().numpy())
 
@@ -420,19 +422,19 @@ def test_save_rejects_bad_input(tmp_path):
     cfg = OtterConfig.from_dict(small_dict())
     t = small_tensors(cfg)
     bad = dict(t)
-    bad["otter.head.weight"] = np.zeros((2, 24), np.float32)
+    bad[hf_name(T.HEAD)] = np.zeros((2, 24), np.float32)
     with pytest.raises(AdapterError, match=r"otter.head.weight.*\[2, 24\], expected \[1, 24\]"):
         save_adapter(tmp_path / "a", cfg, bad)
     bad = dict(t)
-    del bad["otter.norm.weight"]
+    del bad[hf_name(T.OUTPUT_NORM)]
     with pytest.raises(AdapterError, match="missing required tensor.*otter.norm.weight"):
         save_adapter(tmp_path / "b", cfg, bad)
     bad = dict(t)
-    bad["otter.norm.weight"] = np.full(8, np.inf, np.float32)
+    bad[hf_name(T.OUTPUT_NORM)] = np.full(8, np.inf, np.float32)
     with pytest.raises(AdapterError, match="otter.norm.weight.*non-finite"):
         save_adapter(tmp_path / "c", cfg, bad)
     bad = dict(t)
-    bad["otter.norm.weight"] = np.ones(8, np.int32)
+    bad[hf_name(T.OUTPUT_NORM)] = np.ones(8, np.int32)
     with pytest.raises(AdapterError, match="otter.norm.weight.*floating"):
         save_adapter(tmp_path / "d", cfg, bad)
     with pytest.raises(AdapterError, match="float64"):
@@ -464,12 +466,12 @@ def test_check_against_base_lists_every_mismatch():
 def test_fixture_adapters_open(adapter_reward1_dir, adapter_reward3_dir, adapter_token_reward_dir,
                                qwen2_adapter_dir):
     a1 = open_adapter(adapter_reward1_dir)
-    assert a1.config.signal_names == ["reward"] and "otter.head.bias" not in a1
+    assert a1.config.signal_names == ["reward"] and hf_name(T.HEAD, suffix=BIAS) not in a1
     a3 = open_adapter(adapter_reward3_dir)
     assert a3.config.signal_names == ["helpfulness", "harmlessness", "honesty"]
     assert set(a3.config.optional_tensor_shapes()) <= set(a3.tensor_names)
     at = open_adapter(adapter_token_reward_dir)
-    assert at.config.head_kind == "token_reward" and at.shape("otter.head.weight") == (512, 512)
+    assert at.config.head_kind == HeadKind.TOKEN_REWARD and at.shape(hf_name(T.HEAD)) == (512, 512)
     aq = open_adapter(qwen2_adapter_dir)
     assert aq.config.base_architecture == "qwen2"
     for a in (a1, a3, at, aq):

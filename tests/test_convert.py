@@ -24,6 +24,8 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
 
 from otter_gguf.format.adapter import open_adapter
 from otter_gguf.cli import main as cli_main
+from otter_gguf.format.constants import BIAS, HeadKind, Keys, gguf_name, hf_name
+from otter_gguf.format.constants import OtterTensor as T
 from otter_gguf_converter import OUTTYPES, convert, gguf_tensor_name
 from otter_gguf_converter.llamacpp import pinned_llama_cpp_source, quantize
 
@@ -164,18 +166,18 @@ def test_roundtrip_every_outtype(outtype, base_gguf, adapter_reward3_dir, tmp_pa
     out = convert(adapter_reward3_dir, base_gguf, tmp_path / "o.gguf", outtype=outtype, progress=False)
     errs = check_roundtrip(out, adapter_reward3_dir, permuted=True)
     types = {n: t for n, (t, _) in errs.items()}
-    head = types["otter_head.weight"]
+    head = types[gguf_name(T.HEAD)]
     if outtype in ("f32", "f16", "bf16", "q8_0"):
         assert head == QT[outtype.upper()]
     else:
         assert head == QT.Q8_0, "the head defaults to at least q8_0"
     plain = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
     if outtype in plain:
-        mats = {t for n, t in types.items() if n != "otter_head.weight" and not n.endswith("norm.weight")
+        mats = {t for n, t in types.items() if n != gguf_name(T.HEAD) and not n.endswith("norm.weight")
                 and not n.endswith(".bias")}
         assert mats == {QT[outtype.upper()]}
     # the adapter biases (reward3 has q/k/v and head biases) made it through
-    assert "blk.0.otter_attn_q.bias" in types and "otter_head.bias" in types
+    assert gguf_name(T.ATTN_Q, 0, BIAS) in types and gguf_name(T.HEAD, suffix=BIAS) in types
 
 
 def test_mix_types_follow_llama_quantize(base_gguf, adapter_reward1_dir, tmp_path):
@@ -185,13 +187,13 @@ def test_mix_types_follow_llama_quantize(base_gguf, adapter_reward1_dir, tmp_pat
         return {t.name: t.tensor_type for t in GGUFReader(out).tensors}
 
     t = types_of("q4_k_m")
-    assert [t[f"blk.{i}.otter_attn_v.weight"] for i in range(4)] == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
-    assert [t[f"blk.{i}.otter_ffn_down.weight"] for i in range(4)] == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
-    assert t["blk.0.otter_attn_q.weight"] == QT.Q4_K and t["otter_token_embd.weight"] == QT.Q4_K
+    assert [t[gguf_name(T.ATTN_V, i)] for i in range(4)] == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
+    assert [t[gguf_name(T.FFN_DOWN, i)] for i in range(4)] == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
+    assert t[gguf_name(T.ATTN_Q, 0)] == QT.Q4_K and t[gguf_name(T.TOKEN_EMBD)] == QT.Q4_K
     t = types_of("q3_k_m")
-    assert [t[f"blk.{i}.otter_attn_v.weight"] for i in range(4)] == [QT.Q5_K, QT.Q5_K, QT.Q4_K, QT.Q4_K]
-    assert t["blk.3.otter_ffn_down.weight"] == QT.Q4_K and t["blk.1.otter_attn_output.weight"] == QT.Q4_K
-    assert t["blk.1.otter_ffn_up.weight"] == QT.Q3_K
+    assert [t[gguf_name(T.ATTN_V, i)] for i in range(4)] == [QT.Q5_K, QT.Q5_K, QT.Q4_K, QT.Q4_K]
+    assert t[gguf_name(T.FFN_DOWN, 3)] == QT.Q4_K and t[gguf_name(T.ATTN_OUT, 1)] == QT.Q4_K
+    assert t[gguf_name(T.FFN_UP, 1)] == QT.Q3_K
 
 
 def test_head_type_option(base_gguf, adapter_reward1_dir, tmp_path):
@@ -200,7 +202,7 @@ def test_head_type_option(base_gguf, adapter_reward1_dir, tmp_path):
                  "--head-type", "q4_0", "--no-progress"])
     assert r.exit_code == 0, r.output
     t = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
-    assert t["otter_head.weight"] == QT.Q4_0 and t["blk.0.otter_attn_q.weight"] == QT.Q4_0
+    assert t[gguf_name(T.HEAD)] == QT.Q4_0 and t[gguf_name(T.ATTN_Q, 0)] == QT.Q4_0
 
 
 def test_token_reward_roundtrip_and_metadata(base_gguf, adapter_token_reward_dir, tmp_path):
@@ -208,10 +210,10 @@ def test_token_reward_roundtrip_and_metadata(base_gguf, adapter_token_reward_dir
     check_roundtrip(out, adapter_token_reward_dir, permuted=True)
     r = GGUFReader(out)
     f = r.fields
-    assert f["otter.head.kind"].contents() == "token_reward"
-    assert f["otter.head.output_size"].contents() == 512
-    assert f["otter.head.signal_names"].contents() == []
-    assert f["otter.head.signal_names"].parts[3][0] == GGUFValueType.STRING  # element type of the empty array
+    assert f[Keys.Head.KIND].contents() == HeadKind.TOKEN_REWARD
+    assert f[Keys.Head.OUTPUT_SIZE].contents() == 512
+    assert f[Keys.Head.SIGNAL_NAMES].contents() == []
+    assert f[Keys.Head.SIGNAL_NAMES].parts[3][0] == GGUFValueType.STRING  # element type of the empty array
 
 
 def test_otter_metadata_and_fingerprint(base_gguf, adapter_reward3_dir, tmp_path):
@@ -225,30 +227,30 @@ def test_otter_metadata_and_fingerprint(base_gguf, adapter_reward3_dir, tmp_path
         return f[k].contents()
 
     U32 = GGUFValueType.UINT32
-    assert val("otter.version", U32) == 1
-    assert val("otter.base_model", GGUFValueType.STRING) == cfg["base_model"]
-    assert val("otter.embedding_length", U32) == cfg["otter_hidden_size"]
-    assert val("otter.attention.head_count", U32) == cfg["otter_num_attention_heads"]
-    assert val("otter.attention.head_count_kv", U32) == cfg["otter_num_key_value_heads"]
-    assert val("otter.feed_forward_length", U32) == cfg["otter_intermediate_size"]
-    assert val("otter.head.output_size", U32) == cfg["head_output_size"]
-    assert val("otter.head.kind", GGUFValueType.STRING) == "reward"
-    assert val("otter.head.signal_names", GGUFValueType.ARRAY) == cfg["signal_names"]
-    assert val("otter.base.architecture", GGUFValueType.STRING) == "llama"
-    assert val("otter.base.embedding_length", U32) == 256
-    assert val("otter.base.block_count", U32) == 4
-    assert val("otter.base.attention.head_count", U32) == 4
-    assert val("otter.base.attention.head_count_kv", U32) == 2
-    assert val("otter.base.attention.key_length", U32) == 64
-    assert val("otter.base.feed_forward_length", U32) == 768
-    assert val("otter.base.vocab_size", U32) == 512
+    assert val(Keys.VERSION, U32) == 1
+    assert val(Keys.BASE_MODEL, GGUFValueType.STRING) == cfg["base_model"]
+    assert val(Keys.EMBEDDING_LENGTH, U32) == cfg["otter_hidden_size"]
+    assert val(Keys.Attention.HEAD_COUNT, U32) == cfg["otter_num_attention_heads"]
+    assert val(Keys.Attention.HEAD_COUNT_KV, U32) == cfg["otter_num_key_value_heads"]
+    assert val(Keys.FEED_FORWARD_LENGTH, U32) == cfg["otter_intermediate_size"]
+    assert val(Keys.Head.OUTPUT_SIZE, U32) == cfg["head_output_size"]
+    assert val(Keys.Head.KIND, GGUFValueType.STRING) == HeadKind.REWARD
+    assert val(Keys.Head.SIGNAL_NAMES, GGUFValueType.ARRAY) == cfg["signal_names"]
+    assert val(Keys.Base.ARCHITECTURE, GGUFValueType.STRING) == "llama"
+    assert val(Keys.Base.EMBEDDING_LENGTH, U32) == 256
+    assert val(Keys.Base.BLOCK_COUNT, U32) == 4
+    assert val(Keys.Base.ATTENTION_HEAD_COUNT, U32) == 4
+    assert val(Keys.Base.ATTENTION_HEAD_COUNT_KV, U32) == 2
+    assert val(Keys.Base.ATTENTION_KEY_LENGTH, U32) == 64
+    assert val(Keys.Base.FEED_FORWARD_LENGTH, U32) == 768
+    assert val(Keys.Base.VOCAB_SIZE, U32) == 512
     # FNV-1a 64 recomputed here from the definition in docs/FORMAT.md
     toks = r.fields["tokenizer.ggml.tokens"]
     h = 0xCBF29CE484222325
     for i in toks.data:
         for b in bytes(toks.parts[i]) + b"\x00":
             h = ((h ^ b) * 0x100000001B3) % (1 << 64)
-    assert val("otter.base.vocab_hash", GGUFValueType.UINT64) == h
+    assert val(Keys.Base.VOCAB_HASH, GGUFValueType.UINT64) == h
 
 
 def test_qwen2_is_not_permuted(hf_base_gguf, tiny_qwen2_dir, qwen2_adapter_dir, tmp_path):
@@ -266,7 +268,7 @@ def test_block_size_fallback_one_warning(base_gguf, tiny_llama_dir, tmp_path, ca
         base_model="tiny", base_architecture="llama", hidden_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=768, vocab_size=512,
         otter_hidden_size=100, otter_num_attention_heads=4, otter_num_key_value_heads=1,
-        otter_intermediate_size=128, head_output_size=1, head_kind="reward", signal_names=["r"])
+        otter_intermediate_size=128, head_output_size=1, head_kind=HeadKind.REWARD.value, signal_names=["r"])
     g = np.random.default_rng(0)
     ad = save_adapter(tmp_path / "ad", cfg, {n: g.standard_normal(s).astype(np.float32)
                                              for n, s in cfg.required_tensor_shapes().items()})
@@ -275,11 +277,11 @@ def test_block_size_fallback_one_warning(base_gguf, tiny_llama_dir, tmp_path, ca
     err = capfd.readouterr().err
     warn = [ln for ln in err.splitlines() if "fall back" in ln]
     assert len(warn) == 1, err
-    assert "blk.0.otter_attn_q.weight" in warn[0] and "blk.3.otter_ffn_down.weight" in warn[0]
+    assert gguf_name(T.ATTN_Q, 0) in warn[0] and gguf_name(T.FFN_DOWN, 3) in warn[0]
     t = {x.name: x.tensor_type for x in GGUFReader(out).tensors}
-    assert t["blk.0.otter_attn_q.weight"] == QT.F16          # ne0 356
-    assert t["blk.0.otter_ffn_down.weight"] == QT.Q5_0       # ne0 896
-    assert t["blk.0.otter_attn_output.weight"] == QT.Q4_K    # ne0 (4+4)*64 = 512 fits
+    assert t[gguf_name(T.ATTN_Q, 0)] == QT.F16          # ne0 356
+    assert t[gguf_name(T.FFN_DOWN, 0)] == QT.Q5_0       # ne0 896
+    assert t[gguf_name(T.ATTN_OUT, 0)] == QT.Q4_K    # ne0 (4+4)*64 = 512 fits
     check_roundtrip(out, ad, permuted=True)
 
 
@@ -336,7 +338,7 @@ def test_quantized_base_byte_identical(base_q4_gguf, adapter_reward1_dir, tmp_pa
     out = convert(adapter_reward1_dir, base_q4_gguf, tmp_path / "o.gguf", outtype="q8_0", progress=False)
     assert_base_identical(out, base_q4_gguf)
     # the fingerprint comes from the (quantized) base's own metadata
-    assert GGUFReader(out).fields["otter.base.vocab_size"].contents() == 512
+    assert GGUFReader(out).fields[Keys.Base.VOCAB_SIZE].contents() == 512
 
 
 def test_custom_alignment_is_kept(base_gguf, adapter_reward1_dir, tmp_path):
@@ -405,7 +407,7 @@ def test_cli_success_with_progress(base_gguf, adapter_reward1_dir, tmp_path):
     r = CliRunner().invoke(cli_main, ["convert", str(adapter_reward1_dir), "--base", str(base_gguf), "-o", str(out),
                                       "--outtype", "q6_k"])
     assert r.exit_code == 0, r.output
-    assert "otter_head.weight" in r.stderr  # the progress bar names tensors with their sizes
+    assert gguf_name(T.HEAD) in r.stderr  # the progress bar names tensors with their sizes
     assert listing(tmp_path) == ["o.gguf"]
     assert oct(out.stat().st_mode & 0o777) != oct(0o600), "not the temp file's private mode"
 
@@ -442,10 +444,10 @@ def test_wrong_tensor_shape(base_gguf, adapter_reward1_dir, tmp_path):
     ad = copy_adapter(adapter_reward1_dir, tmp_path / "ad")
 
     def edit(t):
-        t["otter.layers.1.self_attn.q_proj.weight"] = np.zeros((256, 500), np.float32)
+        t[hf_name(T.ATTN_Q, 1)] = np.zeros((256, 500), np.float32)
 
     rewrite_adapter_tensors(ad, edit)
-    _expect_user_error([ad, "--base", base_gguf], tmp_path, "otter.layers.1.self_attn.q_proj.weight",
+    _expect_user_error([ad, "--base", base_gguf], tmp_path, hf_name(T.ATTN_Q, 1),
                        "[256, 500]", "[256, 512]")
 
 
@@ -453,10 +455,10 @@ def test_nan_weight_leaves_nothing(base_gguf, adapter_reward1_dir, tmp_path):
     ad = copy_adapter(adapter_reward1_dir, tmp_path / "ad")
 
     def edit(t):
-        t["otter.head.weight"][0, 3] = np.nan  # the last tensor written: the temp file exists by then
+        t[hf_name(T.HEAD)][0, 3] = np.nan  # the last tensor written: the temp file exists by then
 
     rewrite_adapter_tensors(ad, edit)
-    _expect_user_error([ad, "--base", base_gguf, "--outtype", "q8_0"], tmp_path, "otter.head.weight", "NaN")
+    _expect_user_error([ad, "--base", base_gguf, "--outtype", "q8_0"], tmp_path, hf_name(T.HEAD), "NaN")
 
 
 def test_truncated_safetensors(base_gguf, adapter_reward1_dir, tmp_path):
@@ -532,7 +534,7 @@ def test_out_exists_needs_force(base_gguf, adapter_reward1_dir, tmp_path):
     r = run_cli(["convert", adapter_reward1_dir, "--base", base_gguf, "-o", out_dir / "o.gguf", "--force",
                  "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert listing(out_dir) == ["o.gguf"] and GGUFReader(out_dir / "o.gguf").fields["otter.version"]
+    assert listing(out_dir) == ["o.gguf"] and GGUFReader(out_dir / "o.gguf").fields[Keys.VERSION]
 
 
 def test_unwritable_directory(base_gguf, adapter_reward1_dir, tmp_path):

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from otter_gguf.format.adapter import AdapterError, load_adapter
+from otter_gguf.format.constants import BIAS, HeadKind, hf_name
+from otter_gguf.format.constants import OtterTensor as OT
 from otter_gguf.reference.model import (
     BaseConfig,
     OtterModel,
@@ -108,7 +110,7 @@ def wide_forward(base, config, ot, tokens):
     def kv_of(i):
         return i // (h // hkv) if i < h else hkv + (i - h) // (h2 // h2kv)
 
-    zz = torch.cat([W["model.embed_tokens.weight"][tokens], ot["otter.embed_tokens.weight"][tokens]], dim=-1)
+    zz = torch.cat([W["model.embed_tokens.weight"][tokens], ot[hf_name(OT.TOKEN_EMBD)][tokens]], dim=-1)
     mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
     for l in range(config.num_hidden_layers):
         p, q = f"model.layers.{l}.", f"otter.layers.{l}."
@@ -135,12 +137,12 @@ def wide_forward(base, config, ot, tokens):
         U = zn @ widen_in(W[p + "mlp.up_proj.weight"], ot[q + "mlp.up_proj.weight"], f).T
         M = G * torch.sigmoid(G) * U
         zz = zz + M @ widen_out(W[p + "mlp.down_proj.weight"], ot[q + "mlp.down_proj.weight"], f).T
-    zn = norm(zz, torch.cat([W["model.norm.weight"], ot["otter.norm.weight"]]))
+    zn = norm(zz, torch.cat([W["model.norm.weight"], ot[hf_name(OT.OUTPUT_NORM)]]))
     lm = torch.cat([W["lm_head.weight"], z(W["lm_head.weight"].shape[0], d2)], dim=1)
     logits = zn @ lm.T
-    signals = zn @ ot["otter.head.weight"].T
-    if "otter.head.bias" in ot:
-        signals = signals + ot["otter.head.bias"]
+    signals = zn @ ot[hf_name(OT.HEAD)].T
+    if hf_name(OT.HEAD, suffix=BIAS) in ot:
+        signals = signals + ot[hf_name(OT.HEAD, suffix=BIAS)]
     return logits, signals
 
 
@@ -280,9 +282,9 @@ def test_signals_match_independent_wide_form(otter_case):
     assert out.signals.abs().mean() > 0.2
     assert out.signals.std(dim=0).min() > 0.1
     t = dict(m.tensors)
-    w = t["otter.head.weight"].clone()
+    w = t[hf_name(OT.HEAD)].clone()
     w[:, m.config.hidden_size:] = 0
-    t["otter.head.weight"] = w
+    t[hf_name(OT.HEAD)] = w
     no_side = OtterModel(m.base, m.config, t)(toks).signals
     assert (no_side - out.signals).abs().mean() > 0.1
 
@@ -375,8 +377,8 @@ def test_insert_otter_copy_init(tiny_qwen2_dir):
     W = base.weights
     assert cfg.signal_names == ["a", "b"] and cfg.base_architecture == "qwen2"
     assert all(not v.requires_grad for v in t.values())
-    assert torch.equal(t["otter.embed_tokens.weight"], W["model.embed_tokens.weight"][:, :d2])
-    assert torch.equal(t["otter.norm.weight"], W["model.norm.weight"][:d2])
+    assert torch.equal(t[hf_name(OT.TOKEN_EMBD)], W["model.embed_tokens.weight"][:, :d2])
+    assert torch.equal(t[hf_name(OT.OUTPUT_NORM)], W["model.norm.weight"][:d2])
     for l in range(cfg.num_hidden_layers):
         p, q = f"model.layers.{l}.", f"otter.layers.{l}."
         for nm in ("input_layernorm", "post_attention_layernorm"):
@@ -397,8 +399,8 @@ def test_insert_otter_copy_init(tiny_qwen2_dir):
         Dn = t[q + "mlp.down_proj.weight"]
         assert torch.equal(Dn[:, :768], W[p + "mlp.down_proj.weight"][:d2])
         assert not Dn[:, 768:].any()
-    assert t["otter.head.weight"].shape == (2, d + d2) and t["otter.head.weight"].std() > 0.01
-    assert not t["otter.head.bias"].any()
+    assert t[hf_name(OT.HEAD)].shape == (2, d + d2) and t[hf_name(OT.HEAD)].std() > 0.01
+    assert not t[hf_name(OT.HEAD, suffix=BIAS)].any()
     for k, v in base.weights.items():
         assert torch.equal(v, before[k]), k
     # behaviour: the side stream is a copy of the main stream's first d2 dims
@@ -415,14 +417,16 @@ def test_insert_otter_copy_init(tiny_qwen2_dir):
 
 def test_insert_otter_random_init(tiny_llama_dir):
     base = cached_base(tiny_llama_dir)
-    cfg, t = insert_otter(base, d2=64, h2=2, h2_kv=2, f2=64, head_kind="token_reward", init="random", seed=1)
+    cfg, t = insert_otter(base, d2=64, h2=2, h2_kv=2, f2=64, head_kind=HeadKind.TOKEN_REWARD.value, init="random",
+                          seed=1)
     assert cfg.head_output_size == 512 and cfg.signal_names == []
-    assert set(t) == set(cfg.required_tensor_shapes()) | {"otter.head.bias"}
-    w = t["otter.layers.0.mlp.gate_proj.weight"]
+    assert set(t) == set(cfg.required_tensor_shapes()) | {hf_name(OT.HEAD, suffix=BIAS)}
+    w = t[hf_name(OT.FFN_GATE, 0)]
     assert abs(w.std().item() - 0.02) < 0.002
-    assert torch.equal(t["otter.layers.3.input_layernorm.weight"], torch.ones(64))
-    _, t3 = insert_otter(base, d2=64, h2=2, h2_kv=2, f2=64, head_kind="token_reward", init="random", seed=2)
-    assert not torch.equal(t3["otter.head.weight"], t["otter.head.weight"])
+    assert torch.equal(t[hf_name(OT.ATTN_NORM, 3)], torch.ones(64))
+    _, t3 = insert_otter(base, d2=64, h2=2, h2_kv=2, f2=64, head_kind=HeadKind.TOKEN_REWARD.value, init="random",
+                         seed=2)
+    assert not torch.equal(t3[hf_name(OT.HEAD)], t[hf_name(OT.HEAD)])
     m = OtterModel(base, cfg, t)
     assert m(rand_tokens(5)).signals.shape == (5, 512)
     with pytest.raises(ValueError, match="copy init needs"):

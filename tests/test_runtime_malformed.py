@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from otter_gguf.format.constants import Keys, gguf_name
+from otter_gguf.format.constants import OtterTensor as T
 from test_runtime_helpers import Model
 
 gguf = pytest.importorskip("gguf")
@@ -71,31 +73,31 @@ ARR = gguf.GGUFValueType.ARRAY
 
 def _q_shape(good):
     r = gguf.GGUFReader(good)
-    t = next(t for t in r.tensors if t.name == "blk.1.otter_attn_q.weight")
+    t = next(t for t in r.tensors if t.name == gguf_name(T.ATTN_Q, 1))
     return np.array(t.data, dtype=np.float32)
 
 
 CASES = {
-    "shape_mismatch": (lambda g: dict(tensors={"blk.1.otter_attn_q.weight": _q_shape(g)[:-1]}),
-                       "otter_attn_q.weight' has wrong shape"),
-    "missing_tensor": (lambda g: dict(drop_tensors={"blk.2.otter_ffn_up.weight"}),
-                       "blk.2.otter_ffn_up.weight"),
-    "n_out_zero": (lambda g: dict(kv={"otter.head.output_size": (0, U32)}), "otter.head.output_size = 0"),
-    "n_out_absurd": (lambda g: dict(kv={"otter.head.output_size": (1 << 30, U32)}), "otter.head.output_size"),
-    "n_out_mismatch": (lambda g: dict(kv={"otter.head.output_size": (4, U32)}), "signal_names has 3 entries"),
-    "vocab_hash": (lambda g: dict(kv={"otter.base.vocab_hash": (12345, U64)}), "otter.base.vocab_hash"),
-    "fingerprint_d": (lambda g: dict(kv={"otter.base.embedding_length": (512, U32)}), "otter.base.embedding_length"),
-    "fingerprint_arch": (lambda g: dict(kv={"otter.base.architecture": ("qwen2", STR)}), "otter.base.architecture"),
-    "gqa": (lambda g: dict(kv={"otter.attention.head_count_kv": (3, U32)}), "head_count_kv = 3"),
-    "head_kind": (lambda g: dict(kv={"otter.head.kind": ("policy", STR)}), "otter.head.kind = 'policy'"),
-    "key_type": (lambda g: dict(kv={"otter.embedding_length": (256, I32)}), "otter.embedding_length' has type"),
-    "missing_key": (lambda g: dict(drop_kv={"otter.feed_forward_length"}), "missing key 'otter.feed_forward_length'"),
-    "version": (lambda g: dict(kv={"otter.version": (99, U32)}), "otter.version 99"),
-    "no_version": (lambda g: dict(drop_kv={"otter.version"}), "'otter.version' is missing"),
-    "matrix_int": (lambda g: dict(tensors={"blk.2.otter_attn_output.weight": np.zeros((256, 512), dtype=np.int32)}),
-                   "blk.2.otter_attn_output.weight' has type i32"),
-    "norm_not_f32": (lambda g: dict(tensors={"blk.0.otter_attn_norm.weight": np.ones(256, dtype=np.float16)}),
-                     "blk.0.otter_attn_norm.weight' has type f16, expected f32"),
+    "shape_mismatch": (lambda g: dict(tensors={gguf_name(T.ATTN_Q, 1): _q_shape(g)[:-1]}),
+                       f"{gguf_name(T.ATTN_Q, 1)}' has wrong shape"),
+    "missing_tensor": (lambda g: dict(drop_tensors={gguf_name(T.FFN_UP, 2)}),
+                       gguf_name(T.FFN_UP, 2)),
+    "n_out_zero": (lambda g: dict(kv={Keys.Head.OUTPUT_SIZE: (0, U32)}), f"{Keys.Head.OUTPUT_SIZE} = 0"),
+    "n_out_absurd": (lambda g: dict(kv={Keys.Head.OUTPUT_SIZE: (1 << 30, U32)}), Keys.Head.OUTPUT_SIZE),
+    "n_out_mismatch": (lambda g: dict(kv={Keys.Head.OUTPUT_SIZE: (4, U32)}), "signal_names has 3 entries"),
+    "vocab_hash": (lambda g: dict(kv={Keys.Base.VOCAB_HASH: (12345, U64)}), Keys.Base.VOCAB_HASH),
+    "fingerprint_d": (lambda g: dict(kv={Keys.Base.EMBEDDING_LENGTH: (512, U32)}), Keys.Base.EMBEDDING_LENGTH),
+    "fingerprint_arch": (lambda g: dict(kv={Keys.Base.ARCHITECTURE: ("qwen2", STR)}), Keys.Base.ARCHITECTURE),
+    "gqa": (lambda g: dict(kv={Keys.Attention.HEAD_COUNT_KV: (3, U32)}), "head_count_kv = 3"),
+    "head_kind": (lambda g: dict(kv={Keys.Head.KIND: ("policy", STR)}), f"{Keys.Head.KIND} = 'policy'"),
+    "key_type": (lambda g: dict(kv={Keys.EMBEDDING_LENGTH: (256, I32)}), f"{Keys.EMBEDDING_LENGTH}' has type"),
+    "missing_key": (lambda g: dict(drop_kv={Keys.FEED_FORWARD_LENGTH}), f"missing key '{Keys.FEED_FORWARD_LENGTH}'"),
+    "version": (lambda g: dict(kv={Keys.VERSION: (99, U32)}), f"{Keys.VERSION} 99"),
+    "no_version": (lambda g: dict(drop_kv={Keys.VERSION}), f"'{Keys.VERSION}' is missing"),
+    "matrix_int": (lambda g: dict(tensors={gguf_name(T.ATTN_OUT, 2): np.zeros((256, 512), dtype=np.int32)}),
+                   f"{gguf_name(T.ATTN_OUT, 2)}' has type i32"),
+    "norm_not_f32": (lambda g: dict(tensors={gguf_name(T.ATTN_NORM, 0): np.ones(256, dtype=np.float16)}),
+                     f"{gguf_name(T.ATTN_NORM, 0)}' has type f16, expected f32"),
 }
 
 

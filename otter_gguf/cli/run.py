@@ -16,6 +16,8 @@ from typing import Any, List, Optional, Sequence
 
 import click
 
+from otter_gguf.format.constants import HeadKind
+
 # KV cache types llama.cpp accepts for --cache-type-k/-v (ggml_type ids)
 CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3,
                "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
@@ -92,7 +94,7 @@ def _fmt(v: Optional[float]) -> str:
 def _reward_of(block: dict, i: int, coef: Optional[dict]) -> Optional[float]:
     """The one number shown per token: token reward (token_reward heads), the
     guidance signal combination, else the first signal."""
-    if block.get("head_kind") == "token_reward":
+    if block.get("head_kind") == HeadKind.TOKEN_REWARD:
         return block["token_rewards"][i]
     row = block["signals"][i]
     if row is None:
@@ -189,8 +191,8 @@ def run_command(model, prompt, n_predict, temp, guidance_weight, guidance_top_k,
         coef = {g.signal: 1.0} if isinstance(g.signal, str) else dict(g.signal)
     names: List[str] = []
     if llm.has_otter:
-        names = ["token_reward"] if llm.head_kind == "token_reward" else list(llm.signal_names)
-        if coef and llm.head_kind == "reward":
+        names = [HeadKind.TOKEN_REWARD.value] if llm.head_kind == HeadKind.TOKEN_REWARD else list(llm.signal_names)
+        if coef and llm.head_kind == HeadKind.REWARD:
             names = names + ["guidance"]
     values: dict = {n: [] for n in names}
     t0 = time.perf_counter()
@@ -215,7 +217,7 @@ def run_command(model, prompt, n_predict, temp, guidance_weight, guidance_top_k,
             continue
         for i, text in enumerate(block["token_texts"]):
             row = []
-            if block.get("head_kind") == "token_reward":
+            if block.get("head_kind") == HeadKind.TOKEN_REWARD:
                 row = [block["token_rewards"][i]]
             else:
                 sig = block["signals"][i]
@@ -284,7 +286,7 @@ def score_command(model, text, tokens_s, as_json, ctx_size, threads, batch_size,
     if as_json:
         click.echo(json.dumps(res.to_dict()))
         return
-    if res.head_kind == "token_reward":
+    if res.head_kind == HeadKind.TOKEN_REWARD:
         tr = res.token_rewards
         click.echo(f"{'pos':>5} {'id':>7} {'token_reward':>12}  {'best_next':>9} {'max':>8}  token")
         for j, (t, txt) in enumerate(zip(res.tokens, res.token_texts)):

@@ -15,11 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIG_FILE_NAME = "otter_config.json"
+from otter_gguf.format.constants import (
+    BIAS,
+    OTTER_FORMAT_VERSION,
+    SUPPORTED_ARCHITECTURES,
+    WEIGHT,
+    HeadKind,
+    OtterTensor,
+    hf_name,
+    tensor_keys,
+)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-HEAD_KINDS = ("reward", "token_reward")
-OTTER_VERSION = 1
+CONFIG_FILE_NAME = "otter_config.json"
 
 
 class AdapterError(ValueError):
@@ -76,7 +83,7 @@ class OtterConfig:
     head_output_size: int
     head_kind: str
     signal_names: list[str] = field(default_factory=list)
-    otter_version: int = OTTER_VERSION
+    otter_version: int = OTTER_FORMAT_VERSION
 
     # ------------------------------------------------------------------ io
     @classmethod
@@ -154,8 +161,8 @@ class OtterConfig:
         v = self.otter_version
         if isinstance(v, bool) or not isinstance(v, int):
             raise err(f"otter_version must be an integer, found {v!r}")
-        if v != OTTER_VERSION:
-            raise err(f"otter_version must be {OTTER_VERSION}, found {v!r}")
+        if v != OTTER_FORMAT_VERSION:
+            raise err(f"otter_version must be {OTTER_FORMAT_VERSION}, found {v!r}")
         if not isinstance(self.base_model, str):
             raise err(f"base_model must be a string, found {self.base_model!r}")
         if not isinstance(self.base_architecture, str):
@@ -181,8 +188,8 @@ class OtterConfig:
                 f"otter_num_attention_heads ({self.otter_num_attention_heads}) must be a "
                 f"multiple of otter_num_key_value_heads ({self.otter_num_key_value_heads})"
             )
-        if not isinstance(self.head_kind, str) or self.head_kind not in HEAD_KINDS:
-            raise err(f"head_kind must be one of {', '.join(HEAD_KINDS)}, found {self.head_kind!r}")
+        if not isinstance(self.head_kind, str) or self.head_kind not in list(HeadKind):
+            raise err(f"head_kind must be one of {', '.join(HeadKind)}, found {self.head_kind!r}")
         names = self.signal_names
         if not isinstance(names, (list, tuple)):
             raise err(f"signal_names must be a list of strings, found {names!r}")
@@ -192,21 +199,21 @@ class OtterConfig:
         if len(set(names)) != len(names):
             dup = sorted({s for s in names if list(names).count(s) > 1})
             raise err(f"signal_names must be unique, duplicated: {', '.join(dup)}")
-        if self.head_kind == "reward":
+        if self.head_kind == HeadKind.REWARD:
             if len(names) != self.head_output_size:
                 raise err(
                     f"signal_names has {len(names)} entries but head_output_size is "
-                    f"{self.head_output_size} (head_kind 'reward' needs one name per output)"
+                    f"{self.head_output_size} (head_kind '{HeadKind.REWARD}' needs one name per output)"
                 )
         else:  # token_reward
             if self.head_output_size != self.vocab_size:
                 raise err(
                     f"head_output_size ({self.head_output_size}) must equal vocab_size "
-                    f"({self.vocab_size}) for head_kind 'token_reward'"
+                    f"({self.vocab_size}) for head_kind '{HeadKind.TOKEN_REWARD}'"
                 )
             if names:
                 raise err(
-                    f"signal_names must be empty for head_kind 'token_reward', found {len(names)} entries"
+                    f"signal_names must be empty for head_kind '{HeadKind.TOKEN_REWARD}', found {len(names)} entries"
                 )
 
     # ------------------------------------------------------------- derived
@@ -222,71 +229,43 @@ class OtterConfig:
     def n_out(self) -> int:
         return self.head_output_size
 
-    def layer_tensor_names(self, layer: int, *, optional: bool = False) -> list[str]:
-        """Names of one layer's tensors in a stable, natural order."""
-        p = f"otter.layers.{layer}."
-        if optional:
-            return [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        return [
-            p + "input_layernorm.weight",
-            p + "self_attn.q_proj.weight",
-            p + "self_attn.k_proj.weight",
-            p + "self_attn.v_proj.weight",
-            p + "self_attn.o_proj.weight",
-            p + "post_attention_layernorm.weight",
-            p + "mlp.gate_proj.weight",
-            p + "mlp.up_proj.weight",
-            p + "mlp.down_proj.weight",
-        ]
-
-    def required_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """HF tensor name -> shape of every required tensor (spec §4), in layer order."""
+    def tensor_shape(self, kind: OtterTensor, suffix: str = WEIGHT) -> tuple[int, ...]:
+        """HF shape (spec §4) of the ``kind`` tensor (any layer)."""
         d, d2, hd = self.hidden_size, self.otter_hidden_size, self.head_dim
         h, h2, h2kv = self.num_attention_heads, self.otter_num_attention_heads, self.otter_num_key_value_heads
         f, f2 = self.intermediate_size, self.otter_intermediate_size
-        V, n = self.vocab_size, self.head_output_size
-        out: dict[str, tuple[int, ...]] = {"otter.embed_tokens.weight": (V, d2)}
-        for layer in range(self.num_hidden_layers):
-            p = f"otter.layers.{layer}."
-            out[p + "input_layernorm.weight"] = (d2,)
-            out[p + "self_attn.q_proj.weight"] = (h2 * hd, d + d2)
-            out[p + "self_attn.k_proj.weight"] = (h2kv * hd, d + d2)
-            out[p + "self_attn.v_proj.weight"] = (h2kv * hd, d + d2)
-            out[p + "self_attn.o_proj.weight"] = (d2, (h + h2) * hd)
-            out[p + "post_attention_layernorm.weight"] = (d2,)
-            out[p + "mlp.gate_proj.weight"] = (f2, d + d2)
-            out[p + "mlp.up_proj.weight"] = (f2, d + d2)
-            out[p + "mlp.down_proj.weight"] = (d2, f + f2)
-        out["otter.norm.weight"] = (d2,)
-        out["otter.head.weight"] = (n, d + d2)
-        return out
+        T = OtterTensor
+        shapes = {
+            T.TOKEN_EMBD: (self.vocab_size, d2),
+            T.ATTN_NORM: (d2,),
+            T.ATTN_Q: (h2 * hd, d + d2),
+            T.ATTN_K: (h2kv * hd, d + d2),
+            T.ATTN_V: (h2kv * hd, d + d2),
+            T.ATTN_OUT: (d2, (h + h2) * hd),
+            T.FFN_NORM: (d2,),
+            T.FFN_GATE: (f2, d + d2),
+            T.FFN_UP: (f2, d + d2),
+            T.FFN_DOWN: (d2, f + f2),
+            T.OUTPUT_NORM: (d2,),
+            T.HEAD: (self.head_output_size, d + d2),
+        }
+        return shapes[kind][:1] if suffix == BIAS else shapes[kind]
+
+    def _tensor_shapes(self, biases: bool) -> dict[str, tuple[int, ...]]:
+        return {hf_name(k, b, s): self.tensor_shape(k, s) for k, b, s in tensor_keys(self.num_hidden_layers)
+                if (s == BIAS) == biases}
+
+    def required_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF tensor name -> shape of every required tensor (spec §4), in layer order."""
+        return self._tensor_shapes(False)
 
     def optional_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape of the optional biases (spec §4)."""
-        hd = self.head_dim
-        h2, h2kv = self.otter_num_attention_heads, self.otter_num_key_value_heads
-        out: dict[str, tuple[int, ...]] = {}
-        for layer in range(self.num_hidden_layers):
-            p = f"otter.layers.{layer}.self_attn."
-            out[p + "q_proj.bias"] = (h2 * hd,)
-            out[p + "k_proj.bias"] = (h2kv * hd,)
-            out[p + "v_proj.bias"] = (h2kv * hd,)
-        out["otter.head.bias"] = (self.head_output_size,)
-        return out
+        return self._tensor_shapes(True)
 
     def tensor_order(self) -> list[str]:
-        """All possible tensor names (required and optional) in layer order."""
-        req = self.required_tensor_shapes()
-        opt = self.optional_tensor_shapes()
-        order = ["otter.embed_tokens.weight"]
-        for layer in range(self.num_hidden_layers):
-            names = self.layer_tensor_names(layer)
-            biases = self.layer_tensor_names(layer, optional=True)
-            # biases right after their weights
-            order += names[:4] + biases + names[4:]
-        order += ["otter.norm.weight", "otter.head.weight", "otter.head.bias"]
-        assert set(order) == set(req) | set(opt)
-        return order
+        """All possible tensor names (required and optional) in file order (biases right after their weights)."""
+        return [hf_name(k, b, s) for k, b, s in tensor_keys(self.num_hidden_layers)]
 
     def base_hparams(self) -> dict[str, Any]:
         """The base-model fingerprint fields of this config."""

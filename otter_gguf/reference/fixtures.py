@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from otter_gguf.format.constants import BIAS, NORM_TENSORS, WEIGHT, HeadKind, hf_name, parse_hf_name
+from otter_gguf.format.constants import OtterTensor as T
+
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 
 TINY = dict(d=256, L=4, h=4, h_kv=2, hd=64, f=768, V=512)
@@ -232,11 +235,11 @@ def make_adapter(out_dir: str | os.PathLike, base_dir: str | os.PathLike,
     V = base.config.vocab_size
     d = base.config.hidden_size
     if kind == "reward1":
-        kw = dict(n_out=1, head_kind="reward", signal_names=["reward"])
+        kw = dict(n_out=1, head_kind=HeadKind.REWARD.value, signal_names=["reward"])
     elif kind == "reward3":
-        kw = dict(n_out=3, head_kind="reward", signal_names=REWARD3_NAMES)
+        kw = dict(n_out=3, head_kind=HeadKind.REWARD.value, signal_names=REWARD3_NAMES)
     else:
-        kw = dict(n_out=V, head_kind="token_reward", signal_names=[])
+        kw = dict(n_out=V, head_kind=HeadKind.TOKEN_REWARD.value, signal_names=[])
     with_biases = kind == "reward3"
     name = Path(base_dir).name
     config, t = insert_otter(base, **ADAPTER, **kw, init=init, seed=seed,
@@ -246,31 +249,29 @@ def make_adapter(out_dir: str | os.PathLike, base_dir: str | os.PathLike,
     if init == "random":
         # redraw with per-tensor scales mirroring the base fixture's
         scales = {
-            "embed_tokens.weight": 0.05,
-            "q_proj.weight": 0.08 * (d / (d + d2)) ** 0.5,
-            "k_proj.weight": 0.08 * (d / (d + d2)) ** 0.5,
-            "v_proj.weight": 0.06,
-            "o_proj.weight": 0.03,
-            "gate_proj.weight": 0.06,
-            "up_proj.weight": 0.06,
-            "down_proj.weight": 0.02,
+            T.TOKEN_EMBD: 0.05,
+            T.ATTN_Q: 0.08 * (d / (d + d2)) ** 0.5,
+            T.ATTN_K: 0.08 * (d / (d + d2)) ** 0.5,
+            T.ATTN_V: 0.06,
+            T.ATTN_OUT: 0.03,
+            T.FFN_GATE: 0.06,
+            T.FFN_UP: 0.06,
+            T.FFN_DOWN: 0.02,
         }
         for n in list(t):
-            if n.endswith("layernorm.weight") or n == "otter.norm.weight":
+            kind, _, suffix = parse_hf_name(n)
+            if kind in NORM_TENSORS:
                 t[n] = _norm_w(g, t[n].shape[0])
-                continue
-            for suffix, std in scales.items():
-                if n.endswith(suffix):
-                    t[n] = _rand(g, *t[n].shape, std=std)
+            elif kind in scales and suffix == WEIGHT:
+                t[n] = _rand(g, *t[n].shape, std=scales[kind])
     if with_biases:
         h2, h2kv, hd = config.otter_num_attention_heads, config.otter_num_key_value_heads, config.head_dim
         for i in range(config.num_hidden_layers):
-            p = f"otter.layers.{i}.self_attn."
-            t[p + "q_proj.bias"] = _rand(g, h2 * hd, std=0.2)
-            t[p + "k_proj.bias"] = _rand(g, h2kv * hd, std=0.2)
-            t[p + "v_proj.bias"] = _rand(g, h2kv * hd, std=0.1)
-        t["otter.head.bias"] = _rand(g, config.head_output_size, std=0.5)
-    t["otter.head.weight"] = _rand(g, config.head_output_size, d + d2, std=1.0 / (d + d2) ** 0.5)
+            t[hf_name(T.ATTN_Q, i, BIAS)] = _rand(g, h2 * hd, std=0.2)
+            t[hf_name(T.ATTN_K, i, BIAS)] = _rand(g, h2kv * hd, std=0.2)
+            t[hf_name(T.ATTN_V, i, BIAS)] = _rand(g, h2kv * hd, std=0.1)
+        t[hf_name(T.HEAD, suffix=BIAS)] = _rand(g, config.head_output_size, std=0.5)
+    t[hf_name(T.HEAD)] = _rand(g, config.head_output_size, d + d2, std=1.0 / (d + d2) ** 0.5)
     return save_adapter(out_dir, config, t, dtype="float32")
 
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from otter_gguf.format.adapter import _validate_header, check_against_base, load_adapter
 from otter_gguf.format.config import OtterConfig
+from otter_gguf.format.constants import BIAS, NORM_TENSORS, HeadKind, hf_name, parse_hf_name
+from otter_gguf.format.constants import OtterTensor as T
 
 __all__ = [
     "BaseConfig",
@@ -406,17 +408,14 @@ class _SideParams:
         self.t = t
 
     def embed(self, tok: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tok, self.t["otter.embed_tokens.weight"])
+        return F.embedding(tok, self.t[hf_name(T.TOKEN_EMBD)])
 
     def attn(self, i, s, xn, inv_r, a_main, cos, sin, cache, pos0):
         c, t = self.c, self.t
-        p = f"otter.layers.{i}."
         hd = c.head_dim
-        sn = _norm(s, inv_r, t[p + "input_layernorm.weight"])
+        sn = _norm(s, inv_r, t[hf_name(T.ATTN_NORM, i)])
         u = torch.cat([xn, sn], dim=-1)
-        q = _linear(u, t[p + "self_attn.q_proj.weight"], t.get(p + "self_attn.q_proj.bias"))
-        k = _linear(u, t[p + "self_attn.k_proj.weight"], t.get(p + "self_attn.k_proj.bias"))
-        v = _linear(u, t[p + "self_attn.v_proj.weight"], t.get(p + "self_attn.v_proj.bias"))
+        q, k, v = (_linear(u, t[hf_name(x, i)], t.get(hf_name(x, i, BIAS))) for x in (T.ATTN_Q, T.ATTN_K, T.ATTN_V))
         q = _rope(_heads(q, c.otter_num_attention_heads, hd), cos, sin)
         k = _rope(_heads(k, c.otter_num_key_value_heads, hd), cos, sin)
         v = _heads(v, c.otter_num_key_value_heads, hd)
@@ -424,20 +423,19 @@ class _SideParams:
             k = KVCache._append(cache.k2, i, k)
             v = KVCache._append(cache.v2, i, v)
         a_side = _attend(q, k, v, pos0)
-        return s + _linear(torch.cat([a_main, a_side], dim=-1), t[p + "self_attn.o_proj.weight"])
+        return s + _linear(torch.cat([a_main, a_side], dim=-1), t[hf_name(T.ATTN_OUT, i)])
 
     def ffn(self, i, s, xn, inv_r, m_main):
         t = self.t
-        p = f"otter.layers.{i}."
-        sn = _norm(s, inv_r, t[p + "post_attention_layernorm.weight"])
+        sn = _norm(s, inv_r, t[hf_name(T.FFN_NORM, i)])
         u = torch.cat([xn, sn], dim=-1)
-        m_side = F.silu(_linear(u, t[p + "mlp.gate_proj.weight"])) * _linear(u, t[p + "mlp.up_proj.weight"])
-        return s + _linear(torch.cat([m_main, m_side], dim=-1), t[p + "mlp.down_proj.weight"])
+        m_side = F.silu(_linear(u, t[hf_name(T.FFN_GATE, i)])) * _linear(u, t[hf_name(T.FFN_UP, i)])
+        return s + _linear(torch.cat([m_main, m_side], dim=-1), t[hf_name(T.FFN_DOWN, i)])
 
     def head(self, s, xn, inv_r):
         t = self.t
-        sn = _norm(s, inv_r, t["otter.norm.weight"])
-        sig = _linear(torch.cat([xn, sn], dim=-1), t["otter.head.weight"], t.get("otter.head.bias"))
+        sn = _norm(s, inv_r, t[hf_name(T.OUTPUT_NORM)])
+        sig = _linear(torch.cat([xn, sn], dim=-1), t[hf_name(T.HEAD)], t.get(hf_name(T.HEAD, suffix=BIAS)))
         return sig, sn
 
 
@@ -562,7 +560,7 @@ def insert_otter(
     h2_kv: int,
     f2: int,
     n_out: int | None = None,
-    head_kind: str = "reward",
+    head_kind: str = HeadKind.REWARD.value,
     signal_names: Sequence[str] | None = None,
     init: str = "copy",
     seed: int = 0,
@@ -602,7 +600,7 @@ def insert_otter(
     c = base.config
     d, hd, f, V = c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size
     h, hkv = c.num_attention_heads, c.num_key_value_heads
-    if head_kind == "token_reward":
+    if head_kind == HeadKind.TOKEN_REWARD:
         n_out = V if n_out is None else n_out
         names: list[str] = []
     else:
@@ -640,7 +638,7 @@ def insert_otter(
     shapes = config.required_tensor_shapes()
     if init == "random":
         for n, shp in shapes.items():
-            if n.endswith("norm.weight") or n.endswith("layernorm.weight"):
+            if parse_hf_name(n)[0] in NORM_TENSORS:
                 out[n] = torch.ones(shp, dtype=dt)
             else:
                 out[n] = rnd(*shp)
@@ -657,30 +655,28 @@ def insert_otter(
             main[:, :d2] = 0
             return torch.cat([main, rows[:, :d2].clone()], dim=1)
 
-        out["otter.embed_tokens.weight"] = W["model.embed_tokens.weight"][:, :d2].clone()
+        out[hf_name(T.TOKEN_EMBD)] = W["model.embed_tokens.weight"][:, :d2].clone()
         for i in range(c.num_hidden_layers):
-            p, q = f"model.layers.{i}.", f"otter.layers.{i}."
-            out[q + "input_layernorm.weight"] = W[p + "input_layernorm.weight"][:d2].clone()
-            out[q + "self_attn.q_proj.weight"] = side_in(W[p + "self_attn.q_proj.weight"][: h2 * hd])
-            out[q + "self_attn.k_proj.weight"] = side_in(W[p + "self_attn.k_proj.weight"][: h2_kv * hd])
-            out[q + "self_attn.v_proj.weight"] = side_in(W[p + "self_attn.v_proj.weight"][: h2_kv * hd])
-            for x, rows in (("q", h2 * hd), ("k", h2_kv * hd), ("v", h2_kv * hd)):
+            p = f"model.layers.{i}."
+            out[hf_name(T.ATTN_NORM, i)] = W[p + "input_layernorm.weight"][:d2].clone()
+            for kind, x, rows in ((T.ATTN_Q, "q", h2 * hd), (T.ATTN_K, "k", h2_kv * hd), (T.ATTN_V, "v", h2_kv * hd)):
+                out[hf_name(kind, i)] = side_in(W[p + f"self_attn.{x}_proj.weight"][:rows])
                 b = W.get(p + f"self_attn.{x}_proj.bias")
                 if b is not None:
-                    out[q + f"self_attn.{x}_proj.bias"] = b[:rows].clone()
-            out[q + "self_attn.o_proj.weight"] = torch.cat(
+                    out[hf_name(kind, i, BIAS)] = b[:rows].clone()
+            out[hf_name(T.ATTN_OUT, i)] = torch.cat(
                 [W[p + "self_attn.o_proj.weight"][:d2].clone(), torch.zeros(d2, h2 * hd, dtype=dt)], dim=1)
-            out[q + "post_attention_layernorm.weight"] = W[p + "post_attention_layernorm.weight"][:d2].clone()
-            out[q + "mlp.gate_proj.weight"] = side_in(W[p + "mlp.gate_proj.weight"][:f2])
-            out[q + "mlp.up_proj.weight"] = side_in(W[p + "mlp.up_proj.weight"][:f2])
-            out[q + "mlp.down_proj.weight"] = torch.cat(
+            out[hf_name(T.FFN_NORM, i)] = W[p + "post_attention_layernorm.weight"][:d2].clone()
+            out[hf_name(T.FFN_GATE, i)] = side_in(W[p + "mlp.gate_proj.weight"][:f2])
+            out[hf_name(T.FFN_UP, i)] = side_in(W[p + "mlp.up_proj.weight"][:f2])
+            out[hf_name(T.FFN_DOWN, i)] = torch.cat(
                 [W[p + "mlp.down_proj.weight"][:d2].clone(), torch.zeros(d2, f2, dtype=dt)], dim=1)
-        out["otter.norm.weight"] = W["model.norm.weight"][:d2].clone()
-        out["otter.head.weight"] = rnd(n_out, d + d2)
+        out[hf_name(T.OUTPUT_NORM)] = W["model.norm.weight"][:d2].clone()
+        out[hf_name(T.HEAD)] = rnd(n_out, d + d2)
     else:
         raise ValueError(f"init must be 'copy' or 'random', found {init!r}")
     if head_bias:
-        out["otter.head.bias"] = torch.zeros(n_out, dtype=dt)
+        out[hf_name(T.HEAD, suffix=BIAS)] = torch.zeros(n_out, dtype=dt)
     for v in out.values():
         v.requires_grad_(False)
     return config, out

@@ -31,6 +31,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from otter_gguf.format.constants import HeadKind
+
 MODES = ("args", "dexperts")
 
 SignalSpec = Union[None, str, Mapping[str, float]]
@@ -116,14 +118,14 @@ class Guidance:
     def resolve(self, *, head_kind: Optional[str], n_out: int, signal_names: Sequence[str],
                 n_vocab: int) -> "ResolvedGuidance":
         """Check these settings against a model's head; ValueError if they do not apply."""
-        if head_kind == "token_reward":
+        if head_kind == HeadKind.TOKEN_REWARD:
             if self.signal is not None:
                 raise ValueError("guidance signal selects a named signal of a 'reward' head; this model's head "
                                  "is 'token_reward' (one value per candidate token): leave signal unset")
             if n_out != n_vocab:
                 raise ValueError(f"token_reward head has n_out={n_out} but the vocabulary has {n_vocab} tokens")
-            return ResolvedGuidance(self, "token_reward", None)
-        if head_kind != "reward":
+            return ResolvedGuidance(self, HeadKind.TOKEN_REWARD.value, None)
+        if head_kind != HeadKind.REWARD:
             raise ValueError(f"guidance needs an Otter head of kind 'reward' or 'token_reward', got {head_kind!r}")
         if self.mode != "args":
             raise ValueError(f"guidance mode {self.mode!r} needs a 'token_reward' head (one value per candidate "
@@ -142,7 +144,7 @@ class Guidance:
                     raise ValueError(f"unknown signal name {name!r}; this head's signals are: "
                                      f"{', '.join(names) if names else '(none)'}")
                 coef[names.index(name)] += c
-        return ResolvedGuidance(self, "reward", coef)
+        return ResolvedGuidance(self, HeadKind.REWARD.value, coef)
 
 
 @dataclass
@@ -169,7 +171,7 @@ class ResolvedGuidance:
     @property
     def batched(self) -> bool:
         """True when candidates are scored in a batched decode (scalar reward head)."""
-        return self.head_kind == "reward"
+        return self.head_kind == HeadKind.REWARD
 
     def reward(self, signals: np.ndarray) -> np.ndarray:
         """[..., n_out] signals -> [...] scalar rewards (reward heads)."""

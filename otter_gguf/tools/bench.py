@@ -50,6 +50,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from otter_gguf.demo import DEMO_DIR
+from otter_gguf.format.constants import HeadKind, Keys
 from otter_gguf_converter.llamacpp import cache_dir, write_random_base
 
 CONFIGS = ("a", "a0", "b", "c", "d_rm", "d_tok", "d_scalar")
@@ -101,13 +102,13 @@ def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, see
 
     d, L, h, hkv, f, V = (shape[k] for k in ("d", "L", "h", "h_kv", "f", "V"))
     out.mkdir(parents=True, exist_ok=True)
-    n_out = V if head_kind == "token_reward" else 1
+    n_out = V if head_kind == HeadKind.TOKEN_REWARD else 1
     cfg = dict(otter_version=1, base_model=f"random-{shape['name']}", base_architecture="llama", hidden_size=d,
                num_hidden_layers=L, num_attention_heads=h, num_key_value_heads=hkv, head_dim=d // h,
                intermediate_size=f, vocab_size=V, otter_hidden_size=side["d2"],
                otter_num_attention_heads=side["h2"], otter_num_key_value_heads=side["h2_kv"],
                otter_intermediate_size=side["f2"], head_output_size=n_out, head_kind=head_kind,
-               signal_names=[] if head_kind == "token_reward" else ["reward"])
+               signal_names=[] if head_kind == HeadKind.TOKEN_REWARD else ["reward"])
     ts = OtterConfig.from_dict(cfg).required_tensor_shapes()
     header, off = {}, 0
     for n, s in ts.items():
@@ -238,11 +239,11 @@ def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] 
         out = root / f"otter-{qtype}-d2_{sd['d2']}-{kind}.gguf"
         return _cached(out, lambda p: _convert(adapter(sd, kind), base, p, qtype), f"{name} {qtype} Otter {kind} d2={sd['d2']}")
 
-    ms = ModelSet(name=name, qtype=qtype, base=base, otter=otter(side, "reward"), rm=rm,
-                  otter_token=otter(side, "token_reward"), d=shape["d"], side=side)
+    ms = ModelSet(name=name, qtype=qtype, base=base, otter=otter(side, HeadKind.REWARD.value), rm=rm,
+                  otter_token=otter(side, HeadKind.TOKEN_REWARD.value), d=shape["d"], side=side)
     for d2 in d2_values:
         sd = side if d2 == side["d2"] else _side_shape(shape["d"], d2)
-        ms.sweep[d2] = otter(sd, "reward")
+        ms.sweep[d2] = otter(sd, HeadKind.REWARD.value)
     return ms
 
 
@@ -264,7 +265,7 @@ def prepare_demo(qtype: str, cache: Path, demo_dir: Path = DEMO_DIR) -> ModelSet
     otter = _cached(root / f"otter-{qtype}-{stamp}.gguf",
                     lambda p: _convert(demo_dir / "adapter", base, p, qtype), f"demo {qtype} Otter")
     token = None
-    if cfg.to_dict().get("head_kind") == "token_reward":
+    if cfg.to_dict().get("head_kind") == HeadKind.TOKEN_REWARD:
         token, otter = otter, None  # pragma: no cover - the demo head is scalar
     side = dict(d2=cfg.d2, h2=cfg.to_dict()["otter_num_attention_heads"],
                 h2_kv=cfg.to_dict()["otter_num_key_value_heads"], f2=cfg.to_dict()["otter_intermediate_size"])
@@ -942,8 +943,8 @@ def bench_d2(ms: ModelSet, *, repeats: int, threads: int, n_prompt: int, n_decod
         b_tok = summarize([1000.0 / w["decode_ms"] for w in pb])
         bound = 0.95 * a_tok["median"] / (1 + sp["otter_over_base"])
         meta = info["otter"]["metadata"]
-        rows.append({"d2": d2, "h2": meta.get("otter.attention.head_count"),
-                     "h2_kv": meta.get("otter.attention.head_count_kv"), "f2": meta.get("otter.feed_forward_length"),
+        rows.append({"d2": d2, "h2": meta.get(Keys.Attention.HEAD_COUNT),
+                     "h2_kv": meta.get(Keys.Attention.HEAD_COUNT_KV), "f2": meta.get(Keys.FEED_FORWARD_LENGTH),
                      "otter_types": sorted({t["type"] for t in info["otter"]["tensors"]}),
                      "bytes": by, "space": sp, "decode_tok_s_a": a_tok, "decode_tok_s_b": b_tok,
                      "ratio_b_over_a": ratio, "saving_b_vs_c": sav, "decode_target_b": bound,

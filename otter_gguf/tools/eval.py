@@ -43,6 +43,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from otter_gguf.format.constants import KEY_PREFIX, HeadKind, Keys
+
 __all__ = [
     "DEFAULT_PROMPTS",
     "DEFAULT_TYPES",
@@ -270,7 +272,7 @@ def _write_base_part(src: Path, dst: Path) -> None:
         w.kv_data = [{}]
         w.data_alignment = int(reader.alignment)
         for key in gguf_io.kv_keys(reader):
-            if not key.startswith("otter."):
+            if not key.startswith(KEY_PREFIX):
                 w.add_raw_value(key, gguf_io.raw_kv_value(reader, key))
         for t in tensors:
             w.add_tensor_info(t.name, gguf_io.ggml_shape_to_numpy(t.shape), np.dtype(np.float32),
@@ -313,8 +315,8 @@ def _inspect_model(path: Path) -> _ModelInfo:
             f"(e.g. `otter-gguf convert ADAPTER --base HF_DIR --base-outtype f32 -o MODEL.gguf`)")
     base_type = _UNQUANTIZED[kinds[0]] if len(kinds) == 1 else "/".join(_UNQUANTIZED[k] for k in kinds)
     is_otter = any(gguf_io.is_otter_tensor(t.name) for t in reader.tensors)
-    names = gguf_io.field_value(reader, "otter.head.signal_names") if is_otter else None
-    kind = gguf_io.field_value(reader, "otter.head.kind") if is_otter else None
+    names = gguf_io.field_value(reader, Keys.Head.SIGNAL_NAMES) if is_otter else None
+    kind = gguf_io.field_value(reader, Keys.Head.KIND) if is_otter else None
     ctx = gguf_io.field_value(reader, f"{info.architecture}.context_length")
     return _ModelInfo(path, is_otter, base_type, list(names or []), kind, int(ctx) if ctx else None,
                       info.hparams())
@@ -415,12 +417,12 @@ def _signal_columns(sigs: Sequence[np.ndarray], token_lists, head_kind: str,
     reward heads: every position, every named signal. token_reward heads: the
     realised token reward ``signals[j-1, tokens[j]]`` for j >= 1 (one column).
     """
-    if head_kind == "token_reward":
+    if head_kind == HeadKind.TOKEN_REWARD:
         out = []
         for s, toks in zip(sigs, token_lists):
             idx = np.asarray(toks[1:], dtype=np.int64)
             out.append(s[np.arange(len(idx)), idx][:, None].astype(np.float64))
-        return ["token_reward"], out
+        return [HeadKind.TOKEN_REWARD.value], out
     return list(names), [np.asarray(s, dtype=np.float64) for s in sigs]
 
 
@@ -544,7 +546,7 @@ def evaluate(
         check_against_base(acfg, minfo.hparams)
     except ValueError as e:
         raise EvalError(f"the adapter does not fit MODEL.gguf {model_gguf}: {e}") from None
-    if minfo.is_otter and minfo.head_kind == acfg.head_kind and acfg.head_kind == "reward" \
+    if minfo.is_otter and minfo.head_kind == acfg.head_kind and acfg.head_kind == HeadKind.REWARD \
             and list(minfo.signal_names) != list(acfg.signal_names):
         raise EvalError(f"MODEL.gguf {model_gguf} carries an Otter head with signals {minfo.signal_names}, "
                         f"the adapter has {list(acfg.signal_names)}; pass the GGUF made from this adapter "

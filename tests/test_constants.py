@@ -1,0 +1,238 @@
+"""The Otter names (otter_gguf.format.constants) pinned to the spec, the docs and the C++ patches.
+
+This is the one place where the names are spelled out literally: docs/FORMAT.md's
+metadata and tensor tables, OTTER_SPEC.md §4's adapter tensor table. Every other
+test and module uses the constants, so a rename shows up here (and, through the
+patch and doc checks, on the other sides too).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from otter_gguf.format import constants as C
+from otter_gguf.format.constants import BIAS, HeadKind, Keys, OtterTensor as T
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# docs/FORMAT.md "Metadata", in its (= the converter's) order
+SPEC_KEYS = [
+    "otter.version",
+    "otter.base_model",
+    "otter.embedding_length",
+    "otter.attention.head_count",
+    "otter.attention.head_count_kv",
+    "otter.feed_forward_length",
+    "otter.head.output_size",
+    "otter.head.kind",
+    "otter.head.signal_names",
+    "otter.base.architecture",
+    "otter.base.embedding_length",
+    "otter.base.block_count",
+    "otter.base.attention.head_count",
+    "otter.base.attention.head_count_kv",
+    "otter.base.attention.key_length",
+    "otter.base.feed_forward_length",
+    "otter.base.vocab_size",
+    "otter.base.vocab_hash",
+]
+
+# (GGUF name, adapter name) of every tensor of a 2-layer adapter with all the optional biases, in file order:
+# docs/FORMAT.md "Tensors" and OTTER_SPEC.md §4
+SPEC_TENSORS_2_LAYERS = [
+    ("otter_token_embd.weight", "otter.embed_tokens.weight"),
+    ("blk.0.otter_attn_norm.weight", "otter.layers.0.input_layernorm.weight"),
+    ("blk.0.otter_attn_q.weight", "otter.layers.0.self_attn.q_proj.weight"),
+    ("blk.0.otter_attn_k.weight", "otter.layers.0.self_attn.k_proj.weight"),
+    ("blk.0.otter_attn_v.weight", "otter.layers.0.self_attn.v_proj.weight"),
+    ("blk.0.otter_attn_q.bias", "otter.layers.0.self_attn.q_proj.bias"),
+    ("blk.0.otter_attn_k.bias", "otter.layers.0.self_attn.k_proj.bias"),
+    ("blk.0.otter_attn_v.bias", "otter.layers.0.self_attn.v_proj.bias"),
+    ("blk.0.otter_attn_output.weight", "otter.layers.0.self_attn.o_proj.weight"),
+    ("blk.0.otter_ffn_norm.weight", "otter.layers.0.post_attention_layernorm.weight"),
+    ("blk.0.otter_ffn_gate.weight", "otter.layers.0.mlp.gate_proj.weight"),
+    ("blk.0.otter_ffn_up.weight", "otter.layers.0.mlp.up_proj.weight"),
+    ("blk.0.otter_ffn_down.weight", "otter.layers.0.mlp.down_proj.weight"),
+    ("blk.1.otter_attn_norm.weight", "otter.layers.1.input_layernorm.weight"),
+    ("blk.1.otter_attn_q.weight", "otter.layers.1.self_attn.q_proj.weight"),
+    ("blk.1.otter_attn_k.weight", "otter.layers.1.self_attn.k_proj.weight"),
+    ("blk.1.otter_attn_v.weight", "otter.layers.1.self_attn.v_proj.weight"),
+    ("blk.1.otter_attn_q.bias", "otter.layers.1.self_attn.q_proj.bias"),
+    ("blk.1.otter_attn_k.bias", "otter.layers.1.self_attn.k_proj.bias"),
+    ("blk.1.otter_attn_v.bias", "otter.layers.1.self_attn.v_proj.bias"),
+    ("blk.1.otter_attn_output.weight", "otter.layers.1.self_attn.o_proj.weight"),
+    ("blk.1.otter_ffn_norm.weight", "otter.layers.1.post_attention_layernorm.weight"),
+    ("blk.1.otter_ffn_gate.weight", "otter.layers.1.mlp.gate_proj.weight"),
+    ("blk.1.otter_ffn_up.weight", "otter.layers.1.mlp.up_proj.weight"),
+    ("blk.1.otter_ffn_down.weight", "otter.layers.1.mlp.down_proj.weight"),
+    ("otter_output_norm.weight", "otter.norm.weight"),
+    ("otter_head.weight", "otter.head.weight"),
+    ("otter_head.bias", "otter.head.bias"),
+]
+SPEC_OPTIONAL = {"blk.0.otter_attn_q.bias", "blk.0.otter_attn_k.bias", "blk.0.otter_attn_v.bias",
+                 "blk.1.otter_attn_q.bias", "blk.1.otter_attn_k.bias", "blk.1.otter_attn_v.bias", "otter_head.bias"}
+
+
+def test_keys_are_the_spec_keys():
+    assert list(C.ALL_KEYS) == SPEC_KEYS
+    assert (Keys.VERSION, Keys.BASE_MODEL, Keys.EMBEDDING_LENGTH, Keys.FEED_FORWARD_LENGTH) == (
+        "otter.version", "otter.base_model", "otter.embedding_length", "otter.feed_forward_length")
+    assert (Keys.Attention.HEAD_COUNT, Keys.Attention.HEAD_COUNT_KV) == (
+        "otter.attention.head_count", "otter.attention.head_count_kv")
+    assert (Keys.Head.OUTPUT_SIZE, Keys.Head.KIND, Keys.Head.SIGNAL_NAMES) == (
+        "otter.head.output_size", "otter.head.kind", "otter.head.signal_names")
+    assert (Keys.Base.ARCHITECTURE, Keys.Base.VOCAB_SIZE, Keys.Base.VOCAB_HASH) == (
+        "otter.base.architecture", "otter.base.vocab_size", "otter.base.vocab_hash")
+    # the fingerprint: every otter.base.* key, recording the base property of the same name
+    assert C.FINGERPRINT_KEYS == {
+        "otter.base.architecture": "architecture",
+        "otter.base.embedding_length": "embedding_length",
+        "otter.base.block_count": "block_count",
+        "otter.base.attention.head_count": "head_count",
+        "otter.base.attention.head_count_kv": "head_count_kv",
+        "otter.base.attention.key_length": "key_length",
+        "otter.base.feed_forward_length": "feed_forward_length",
+        "otter.base.vocab_size": "vocab_size",
+        "otter.base.vocab_hash": "vocab_hash",
+    }
+    assert all(k.startswith(C.KEY_PREFIX) for k in C.ALL_KEYS) and C.KEY_PREFIX == "otter."
+
+
+def test_versions_kinds_architectures():
+    assert C.OTTER_FORMAT_VERSION == 1
+    assert C.SUPPORTED_ARCHITECTURES == ("llama", "qwen2")
+    assert [k.value for k in HeadKind] == ["reward", "token_reward"]
+    # str-valued: compares, hashes, formats and serialises as its string
+    assert HeadKind.REWARD == "reward" and HeadKind("token_reward") is HeadKind.TOKEN_REWARD
+    assert {"reward": 1}[HeadKind.REWARD] == 1
+    assert f"{HeadKind.TOKEN_REWARD}" == str(HeadKind.TOKEN_REWARD) == "token_reward"
+    assert json.dumps({"head_kind": HeadKind.REWARD}) == '{"head_kind": "reward"}'
+    assert ", ".join(HeadKind) == "reward, token_reward"
+
+
+def test_tensor_names_two_layers_with_biases():
+    keys = list(C.tensor_keys(2))
+    assert [C.gguf_name(*k) for k in keys] == [g for g, _ in SPEC_TENSORS_2_LAYERS]
+    assert [C.hf_name(*k) for k in keys] == [h for _, h in SPEC_TENSORS_2_LAYERS]
+    required = [C.gguf_name(*k) for k in C.tensor_keys(2, biases=False)]
+    assert required == [g for g, _ in SPEC_TENSORS_2_LAYERS if g not in SPEC_OPTIONAL]
+    assert {C.gguf_name(k, b, s) for k, b, s in keys if s == BIAS} == SPEC_OPTIONAL
+    assert C.TENSOR_PREFIX == "otter_"
+
+
+@pytest.mark.parametrize("gguf, hf", SPEC_TENSORS_2_LAYERS, ids=[g for g, _ in SPEC_TENSORS_2_LAYERS])
+def test_hf_gguf_mapping_both_ways(gguf, hf):
+    assert C.gguf_tensor_name(hf) == gguf
+    assert C.hf_tensor_name(gguf) == hf
+    assert C.is_otter_tensor(gguf)
+    kind, bid, suffix = C.parse_gguf_name(gguf)
+    assert C.parse_hf_name(hf) == (kind, bid, suffix)
+    assert C.gguf_name(kind, bid, suffix) == gguf and C.hf_name(kind, bid, suffix) == hf
+
+
+def test_enum_and_templates():
+    assert C.TENSOR_NAMES[T.ATTN_Q] == "blk.{bid}.otter_attn_q"
+    assert C.gguf_name(T.ATTN_OUT, 17) == "blk.17.otter_attn_output.weight"
+    assert C.hf_name(T.FFN_DOWN, 17) == "otter.layers.17.mlp.down_proj.weight"
+    assert C.gguf_tensor_name("otter.layers.123.self_attn.k_proj.bias") == "blk.123.otter_attn_k.bias"
+    assert set(C.TENSOR_NAMES) == set(C.HF_TENSOR_NAMES) == set(T)
+    assert C.NORM_TENSORS == (T.ATTN_NORM, T.FFN_NORM, T.OUTPUT_NORM)
+    assert C.BIAS_TENSORS == (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.HEAD)
+
+
+@pytest.mark.parametrize("name", [
+    "otter.layers.0.input_layernorm.bias",  # no bias for a norm
+    "otter.norm.bias", "otter.embed_tokens.bias",
+    "otter.layers.x.mlp.up_proj.weight", "otter.layers.-1.mlp.up_proj.weight", "otter.layers.01.mlp.up_proj.weight",
+    "otter.layers.0.self_attn.o_proj.bias", "otter.layers.0.mlp.gate_proj", "otter.head.weight.x",
+    "model.layers.0.mlp.up_proj.weight", "otter_head.weight",  # a GGUF name is not an adapter name
+])
+def test_not_an_adapter_name(name):
+    with pytest.raises(KeyError):
+        C.gguf_tensor_name(name)
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "token_embd.weight", "output.weight", "blk.0.otter_attn_norm.bias",
+                                  "otter.head.weight", "blk.0.otter_head.weight", "otter_head"])
+def test_not_a_gguf_name(name):
+    with pytest.raises(KeyError):
+        C.hf_tensor_name(name)
+
+
+def test_bad_name_requests():
+    with pytest.raises(ValueError, match="layer index"):
+        C.gguf_name(T.ATTN_Q)
+    with pytest.raises(ValueError, match="not a per-layer"):
+        C.gguf_name(T.HEAD, 0)
+    with pytest.raises(ValueError, match="no 'bias'"):
+        C.hf_name(T.FFN_NORM, 0, BIAS)
+
+
+def test_is_otter_tensor():
+    assert C.is_otter_tensor("otter_anything") and C.is_otter_tensor("blk.3.otter_x.weight")
+    assert not C.is_otter_tensor("blk.3.attn_q.weight") and not C.is_otter_tensor("output_norm.weight")
+
+
+# ----------------------------------------------------------------- the docs
+def _doc_tables():
+    text = (ROOT / "docs" / "FORMAT.md").read_text()
+    keys = re.findall(r"^\| `(otter\.[a-z_.]+)` \|", text, flags=re.M)
+    names = []
+    for cell in re.findall(r"^\| `((?:blk\.\{l\}\.)?otter_[a-z_{},]+\.(?:weight|bias))`", text, flags=re.M):
+        cell = cell.replace("{l}", "{bid}")
+        m = re.search(r"\{([a-z]+(?:,[a-z]+)+)\}", cell)  # otter_attn_{q,k,v}.bias
+        names += [cell.replace(m.group(0), a) for a in m.group(1).split(",")] if m else [cell]
+    return keys, names
+
+
+def test_docs_format_tables_match():
+    keys, names = _doc_tables()
+    assert keys == SPEC_KEYS
+    templates = {C.TENSOR_NAMES[k] + "." + s for k in T for s in ("weight", "bias")
+                 if s == "weight" or k in C.BIAS_TENSORS}
+    assert sorted(names) == sorted(templates)
+    assert "otter_gguf.format.constants" in (ROOT / "docs" / "FORMAT.md").read_text()
+
+
+# ---------------------------------------------------------- the C++ patches
+def _patch_added_lines():
+    lines = []
+    for p in sorted((ROOT / "patches").glob("*.patch")):
+        lines += [ln[1:] for ln in p.read_text().splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    assert lines, "no patches found"
+    return lines
+
+
+def test_patches_use_the_same_names():
+    added = _patch_added_lines()
+    strings = list(itertools.chain.from_iterable(re.findall(r'"([^"\\]*)"', ln) for ln in added))
+    # every metadata key the C++ side reads (and its prefix checks)
+    cpp_keys = {s for s in strings if s.startswith("otter.") and s != "otter."}
+    assert cpp_keys == set(C.ALL_KEYS)
+    assert "otter." in strings and C.KEY_PREFIX == "otter."
+    # the tensor-name table of the loader: LLM_TENSOR_OTTER_* -> "blk.%d.otter_..."
+    table = dict(re.findall(r'\{\s*LLM_TENSOR_OTTER_(\w+),\s*"([^"]+)"\s*\}', "\n".join(added)))
+    assert {v.replace("%d", "{bid}") for v in table.values()} == set(C.TENSOR_NAMES.values())
+    assert {k: v.replace("%d", "{bid}") for k, v in table.items()} == {k.name: C.TENSOR_NAMES[k] for k in T}
+    # every other tensor-name string (outside the graph's cb() node names): the Otter-tensor rule ("otter_"
+    # prefix or ".otter_" inside, as is_otter_tensor), a full name (the quantizer's head rule), or a name's
+    # ".otter_xxx." part (the quantizer's per-tensor mixes)
+    names = {s for ln in added if not re.search(r"\bcb\(", ln)
+             for s in re.findall(r'"([^"\\\s]*otter_[^"\\\s]*)"', ln)}
+    parts = {"." + t.rsplit(".", 1)[-1] + "." for t in C.TENSOR_NAMES.values()}
+    full = {s for s in names if re.fullmatch(r"(blk\.\d+\.)?otter_\w+\.(weight|bias)", s)}
+    assert {C.TENSOR_PREFIX, "." + C.TENSOR_PREFIX} <= names and full and parts & names
+    for s in names - set(table.values()) - {C.TENSOR_PREFIX, "." + C.TENSOR_PREFIX}:
+        assert s in parts or C.parse_gguf_name(s), s
+    # head kinds the loader accepts, architectures it allows
+    kinds = set(re.findall(r'head_kind_str == "(\w+)"', "\n".join(added)))
+    assert kinds == {k.value for k in HeadKind}
+    archs = set(re.findall(r"model\.arch != LLM_ARCH_(\w+)", "\n".join(added)))
+    assert {a.lower() for a in archs} == set(C.SUPPORTED_ARCHITECTURES)
