@@ -15,17 +15,18 @@ from typing import Any, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
+from otter_gguf.format.constants import SUPPORTED_ARCHITECTURES, is_otter_tensor
 from otter_gguf_converter.errors import ConvertError
 
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 _MASK = (1 << 64) - 1
 
-SUPPORTED_BASE_ARCHITECTURES = ("llama", "qwen2")
 
-
-def is_otter_tensor(name: str) -> bool:
-    return name.startswith("otter_") or ".otter_" in name
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    raw = bytes(e.object)
+    shown = raw[:40] + (b"..." if len(raw) > 40 else b"")
+    return f"is not valid UTF-8 (expected a UTF-8 string; found {shown!r}, bad byte at offset {e.start})"
 
 
 def open_gguf(path: str | os.PathLike, what: str = "base") -> GGUFReader:
@@ -44,10 +45,16 @@ def open_gguf(path: str | os.PathLike, what: str = "base") -> GGUFReader:
         raise ConvertError(f"{what} {p} is not a GGUF file (it does not start with the GGUF magic)")
     try:
         reader = GGUFReader(p, "r")
+    except UnicodeDecodeError as e:  # the reader decodes key and tensor names
+        raise ConvertError(f"{what} {p}: a metadata key or tensor name {_not_utf8(e)}") from None
     except Exception as e:  # ValueError, IndexError, reshape errors from a truncated/garbled file
         raise ConvertError(
             f"{what} {p} is not a readable GGUF file: truncated or corrupt ({type(e).__name__}: {e})"
         ) from None
+    reader.otter_source = f"{what} {p}"  # names the file in field_value's errors
+    for key, f in reader.fields.items():  # GGUF strings are UTF-8; string arrays (token texts) stay bytes
+        if f.types == [GGUFValueType.STRING]:
+            field_value(reader, key)
     if reader.byte_order != "I":
         raise ConvertError(f"{what} {p} is a big-endian GGUF; only little-endian GGUF files are supported")
     n_split = reader.fields.get("split.count")
@@ -67,8 +74,15 @@ def open_gguf(path: str | os.PathLike, what: str = "base") -> GGUFReader:
 
 
 def field_value(reader: GGUFReader, key: str) -> Any:
+    """A metadata value (None if the key is absent); ConvertError if a string in it is not UTF-8."""
     f = reader.fields.get(key)
-    return None if f is None else f.contents()
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except UnicodeDecodeError as e:
+        where = getattr(reader, "otter_source", "GGUF file")
+        raise ConvertError(f"{where}: the value of metadata key {key} {_not_utf8(e)}") from None
 
 
 def raw_kv_value(reader: GGUFReader, key: str) -> bytes:
@@ -102,17 +116,18 @@ def token_bytes(reader: GGUFReader) -> list[bytes]:
 
 
 def _scalar(reader: GGUFReader, key: str, *, required: bool = True, path: str = "") -> int | None:
-    f = reader.fields.get(key)
-    if f is None:
+    v = field_value(reader, key)
+    if v is None:
         if required:
             raise ConvertError(f"base {path}: metadata key {key} is missing (needed for the Otter fingerprint)")
         return None
-    v = f.contents()
     if isinstance(v, list):  # per-layer arrays (some archs): must be uniform
         if not v or any(x != v[0] for x in v):
             raise ConvertError(f"base {path}: {key} varies per layer ({v}); Otter needs a uniform value")
         v = v[0]
-    return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConvertError(f"base {path}: metadata key {key} = {v!r}, expected an integer")
+    return v
 
 
 @dataclass
@@ -149,10 +164,10 @@ def base_info(reader: GGUFReader, path: str = "", *, require_supported: bool = T
     arch = field_value(reader, "general.architecture")
     if not isinstance(arch, str):
         raise ConvertError(f"base {path}: general.architecture is missing; is this a llama.cpp model GGUF?")
-    if require_supported and arch not in SUPPORTED_BASE_ARCHITECTURES:
+    if require_supported and arch not in SUPPORTED_ARCHITECTURES:
         raise ConvertError(
             f"base {path}: architecture {arch!r} is not supported; supported base architectures: "
-            f"{', '.join(SUPPORTED_BASE_ARCHITECTURES)}"
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     d = _scalar(reader, f"{arch}.embedding_length", path=path)
     n_layer = _scalar(reader, f"{arch}.block_count", path=path)
