@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import weakref
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -125,9 +126,11 @@ class OtterLlama(Llama):
         if self._otter_src.has_otter:
             self._otter_store = SignalStore(len(self.input_ids), self._otter_src.n_out,
                                             self._otter_src.head_kind == "token_reward")
+            me = weakref.proxy(self)  # no reference cycle: the model is freed as soon as it is dropped
             self._otter_blocks = CompletionAssembler(
                 self._otter_store, head_kind=self.head_kind, signal_names=self.signal_names,
-                detokenize=self.detokenize, is_eog=lambda t: llama_cpp.llama_vocab_is_eog(self._model.vocab, t))
+                detokenize=lambda toks, prev_tokens=None: me.detokenize(toks, prev_tokens=prev_tokens),
+                is_eog=lambda t: llama_cpp.llama_vocab_is_eog(me._model.vocab, t))
             self._otter_enabled = True
             if not self._otter_requested:
                 self.set_otter(False)
