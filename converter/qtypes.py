@@ -8,15 +8,22 @@ roles of their base counterparts (``otter_attn_v`` ~ ``attn_v``,
 ``otter_token_embd`` ~ ``token_embd``); the head is the exception: it is kept
 at least at q8_0 (llama-quantize uses q6_k for ``output``), because it is
 small and the signal is read from it directly.
+
+``llama_model_quantize`` of the patched runtime (patch 0004,
+``llama_otter_tensor_type``) applies the same table (``MIX_RULES``) to an Otter
+GGUF, so ``otter-gguf convert --outtype X`` and llama-quantize to X give every
+Otter tensor the same type.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import Callable
 
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
+
+from otter_gguf.format.constants import OtterTensor, parse_gguf_name
 
 #: Plain types: every 2-D Otter tensor gets this type (head: see head_type()).
 PLAIN_TYPES: dict[str, QT] = {
@@ -80,58 +87,51 @@ def head_type(outtype: str, head: str | None) -> QT:
     return QT.Q8_0
 
 
-def _use_more_bits(i: int, n: int) -> bool:
+def _more_bits(i: int, n: int) -> bool:
     # llama-quant.cpp: use_more_bits
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.otter_(\w+)\.weight$")
-
+#: The mixes' per-layer upgrades of the Otter tensors, the table of docs/FORMAT.md
+#: ("Otter tensor types"); ``llama_otter_tensor_type`` in
+#: patches/0004-llama-quantize-*.patch implements the same table for
+#: ``llama_model_quantize``. role -> mix -> rule(i, n_layer, side_gqa), which
+#: returns the upgraded type or None (the mix's default type); roles and mixes
+#: not listed get the default type.
+MIX_RULES: dict[OtterTensor, dict[str, Callable[[int, int, int], QT | None]]] = {
+    OtterTensor.ATTN_V: {
+        "q2_k_s": lambda i, n, gqa: QT.Q4_K if gqa >= 4 else None,
+        "q3_k_m": lambda i, n, gqa: QT.Q5_K if i < 2 else QT.Q4_K,
+        "q3_k_l": lambda i, n, gqa: QT.Q5_K,
+        "q4_k_s": lambda i, n, gqa: QT.Q5_K if i < 4 else None,
+        "q4_k_m": lambda i, n, gqa: QT.Q6_K if _more_bits(i, n) else None,
+        "q5_k_m": lambda i, n, gqa: QT.Q6_K if _more_bits(i, n) else None,
+    },
+    OtterTensor.FFN_DOWN: {
+        "q2_k_s": lambda i, n, gqa: QT.Q4_K if i < n // 8 else None,
+        "q3_k_m": lambda i, n, gqa: QT.Q5_K if i < n // 16 else QT.Q4_K,
+        "q3_k_l": lambda i, n, gqa: QT.Q5_K,
+        "q4_k_s": lambda i, n, gqa: QT.Q5_K if i < n // 8 else None,
+        "q4_k_m": lambda i, n, gqa: QT.Q6_K if _more_bits(i, n) else None,
+        "q5_k_m": lambda i, n, gqa: QT.Q6_K if _more_bits(i, n) else None,
+    },
+    OtterTensor.ATTN_OUT: {
+        "q3_k_m": lambda i, n, gqa: QT.Q4_K,
+        "q3_k_l": lambda i, n, gqa: QT.Q5_K,
+    },
+}
 
 def tensor_type(outtype: str, name: str, n_layer: int, side_gqa: int) -> QT:
-    """Wanted type of a 2-D Otter tensor (before the block-size fallback).
+    """Wanted type of a 2-D Otter tensor other than the head (before the block-size fallback).
 
-    ``side_gqa`` is h2 / h2_kv, used where llama-quantize looks at n_gqa().
+    ``name`` is the GGUF name (``blk.N.otter_ROLE.weight``, ``otter_token_embd.weight``),
+    ``n_layer`` the number of layers and ``side_gqa`` h2 / h2_kv.
     """
     if outtype in PLAIN_TYPES:
         return PLAIN_TYPES[outtype]
-    base = MIX_TYPES[outtype]
-    m = _LAYER_RE.match(name)
-    if not m:  # otter_token_embd: the default type, like token_embd
-        return base
-    i, role = int(m.group(1)), m.group(2)
-    o = outtype
-    if role == "attn_v":
-        if o == "q2_k_s" and side_gqa >= 4:
-            return QT.Q4_K
-        if o == "q3_k_m":
-            return QT.Q5_K if i < 2 else QT.Q4_K
-        if o == "q3_k_l":
-            return QT.Q5_K
-        if o in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n_layer):
-            return QT.Q6_K
-        if o == "q4_k_s" and i < 4:
-            return QT.Q5_K
-        return base
-    if role == "ffn_down":
-        if o == "q2_k_s" and i < n_layer // 8:
-            return QT.Q4_K
-        if o == "q3_k_m":
-            return QT.Q5_K if i < n_layer // 16 else QT.Q4_K
-        if o == "q3_k_l":
-            return QT.Q5_K
-        if o in ("q4_k_m", "q5_k_m") and _use_more_bits(i, n_layer):
-            return QT.Q6_K
-        if o == "q4_k_s" and i < n_layer // 8:
-            return QT.Q5_K
-        return base
-    if role == "attn_output":
-        if o == "q3_k_m":
-            return QT.Q4_K
-        if o == "q3_k_l":
-            return QT.Q5_K
-        return base
-    return base
+    kind, bid, _ = parse_gguf_name(name)
+    rule = MIX_RULES.get(kind, {}).get(outtype)
+    return (rule(bid, n_layer, side_gqa) if rule else None) or MIX_TYPES[outtype]
 
 
 @dataclass(frozen=True)
