@@ -350,7 +350,9 @@ def test_quantize_f16_otter(rt, gguf_dir, tiny_llama_dir, adapter_reward3_dir, m
     assert types["otter_head.weight"] == T.Q8_0
     assert types["blk.0.otter_attn_norm.weight"] == T.F32
     assert types["blk.0.otter_attn_q.weight"] == T[qtype]
-    assert types["blk.3.otter_ffn_down.weight"] == T[qtype]
+    # the mixes' Otter upgrades (docs/FORMAT.md; L = 4: more(i) for i = 2, 3)
+    assert types["blk.1.otter_ffn_down.weight"] == T[qtype]
+    assert types["blk.3.otter_ffn_down.weight"] == (T.Q6_K if ftype_name == "q4_k_m" else T[qtype])
     assert "otter.head.kind" in r.fields
 
     m, ref = models["reward3"]

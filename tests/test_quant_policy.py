@@ -1,0 +1,104 @@
+"""One quantization policy for the Otter tensors (docs/FORMAT.md, "Otter tensor types").
+
+``otter-gguf convert --outtype X`` (converter/qtypes.py) and ``llama_model_quantize``
+of the f16 Otter GGUF to X (patch 0004, ``llama_otter_tensor_type``) must give every
+Otter tensor the same type, and the base tensors the types of quantizing the base
+alone. Runtime tier: needs the patched runtime of the current patch series.
+"""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+
+pytestmark = pytest.mark.runtime
+
+T = gguf.GGMLQuantizationType
+
+# 16 layers, so that every layer bound of the table differs somewhere: i < L/16 = 1,
+# i < L/8 = 2, i < 2, i < 4 and more(i) = {0, 1, 4, 7, 10, 13, 14, 15}
+N_LAYER = 16
+
+# the mixes llama_model_quantize makes without an imatrix (q2_k_s needs one)
+MIXES = ("q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_m")
+
+# the table of docs/FORMAT.md written out for L = 16 (h2 / h2_kv = 4), independently of both
+# implementations: a rule that drifts on both sides together still fails here
+EXPECTED = {
+    "q3_k_m": {
+        "blk.0.otter_attn_v.weight": T.Q5_K, "blk.1.otter_attn_v.weight": T.Q5_K,
+        "blk.2.otter_attn_v.weight": T.Q4_K, "blk.15.otter_attn_v.weight": T.Q4_K,
+        "blk.0.otter_ffn_down.weight": T.Q5_K, "blk.1.otter_ffn_down.weight": T.Q4_K,
+        "blk.5.otter_attn_output.weight": T.Q4_K,
+        "blk.0.otter_attn_q.weight": T.Q3_K, "blk.3.otter_ffn_up.weight": T.Q3_K,
+        "otter_token_embd.weight": T.Q3_K,
+    },
+    "q3_k_l": {
+        "blk.9.otter_attn_v.weight": T.Q5_K, "blk.9.otter_ffn_down.weight": T.Q5_K,
+        "blk.9.otter_attn_output.weight": T.Q5_K, "blk.9.otter_ffn_gate.weight": T.Q3_K,
+    },
+    "q4_k_s": {
+        "blk.3.otter_attn_v.weight": T.Q5_K, "blk.4.otter_attn_v.weight": T.Q4_K,
+        "blk.1.otter_ffn_down.weight": T.Q5_K, "blk.2.otter_ffn_down.weight": T.Q4_K,
+        "blk.0.otter_attn_output.weight": T.Q4_K,
+    },
+    "q4_k_m": {
+        "blk.0.otter_attn_v.weight": T.Q6_K, "blk.2.otter_attn_v.weight": T.Q4_K,
+        "blk.4.otter_attn_v.weight": T.Q6_K, "blk.15.otter_attn_v.weight": T.Q6_K,
+        "blk.1.otter_ffn_down.weight": T.Q6_K, "blk.3.otter_ffn_down.weight": T.Q4_K,
+        "blk.13.otter_ffn_down.weight": T.Q6_K, "blk.0.otter_attn_output.weight": T.Q4_K,
+        "blk.0.otter_attn_k.weight": T.Q4_K, "otter_token_embd.weight": T.Q4_K,
+    },
+    "q5_k_m": {
+        "blk.0.otter_attn_v.weight": T.Q6_K, "blk.3.otter_attn_v.weight": T.Q5_K,
+        "blk.7.otter_attn_v.weight": T.Q6_K, "blk.10.otter_ffn_down.weight": T.Q6_K,
+        "blk.12.otter_ffn_down.weight": T.Q5_K, "blk.0.otter_attn_output.weight": T.Q5_K,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory, hf_base_gguf):
+    """(adapter dir, f16 base GGUF, f16 Otter GGUF, work dir) of a 16-layer tiny llama."""
+    from otter_gguf.reference import fixtures as fx
+    from otter_gguf_converter.convert import convert
+
+    d = tmp_path_factory.mktemp("quant-policy")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(fx.TINY, "L", N_LAYER)
+        base_dir = fx.make_tiny_llama(d / "tiny-llama-16", seed=0)
+    adapter = fx.make_adapter(d / "adapter", base_dir, "reward1", seed=0)
+    base = hf_base_gguf(base_dir, "f16")
+    otter = convert(adapter, base, d / "otter-f16.gguf", outtype="f16", progress=False)
+    return adapter, base, otter, d
+
+
+def _types(path) -> dict[str, T]:
+    return {t.name: T(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_convert_and_llama_quantize_agree(deep, mix):
+    from otter_gguf.format.constants import is_otter_tensor
+    from otter_gguf_converter.convert import convert
+    from otter_gguf_converter.llamacpp import quantize
+
+    adapter, base, otter, d = deep
+    converted = _types(convert(adapter, base, d / f"otter-{mix}.gguf", outtype=mix, progress=False))
+    quantized = _types(quantize(otter, d / f"otter-f16-{mix}.gguf", mix, threads=2))
+    base_alone = _types(quantize(base, d / f"base-f16-{mix}.gguf", mix, threads=2))
+
+    otter_names = sorted(n for n in quantized if is_otter_tensor(n))
+    assert otter_names == sorted(n for n in converted if is_otter_tensor(n))
+    # otter_token_embd, otter_output_norm, otter_head and 9 per layer (reward1: no biases)
+    assert len(otter_names) == 3 + 9 * N_LAYER
+    diff = {n: (converted[n].name, quantized[n].name) for n in otter_names if converted[n] != quantized[n]}
+    assert not diff, f"convert --outtype {mix} vs llama_model_quantize: {diff}"
+
+    assert {n: t for n, t in quantized.items() if not is_otter_tensor(n)} == base_alone
+
+    want = dict(EXPECTED[mix], **{"otter_head.weight": T.Q8_0, "otter_output_norm.weight": T.F32,
+                                  "blk.0.otter_attn_norm.weight": T.F32})
+    assert {n: quantized[n] for n in want} == want
+    # the base comparison means something: the base mix upgrades some attn_v over attn_q
+    assert len({base_alone[f"blk.{i}.attn_v.weight"] for i in range(N_LAYER)} | {base_alone["blk.0.attn_q.weight"]}) > 1
