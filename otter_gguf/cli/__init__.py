@@ -14,16 +14,17 @@ from otter_gguf.cli.convert import convert_command, inspect_command
 from otter_gguf.cli.eval import eval_command
 from otter_gguf.cli.run import run_command, score_command
 from otter_gguf.cli.runtime import build_runtime_command
+from otter_gguf.cli.train import train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="otter-gguf")
 def main() -> None:
-    """Otter reward heads on llama.cpp: convert, inspect, run, score."""
+    """Otter reward heads on llama.cpp: train, convert, inspect, run, score."""
 
 
 for _command in (build_runtime_command, convert_command, inspect_command, run_command, score_command,
-                 eval_command, bench_command):
+                 eval_command, bench_command, train_command):
     main.add_command(_command)
 
 __all__ = ["main"]

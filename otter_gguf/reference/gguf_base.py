@@ -1,0 +1,145 @@
+"""Load a base model from the GGUF you serve: "train on the GGUF you serve".
+
+The tensors are dequantized with gguf-py (``gguf.quants.dequantize``), renamed
+to the HF names the reference uses, and the Q/K rows of the ``llama``
+architecture are brought back from llama.cpp's interleaved RoPE layout to the
+HF rotate-half layout (:func:`otter_gguf_converter.rope_unpermute`, the inverse
+of what llama.cpp's converter does). The hyper-parameters come from the GGUF
+metadata. The result is a :class:`~otter_gguf.reference.model.BaseModel`
+whose forward computes what the runtime computes on the same file, up to the
+runtime's own float rounding (it runs the quantized weights directly).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from otter_gguf.reference.model import BaseConfig, BaseModel, ReferenceError
+from otter_gguf_converter import ConvertError, rope_unpermute
+from otter_gguf_converter.gguf_io import (
+    base_info,
+    field_value,
+    ggml_shape_to_numpy,
+    is_otter_tensor,
+    open_gguf,
+)
+
+__all__ = ["base_config_from_gguf", "gguf_tensor_to_hf", "load_base_gguf"]
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_tensor_to_hf(name: str) -> str | None:
+    """The HF name of a base GGUF tensor (``None`` for tensors the reference does not use)."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def _read(path: str | os.PathLike):
+    try:
+        reader = open_gguf(path, "base")
+        info = base_info(reader, os.fspath(path))
+    except ConvertError as e:
+        raise ReferenceError(str(e)) from None
+    return reader, info
+
+
+def base_config_from_gguf(path: str | os.PathLike, _reader=None) -> BaseConfig:
+    """The :class:`BaseConfig` of a base GGUF, from its metadata."""
+    reader, info = _reader or _read(path)
+    arch = info.architecture
+    names = {t.name for t in reader.tensors}
+
+    def meta(key, default=None):
+        v = field_value(reader, f"{arch}.{key}")
+        return default if v is None else v
+
+    rope_dim = meta("rope.dimension_count", info.hd)
+    if int(rope_dim) != info.hd:
+        raise ReferenceError(f"{path}: partial RoPE (rope.dimension_count {rope_dim} != head_dim {info.hd}) "
+                             f"is not supported")
+    if "rope_freqs.weight" in names:
+        raise ReferenceError(f"{path}: per-dimension RoPE frequency factors (rope_freqs.weight, llama3 "
+                             f"rope scaling) are not supported when training from a GGUF; use the HF checkpoint")
+    scaling = None
+    st = meta("rope.scaling.type")
+    if st not in (None, "none"):
+        if st != "linear":
+            raise ReferenceError(f"{path}: rope scaling {st!r} is not supported (supported: linear)")
+        scaling = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor", 1.0))}
+    bias = "blk.0.attn_q.bias" in names
+    d = {
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
+        "hidden_size": info.d,
+        "num_hidden_layers": info.n_layer,
+        "num_attention_heads": info.h,
+        "num_key_value_heads": info.h_kv,
+        "head_dim": info.hd,
+        "intermediate_size": info.f,
+        "vocab_size": info.vocab_size,
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "rope_scaling": scaling,
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": bias,
+        "max_position_embeddings": int(meta("context_length", 4096)),
+    }
+    return BaseConfig.from_hf_dict(d, source=os.fspath(path))
+
+
+def load_base_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """A :class:`BaseModel` from a base GGUF (any type gguf-py can dequantize).
+
+    Otter tensors in the file (an Otter GGUF) are ignored: the base is read.
+    """
+    from gguf.quants import dequantize
+
+    p = Path(path)
+    reader, info = _read(p)
+    cfg = base_config_from_gguf(p, (reader, info))
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if is_otter_tensor(t.name):
+            continue
+        hf = gguf_tensor_to_hf(t.name)
+        if hf is None:
+            continue
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ReferenceError(f"{p}: tensor {t.name} has type {t.tensor_type.name}, which gguf-py "
+                                 f"cannot dequantize") from None
+        arr = np.asarray(arr, dtype=np.float32).reshape(ggml_shape_to_numpy(t.shape))
+        if cfg.architecture == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
+            arr = rope_unpermute(arr, cfg.num_attention_heads)
+        elif cfg.architecture == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
+            arr = rope_unpermute(arr, cfg.num_key_value_heads)
+        weights[hf] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C", copy=True))
+    return BaseModel(cfg, weights, dtype)
