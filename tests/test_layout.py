@@ -27,7 +27,8 @@ ALLOWED = {
                          "otter_gguf.tools", "otter_gguf.demo"),
     "otter_gguf.demo": ("otter_gguf.format", "otter_gguf_converter", "otter_gguf.reference", "otter_gguf.runtime",
                         "otter_gguf.demo"),
-    "otter_gguf.cli": ("otter_gguf",  "otter_gguf_converter"),
+    "otter_gguf.server": ("otter_gguf.format", "otter_gguf_converter", "otter_gguf.runtime", "otter_gguf.server"),
+    "otter_gguf.cli": ("otter_gguf", "otter_gguf_converter"),
 }
 
 
