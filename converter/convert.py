@@ -14,16 +14,20 @@ import secrets
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
-from otter_gguf.format.constants import KEY_PREFIX, OTTER_FORMAT_VERSION, Keys, OtterTensor, gguf_name, parse_hf_name
+from otter_gguf.format.constants import (
+    ADAPTER_TYPE_OTTER, GENERAL_TYPE_ADAPTER, KEY_PREFIX, OTTER_FORMAT_VERSION, Keys, OtterTensor, SidecarKeys, gguf_name,
+    parse_hf_name,
+)
 from otter_gguf_converter import gguf_io, qtypes
 from otter_gguf_converter.errors import ConvertError
 from otter_gguf_converter.ggml_quant import encode
@@ -184,6 +188,8 @@ def convert(
     head_type: str | None = None,
     force: bool = False,
     progress: bool = True,
+    sidecar: bool = False,
+    name: str | None = None,
 ) -> Path:
     """Convert an Otter adapter plus its base model into one Otter GGUF.
 
@@ -191,8 +197,11 @@ def convert(
     (converted with llama.cpp's convert_hf_to_gguf.py to ``base_outtype``
     first; ``base_outtype`` is ignored for a GGUF base). ``outtype`` is the
     type of the Otter matrices (see docs/FORMAT.md), ``head_type`` overrides
-    the head's. Raises :class:`ConvertError` / ``AdapterError`` (both
-    ``ValueError``) for bad input; OUT is then left untouched.
+    the head's. ``sidecar``: write only the Otter tensors and metadata as an
+    Otter adapter GGUF for that base (docs/FORMAT.md "Adapter GGUF"), named
+    ``name`` (default: the adapter directory's name). Raises
+    :class:`ConvertError` / ``AdapterError`` (both ``ValueError``) for bad
+    input; OUT is then left untouched.
     """
     try:
         outtype = qtypes.parse_outtype(outtype)
@@ -203,16 +212,11 @@ def convert(
         if ht not in qtypes.HEAD_TYPES:
             raise ConvertError(f"--head-type: unknown type {head_type!r}; expected one of: {', '.join(qtypes.HEAD_TYPES)}")
         head_type = ht
-    out = Path(out)
-    out_dir = out.parent
-    if out.is_dir():
-        raise ConvertError(f"output {out} is a directory; expected a file path like {out / 'model-otter.gguf'}")
-    if out.exists() and not force:
-        raise ConvertError(f"output {out} already exists; pass --force to overwrite it")
-    if not out_dir.is_dir():
-        raise ConvertError(f"output directory {out_dir} does not exist")
-
     base_path = Path(base)
+    out = check_output(Path(out), force, [base_path])
+    out_dir = out.parent
+    if sidecar and name is None:
+        name = Path(adapter_dir).resolve().name
     hf_base = base_path.is_dir()
     if hf_base:
         base_outtype = parse_base_outtype(base_outtype)
@@ -224,9 +228,6 @@ def convert(
         _check_fields(cfg, hf_hparams(base_path), f"HF base {base_path} (config.json)")
 
     work_dir: Path | None = None
-    tmp_path: Path | None = None
-    writer = None
-    reader = None
     try:
         if hf_base:
             work_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.base.", suffix=".tmp", dir=out_dir))
@@ -245,6 +246,8 @@ def convert(
                 f"base {base_path} already contains an Otter head ({(already + already_t)[0]} ...); "
                 f"convert from the plain base model GGUF"
             )
+        if gguf_io.field_value(reader, SidecarKeys.GENERAL_TYPE) == GENERAL_TYPE_ADAPTER:
+            raise ConvertError(f"base {base_path} is an adapter GGUF, not a base model")
         _check_base(cfg, info)
         plan, fallbacks = plan_tensors(adapter, cfg, info.architecture, outtype, head_type)
         if fallbacks:
@@ -256,21 +259,10 @@ def convert(
 
             load_ggml_base()  # fail before writing if the quantizer is missing
 
-        tmp_path = _create_temp(out)
-        _write(reader, info, cfg, plan, tmp_path, adapter, progress)
-        del reader
-        reader = None
-        if out.exists() and not force:
-            raise ConvertError(f"output {out} appeared during the conversion; pass --force to overwrite it")
-        os.replace(tmp_path, out)
-        tmp_path = None
+        with atomic_outputs([out], force) as (tmp_path,):
+            _write(reader, info, cfg, plan, tmp_path, adapter, progress, sidecar, name)
     finally:
         reader = None
-        if tmp_path is not None:
-            try:
-                tmp_path.unlink()
-            except FileNotFoundError:
-                pass
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)
     return out
@@ -291,48 +283,128 @@ def _create_temp(out: Path) -> Path:
     raise RuntimeError(f"could not create a temporary file in {out.parent}")
 
 
-def _write(reader, info, cfg, plan, tmp_path: Path, adapter, progress: bool) -> None:
-    writer = gguf_io.OtterGGUFWriter(tmp_path, info.architecture)
-    try:
-        writer.kv_data = [{}]  # drop the writer's own general.architecture: the base's is copied
-        writer.data_alignment = int(reader.alignment)
-        for key in gguf_io.kv_keys(reader):
-            writer.add_raw_value(key, gguf_io.raw_kv_value(reader, key))
-        _otter_metadata(writer, cfg, info)
+def check_output(out: Path, force: bool, inputs: Sequence[Path] = ()) -> Path:
+    """``out`` as a Path, or a ConvertError if it cannot be written (a directory, exists without
+    ``force``, a missing directory, or one of the ``inputs``)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConvertError(f"output {out} is a directory; expected a file path like {out / 'model-otter.gguf'}")
+    for i in inputs:
+        if out.exists() and Path(i).exists() and os.path.samefile(out, i):
+            raise ConvertError(f"output {out} is also an input; write to another file")
+    if out.exists() and not force:
+        raise ConvertError(f"output {out} already exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise ConvertError(f"output directory {out.parent} does not exist")
+    return out
 
-        for t in reader.tensors:
+
+@contextmanager
+def atomic_outputs(outs: Sequence[Path], force: bool) -> Iterator[list[Path]]:
+    """Temp files next to ``outs``; renamed onto them when the block succeeds, removed otherwise
+    (KeyboardInterrupt included): an output is either complete or untouched."""
+    tmps: list[Path] = []
+    try:
+        for o in outs:
+            tmps.append(_create_temp(o))
+        yield tmps
+        for o in outs:
+            if o.exists() and not force:
+                raise ConvertError(f"output {o} appeared while writing; pass --force to overwrite it")
+        for t, o in zip(tmps, outs):
+            os.replace(t, o)
+        tmps = []
+    finally:
+        for t in tmps:
+            try:
+                t.unlink()
+            except FileNotFoundError:
+                pass
+
+
+@dataclass
+class OutTensor:
+    """One tensor to write: its info and a callable giving its bytes (called once, in file order)."""
+
+    name: str
+    np_shape: tuple[int, ...]
+    qtype: QT
+    nbytes: int
+    data: Callable[[], np.ndarray]
+    label: str = ""
+    after: Callable[[], None] | None = None  # e.g. release the source's pages
+
+
+def base_tensors(reader) -> list[OutTensor]:
+    """The non-Otter tensors of a GGUF, copied raw."""
+    return [OutTensor(t.name, gguf_io.ggml_shape_to_numpy(t.shape), t.tensor_type, int(t.n_bytes),
+                      (lambda t=t: gguf_io.tensor_raw(reader, t)), f"base {t.name}",
+                      (lambda t=t: gguf_io.release_pages(reader, t.data_offset, int(t.n_bytes))))
+            for t in reader.tensors if not gguf_io.is_otter_tensor(t.name)]
+
+
+def otter_tensors_raw(reader) -> list[OutTensor]:
+    """The Otter tensors of a GGUF (one-file or sidecar), copied raw."""
+    return [OutTensor(t.name, gguf_io.ggml_shape_to_numpy(t.shape), t.tensor_type, int(t.n_bytes),
+                      (lambda t=t: gguf_io.tensor_raw(reader, t)), f"{t.name} {qtypes.type_name(t.tensor_type)}")
+            for t in reader.tensors if gguf_io.is_otter_tensor(t.name)]
+
+
+def copy_kvs(reader, keep: Callable[[str], bool]) -> Callable:
+    """A KV writer that copies ``reader``'s keys for which ``keep(key)`` holds, as raw bytes, in file order."""
+    keys = [k for k in gguf_io.kv_keys(reader) if keep(k)]
+
+    def add(writer) -> None:
+        for key in keys:
+            writer.add_raw_value(key, gguf_io.raw_kv_value(reader, key))
+
+    return add
+
+
+def sidecar_kvs(arch: str, alignment: int, name: str | None) -> Callable:
+    """The ``general.*`` / ``adapter.type`` keys of an Otter adapter GGUF (docs/FORMAT.md)."""
+    def add(writer) -> None:
+        s = GGUFValueType.STRING
+        writer.add_key_value(SidecarKeys.ARCHITECTURE, arch, s)
+        writer.add_key_value(SidecarKeys.GENERAL_TYPE, GENERAL_TYPE_ADAPTER, s)
+        writer.add_key_value(SidecarKeys.ADAPTER_TYPE, ADAPTER_TYPE_OTTER, s)
+        if name:
+            writer.add_key_value(SidecarKeys.NAME, name, s)
+        if alignment != GGUF_DEFAULT_ALIGNMENT:
+            writer.add_key_value(SidecarKeys.ALIGNMENT, alignment, GGUFValueType.UINT32)
+
+    return add
+
+
+def write_gguf(path: Path, arch: str, alignment: int, kv_writers: Sequence[Callable],
+               tensors: Sequence[OutTensor], progress: bool) -> None:
+    """Write one GGUF: the KVs of ``kv_writers`` in order, then ``tensors`` in order; fsync'd."""
+    writer = gguf_io.OtterGGUFWriter(path, arch)
+    try:
+        writer.kv_data = [{}]  # no implicit general.architecture: the KV writers add every key
+        writer.data_alignment = int(alignment)
+        for add in kv_writers:
+            add(writer)
+        for t in tensors:
             # element shape (not a uint8 byte shape), the type given explicitly
-            writer.add_tensor_info(t.name, gguf_io.ggml_shape_to_numpy(t.shape), np.dtype(np.float32),
-                                   int(t.n_bytes), raw_dtype=t.tensor_type)
-        for p in plan:
-            writer.add_tensor_info(p.name, p.np_shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+            writer.add_tensor_info(t.name, t.np_shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
 
-        total = info.tensor_bytes + sum(p.nbytes for p in plan)
-        bar = _progress_bar(total, len(reader.tensors) + len(plan), progress)
+        bar = _progress_bar(sum(t.nbytes for t in tensors), len(tensors), progress)
         try:
-            for t in reader.tensors:
-                bar(f"base {t.name}", int(t.n_bytes))
-                writer.write_tensor_data(gguf_io.tensor_raw(reader, t))
-                gguf_io.release_pages(reader, t.data_offset, int(t.n_bytes))
-            for p in plan:
-                bar(f"{p.name} {qtypes.type_name(p.qtype)}", p.nbytes, pre=True)
-                data = adapter.get_numpy(p.hf_name)
-                if data.shape != p.np_shape:
-                    raise ConvertError(f"adapter tensor {p.hf_name}: shape {list(data.shape)}, "
-                                       f"expected {list(p.np_shape)}")
-                if p.permute_heads:
-                    data = rope_permute(data, p.permute_heads)
-                enc = encode(data, p.qtype)
+            for t in tensors:
+                bar(t.label or t.name, t.nbytes, pre=True)
+                data = t.data()
+                if data.nbytes != t.nbytes:
+                    raise RuntimeError(f"{t.name}: {data.nbytes} bytes, planned {t.nbytes}")
+                writer.write_tensor_data(data)
                 del data
-                if enc.nbytes != p.nbytes:
-                    raise RuntimeError(f"{p.name}: encoded {enc.nbytes} bytes, planned {p.nbytes}")
-                writer.write_tensor_data(enc)
-                del enc
-                bar(None, p.nbytes)
+                if t.after is not None:
+                    t.after()
+                bar(None, t.nbytes)
         finally:
             bar(None, 0, close=True)
         for fout in writer.fout or []:
@@ -340,6 +412,32 @@ def _write(reader, info, cfg, plan, tmp_path: Path, adapter, progress: bool) -> 
             os.fsync(fout.fileno())
     finally:
         writer.close()
+
+
+def _encoded(adapter, p: PlannedTensor) -> Callable[[], np.ndarray]:
+    def data() -> np.ndarray:
+        arr = adapter.get_numpy(p.hf_name)
+        if arr.shape != p.np_shape:
+            raise ConvertError(f"adapter tensor {p.hf_name}: shape {list(arr.shape)}, expected {list(p.np_shape)}")
+        if p.permute_heads:
+            arr = rope_permute(arr, p.permute_heads)
+        return encode(arr, p.qtype)
+
+    return data
+
+
+def _write(reader, info, cfg, plan, tmp_path: Path, adapter, progress: bool, sidecar: bool = False,
+           name: str | None = None) -> None:
+    otter = [OutTensor(p.name, p.np_shape, p.qtype, p.nbytes, _encoded(adapter, p),
+                       f"{p.name} {qtypes.type_name(p.qtype)}") for p in plan]
+    alignment = int(reader.alignment)
+    meta = lambda w: _otter_metadata(w, cfg, info)  # noqa: E731
+    if sidecar:
+        write_gguf(tmp_path, info.architecture, alignment, [sidecar_kvs(info.architecture, alignment, name), meta],
+                   otter, progress)
+    else:
+        write_gguf(tmp_path, info.architecture, alignment, [copy_kvs(reader, lambda k: True), meta],
+                   base_tensors(reader) + otter, progress)
 
 
 def _progress_bar(total_bytes: int, n_tensors: int, enabled: bool) -> Callable:

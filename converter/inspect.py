@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from otter_gguf.format.constants import FINGERPRINT_KEYS, KEY_PREFIX, Keys
-from otter_gguf_converter import gguf_io
+from otter_gguf.format.constants import FINGERPRINT_KEYS, GENERAL_TYPE_ADAPTER, KEY_PREFIX, Keys, SidecarKeys
+from otter_gguf_converter import gguf_io, sidecar
 from otter_gguf_converter.errors import ConvertError
 
 
@@ -21,6 +21,8 @@ def inspect_gguf(path) -> dict[str, Any]:
     """Summarise a GGUF file; raises ConvertError if it is not a readable GGUF."""
     p = os.fspath(path)
     reader = gguf_io.open_gguf(p, "file")
+    if gguf_io.field_value(reader, SidecarKeys.GENERAL_TYPE) == GENERAL_TYPE_ADAPTER:
+        return _inspect_sidecar(p, reader)  # an Otter adapter, or refused with what it is
     arch = gguf_io.field_value(reader, "general.architecture")
     a = arch if isinstance(arch, str) else "?"
     toks = gguf_io.token_bytes(reader)
@@ -55,6 +57,7 @@ def inspect_gguf(path) -> dict[str, Any]:
     otter_keys = [k for k in gguf_io.kv_keys(reader) if k.startswith(KEY_PREFIX)]
     result: dict[str, Any] = {
         "file": p,
+        "kind": "model",
         "file_bytes": os.path.getsize(p),
         "gguf_version": int(reader.fields["GGUF.version"].contents()),
         "alignment": int(reader.alignment),
@@ -64,15 +67,7 @@ def inspect_gguf(path) -> dict[str, Any]:
     if not otter_keys and not otter_tensors:
         return result
     meta = {k: gguf_io.field_value(reader, k) for k in otter_keys}
-    tensors = [
-        {
-            "name": t.name,
-            "shape": [int(x) for x in t.shape],  # ggml order: ne0 first
-            "type": gguf_io.qtype_name(t.tensor_type),
-            "bytes": int(t.n_bytes),
-        }
-        for t in otter_tensors
-    ]
+    tensors = _otter_tensors(reader)
     otter_bytes = sum(x["bytes"] for x in tensors)
     mismatches = []
     for key, bk in FINGERPRINT_KEYS.items():
@@ -92,6 +87,80 @@ def inspect_gguf(path) -> dict[str, Any]:
     return result
 
 
+def _otter_tensors(reader) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": t.name,
+            "shape": [int(x) for x in t.shape],  # ggml order: ne0 first
+            "type": gguf_io.qtype_name(t.tensor_type),
+            "bytes": int(t.n_bytes),
+        }
+        for t in reader.tensors if gguf_io.is_otter_tensor(t.name)
+    ]
+
+
+def _inspect_sidecar(p: str, reader) -> dict[str, Any]:
+    """An Otter adapter GGUF: its head, and the base it was made for (its fingerprint)."""
+    sc = sidecar.read_sidecar(p, "file")
+    tensors = _otter_tensors(reader)
+    return {
+        "file": p,
+        "file_bytes": os.path.getsize(p),
+        "gguf_version": int(reader.fields["GGUF.version"].contents()),
+        "alignment": int(reader.alignment),
+        "kind": "otter_adapter",
+        "base": None,
+        "otter": {
+            "name": sc.name,
+            "metadata": sc.metadata,
+            "for_base": {FINGERPRINT_KEYS[k]: v for k, v in sc.fingerprint.items()},
+            "tensors": tensors,
+            "n_tensors": len(tensors),
+            "bytes": sum(x["bytes"] for x in tensors),
+        },
+    }
+
+
+def _head_lines(m: dict[str, Any]) -> list[str]:
+    names = m.get(Keys.Head.SIGNAL_NAMES) or []
+    return [
+        f"otter: version {m.get(Keys.VERSION)}, head kind {m.get(Keys.Head.KIND)}, "
+        f"n_out {m.get(Keys.Head.OUTPUT_SIZE)}" + (f" (signals: {', '.join(names)})" if names else ""),
+        f"  d2={m.get(Keys.EMBEDDING_LENGTH)} h2={m.get(Keys.Attention.HEAD_COUNT)} "
+        f"h2_kv={m.get(Keys.Attention.HEAD_COUNT_KV)} f2={m.get(Keys.FEED_FORWARD_LENGTH)}  "
+        f"base_model: {m.get(Keys.BASE_MODEL)!r}",
+    ]
+
+
+def _tensor_lines(o: dict[str, Any]) -> list[str]:
+    lines = ["  metadata:"]
+    for k, v in o["metadata"].items():
+        lines.append(f"    {k} = {v!r}")
+    lines.append(f"  tensors ({o['n_tensors']}):")
+    w = max([len(t["name"]) for t in o["tensors"]] + [4])
+    lines.append(f"    {'name':<{w}}  {'shape (ne)':<16} {'type':<6} {'bytes':>12}")
+    for t in o["tensors"]:
+        shape = "{" + ", ".join(str(x) for x in t["shape"]) + "}"
+        lines.append(f"    {t['name']:<{w}}  {shape:<16} {t['type']:<6} {t['bytes']:>12}")
+    return lines
+
+
+def _format_sidecar(r: dict[str, Any]) -> str:
+    o = r["otter"]
+    fb = o["for_base"]
+    lines = [f"file: {r['file']} ({_h(r['file_bytes'])}, GGUF v{r['gguf_version']}): Otter adapter GGUF"
+             + (f" (head {o['name']!r})" if o.get("name") else "")]
+    lines.append(
+        f"for base: {fb['architecture']}  d={fb['embedding_length']} L={fb['block_count']} h={fb['head_count']} "
+        f"h_kv={fb['head_count_kv']} hd={fb['key_length']} f={fb['feed_forward_length']} V={fb['vocab_size']} "
+        f"vocab hash {fb['vocab_hash']:#018x}"
+    )
+    lines += _head_lines(o["metadata"])
+    lines += _tensor_lines(o)
+    lines.append(f"size: otter {_h(o['bytes'])}")
+    return "\n".join(lines)
+
+
 def _h(n: int | None) -> str:
     if n is None:
         return "?"
@@ -104,6 +173,8 @@ def _h(n: int | None) -> str:
 
 
 def format_report(r: dict[str, Any]) -> str:
+    if r.get("kind") == "otter_adapter":
+        return _format_sidecar(r)
     b = r["base"]
     lines = [f"file: {r['file']} ({_h(r['file_bytes'])}, GGUF v{r['gguf_version']})"]
     lines.append(
@@ -118,29 +189,12 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("otter: no Otter head in this file (a plain GGUF)")
         return "\n".join(lines)
     m = o["metadata"]
-    names = m.get(Keys.Head.SIGNAL_NAMES) or []
-    lines.append(
-        f"otter: version {m.get(Keys.VERSION)}, head kind {m.get(Keys.Head.KIND)}, "
-        f"n_out {m.get(Keys.Head.OUTPUT_SIZE)}" + (f" (signals: {', '.join(names)})" if names else "")
-    )
-    lines.append(
-        f"  d2={m.get(Keys.EMBEDDING_LENGTH)} h2={m.get(Keys.Attention.HEAD_COUNT)} "
-        f"h2_kv={m.get(Keys.Attention.HEAD_COUNT_KV)} f2={m.get(Keys.FEED_FORWARD_LENGTH)}  "
-        f"base_model: {m.get(Keys.BASE_MODEL)!r}"
-    )
+    lines += _head_lines(m)
     if o["fingerprint_ok"]:
         lines.append(f"  fingerprint: matches this file's base (vocab hash {m[Keys.Base.VOCAB_HASH]:#018x})")
     else:
         lines.append("  fingerprint: MISMATCH: " + "; ".join(o["fingerprint_mismatches"]))
-    lines.append("  metadata:")
-    for k, v in m.items():
-        lines.append(f"    {k} = {v!r}")
-    lines.append(f"  tensors ({o['n_tensors']}):")
-    w = max([len(t["name"]) for t in o["tensors"]] + [4])
-    lines.append(f"    {'name':<{w}}  {'shape (ne)':<16} {'type':<6} {'bytes':>12}")
-    for t in o["tensors"]:
-        shape = "{" + ", ".join(str(x) for x in t["shape"]) + "}"
-        lines.append(f"    {t['name']:<{w}}  {shape:<16} {t['type']:<6} {t['bytes']:>12}")
+    lines += _tensor_lines(o)
     ratio = o["ratio_to_base"]
     lines.append(
         f"size: base {_h(b['bytes'])}, otter {_h(o['bytes'])}"

@@ -10,7 +10,8 @@ import pytest
 
 from otter_gguf.format.constants import Keys, gguf_name
 from otter_gguf.format.constants import OtterTensor as T
-from test_runtime_helpers import Model
+from helpers import rewrite
+from helpers import Model
 
 gguf = pytest.importorskip("gguf")
 
@@ -25,43 +26,6 @@ def good(tmp_path_factory, tiny_llama_dir, adapter_reward3_dir):
     d = tmp_path_factory.mktemp("malformed")
     base = convert_hf_base(tiny_llama_dir, d / "base.gguf", outtype="f32")
     return convert(adapter_reward3_dir, base, d / "good.gguf", outtype="f32", progress=False)
-
-
-_SKIP_KEYS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture"}
-
-
-def rewrite(src: Path, dst: Path, *, kv: dict | None = None, drop_kv=(), drop_tensors=(), tensors: dict | None = None):
-    """Copy src to dst with changes. kv: key -> (value, GGUFValueType[, sub_type]);
-    tensors: name -> numpy f32 array (numpy order)."""
-    kv = kv or {}
-    tensors = tensors or {}
-    r = gguf.GGUFReader(src)
-    arch = r.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(dst, arch)
-    for name, f in r.fields.items():
-        if name in _SKIP_KEYS or name in drop_kv or name in kv:
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
-        val = f.contents()
-        if vtype == gguf.GGUFValueType.ARRAY and sub is None:
-            sub = gguf.GGUFValueType.STRING
-        w.add_key_value(name, val, vtype, sub_type=sub)
-    for key, spec in kv.items():
-        w.add_key_value(key, spec[0], spec[1], sub_type=spec[2] if len(spec) > 2 else None)
-    for t in r.tensors:
-        if t.name in drop_tensors:
-            continue
-        data = tensors.get(t.name)
-        if data is None:
-            assert t.tensor_type == gguf.GGMLQuantizationType.F32
-            data = np.array(t.data, dtype=np.float32)
-        w.add_tensor(t.name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
 
 
 U32 = gguf.GGUFValueType.UINT32

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from otter_gguf.cli.bench import bench_command
-from otter_gguf.cli.convert import convert_command, inspect_command
+from otter_gguf.cli.convert import convert_command, inspect_command, merge_command, split_command
 from otter_gguf.cli.eval import eval_command
 from otter_gguf.cli.run import run_command, score_command
 from otter_gguf.cli.runtime import build_runtime_command
@@ -24,7 +24,7 @@ def main() -> None:
 
 
 for _command in (build_runtime_command, convert_command, inspect_command, run_command, score_command,
-                 eval_command, bench_command, train_command):
+                 eval_command, bench_command, train_command, split_command, merge_command):
     main.add_command(_command)
 
 __all__ = ["main"]

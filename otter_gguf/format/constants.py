@@ -57,6 +57,21 @@ class Keys:
         VOCAB_HASH = "otter.base.vocab_hash"
 
 
+class SidecarKeys:
+    """The ``general.*`` / ``adapter.*`` keys that mark an Otter adapter GGUF (a sidecar, docs/FORMAT.md),
+    as llama.cpp marks a LoRA GGUF (``general.type = adapter``, ``adapter.type = lora``)."""
+
+    ARCHITECTURE = "general.architecture"  # the base's architecture
+    GENERAL_TYPE = "general.type"          # = GENERAL_TYPE_ADAPTER
+    ADAPTER_TYPE = "adapter.type"          # = ADAPTER_TYPE_OTTER
+    NAME = "general.name"                  # optional: the head's name
+    ALIGNMENT = "general.alignment"        # optional, as in any GGUF
+
+
+GENERAL_TYPE_ADAPTER = "adapter"
+ADAPTER_TYPE_OTTER = "otter"
+
+
 # fingerprint key -> the base property it records: `general.<name>` for the architecture,
 # `{arch}.<name>` for the hyperparameters, and the vocabulary's size and hash (docs/FORMAT.md)
 FINGERPRINT_KEYS: dict[str, str] = {
@@ -243,7 +258,7 @@ def is_otter_tensor(name: str) -> bool:
 
 
 __all__ = [
-    "ALL_KEYS", "BIAS", "BIAS_TENSORS", "FINGERPRINT_KEYS", "HF_TENSOR_NAMES", "HeadKind", "KEY_PREFIX", "Keys",
+    "ADAPTER_TYPE_OTTER", "ALL_KEYS", "BIAS", "GENERAL_TYPE_ADAPTER", "SidecarKeys", "BIAS_TENSORS", "FINGERPRINT_KEYS", "HF_TENSOR_NAMES", "HeadKind", "KEY_PREFIX", "Keys",
     "LAYER_TENSORS", "NORM_TENSORS", "OTTER_FORMAT_VERSION", "OtterTensor", "SUPPORTED_ARCHITECTURES", "TENSOR_NAMES",
     "TENSOR_PREFIX", "WEIGHT", "gguf_name", "gguf_tensor_name", "hf_name", "hf_tensor_name", "is_otter_tensor",
     "parse_gguf_name", "parse_hf_name", "tensor_keys",
