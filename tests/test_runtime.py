@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from otter_gguf_converter.llamacpp import quantize
-from test_runtime_helpers import Model, rel_err
+from helpers import Model, rel_err
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")

@@ -10,8 +10,7 @@ import pytest
 
 from otter_gguf.format.constants import Keys, gguf_name
 from otter_gguf.format.constants import OtterTensor as T
-from helpers import rewrite
-from helpers import Model
+from helpers import Model, rewrite
 
 gguf = pytest.importorskip("gguf")
 
