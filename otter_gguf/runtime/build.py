@@ -5,6 +5,12 @@ series applies to. `build_runtime()` downloads it with pip (cached), applies
 `patches/*.patch` in order to `vendor/llama.cpp`, builds a wheel (cached, keyed
 by everything that changes its bytes) and installs it into the running
 interpreter's environment.
+
+The series comes from the installed package (``otter_gguf/_patches``: wheels
+and sdists carry the top-level ``patches/`` there), else from the checkout
+this module runs from, else from ``$OTTER_GGUF_PATCHES`` when set (first).
+The compile shows a progress bar over CMake/Ninja's ``[n/N]`` steps and keeps
+the full log in ``<cache>/logs/``; a failure names the relevant lines and the log.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,16 +75,33 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def packaged_patches_dir() -> Path:
+    """Where an installed wheel or sdist keeps the series (package data ``otter_gguf._patches``)."""
+    return Path(__file__).resolve().parents[1] / "_patches"
+
+
 def patches_dir() -> Path:
+    """The patch series this package builds: ``$OTTER_GGUF_PATCHES``, else the
+    installed package's copy, else the checkout's ``patches/``."""
     env = os.environ.get("OTTER_GGUF_PATCHES")
-    return Path(env) if env else project_root() / "patches"
+    if env:
+        return Path(env)
+    packaged = packaged_patches_dir()
+    if packaged.is_dir():
+        return packaged
+    return project_root() / "patches"
 
 
 def patch_series(directory: Path | None = None) -> list[Path]:
     directory = directory or patches_dir()
     if not directory.is_dir():
-        raise RuntimeBuildInputError(f"patch directory not found: {directory}")
-    return sorted(directory.glob("*.patch"))
+        raise RuntimeBuildInputError(
+            f"patch directory not found: {directory} (this otter-gguf install carries no patch series: "
+            "reinstall it from a wheel or sdist, or set OTTER_GGUF_PATCHES to a patches/ folder)")
+    found = sorted(directory.glob("*.patch"))
+    if not found:
+        raise RuntimeBuildInputError(f"no *.patch file in {directory}")
+    return found
 
 
 def series_id(patches: list[Path] | None = None) -> str:
@@ -136,17 +160,35 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def default_cmake_args() -> list[str]:
-    """Flags that are safe on this machine: explicit ISA options, never AMX."""
+#: --portable on x86-64: the x86-64-v3 baseline (Haswell, 2013; Zen 1, 2017): AVX2, FMA, F16C, BMI2;
+#: nothing newer (AVX-VNNI, AVX-512). ggml's runtime CPU dispatch (GGML_BACKEND_DL +
+#: GGML_CPU_ALL_VARIANTS) is not used: libllama looks for the ggml-cpu-* variants next to the
+#: executable (python) or in the working directory, and llama-cpp-python 0.3.36 installs none of them.
+PORTABLE_X86_FLAGS = frozenset({"avx", "avx2", "fma", "f16c", "bmi2"})
+
+
+def _is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def default_cmake_args(portable: bool = False) -> list[str]:
+    """Flags that are safe on this machine (``portable``: on any x86-64-v3
+    machine): explicit ISA options, ``GGML_NATIVE=OFF``, never AMX."""
     args = list(_BASE_CMAKE_ARGS)
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64") and sys.platform.startswith("linux"):
+    if portable:
+        args.append("-DGGML_NATIVE=OFF")
+        if _is_x86_64():
+            for flag, opt in _X86_FLAG_OPTIONS:
+                args.append(f"-D{opt}={'ON' if flag in PORTABLE_X86_FLAGS else 'OFF'}")
+            args += _NO_AMX
+        return args
+    if _is_x86_64() and sys.platform.startswith("linux"):
         flags = _cpu_flags()
         args.append("-DGGML_NATIVE=OFF")
         for flag, opt in _X86_FLAG_OPTIONS:
             args.append(f"-D{opt}={'ON' if flag in flags else 'OFF'}")
         args += _NO_AMX
-    elif machine in ("x86_64", "amd64"):
+    elif _is_x86_64():
         args.append("-DGGML_NATIVE=OFF")
         args += _NO_AMX
     return args
@@ -157,17 +199,18 @@ class BuildPlan:
     series: str
     cmake_args: list[str]
     key: str
+    portable: bool = False
 
     @property
     def marker(self) -> str:
         return SERIES_PREFIX + self.series
 
 
-def plan_build(user_cmake_args: str | None = None) -> BuildPlan:
+def plan_build(user_cmake_args: str | None = None, portable: bool = False) -> BuildPlan:
     series = series_id()
     user = user_cmake_args if user_cmake_args is not None else os.environ.get("CMAKE_ARGS", "")
     # ours first: a user's -D option given later overrides ours in CMake
-    args = default_cmake_args() + user.split() + [f"-DLLAMA_OTTER_SERIES={series}"]
+    args = default_cmake_args(portable) + user.split() + [f"-DLLAMA_OTTER_SERIES={series}"]
     ident = {
         "llama-cpp-python": LLAMA_CPP_PYTHON_VERSION,
         "series": series,
@@ -176,7 +219,7 @@ def plan_build(user_cmake_args: str | None = None) -> BuildPlan:
         "machine": f"{sys.platform}-{platform.machine()}",
     }
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    return BuildPlan(series=series, cmake_args=args, key=key)
+    return BuildPlan(series=series, cmake_args=args, key=key, portable=portable)
 
 
 # -- build / install ----------------------------------------------------------
@@ -191,34 +234,155 @@ def _check_toolchain() -> None:
                                 "(Debian: apt-get install cmake, or pip install cmake)")
 
 
-def _run_streaming(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-    """Run cmd, keep its full output in log_path, show compile progress lines."""
-    step = re.compile(r"^\s*\[(\d+)/(\d+)\]")
-    source = re.compile(r"\s-c\s+(\S+)")
-    with open(log_path, "w") as log:
+def _elapsed(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# what the build prints -> (the phase it starts, shown as one line)
+_PHASES = [
+    (re.compile(r"Installing build dependencies|Getting requirements to build"), "preparing the build"),
+    (re.compile(r"\*\*\* Configuring CMake"), "configuring (CMake)"),
+    (re.compile(r"\*\*\* Building project"), "compiling"),
+    (re.compile(r"\*\*\* Installing project into wheel"), "packing the wheel"),
+]
+_STEP_RE = re.compile(r"^\s*\[(\d+)/(\d+)\]\s*(.*)")  # Ninja: [12/141] Building CXX object .../llama.cpp.o
+_PERCENT_RE = re.compile(r"^\s*\[\s*(\d+)%\]\s*(.*)")  # Make: [ 45%] Building CXX object ...
+_OBJECT_RE = re.compile(r"(?:object|Linking \S+ \S+)\s+(\S+)")
+# lines that say why a build failed, kept for the failure message
+_RELEVANT_RE = re.compile(r"error|CMake Error|FAILED|fatal|undefined reference|not found|No such file",
+                          re.IGNORECASE)
+
+
+class BuildProgress:
+    """Shows a build's output as phases and a tqdm bar over the compile steps.
+
+    ``feed(line)`` takes each line of the build's output. On a terminal the bar
+    redraws in place; elsewhere (a pipe, CI) a plain line is printed at every
+    tenth of the steps. ``close()`` ends the bar.
+    """
+
+    def __init__(self, stream=None, tty: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.start = time.monotonic()
+        self.phase: str | None = None
+        self.bar = None
+        self.done = self.total = 0
+        self._shown_tenth = -1
+
+    def say(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"otter-gguf: {msg}", file=self.stream)
+        else:
+            print(f"otter-gguf: {msg}", file=self.stream, flush=True)
+
+    def _enter(self, phase: str) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            self.say(f"{phase} ... ({_elapsed(time.monotonic() - self.start)})")
+
+    def feed(self, line: str) -> None:
+        for pattern, phase in _PHASES:
+            if pattern.search(line):
+                self._enter(phase)
+                return
+        m = _STEP_RE.match(line)
+        if m:
+            self._step(int(m.group(1)), int(m.group(2)), m.group(3))
+            return
+        m = _PERCENT_RE.match(line)
+        if m:
+            self._step(int(m.group(1)), 100, m.group(2))
+
+    def _step(self, n: int, total: int, what: str) -> None:
+        self._enter("compiling")
+        obj = _OBJECT_RE.search(what)
+        name = Path(obj.group(1)).name.removesuffix(".o") if obj else what.strip()[-40:]
+        self.done, self.total = n, total
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=self.stream, unit="step", desc="otter-gguf: compiling",
+                                bar_format="{desc} [{n_fmt}/{total_fmt}] {bar} {elapsed} {postfix}",
+                                dynamic_ncols=True, leave=True)
+            self.bar.total = total
+            self.bar.n = n
+            self.bar.set_postfix_str(name[:40], refresh=False)
+            self.bar.refresh()
+            return
+        tenth = n * 10 // max(total, 1)
+        if tenth > self._shown_tenth or n == total:
+            self._shown_tenth = tenth
+            print(f"otter-gguf:   [{n}/{total}] {name} ({_elapsed(time.monotonic() - self.start)})",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def relevant_lines(lines: list[str], limit: int = 25) -> list[str]:
+    """The lines of a failed build's log worth showing: the last error-like
+    lines with one line of context after each, else the last lines."""
+    keep: list[int] = []
+    for i, line in enumerate(lines):
+        if _RELEVANT_RE.search(line) and "-Werror" not in line and "error_" not in line.lower():
+            keep += [i, i + 1]
+    picked = sorted({i for i in keep if i < len(lines)})
+    if not picked:
+        picked = list(range(max(0, len(lines) - limit), len(lines)))
+    return [lines[i].rstrip() for i in picked[-limit:]]
+
+
+def run_logged(cmd: list[str], env: dict[str, str] | None, log_path: Path,
+               progress: BuildProgress | None = None) -> int:
+    """Run cmd; its whole output goes to log_path (appended) and, line by line, to progress."""
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, errors="replace")
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            m = step.match(line)
-            if m:
-                src = source.search(line)
-                what = Path(src.group(1)).name if src else line.split()[-1][-60:]
-                print(f"  [{m.group(1)}/{m.group(2)}] {what}", file=sys.stderr, flush=True)
-            elif re.search(r"\berror\b|Created wheel", line):
-                print("  " + line.rstrip()[:200], file=sys.stderr, flush=True)
-        return proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if progress is not None:
+                    progress.feed(line)
+        finally:
+            rc = proc.wait()
+            if progress is not None:
+                progress.close()
+        log.write(f"[exit status {rc}]\n")
+    return rc
 
 
-def build_wheel(plan: BuildPlan) -> Path:
-    """Return the cached wheel for plan, building it if needed."""
+def build_log_path(plan: BuildPlan) -> Path:
+    """The build's full log: ``<cache>/logs/runtime-<key>.log`` (the last build of that plan)."""
+    return cache_dir() / "logs" / f"runtime-{plan.key}.log"
+
+
+def cached_wheel(plan: BuildPlan) -> Path | None:
     wheel_dir = cache_dir() / "wheels" / plan.key
     found = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.is_dir() else []
+    return found[0] if found else None
+
+
+def build_wheel(plan: BuildPlan, stream=None) -> Path:
+    """Return the cached wheel for plan, building it if needed (progress on ``stream``, default stderr)."""
+    found = cached_wheel(plan)
     if found:
-        return found[0]
+        _log(f"using the cached runtime wheel {found}")
+        return found
     _check_toolchain()
     patches = patch_series()
+    progress = BuildProgress(stream)
+    log_path = build_log_path(plan)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(f"otter-gguf runtime build {plan.marker}, llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}\n"
+                        f"CMAKE_ARGS={' '.join(plan.cmake_args)}\n")
     with _source_errors():
         sdist = fetch_sdist()
     work_root = cache_dir() / "build"
@@ -226,29 +390,34 @@ def build_wheel(plan: BuildPlan) -> Path:
     with tempfile.TemporaryDirectory(dir=work_root, prefix=f"{plan.key}-") as tmp:
         with _source_errors():
             src = extract_sdist(sdist, Path(tmp) / SDIST_NAME)
-        _log(f"applying {len(patches)} patch(es) from {patches_dir()}")
+        progress.say(f"applying {len(patches)} patch(es) from {patches[0].parent}")
         apply_series(src / "vendor" / "llama.cpp", patches)
         out = Path(tmp) / "dist"
         env = dict(os.environ)
         env["CMAKE_ARGS"] = " ".join(plan.cmake_args)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-        log_path = Path(tmp) / "build.log"
-        _log(f"building the runtime wheel (a few minutes); CMAKE_ARGS={env['CMAKE_ARGS']}")
-        rc = _run_streaming([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps",
-                             "--wheel-dir", str(out), str(src)], env, log_path)
+        progress.say(f"building the runtime wheel{' (portable: x86-64-v3)' if plan.portable else ''}, "
+                     f"a few minutes; full log: {log_path}")
+        _log(f"CMAKE_ARGS={env['CMAKE_ARGS']}")
+        rc = run_logged([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps",
+                         "--wheel-dir", str(out), str(src)], env, log_path, progress)
         wheels = sorted(out.glob("llama_cpp_python-*.whl"))
+        took = _elapsed(time.monotonic() - progress.start)
         if rc != 0 or not wheels:
-            kept = cache_dir() / "last-build.log"
-            shutil.copy(log_path, kept)
-            tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-40:])
-            raise RuntimeBuildError(f"runtime wheel build failed (full log: {kept}):\n{tail}")
+            shown = "\n".join("  " + ln for ln in relevant_lines(log_path.read_text(errors="replace").splitlines()))
+            at = f" at step {progress.done}/{progress.total}" if progress.total else (
+                f" while {progress.phase}" if progress.phase else "")
+            raise RuntimeBuildError(f"runtime wheel build failed{at} after {took} (pip exit status {rc}):\n"
+                                    f"{shown}\nfull log: {log_path}")
+        wheel_dir = cache_dir() / "wheels" / plan.key
         wheel_dir.mkdir(parents=True, exist_ok=True)
         tmp_wheel = wheel_dir / (wheels[0].name + ".part")
         shutil.copy(wheels[0], tmp_wheel)
         final = wheel_dir / wheels[0].name
         os.replace(tmp_wheel, final)
         (wheel_dir / "build.json").write_text(json.dumps(
-            {"series": plan.series, "cmake_args": plan.cmake_args}, indent=1))
+            {"series": plan.series, "cmake_args": plan.cmake_args, "portable": plan.portable}, indent=1))
+        progress.say(f"built {final.name} in {took}")
     return final
 
 
@@ -279,13 +448,26 @@ def install_wheel(wheel: Path, plan: BuildPlan) -> None:
                     "diskcache", "jinja2"], capture_output=True, text=True)
     stamp = _stamp_path()
     stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"key": plan.key, "series": plan.series, "wheel": wheel.name}))
+    stamp.write_text(json.dumps({"key": plan.key, "series": plan.series, "wheel": wheel.name,
+                                 "portable": plan.portable}))
 
 
-def build_runtime(user_cmake_args: str | None = None, force: bool = False) -> BuildPlan:
-    plan = plan_build(user_cmake_args)
+def keep_wheel(wheel: Path, out_dir: Path) -> Path:
+    """Copy the built wheel to out_dir (``--wheel-out``) and return its path there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / wheel.name
+    shutil.copy(wheel, dest)
+    _log(f"wheel kept: {dest} (install elsewhere with: pip install --force-reinstall --no-deps {dest.name})")
+    return dest
+
+
+def build_runtime(user_cmake_args: str | None = None, force: bool = False, portable: bool = False,
+                  wheel_out: Path | None = None, install: bool = True) -> BuildPlan:
+    """Build (or take from the cache) the runtime wheel; install it unless ``install`` is False;
+    copy it to ``wheel_out`` when given."""
+    plan = plan_build(user_cmake_args, portable=portable)
     stamp = _stamp_path()
-    if not force and stamp.is_file():
+    if install and wheel_out is None and not force and stamp.is_file():
         try:
             same = json.loads(stamp.read_text()).get("key") == plan.key
         except ValueError:
@@ -293,7 +475,15 @@ def build_runtime(user_cmake_args: str | None = None, force: bool = False) -> Bu
         if same and installed_series() == plan.marker:
             _log(f"runtime up to date ({plan.marker})")
             return plan
+    if force:
+        stale = cached_wheel(plan)
+        if stale is not None:
+            shutil.rmtree(stale.parent)
     wheel = build_wheel(plan)
+    if wheel_out is not None:
+        keep_wheel(wheel, wheel_out)
+    if not install:
+        return plan
     install_wheel(wheel, plan)
     got = installed_series()
     if got != plan.marker:

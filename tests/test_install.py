@@ -1,0 +1,147 @@
+"""otter-gguf installed like a package, with no checkout: the wheel and the sdist
+carry the patch series, and a fresh venv outside the source tree gets the
+runtime with `build-runtime` (from the cached runtime wheel), checks it, and
+scores a fixture model exactly like the checkout's install."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from otter_gguf.runtime import build as rb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+# otter-gguf's light dependencies (and llama-cpp-python's), pinned to this venv's versions:
+# the fresh venvs get the same packages (from pip's cache) and no torch
+LIGHT_DEPS = ["numpy", "safetensors", "click", "gguf", "tqdm", "platformdirs",
+              "typing-extensions", "diskcache", "jinja2"]
+
+
+def _tracked_files() -> list[str]:
+    res = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [f for f in res.stdout.split("\0") if f]
+
+
+def _source_copy(dest: Path) -> Path:
+    """The working tree's tracked and untracked (not ignored) files, so building
+    leaves nothing (build/, *.egg-info) in the checkout."""
+    res = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    for rel in filter(None, res.stdout.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(src.read_bytes())
+    return dest
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory) -> dict[str, Path]:
+    """{"wheel": ..., "sdist": ...} of otter-gguf, built from a copy of the tree."""
+    src = _source_copy(tmp_path_factory.mktemp("otter-src"))
+    out = tmp_path_factory.mktemp("otter-dist")
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "--disable-pip-version-check", str(src), "-w", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the PEP 517 hook `python -m build --sdist` calls
+    res = subprocess.run([sys.executable, "-c", f"from setuptools import build_meta as b; "
+                          f"print(b.build_sdist({str(out)!r}))"], cwd=src, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (wheel,) = out.glob("otter_gguf-*.whl")
+    (sdist,) = out.glob("otter_gguf-*.tar.gz")
+    return {"wheel": wheel, "sdist": sdist}
+
+
+@pytest.mark.unit
+def test_wheel_and_sdist_carry_the_patch_series_and_every_package(dists):
+    series = {p.name: p.read_bytes() for p in sorted((ROOT / "patches").glob("*.patch"))}
+    assert len(series) >= 5
+    with zipfile.ZipFile(dists["wheel"]) as z:
+        names = set(z.namelist())
+        in_wheel = {Path(n).name: z.read(n) for n in names if n.startswith("otter_gguf/_patches/")}
+    assert in_wheel == series  # byte for byte: the same series hash as the checkout
+    # every committed file of the package (modules, data, the demo model) is in the wheel:
+    # pyproject.toml lists the packages and their data by hand
+    for rel in _tracked_files():
+        if rel.split("/")[0] in ("otter_gguf", "converter"):
+            installed = rel.replace("converter/", "otter_gguf_converter/", 1)
+            assert installed in names, f"{rel} is missing from the wheel (pyproject [tool.setuptools])"
+    with tarfile.open(dists["sdist"]) as t:
+        top = t.getnames()[0].split("/")[0]
+        in_sdist = {Path(m.name).name: t.extractfile(m).read() for m in t.getmembers()
+                    if m.name.startswith(f"{top}/patches/") and m.name.endswith(".patch")}
+    assert in_sdist == series
+
+
+def _fresh_venv(root: Path) -> tuple[Path, dict[str, str]]:
+    """A new venv (no system site-packages) with otter-gguf's light dependencies, and the
+    environment to run it in: PATH is the venv's bin only (no compiler, no cmake), so a
+    runtime wheel missing from the cache fails at once (exit 2) instead of compiling."""
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    pins = [f"{d}=={importlib.metadata.version(d)}" for d in LIGHT_DEPS]
+    res = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                          "--disable-pip-version-check", *pins], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "LLAMA_CPP_LIB_PATH",
+                                                           "OTTER_GGUF_PATCHES")}
+    env["PATH"] = str(venv / "bin")
+    return venv, env
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_installed_package_builds_checks_and_scores_without_a_checkout(kind, dists, gguf_models, otter_runtime,
+                                                                       tmp_path):
+    from otter_gguf import OtterLlama
+
+    model = gguf_models.otter("reward3")
+    plan = rb.plan_build()
+    assert rb.cached_wheel(plan) is not None, (
+        f"no cached runtime wheel for {plan.marker} in {rb.cache_dir()}: run `make runtime` first")
+    venv, env = _fresh_venv(tmp_path)
+    res = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                          "--disable-pip-version-check", str(dists[kind])],
+                         capture_output=True, text=True, env={**os.environ, "PATH": os.environ["PATH"]})
+    assert res.returncode == 0, res.stderr[-3000:]
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    exe = str(venv / "bin" / "otter-gguf")
+
+    def cli(*args):
+        return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env)
+
+    # no runtime yet: --check says so (exit 1) and names this install's series
+    r = cli("build-runtime", "--check")
+    assert r.returncode == 1 and "no patched runtime" in r.stdout and plan.marker in r.stdout, r.stdout + r.stderr
+    assert str(site / "otter_gguf" / "_patches") in r.stdout
+    # build-runtime takes the cached wheel (same series, CMake args, Python, machine) and installs it
+    r = cli("build-runtime")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "using the cached runtime wheel" in r.stderr and f"runtime installed ({plan.marker})" in r.stderr
+    r = cli("build-runtime", "--check")
+    assert r.returncode == 0 and f"runtime is current: {plan.marker}" in r.stdout, r.stdout + r.stderr
+    # scores: the same tokens and signals as this checkout's runtime
+    ctx = ["--ctx-size", "256", "--threads", "1", "--batch-size", "64"]
+    r = cli("score", model, "--text", "The quick brown fox", "--json", *ctx)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    ref = OtterLlama(str(model), n_ctx=256, n_threads=1, n_threads_batch=1, n_batch=64, verbose=False).score(
+        "The quick brown fox")
+    assert out["tokens"] == ref.tokens and out["signal_names"] == ["helpfulness", "harmlessness", "honesty"]
+    np.testing.assert_allclose(out["signals"], ref.signals, atol=1e-6)
+    # and the package it ran is the installed one, not this checkout
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import otter_gguf; print(otter_gguf.__file__)"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.stdout.strip().startswith(str(site)), r.stdout
