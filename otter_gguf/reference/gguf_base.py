@@ -18,17 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from otter_gguf.reference.model import BaseConfig, BaseModel, ReferenceError
+from otter_gguf.format.config import OtterConfig
+from otter_gguf.format.constants import OtterTensor, hf_tensor_name, parse_gguf_name
+from otter_gguf.reference.model import BaseConfig, BaseModel, OtterModel, ReferenceError
 from otter_gguf_converter import ConvertError, rope_unpermute
 from otter_gguf_converter.gguf_io import (
+    OtterGGUFWriter,
     base_info,
     field_value,
     ggml_shape_to_numpy,
     is_otter_tensor,
+    kv_keys,
     open_gguf,
+    raw_kv_value,
 )
 
-__all__ = ["base_config_from_gguf", "gguf_tensor_to_hf", "load_base_gguf"]
+__all__ = ["base_config_from_gguf", "dequantize_gguf", "gguf_tensor_to_hf", "load_base_gguf", "load_otter_gguf"]
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -114,13 +119,23 @@ def base_config_from_gguf(path: str | os.PathLike, _reader=None) -> BaseConfig:
     return BaseConfig.from_hf_dict(d, source=os.fspath(path))
 
 
+def _dequantized(path: Path, t) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy (HF) shape, GGUF row layout."""
+    from gguf.quants import dequantize
+
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise ReferenceError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf-py "
+                             f"cannot dequantize") from None
+    return np.array(arr, dtype=np.float32, order="C", copy=True).reshape(ggml_shape_to_numpy(t.shape))
+
+
 def load_base_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> BaseModel:
     """A :class:`BaseModel` from a base GGUF (any type gguf-py can dequantize).
 
     Otter tensors in the file (an Otter GGUF) are ignored: the base is read.
     """
-    from gguf.quants import dequantize
-
     p = Path(path)
     reader, info = _read(p)
     cfg = base_config_from_gguf(p, (reader, info))
@@ -131,15 +146,68 @@ def load_base_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
         hf = gguf_tensor_to_hf(t.name)
         if hf is None:
             continue
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ReferenceError(f"{p}: tensor {t.name} has type {t.tensor_type.name}, which gguf-py "
-                                 f"cannot dequantize") from None
-        arr = np.asarray(arr, dtype=np.float32).reshape(ggml_shape_to_numpy(t.shape))
+        arr = _dequantized(p, t)
         if cfg.architecture == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
             arr = rope_unpermute(arr, cfg.num_attention_heads)
         elif cfg.architecture == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
             arr = rope_unpermute(arr, cfg.num_key_value_heads)
-        weights[hf] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C", copy=True))
+        weights[hf] = torch.from_numpy(arr)
     return BaseModel(cfg, weights, dtype)
+
+
+def load_otter_gguf(path: str | os.PathLike, config: OtterConfig, dtype: torch.dtype = torch.float32,
+                    base: BaseModel | None = None) -> OtterModel:
+    """The reference :class:`OtterModel` of an Otter GGUF's own (dequantized) weights.
+
+    ``config`` is the head's adapter config (shapes, signal names); the Otter
+    tensors are read back from the file (the side Q/K rows of a ``llama``
+    model un-permuted per side head, the inverse of ``otter-gguf convert``),
+    the base as :func:`load_base_gguf` (or ``base``, already loaded)."""
+    p = Path(path)
+    reader, _info = _read(p)
+    base = base if base is not None else load_base_gguf(p, dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if not is_otter_tensor(t.name):
+            continue
+        kind, _bid, _suffix = parse_gguf_name(t.name)
+        arr = _dequantized(p, t)
+        if base.config.architecture == "llama" and kind == OtterTensor.ATTN_Q:
+            arr = rope_unpermute(arr, config.otter_num_attention_heads)
+        elif base.config.architecture == "llama" and kind == OtterTensor.ATTN_K:
+            arr = rope_unpermute(arr, config.otter_num_key_value_heads)
+        tensors[hf_tensor_name(t.name)] = torch.from_numpy(arr)
+    if not tensors:
+        raise ReferenceError(f"{p}: no Otter tensors (a plain GGUF)")
+    return OtterModel(base, config, tensors)
+
+
+def dequantize_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write ``src`` again with every tensor dequantized to F32 (same names, order, layout and
+    metadata; ``general.file_type`` set to all-F32): the unquantized reference of a model
+    that only exists quantized. Its weights are exactly the values ``src`` encodes."""
+    from gguf import GGMLQuantizationType, GGUFValueType
+
+    s, d = Path(src), Path(dst)
+    reader, info = _read(s)
+    w = OtterGGUFWriter(d, info.architecture)
+    try:
+        w.kv_data = [{}]
+        w.data_alignment = int(reader.alignment)
+        for key in kv_keys(reader):
+            if key == "general.file_type":
+                w.add_key_value(key, 0, GGUFValueType.UINT32)
+            else:
+                w.add_raw_value(key, raw_kv_value(reader, key))
+        for t in reader.tensors:
+            shape = ggml_shape_to_numpy(t.shape)
+            w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4,
+                              raw_dtype=GGMLQuantizationType.F32)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in reader.tensors:
+            w.write_tensor_data(_dequantized(s, t))
+    finally:
+        w.close()
+    return d
