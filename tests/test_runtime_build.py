@@ -102,3 +102,120 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path: Path) -> None:
                           str(dest)], capture_output=True, text=True, env=env)
     assert res.returncode == 2, res.stderr
     assert "0001-bad.patch" in res.stderr and not dest.exists()
+
+
+# -- progress, log and failure output of the build ------------------------------------------------
+
+# what `pip wheel -v` of llama-cpp-python prints (scikit-build-core + Ninja), shortened
+_BUILD_OUTPUT = (["Processing ./llama_cpp_python-0.3.36", "  Installing build dependencies: started",
+                  "  *** Configuring CMake...", "  -- The C compiler identification is GNU 12.2.0",
+                  "  *** Building project with Ninja..."]
+                 + [f"  [{i}/141] Building CXX object vendor/llama.cpp/src/CMakeFiles/llama.dir/f{i}.cpp.o"
+                    for i in range(1, 142)]
+                 + ["  *** Installing project into wheel...", "  *** Created llama_cpp_python-0.3.36.whl"])
+
+
+def test_progress_is_phases_and_a_line_per_tenth_of_the_compile_steps() -> None:
+    import io
+
+    out = io.StringIO()
+    p = rb.BuildProgress(out, tty=False)
+    for line in _BUILD_OUTPUT:
+        p.feed(line + "\n")
+    p.close()
+    text = out.getvalue().splitlines()
+    phases = [ln.split(" ...")[0] for ln in text if " ... (" in ln]
+    assert phases == ["otter-gguf: preparing the build", "otter-gguf: configuring (CMake)",
+                      "otter-gguf: compiling", "otter-gguf: packing the wheel"]
+    steps = [ln for ln in text if ln.startswith("otter-gguf:   [")]
+    # 141 steps -> one line at each new tenth (1, 15, 29, ..., 141), with the file and the elapsed time
+    assert [int(s.split("[")[1].split("/")[0]) for s in steps] == [1, 15, 29, 43, 57, 71, 85, 99, 113, 127, 141]
+    assert steps[-1].startswith("otter-gguf:   [141/141] f141.cpp (") and steps[-1].endswith("s)")
+    assert (p.done, p.total) == (141, 141)
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar() -> None:
+    import io
+
+    out = io.StringIO()
+    p = rb.BuildProgress(out, tty=True)
+    for line in _BUILD_OUTPUT[:60]:
+        p.feed(line)
+    assert p.bar is not None and (p.bar.n, p.bar.total) == (55, 141)
+    p.close()
+    text = out.getvalue()
+    assert "otter-gguf: compiling [55/141]" in text and "f55.cpp" in text and "\r" in text
+
+
+def test_run_logged_keeps_the_whole_output(tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    log.write_text("header\n")
+    script = "import sys\nfor i in range(1, 4): print(f'[{i}/3] Building C object x/y{i}.c.o')\nsys.exit(3)"
+    rc = rb.run_logged([sys.executable, "-c", script], None, log, rb.BuildProgress(open(tmp_path / "p", "w"),
+                                                                                   tty=False))
+    assert rc == 3
+    lines = log.read_text().splitlines()
+    assert lines[0] == "header" and lines[1].startswith(f"$ {sys.executable} -c ")
+    assert lines[-4:] == [f"[{i}/3] Building C object x/y{i}.c.o" for i in (1, 2, 3)] + ["[exit status 3]"]
+
+
+def test_relevant_lines_are_the_errors_not_the_whole_log() -> None:
+    lines = ([f"  [{i}/141] Building CXX object f{i}.cpp.o" for i in range(1, 100)]
+             + ["  FAILED: f100.cpp.o", "  /usr/bin/c++ -Werror -c f100.cpp",
+                "  f100.cpp:3:1: error: 'x' was not declared in this scope",
+                "      3 | x;", "  ninja: build stopped: subcommand failed.",
+                "  note: This error originates from a subprocess, and is likely not a problem with pip."])
+    got = rb.relevant_lines(lines)
+    assert got == ["  FAILED: f100.cpp.o", "  /usr/bin/c++ -Werror -c f100.cpp",
+                   "  f100.cpp:3:1: error: 'x' was not declared in this scope", "      3 | x;",
+                   "  ninja: build stopped: subcommand failed."]
+    # nothing error-like: the last lines
+    assert rb.relevant_lines([f"line {i}" for i in range(100)], limit=3) == ["line 97", "line 98", "line 99"]
+
+
+def _scratch_cache(tmp_path: Path) -> dict[str, str]:
+    """An empty otter-gguf cache holding only the pinned sdist (no runtime wheel): a build in it is cold."""
+    from otter_gguf_converter.llamacpp import fetch_sdist
+
+    cache = tmp_path / "cache"
+    (cache / "sdist").mkdir(parents=True)
+    sdist = fetch_sdist()
+    (cache / "sdist" / sdist.name).symlink_to(sdist)
+    return {**__import__("os").environ, "OTTER_GGUF_CACHE": str(cache)}
+
+
+def test_broken_compiler_flag_fails_at_configure_with_the_errors_and_the_log(tmp_path: Path) -> None:
+    import time
+
+    env = _scratch_cache(tmp_path)
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "otter_gguf.cli", "build-runtime", "--no-install",
+                          "--cmake-args", "-DCMAKE_C_FLAGS=-fno-such-otter-flag -DCMAKE_CXX_FLAGS=-fno-such-otter-flag"],
+                         capture_output=True, text=True, env=env)
+    took = time.monotonic() - t0
+    assert res.returncode == 1, res.stderr
+    err = res.stderr
+    assert "otter-gguf: configuring (CMake) ..." in err
+    assert "Error: runtime wheel build failed while configuring (CMake) after" in err
+    assert "unrecognized command-line option" in err and "-fno-such-otter-flag" in err
+    assert "note: This error originates" not in err and "Traceback" not in err
+    logs = list((Path(env["OTTER_GGUF_CACHE"]) / "logs").glob("runtime-*.log"))
+    assert len(logs) == 1 and err.rstrip().endswith(f"full log: {logs[0]}")
+    log = logs[0].read_text()
+    assert "-DCMAKE_C_FLAGS=-fno-such-otter-flag" in log and "Configuring incomplete" in log
+    assert not list((Path(env["OTTER_GGUF_CACHE"]) / "wheels").glob("*/*.whl"))
+    assert took < 60, f"a broken flag took {took:.0f} s to fail"
+
+
+def test_patch_that_does_not_apply_fails_before_cmake_exit_2(tmp_path: Path) -> None:
+    env = _scratch_cache(tmp_path)
+    bad = tmp_path / "patches"
+    bad.mkdir()
+    (bad / "0001-bad.patch").write_text(
+        "--- a/include/llama.h\n+++ b/include/llama.h\n@@ -3,3 +3,4 @@\n nope\n nope\n+x\n nope\n")
+    env["OTTER_GGUF_PATCHES"] = str(bad)
+    res = subprocess.run([sys.executable, "-m", "otter_gguf.cli", "build-runtime", "--no-install"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 2, res.stderr
+    assert "Error: patch 0001-bad.patch does not apply" in res.stderr and "include/llama.h" in res.stderr
+    assert "configuring" not in res.stderr and "Traceback" not in res.stderr

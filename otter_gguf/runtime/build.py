@@ -249,6 +249,9 @@ _PHASES = [
 _STEP_RE = re.compile(r"^\s*\[(\d+)/(\d+)\]\s*(.*)")  # Ninja: [12/141] Building CXX object .../llama.cpp.o
 _PERCENT_RE = re.compile(r"^\s*\[\s*(\d+)%\]\s*(.*)")  # Make: [ 45%] Building CXX object ...
 _OBJECT_RE = re.compile(r"(?:object|Linking \S+ \S+)\s+(\S+)")
+# pip's own lines around a failed build: not worth showing
+_PIP_NOISE_RE = re.compile(r"\s*(note: This error originates|full command: |\[exit status|cwd: |"
+                           r"Building wheel for \S+ \(pyproject.toml\): finished with status|\s*$)")
 # lines that say why a build failed, kept for the failure message
 _RELEVANT_RE = re.compile(r"error|CMake Error|FAILED|fatal|undefined reference|not found|No such file",
                           re.IGNORECASE)
@@ -327,6 +330,7 @@ class BuildProgress:
 def relevant_lines(lines: list[str], limit: int = 25) -> list[str]:
     """The lines of a failed build's log worth showing: the last error-like
     lines with one line of context after each, else the last lines."""
+    lines = [ln for ln in lines if not _PIP_NOISE_RE.match(ln)]
     keep: list[int] = []
     for i, line in enumerate(lines):
         if _RELEVANT_RE.search(line) and "-Werror" not in line and "error_" not in line.lower():
