@@ -14,6 +14,7 @@ from otter_gguf.cli.convert import convert_command, inspect_command, merge_comma
 from otter_gguf.cli.eval import eval_command
 from otter_gguf.cli.run import run_command, score_command
 from otter_gguf.cli.runtime import build_runtime_command
+from otter_gguf.cli.serve import serve_command
 from otter_gguf.cli.train import train_command
 
 
@@ -24,7 +25,7 @@ def main() -> None:
 
 
 for _command in (build_runtime_command, convert_command, inspect_command, run_command, score_command,
-                 eval_command, bench_command, train_command, split_command, merge_command):
+                 eval_command, bench_command, train_command, split_command, merge_command, serve_command):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -1,0 +1,487 @@
+"""The HTTP side of ``otter-gguf serve``: an OpenAI-compatible FastAPI app (docs/SERVE.md).
+
+Built on llama-cpp-python's server stack (FastAPI, uvicorn, sse-starlette;
+its request models from ``llama_cpp.server.types``), but with its own
+response path: llama-cpp-python's TypedDict response models would drop the
+``otter`` field, and its server serialises requests behind one lock. Here each
+request becomes an :class:`~otter_gguf.server.engine.Job` of the continuous-
+batching :class:`~otter_gguf.server.engine.Engine`; the handler awaits the
+job's events (a streamed response relays them as server-sent events).
+
+Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``
+with 400 (malformed request), 401 (API key), 404, 413 (body too large), 503
+(queue full, with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+import llama_cpp
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from otter_gguf.runtime.guidance import Guidance
+from otter_gguf.runtime.score import OtterScore, check_tokens
+from otter_gguf.server.engine import Delta, Done, Engine, Failed, Job, QueueFull, Sampling
+from otter_gguf.server.metrics import Metrics
+from otter_gguf.server.model import ServeConfig
+from otter_gguf.server.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    OtterOptions,
+    RequestError,
+    ScoreRequest,
+    check_sampling,
+    logit_bias,
+    stop_list,
+)
+
+__all__ = ["create_app", "Server"]
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+           headers: Optional[Dict[str, str]] = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": status}},
+                        status_code=status, headers=headers)
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a request body over ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = _error(413, f"request body exceeds this server's limit of {self.limit} bytes "
+                              f"(--max-request-bytes)", param=None)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise RequestError("request body too large", status=413)
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except RequestError:
+            await too_big(scope, receive, send)
+
+
+class Server:
+    """One served model: the engine, its chat template, metrics and the request -> job logic."""
+
+    def __init__(self, cfg: ServeConfig, llm: Any):
+        self.cfg = cfg
+        self.llm = llm
+        self.name = cfg.name
+        self.metrics = Metrics()
+        self.engine = Engine(llm, parallel=cfg.parallel, ctx_per_seq=cfg.ctx_size, queue_size=cfg.queue_size,
+                             on_step=self._on_step)
+        self.formatter = self._chat_formatter()
+        m, e = self.metrics, self.engine
+        m.gauge("queue_depth", "requests waiting for a sequence", lambda: e.queue_depth)
+        m.gauge("requests_processing", "requests holding sequences", lambda: e.active)
+        m.gauge("sequences_free", "free sequences of the pool", lambda: e.free_sequences)
+        m.gauge("sequences_total", "sequences of the pool (--parallel)", lambda: cfg.parallel)
+        m.gauge("prompt_tokens_total", "prompt tokens decoded", lambda: e.prompt_tokens, kind="counter")
+        m.gauge("generated_tokens_total", "tokens generated", lambda: e.generated_tokens, kind="counter")
+        m.gauge("batch_tokens_total", "tokens decoded in batches (candidates included)", lambda: e.tokens_decoded,
+                kind="counter")
+        m.gauge("decode_steps_total", "llama_decode calls", lambda: e.steps, kind="counter")
+
+    def _on_step(self, n_tokens: int, seconds: float) -> None:
+        self.metrics.observe("decode_step_seconds", "duration of one batched decode step", seconds)
+
+    def _chat_formatter(self) -> Optional[Jinja2ChatFormatter]:
+        """The GGUF's chat template, set up as llama-cpp-python's Llama does."""
+        llm = self.llm
+        template = (llm.metadata or {}).get("tokenizer.chat_template")
+        if not template:
+            return None
+        eos, bos = llm.token_eos(), llm.token_bos()
+        return Jinja2ChatFormatter(template=template,
+                                   eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+                                   bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+                                   stop_token_ids=[eos])
+
+    # ------------------------------------------------------------------
+    # requests -> jobs
+    # ------------------------------------------------------------------
+    def _check_model(self, model: Optional[str]) -> None:
+        if model is not None and model not in (self.name, self.cfg.model):
+            raise RequestError(f"model {model!r} is not served here (this server serves {self.name!r})",
+                               status=404, param="model", type="not_found_error")
+
+    def _otter(self, opts: Optional[OtterOptions]):
+        opts = opts or OtterOptions()
+        llm = self.llm
+        guidance = None
+        if opts.guidance is not None:
+            if not llm.has_otter:
+                raise RequestError(f"otter.guidance: the model {self.name} has no Otter head", param="otter.guidance")
+            if not opts.side_stream:
+                raise RequestError("otter.guidance needs the side stream (otter.side_stream must not be false)",
+                                   param="otter.side_stream")
+            try:
+                g = Guidance.coerce(opts.guidance)
+                guidance = g.resolve(head_kind=llm.head_kind, n_out=llm.n_out, signal_names=llm.signal_names,
+                                     n_vocab=llm._n_vocab)
+            except ValueError as e:
+                raise RequestError(f"otter.guidance: {e}", param="otter.guidance") from None
+            if guidance.batched and guidance.top_k + 1 > self.cfg.parallel:
+                raise RequestError(f"otter.guidance: top_k={guidance.top_k} scores the candidates as "
+                                   f"{guidance.top_k} parallel sequences and needs {guidance.top_k + 1} sequences; "
+                                   f"this server has --parallel {self.cfg.parallel}", param="otter.guidance")
+        if opts.full_signals and llm.head_kind != "token_reward":
+            if not llm.has_otter:
+                raise RequestError(f"otter.full_signals: the model {self.name} has no Otter head",
+                                   param="otter.full_signals")
+        return guidance, bool(opts.full_signals), bool(opts.side_stream and llm.has_otter)
+
+    def _tokens(self, prompt: Any) -> List[int]:
+        """A completion prompt's tokens, as ``Llama._create_completion`` makes them."""
+        llm = self.llm
+        if isinstance(prompt, list) and prompt and all(isinstance(t, str) for t in prompt):
+            if len(prompt) != 1:
+                raise RequestError("one prompt per request (a list of several prompts is not supported)",
+                                   param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty", param="prompt")
+            bos = llm.token_bos()
+            head = [bos] if llm._model.add_bos_token() and bos != -1 else []
+            return head + llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        toks = list(prompt)
+        if not toks:
+            raise RequestError("prompt is empty", param="prompt")
+        bad = [t for t in toks if not 0 <= t < llm._n_vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{llm._n_vocab - 1})",
+                               param="prompt")
+        return toks
+
+    def _max_tokens(self, requested: Optional[int], n_prompt: int) -> int:
+        ctx = self.cfg.ctx_size
+        if n_prompt >= ctx:
+            raise RequestError(f"the prompt has {n_prompt} tokens; this server's context per request is {ctx} "
+                               f"(--ctx-size)", param="prompt")
+        if requested is None or requested <= 0:
+            requested = min(self.cfg.max_tokens_limit, ctx - n_prompt)
+        return requested if requested + n_prompt < ctx else ctx - n_prompt
+
+    def completion_job(self, req: Any, tokens: List[int], stops: List[str], sink, echo: str = "") -> Job:
+        check_sampling(req, max_tokens_limit=self.cfg.max_tokens_limit)
+        guidance, full, side = self._otter(req.otter)
+        if req.grammar:
+            # llama-cpp-python parses a grammar only when its sampler is made (NULL on error, which
+            # would crash the chain): try it here
+            smpl = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, req.grammar.encode("utf-8"), b"root")
+            if not smpl:
+                raise RequestError("grammar: llama.cpp cannot parse this GBNF grammar (rule 'root')", param="grammar")
+            llama_cpp.llama_sampler_free(smpl)
+        sp = Sampling(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+                      repeat_penalty=req.repeat_penalty, frequency_penalty=req.frequency_penalty or 0.0,
+                      presence_penalty=req.presence_penalty or 0.0, mirostat_mode=req.mirostat_mode,
+                      mirostat_tau=req.mirostat_tau, mirostat_eta=req.mirostat_eta,
+                      seed=req.seed if req.seed is not None else self.cfg.seed,
+                      grammar=req.grammar, logit_bias=logit_bias(req, self.llm._n_vocab))
+        return Job(kind="completion", prompt_tokens=tokens, sink=sink,
+                   max_tokens=self._max_tokens(req.max_tokens, len(tokens)),
+                   stop=[s.encode("utf-8") for s in stops], stream=req.stream, sampling=sp, guidance=guidance,
+                   full_signals=full, side_stream=side, echo_prefix=echo)
+
+    def chat_prompt(self, req: ChatRequest):
+        if self.formatter is None:
+            raise RequestError(f"the model {self.name} has no chat template (tokenizer.chat_template); "
+                               f"use /v1/completions", param="messages")
+        for name in ("functions", "function_call", "tools", "tool_choice", "response_format"):
+            if getattr(req, name) is not None:
+                raise RequestError(f"{name} is not supported by otter-gguf serve", param=name)
+        if not req.messages:
+            raise RequestError("messages is empty", param="messages")
+        try:
+            res = self.formatter(messages=req.messages)
+        except Exception as e:  # noqa: BLE001 - the template's own raise_exception, undefined fields
+            raise RequestError(f"messages: the chat template failed: {e}", param="messages") from None
+        toks = self.llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
+        stops = stop_list(req.stop) + stop_list(res.stop)
+        return toks, stops
+
+    def score_job(self, req: ScoreRequest, sink) -> Job:
+        llm = self.llm
+        if not llm.has_otter:
+            raise RequestError(f"the model {self.name} has no Otter head: nothing to score")
+        if (req.text is None) == (req.tokens is None):
+            raise RequestError("give exactly one of text and tokens", param="text")
+        toks = (llm.tokenize(req.text.encode("utf-8"), add_bos=req.add_bos, special=req.special)
+                if req.text is not None else list(req.tokens))
+        try:
+            check_tokens(toks, llm._n_vocab, self.cfg.ctx_size)
+        except ValueError as e:
+            raise RequestError(str(e), param="tokens" if req.tokens is not None else "text") from None
+        return Job(kind="score", prompt_tokens=toks, sink=sink, side_stream=True)
+
+    def score_body(self, toks: List[int], signals) -> dict:
+        llm = self.llm
+        texts = [llm.detokenize([t], prev_tokens=toks[:i]).decode("utf-8", errors="ignore")
+                 for i, t in enumerate(toks)]
+        s = OtterScore(tokens=toks, signals=signals, signal_names=llm.signal_names, head_kind=llm.head_kind,
+                       token_texts=texts)
+        body = {"object": "otter.score", "model": self.name, **s.to_dict(), "head_kind": s.head_kind,
+                "token_texts": texts}
+        if s.head_kind == "token_reward":
+            body["token_rewards"] = [None if v != v else float(v) for v in s.token_rewards.tolist()]
+        else:
+            body["rewards"] = [dict(zip(s.signal_names, row)) for row in body["signals"]]
+        return body
+
+    def models(self) -> dict:
+        llm = self.llm
+        info: Dict[str, Any] = {"object": "model", "id": self.name, "owned_by": "otter-gguf", "permissions": [],
+                                "created": 0}
+        if llm.has_otter:
+            info["otter"] = {"head_kind": llm.head_kind, "n_out": llm.n_out, "signal_names": llm.signal_names,
+                             "heads": list(self.cfg.heads)}
+        return {"object": "list", "data": [info]}
+
+
+def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
+    """The app serving ``cfg.model`` (or an already loaded ``llm``). The engine
+    thread starts with the app (lifespan) and stops with it."""
+    from contextlib import asynccontextmanager
+
+    from otter_gguf.server.model import load_model
+
+    if llm is None:
+        llm = load_model(cfg)
+    srv = Server(cfg, llm)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        srv.engine.start()
+        try:
+            yield
+        finally:
+            srv.engine.stop()
+
+    app = FastAPI(title="otter-gguf serve", version="1", lifespan=lifespan)
+    app.state.server = srv
+    app.add_middleware(_BodyLimit, limit=cfg.max_request_bytes)
+    m = srv.metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        if first.get("type") == "json_invalid":
+            msg = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        else:
+            msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+                            for e in errs)
+        m.counter("requests_total", "requests answered", endpoint=request.url.path, status="400")
+        return _error(400, msg, param=loc or None)
+
+    @app.exception_handler(RequestError)
+    async def _refused(request: Request, exc: RequestError):
+        m.counter("requests_total", "requests answered", endpoint=request.url.path, status=str(exc.status))
+        headers = {"Retry-After": str(cfg.retry_after_s)} if exc.status == 503 else None
+        return _error(exc.status, str(exc), type=exc.type, param=exc.param, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), type="not_found_error" if exc.status_code == 404
+                      else "invalid_request_error")
+
+    async def authorize(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() != cfg.api_key:
+            raise RequestError("invalid or missing API key (Authorization: Bearer <key>)", status=401,
+                               type="authentication_error")
+
+    v1 = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health():
+        e = srv.engine
+        return {"status": "ok", "model": srv.name, "slots_idle": e.free_sequences,
+                "slots_processing": e.active, "queue_depth": e.queue_depth}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(m.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models():
+        return srv.models()
+
+    def submit(job: Job, endpoint: str) -> None:
+        try:
+            srv.engine.submit(job)
+        except QueueFull as e:
+            raise RequestError(f"server busy: {e}; retry later", status=503, type="server_busy") from None
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+
+    def channel():
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def sink(ev):
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:  # the loop is gone (shutdown)
+                pass
+
+        return q, sink
+
+    async def wait_done(request: Request, job: Job, q: asyncio.Queue):
+        while True:
+            try:
+                ev = await asyncio.wait_for(q.get(), 0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return None
+                continue
+            if isinstance(ev, (Done, Failed)):
+                return ev
+
+    def finish(endpoint: str, t0: float, ev: Any) -> None:
+        status = "200" if isinstance(ev, Done) else str(ev.status) if isinstance(ev, Failed) else "499"
+        m.counter("requests_total", "requests answered", endpoint=endpoint, status=status)
+        m.observe("request_latency_seconds", "request latency (submit to last byte)", time.monotonic() - t0)
+        if isinstance(ev, Done):
+            if ev.first_token_s is not None:
+                m.observe("time_to_first_token_seconds", "submit to first generated token", ev.first_token_s)
+
+    def usage(ev: Done) -> dict:
+        return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+    def with_otter(choice: dict, block: Optional[dict], job: Job) -> dict:
+        if job.side_stream:
+            choice["otter"] = block
+        return choice
+
+    async def run(request: Request, job: Job, q: asyncio.Queue, endpoint: str, chat: bool):
+        t0 = time.monotonic()
+        submit(job, endpoint)
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4()}"
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        if not job.stream:
+            ev = await wait_done(request, job, q)
+            finish(endpoint, t0, ev)
+            if ev is None:
+                return _error(499, "client closed the request")
+            if isinstance(ev, Failed):
+                return _error(ev.status, ev.message, type="server_error" if ev.status >= 500 else
+                              "invalid_request_error")
+            choice = ({"index": 0, "message": {"role": "assistant", "content": ev.text}, "logprobs": None,
+                       "finish_reason": ev.finish_reason} if chat else
+                      {"text": ev.text, "index": 0, "logprobs": None, "finish_reason": ev.finish_reason})
+            return JSONResponse({"id": cid, "object": obj, "created": created, "model": srv.name,
+                                 "choices": [with_otter(choice, ev.otter, job)], "usage": usage(ev)})
+
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: Optional[str], block, reason, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant"} if role else ({"content": text} if text else {})
+                c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                c = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": reason}
+            return json.dumps({"id": cid, "object": chunk_obj, "created": created, "model": srv.name,
+                               "choices": [with_otter(c, block, job)]})
+
+        async def events() -> AsyncIterator[dict]:
+            ev: Any = None
+            try:
+                if chat:
+                    yield {"data": chunk(None, None, None, role=True)}
+                while True:
+                    ev = await q.get()
+                    if isinstance(ev, Delta):
+                        yield {"data": chunk(ev.text, ev.otter, None)}
+                    elif isinstance(ev, Done):
+                        yield {"data": chunk(ev.text, ev.otter, ev.finish_reason)}
+                        yield {"data": "[DONE]"}
+                        return
+                    else:
+                        yield {"data": json.dumps({"error": {"message": ev.message, "type": "server_error",
+                                                             "param": None, "code": ev.status}})}
+                        yield {"data": "[DONE]"}
+                        return
+            finally:
+                if not isinstance(ev, (Done, Failed)):
+                    job.cancel()  # client gone mid-stream: free the sequence at the next step
+                finish(endpoint, t0, ev if isinstance(ev, (Done, Failed)) else None)
+
+        return EventSourceResponse(events(), sep="\n", ping=600)
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(request: Request, body: CompletionRequest):
+        srv._check_model(body.model)
+        if body.suffix is not None:
+            raise RequestError("suffix is not supported", param="suffix")
+        if body.echo and body.stream:
+            raise RequestError("echo is not supported with stream", param="echo")
+        tokens = srv._tokens(body.prompt)
+        echo = ""
+        if body.echo:
+            echo = body.prompt if isinstance(body.prompt, str) else (
+                body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else
+                srv.llm.detokenize(tokens).decode("utf-8", errors="ignore"))
+        q, sink = channel()
+        job = srv.completion_job(body, tokens, stop_list(body.stop), sink, echo=echo)
+        return await run(request, job, q, "/v1/completions", chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(request: Request, body: ChatRequest):
+        srv._check_model(body.model)
+        tokens, stops = srv.chat_prompt(body)
+        q, sink = channel()
+        job = srv.completion_job(body, tokens, stops, sink)
+        return await run(request, job, q, "/v1/chat/completions", chat=True)
+
+    @app.post("/v1/otter/score", dependencies=v1)
+    async def score(request: Request, body: ScoreRequest):
+        srv._check_model(body.model)
+        t0 = time.monotonic()
+        q, sink = channel()
+        job = srv.score_job(body, sink)
+        submit(job, "/v1/otter/score")
+        ev = await wait_done(request, job, q)
+        finish("/v1/otter/score", t0, ev)
+        if ev is None:
+            return _error(499, "client closed the request")
+        if isinstance(ev, Failed):
+            return _error(ev.status, ev.message, type="server_error")
+        return JSONResponse(srv.score_body(ev.score["tokens"], ev.score["signals"]))
+
+    return app
+

@@ -1,0 +1,67 @@
+"""Loading the served model: one OtterLlama whose context holds every sequence of the pool."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+__all__ = ["ServeConfig", "load_model", "HeadsNotSupported"]
+
+
+class HeadsNotSupported(ValueError):
+    """``--head`` was given but the runtime's OtterLlama cannot load sidecar heads yet."""
+
+
+@dataclass
+class ServeConfig:
+    """The server's settings (``otter-gguf serve`` options)."""
+
+    model: str
+    heads: List[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: Optional[str] = None
+    model_alias: Optional[str] = None
+    parallel: int = 4
+    ctx_size: int = 4096  # tokens per sequence (prompt + completion)
+    n_batch: int = 512
+    threads: Optional[int] = None
+    threads_batch: Optional[int] = None
+    flash_attn: Any = False
+    seed: Optional[int] = None  # the seed of requests without one (None: random per request)
+    queue_size: int = 64
+    max_tokens_limit: int = 4096
+    max_request_bytes: int = 1 << 20
+    retry_after_s: int = 1
+    verbose: bool = False
+
+    @property
+    def name(self) -> str:
+        from pathlib import Path
+
+        return self.model_alias or Path(self.model).name
+
+
+def load_model(cfg: ServeConfig, heads: Sequence[str] = ()) -> Any:
+    """The :class:`~otter_gguf.runtime.llama.OtterLlama` of ``cfg``: ``n_seq_max = parallel``
+    (unified KV cache), ``n_ctx = parallel * ctx_size``. ``heads`` (``--head``) are
+    passed to OtterLlama as ``otter_heads`` (sidecar Otter heads)."""
+    from otter_gguf.runtime.llama import OtterLlama
+
+    if cfg.parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {cfg.parallel}")
+    if cfg.ctx_size < 8:
+        raise ValueError(f"--ctx-size must be >= 8, got {cfg.ctx_size}")
+    kwargs: dict = {}
+    heads = list(heads or cfg.heads)
+    if heads:
+        if "otter_heads" not in inspect.signature(OtterLlama.__init__).parameters:
+            raise HeadsNotSupported(
+                "--head: sidecar Otter heads are not supported yet by this runtime's OtterLlama "
+                "(no otter_heads argument); serve an Otter GGUF with its embedded head instead")
+        kwargs["otter_heads"] = heads
+    n_batch = max(cfg.n_batch, cfg.parallel)
+    return OtterLlama(cfg.model, n_seq_max=cfg.parallel, n_ctx=cfg.parallel * cfg.ctx_size, n_batch=n_batch,
+                      n_ubatch=n_batch, n_threads=cfg.threads, n_threads_batch=cfg.threads_batch or cfg.threads,
+                      flash_attn=cfg.flash_attn, verbose=cfg.verbose, **kwargs)

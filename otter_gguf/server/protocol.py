@@ -1,0 +1,126 @@
+"""Request bodies of the served API and their checks.
+
+The completion and chat requests are llama-cpp-python's server request models
+(``llama_cpp.server.types``: the fields, defaults and ranges of
+``python -m llama_cpp.server``) plus one ``otter`` object, the per-request
+Otter options an OpenAI client sends through ``extra_body``::
+
+    {"otter": {"guidance": {"weight": 1.5, "top_k": 4, "signal": "helpfulness"},
+               "full_signals": false, "side_stream": true}}
+
+Every problem is a :class:`RequestError` (HTTP 400 unless said otherwise)
+with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Union
+
+from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["RequestError", "OtterOptions", "CompletionRequest", "ChatRequest", "ScoreRequest",
+           "check_sampling"]
+
+
+class RequestError(ValueError):
+    """A request the server refuses: ``status`` (400 by default) and an OpenAI-style error type."""
+
+    def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.type = type
+
+
+class OtterOptions(BaseModel):
+    """The ``otter`` object of a request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    guidance: Optional[Dict[str, Any]] = Field(
+        default=None, description="reward-guided decoding: weight, top_k, mode, signal, trace (docs/API.md)")
+    full_signals: Optional[bool] = Field(
+        default=None, description="token_reward heads: the full signal row (n_vocab floats) of every token")
+    side_stream: bool = Field(default=True, description="false: no Otter signals for this request (no otter field)")
+
+
+class CompletionRequest(CreateCompletionRequest):
+    prompt: Union[str, List[int], List[str]] = Field(
+        default="", description="The prompt: a string, or token ids (no BOS is added to token ids).")
+    otter: Optional[OtterOptions] = None
+
+
+class ChatRequest(CreateChatCompletionRequest):
+    otter: Optional[OtterOptions] = None
+
+
+class ScoreRequest(BaseModel):
+    """``POST /v1/otter/score``: exactly one of ``text`` / ``tokens``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    text: Optional[str] = None
+    tokens: Optional[List[int]] = None
+    add_bos: bool = True
+    special: bool = True
+
+
+def _finite(name: str, v: Union[int, float, None]) -> None:
+    if v is not None and not math.isfinite(float(v)):
+        raise RequestError(f"{name} must be a finite number, got {v!r}", param=name)
+
+
+def check_sampling(req: Union[CompletionRequest, ChatRequest], *, max_tokens_limit: int) -> None:
+    """The checks llama-cpp-python's models leave out; unsupported options are refused, not ignored."""
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty",
+                 "mirostat_tau", "mirostat_eta"):
+        _finite(name, getattr(req, name, None))
+    if req.temperature < 0 or req.temperature > 2:
+        raise RequestError(f"temperature must be in [0, 2], got {req.temperature}", param="temperature")
+    if req.max_tokens is not None:
+        if req.max_tokens < 0:
+            raise RequestError(f"max_tokens must be >= 0, got {req.max_tokens}", param="max_tokens")
+        if req.max_tokens > max_tokens_limit:
+            raise RequestError(f"max_tokens={req.max_tokens} exceeds this server's limit of {max_tokens_limit} "
+                               f"(--max-tokens-limit)", param="max_tokens")
+    if (req.n or 1) != 1:
+        raise RequestError("n must be 1 (one choice per request)", param="n")
+    if getattr(req, "best_of", 1) not in (None, 1):
+        raise RequestError("best_of must be 1", param="best_of")
+    if req.min_tokens:
+        raise RequestError("min_tokens is not supported", param="min_tokens")
+    if req.logprobs:
+        raise RequestError("logprobs are not supported by otter-gguf serve (the otter field carries the "
+                           "per-token signals)", param="logprobs")
+    if req.logit_bias_type not in (None, "tokens"):
+        raise RequestError("logit_bias_type must be 'tokens'", param="logit_bias_type")
+    if req.seed is not None and not 0 <= req.seed < 2 ** 32:
+        raise RequestError(f"seed must be in [0, 2**32), got {req.seed}", param="seed")
+
+
+def logit_bias(req: Union[CompletionRequest, ChatRequest], n_vocab: int) -> Optional[Dict[int, float]]:
+    """``logit_bias`` with token-id keys (checked against the vocabulary)."""
+    if not req.logit_bias:
+        return None
+    out: Dict[int, float] = {}
+    for k, v in req.logit_bias.items():
+        try:
+            t = int(k)
+        except ValueError:
+            raise RequestError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
+        if not 0 <= t < n_vocab:
+            raise RequestError(f"logit_bias token id {t} is outside the vocabulary (0..{n_vocab - 1})",
+                               param="logit_bias")
+        _finite("logit_bias", v)
+        out[t] = float(v)
+    return out
+
+
+def stop_list(stop: Union[str, List[str], None]) -> List[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)

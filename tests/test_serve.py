@@ -1,0 +1,425 @@
+"""otter-gguf serve: the OpenAI API with the `otter` field, checked with the official
+`openai` client and raw HTTP against the Python API (OtterLlama) on the tiny models."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import numpy as np
+import pytest
+
+from helpers import LLAMA_KW
+
+pytestmark = pytest.mark.runtime
+
+PROMPT = "The quick brown"
+# the Python API's sampling defaults differ from the server request's (repeat_penalty 1.0 vs 1.1)
+SAME = dict(temperature=0, extra_body={"repeat_penalty": 1.0})
+# signals of the same tokens from differently shaped decodes (batch, prefix reuse) round differently:
+# the tolerance of tests/test_api.py
+TOL = dict(rtol=1e-3, atol=2e-3)
+
+
+def _serve(path, **kw):
+    from otter_gguf.server import ServeConfig, create_app
+    from otter_gguf.server.background import BackgroundServer
+
+    cfg = ServeConfig(model=str(path), **{**dict(parallel=4, ctx_size=256, n_batch=64, threads=1), **kw})
+    return cfg, BackgroundServer(create_app(cfg)).start()
+
+
+@pytest.fixture(scope="module")
+def server(gguf_models):
+    cfg, s = _serve(gguf_models.otter("reward3"))
+    s.cfg = cfg
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def token_server(gguf_models):
+    cfg, s = _serve(gguf_models.otter("token_reward"), parallel=2)
+    s.cfg = cfg
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def py3(gguf_models):
+    from otter_gguf.runtime.llama import OtterLlama
+
+    return OtterLlama(str(gguf_models.otter("reward3")), n_seq_max=5, **LLAMA_KW)
+
+
+@pytest.fixture(scope="module")
+def py_token(gguf_models):
+    from otter_gguf.runtime.llama import OtterLlama
+
+    return OtterLlama(str(gguf_models.otter("token_reward")), **LLAMA_KW)
+
+
+def _client(s, key="unused"):
+    import openai
+
+    return openai.OpenAI(base_url=s.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _http(s, method, path, body=None, headers=None, raw=None):
+    """(status, headers, body bytes) of one raw HTTP request."""
+    conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    out = r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    conn.close()
+    return out
+
+
+def _concat(blocks):
+    """The otter blocks of a stream joined (token lists concatenated)."""
+    keys = ("tokens", "token_texts", "text_offset", "signals", "rewards", "token_rewards")
+    out = {k: [] for k in keys if blocks and blocks[0].get(k) is not None}
+    for b in blocks:
+        for k in out:
+            out[k] += b[k]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# completions and chat with the openai client
+# ---------------------------------------------------------------------------
+def test_completion_equals_python_api_and_rewards_equal_score(server, py3):
+    r = _client(server).completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=10, **SAME)
+    ch = r.model_dump()["choices"][0]
+    o = ch["otter"]
+    ref = py3(PROMPT, max_tokens=10, temperature=0)["choices"][0]
+    assert ch["text"] == ref["text"] and ch["finish_reason"] == ref["finish_reason"] == "length"
+    assert o["tokens"] == ref["otter"]["tokens"] and len(o["tokens"]) == r.usage.completion_tokens == 10
+    for k in ("token_texts", "text_offset", "head_kind", "signal_names"):
+        assert o[k] == ref["otter"][k], k
+    np.testing.assert_allclose(o["signals"], ref["otter"]["signals"], **TOL)
+    assert o["signal_names"] == ["helpfulness", "harmlessness", "honesty"]
+    assert [list(d) for d in o["rewards"]] == [o["signal_names"]] * 10
+    # rewards == score(prompt + completion) at the completion's positions
+    prompt_toks = py3.tokenize(PROMPT.encode())
+    sc = py3.score(tokens=prompt_toks + o["tokens"])
+    got = np.array([[d[n] for n in o["signal_names"]] for d in o["rewards"]])
+    np.testing.assert_allclose(got, sc.signals[len(prompt_toks):], **TOL)
+    assert r.usage.prompt_tokens == len(prompt_toks)
+
+
+def test_stream_chunks_concatenate_to_the_result(server):
+    c = _client(server)
+    full = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=12, stop=["Q"], **SAME)
+    chunks = [x.model_dump() for x in c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=12,
+                                                           stop=["Q"], stream=True, **SAME)]
+    ch = full.model_dump()["choices"][0]
+    assert "".join(x["choices"][0]["text"] for x in chunks) == ch["text"]
+    assert [x["choices"][0]["finish_reason"] for x in chunks][-1] == ch["finish_reason"]
+    assert all(x["choices"][0]["finish_reason"] is None for x in chunks[:-1])
+    joined = _concat([x["choices"][0]["otter"] for x in chunks])
+    for k, v in joined.items():
+        if k in ("signals", "rewards"):
+            np.testing.assert_allclose(np.array([list(d.values()) if isinstance(d, dict) else d for d in v]),
+                                       np.array([list(d.values()) if isinstance(d, dict) else d
+                                                 for d in ch["otter"][k]]), atol=1e-5)
+        else:
+            assert v == ch["otter"][k], k
+    for x in chunks[:-1]:  # a chunk carries the tokens of its text
+        o = x["choices"][0]["otter"]
+        assert o["tokens"] and "".join(o["token_texts"]).startswith(x["choices"][0]["text"][:1])
+
+
+def test_stop_string_cuts_text_keeps_tokens(server, py3):
+    ref = py3(PROMPT, max_tokens=10, temperature=0)["choices"][0]
+    stop = ref["text"][5:7]  # a stop inside the greedy completion
+    r = _client(server).completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=10, stop=[stop], **SAME)
+    ch = r.model_dump()["choices"][0]
+    py = py3(PROMPT, max_tokens=10, temperature=0, stop=[stop])["choices"][0]
+    assert ch["text"] == py["text"] == ref["text"][: ref["text"].index(stop)]
+    assert ch["finish_reason"] == "stop" and ch["otter"]["tokens"] == py["otter"]["tokens"]
+    np.testing.assert_allclose(ch["otter"]["signals"], py["otter"]["signals"], **TOL)
+
+
+def test_chat_streamed_and_not(server, py3):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    c = _client(server)
+    r = c.chat.completions.create(model=server.cfg.name, messages=msgs, max_tokens=8, **SAME).model_dump()
+    ref = py3.create_chat_completion(messages=msgs, max_tokens=8, temperature=0)["choices"][0]
+    ch = r["choices"][0]
+    assert ch["message"]["content"] == ref["message"]["content"]
+    assert ch["otter"]["tokens"] == ref["otter"]["tokens"]
+    np.testing.assert_allclose(ch["otter"]["signals"], ref["otter"]["signals"], **TOL)
+    chunks = [x.model_dump() for x in c.chat.completions.create(model=server.cfg.name, messages=msgs, max_tokens=8,
+                                                                stream=True, **SAME)]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[0]["choices"][0]["otter"] is None
+    text = "".join(x["choices"][0]["delta"].get("content") or "" for x in chunks)
+    assert text == ch["message"]["content"]
+    assert _concat([x["choices"][0]["otter"] for x in chunks[1:]])["tokens"] == ch["otter"]["tokens"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == ch["finish_reason"]
+
+
+def test_guidance_extra_body_equals_python_api(server, py3):
+    c = _client(server)
+    for g, temp, seed in (({"weight": 2.0, "top_k": 3, "signal": "honesty"}, 0, None),
+                          ({"weight": 1.5, "top_k": 3, "signal": {"helpfulness": 0.5, "harmlessness": 1.0},
+                            "trace": True}, 0.9, 7)):
+        r = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=8, temperature=temp, seed=seed,
+                                 extra_body={"repeat_penalty": 1.0, "otter": {"guidance": g}}).model_dump()
+        ref = py3(PROMPT, max_tokens=8, temperature=temp, seed=seed, guidance=g)["choices"][0]
+        o = r["choices"][0]["otter"]
+        assert o["tokens"] == ref["otter"]["tokens"] and r["choices"][0]["text"] == ref["text"]
+        plain = py3(PROMPT, max_tokens=8, temperature=0)["choices"][0]["otter"]["tokens"]
+        assert o["tokens"] != plain  # guidance changed the completion
+        np.testing.assert_allclose(o["signals"], ref["otter"]["signals"], **TOL)
+        if g.get("trace"):
+            assert [s["chosen"] for s in o["guidance"]] == o["tokens"]
+            assert [s["candidates"] for s in o["guidance"]] == [s["candidates"] for s in ref["otter"]["guidance"]]
+
+
+def test_token_reward_head_guidance_and_full_signals(token_server, py_token):
+    c = _client(token_server)
+    name = token_server.cfg.name
+    for g, temp, seed in (({"weight": 3.0, "top_k": 5}, 0.8, 11), ({"weight": 2.0, "mode": "dexperts"}, 0.7, 3)):
+        r = c.completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=temp, seed=seed,
+                                 extra_body={"repeat_penalty": 1.0, "otter": {"guidance": g}}).model_dump()
+        ref = py_token(PROMPT, max_tokens=8, temperature=temp, seed=seed, guidance=g)["choices"][0]
+        o = r["choices"][0]["otter"]
+        assert o["tokens"] == ref["otter"]["tokens"]
+        np.testing.assert_allclose(o["token_rewards"], ref["otter"]["token_rewards"], **TOL)
+        assert o["signals"] is None and "rewards" not in o
+    r = c.completions.create(model=name, prompt=PROMPT, max_tokens=5, temperature=0,
+                             extra_body={"repeat_penalty": 1.0, "otter": {"full_signals": True}}).model_dump()
+    o = r["choices"][0]["otter"]
+    rows = np.array(o["signals"])
+    assert rows.shape == (5, py_token.n_vocab()) and o["head_kind"] == "token_reward"
+    # token_rewards[i] = row of the previous position at the token
+    np.testing.assert_allclose(o["token_rewards"][1:], [rows[i - 1][t] for i, t in enumerate(o["tokens"]) if i],
+                               atol=1e-6)
+    sc = py_token.score(tokens=py_token.tokenize(PROMPT.encode()) + o["tokens"])
+    np.testing.assert_allclose(rows, sc.signals[-5:], **TOL)
+
+
+def test_side_stream_off_for_one_request(server):
+    c = _client(server)
+    on = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=6, **SAME).model_dump()
+    off = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=6, temperature=0,
+                               extra_body={"repeat_penalty": 1.0, "otter": {"side_stream": False}}).model_dump()
+    assert "otter" not in off["choices"][0] and off["choices"][0]["text"] == on["choices"][0]["text"]
+    again = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=6, **SAME).model_dump()
+    assert again["choices"][0]["otter"] == on["choices"][0]["otter"]  # the next request is unaffected
+
+
+def test_score_endpoint_equals_score(server, py3):
+    ref = py3.score("Paris is the capital of France.")
+    st, _, body = _http(server, "POST", "/v1/otter/score", {"text": "Paris is the capital of France."})
+    assert st == 200
+    d = json.loads(body)
+    assert d["tokens"] == ref.tokens and d["signal_names"] == ref.signal_names and d["head_kind"] == "reward"
+    np.testing.assert_allclose(d["signals"], ref.signals, **TOL)
+    assert d["token_texts"] == ref.token_texts
+    assert d["rewards"][2] == dict(zip(ref.signal_names, d["signals"][2]))
+    st, _, body = _http(server, "POST", "/v1/otter/score", {"tokens": ref.tokens[:4]})
+    np.testing.assert_allclose(json.loads(body)["signals"], ref.signals[:4], **TOL)
+
+
+def test_models_health_metrics(server):
+    m = _client(server).models.list().model_dump()
+    (info,) = m["data"]
+    assert info["id"] == server.cfg.name
+    assert info["otter"] == {"head_kind": "reward", "n_out": 3,
+                             "signal_names": ["helpfulness", "harmlessness", "honesty"], "heads": []}
+    st, _, body = _http(server, "GET", "/health")
+    h = json.loads(body)
+    assert st == 200 and h["status"] == "ok" and h["slots_idle"] == 4 and h["queue_depth"] == 0
+    _client(server).completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=3, **SAME)
+    st, hdr, body = _http(server, "GET", "/metrics")
+    text = body.decode()
+    assert st == 200 and hdr["content-type"].startswith("text/plain")
+    vals = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+    assert vals['otter_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
+    assert vals["otter_generated_tokens_total"] >= 3 and vals["otter_queue_depth"] == 0
+    assert vals["otter_sequences_total"] == 4 and vals["otter_request_latency_seconds_count"] >= 1
+    assert vals['otter_time_to_first_token_seconds_bucket{le="+Inf"}'] >= 1
+    assert "# TYPE otter_request_latency_seconds histogram" in text
+
+
+# ---------------------------------------------------------------------------
+# raw HTTP: SSE framing, errors
+# ---------------------------------------------------------------------------
+def test_sse_framing(server):
+    st, hdr, body = _http(server, "POST", "/v1/completions",
+                          {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True})
+    assert st == 200 and hdr["content-type"].startswith("text/event-stream")
+    text = body.decode()
+    assert text.endswith("data: [DONE]\n\n")
+    events = text.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    data = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(d["object"] == "text_completion" and len(d["choices"]) == 1 for d in data)
+    assert sum(len(d["choices"][0]["otter"]["tokens"]) for d in data) == 5
+    st, hdr, body = _http(server, "POST", "/v1/chat/completions",
+                          {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True})
+    events = body.decode().split("\n\n")[:-1]
+    assert events[-1] == "data: [DONE]" and json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+BAD = [
+    ("/v1/completions", b'{"prompt": "x", ', "not valid JSON"),
+    ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"signal": "nope"}}}, "unknown signal name 'nope'"),
+    ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"mode": "dexperts", "signal": "honesty"}}},
+     "needs a 'token_reward' head"),
+    ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"top_k": 4}}}, "choose one with signal="),
+    ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"top_k": 4, "signal": "honesty"}}},
+     "needs 5 sequences; this server has --parallel 4"),
+    ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"weight": "big", "signal": "honesty"}}}, "weight"),
+    ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"top_k": 0, "signal": "honesty"}}}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"colour": 1}}}, "unknown guidance option"),
+    ("/v1/completions", {"prompt": "x", "otter": {"heads": 1}}, "otter.heads: Extra inputs are not permitted"),
+    ("/v1/completions", {"prompt": "x", "otter": {"side_stream": False, "guidance": {"signal": "honesty",
+                                                                                     "top_k": 2}}}, "side stream"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
+    ("/v1/completions", {"prompt": "x", "temperature": 7}, "temperature must be in [0, 2]"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, "exceeds this server's limit"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, "n must be 1"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs are not supported"),
+    ("/v1/completions", {"prompt": ""}, "prompt is empty"),
+    ("/v1/completions", {"prompt": [1, 2, 99999]}, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "word " * 400}, "context per request is 256"),
+    ("/v1/completions", {"prompt": "x", "grammar": "root ::= ("}, "grammar: "),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages is empty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+     "tools is not supported"),
+    ("/v1/otter/score", {"text": "a", "tokens": [1]}, "exactly one of text and tokens"),
+    ("/v1/otter/score", {"tokens": []}, "nothing to score"),
+    ("/v1/otter/score", {"tokens": [1, -4]}, "outside the vocabulary"),
+]
+
+
+@pytest.mark.parametrize("path,body,msg", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_requests_are_400_with_a_message(server, path, body, msg):
+    raw = body if isinstance(body, bytes) else None
+    st, hdr, out = _http(server, "POST", path, None if raw else body, raw=raw)
+    assert st == 400, out
+    err = json.loads(out)["error"]
+    assert msg in err["message"] and err["type"] == "invalid_request_error" and err["code"] == 400
+
+
+def test_bad_requests_other_codes(server):
+    st, _, out = _http(server, "POST", "/v1/completions", {"model": "other", "prompt": "x"})
+    assert st == 404 and "not served here" in json.loads(out)["error"]["message"]
+    big = {"prompt": "x" * (server.cfg.max_request_bytes + 10)}
+    st, _, out = _http(server, "POST", "/v1/completions", big)
+    assert st == 413 and "--max-request-bytes" in json.loads(out)["error"]["message"]
+    st, _, out = _http(server, "GET", "/v1/nothing")
+    assert st == 404 and json.loads(out)["error"]["code"] == 404
+    # the openai client raises its own typed errors on them
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="unknown signal name"):
+        _client(server).completions.create(model=server.cfg.name, prompt="x",
+                                           extra_body={"otter": {"guidance": {"signal": "nope"}}})
+
+
+def test_plain_model_serves_without_otter(gguf_models):
+    cfg, s = _serve(gguf_models.base, parallel=2)
+    try:
+        r = _client(s).completions.create(model=cfg.name, prompt=PROMPT, max_tokens=4, temperature=0).model_dump()
+        assert "otter" not in r["choices"][0] and r["usage"]["completion_tokens"] == 4
+        assert "otter" not in _client(s).models.list().model_dump()["data"][0]
+        st, _, out = _http(s, "POST", "/v1/otter/score", {"text": "hi"})
+        assert st == 400 and "has no Otter head" in json.loads(out)["error"]["message"]
+        st, _, out = _http(s, "POST", "/v1/completions", {"prompt": "x", "otter": {"guidance": {}}})
+        assert st == 400 and "has no Otter head" in json.loads(out)["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_api_key_and_queue_bound(gguf_models):
+    import openai
+
+    cfg, s = _serve(gguf_models.otter("reward1"), parallel=1, queue_size=1, api_key="s3cret")
+    try:
+        for hdr in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            st, _, out = _http(s, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}, headers=hdr)
+            assert st == 401 and json.loads(out)["error"]["type"] == "authentication_error"
+        st, _, _ = _http(s, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert st == 401
+        assert _http(s, "GET", "/health")[0] == 200  # load balancers probe without a key
+        with pytest.raises(openai.AuthenticationError):
+            _client(s, "wrong").models.list()
+        ok = _client(s, "s3cret")
+        assert ok.completions.create(model=cfg.name, prompt="x", max_tokens=2).usage.completion_tokens == 2
+        # one sequence busy with a long stream, one request waiting: the next one is refused with 503
+        eos = s.server.config.app.state.server.llm.token_eos()
+        stream = ok.completions.create(model=cfg.name, prompt=PROMPT, max_tokens=200, stream=True,
+                                       logit_bias={str(eos): -100.0})
+        next(iter(stream))
+        import threading
+
+        waiting = threading.Thread(target=lambda: ok.completions.create(model=cfg.name, prompt="x", max_tokens=1))
+        waiting.start()
+        for _ in range(200):
+            if s.server.config.app.state.server.engine.queue_depth == 1:
+                break
+            import time
+
+            time.sleep(0.01)
+        st, hdr, out = _http(s, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1},
+                             headers={"Authorization": "Bearer s3cret"})
+        assert st == 503 and hdr["retry-after"] == "1" and "server busy" in json.loads(out)["error"]["message"]
+        stream.close()  # disconnect: frees the sequence, the waiting request runs
+        waiting.join(60)
+        assert not waiting.is_alive()
+    finally:
+        s.stop()
+
+
+def test_cli_serve_subprocess(gguf_models, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from click.testing import CliRunner
+
+    from otter_gguf.cli import main
+
+    path = str(gguf_models.otter("reward1"))
+    res = CliRunner().invoke(main, ["serve", path, "--head", path])
+    assert res.exit_code == 2 and "sidecar Otter heads are not supported yet" in res.output
+    res = CliRunner().invoke(main, ["serve", str(tmp_path / "missing.gguf")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
+    res = CliRunner().invoke(main, ["serve", str(tmp_path / "bad.gguf")])
+    assert res.exit_code == 2 and "Error:" in res.output
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    exe = os.path.join(os.path.dirname(sys.executable), "otter-gguf")
+    proc = subprocess.Popen([exe, "serve", path, "--port", str(port), "-np", "2", "-c", "128", "-t", "1",
+                             "--api-key", "k", "-a", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        class S:
+            host, url = "127.0.0.1", f"http://127.0.0.1:{port}"
+        S.port = port
+        for _ in range(600):
+            try:
+                if _http(S, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.1)
+        r = _client(S, "k").completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
+        o = r.model_dump()["choices"][0]["otter"]
+        assert len(o["tokens"]) == 3 and o["signal_names"] == ["reward"] and r.model == "tiny"
+    finally:
+        proc.terminate()
+        proc.wait(30)
