@@ -122,10 +122,16 @@ def test_installed_package_builds_checks_and_scores_without_a_checkout(kind, dis
     def cli(*args):
         return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env)
 
-    # no runtime yet: --check says so (exit 1) and names this install's series
+    # no runtime yet: --check says so (exit 1) and names this install's series; so does doctor
     r = cli("build-runtime", "--check")
     assert r.returncode == 1 and "no patched runtime" in r.stdout and plan.marker in r.stdout, r.stdout + r.stderr
     assert str(site / "otter_gguf" / "_patches") in r.stdout
+    r = cli("doctor")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "  llama-cpp-python  not installed\n" in r.stdout and "  torch             not installed" in r.stdout
+    assert (f"  package series    {plan.marker} ({site / 'otter_gguf' / '_patches'})" in r.stdout)
+    assert ("1 problem(s):\n  - llama-cpp-python (the runtime) is not installed\n"
+            "    fix: run `otter-gguf build-runtime`") in r.stdout
     # build-runtime takes the cached wheel (same series, CMake args, Python, machine) and installs it
     r = cli("build-runtime")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -141,7 +147,69 @@ def test_installed_package_builds_checks_and_scores_without_a_checkout(kind, dis
         "The quick brown fox")
     assert out["tokens"] == ref.tokens and out["signal_names"] == ["helpfulness", "harmlessness", "honesty"]
     np.testing.assert_allclose(out["signals"], ref.signals, atol=1e-6)
+    # a healthy install
+    r = cli("doctor")
+    assert r.returncode == 0 and r.stdout.endswith("no problems found\n"), r.stdout + r.stderr
+    assert f"  runtime series    {plan.marker}\n" in r.stdout and "  ggml backends     CPU" in r.stdout
+    assert f"  library           {site / 'llama_cpp' / 'lib'}" in r.stdout
+    assert "  llama-cpp-python  0.3.36\n" in r.stdout
     # and the package it ran is the installed one, not this checkout
     r = subprocess.run([str(venv / "bin" / "python"), "-c", "import otter_gguf; print(otter_gguf.__file__)"],
                        capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.stdout.strip().startswith(str(site)), r.stdout
+
+
+# -- doctor ---------------------------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_doctor_reads_the_compiled_cpu_features() -> None:
+    from otter_gguf.tools.doctor import compiled_cpu_features
+
+    info = "CPU : SSE3 = 1 | AVX = 1 | AVX_VNNI = 0 | AVX2 = 1 | AVX512 = 0 | REPACK = 1 | "
+    assert compiled_cpu_features(info) == ["SSE3", "AVX", "AVX2", "REPACK"]
+
+
+@pytest.mark.unit
+def test_doctor_reports_a_runtime_killed_by_an_illegal_instruction(tmp_path: Path) -> None:
+    from otter_gguf.tools import doctor
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nkill -ILL $$\n")
+    fake.chmod(0o755)
+    assert doctor._probe_runtime(str(fake)) == (None, "loading the runtime killed the process (SIGILL)")
+
+
+@pytest.mark.unit
+def test_doctor_names_each_problem_and_its_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otter_gguf.tools import doctor
+
+    want = rb.SERIES_PREFIX + rb.series_id()
+    probe = {"library": "/x/libllama.so", "series": want, "backends": ["CPU"], "devices": ["CPU (x)"],
+             "system_info": "CPU : AVX = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | "}
+    monkeypatch.setattr(doctor, "_version", lambda d: None if d == "torch" else "1.0")
+    monkeypatch.setattr(doctor, "_probe_runtime", lambda python: (dict(probe), None))
+    monkeypatch.setattr(rb, "_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512_vnni"})
+    r = doctor.diagnose()
+    assert r.ok and r.cpu_features == ["AVX", "AVX2", "AVX512", "AVX512_VNNI"]
+    text = doctor.format_report(r)
+    assert f"runtime series    {want}" in text and "ggml backends     CPU" in text
+    assert "torch             not installed (optional" in text and text.endswith("no problems found")
+    # a wheel built on an AVX-512 machine, run on a CPU without it
+    monkeypatch.setattr(rb, "_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c", "bmi2"})
+    r = doctor.diagnose()
+    assert [p.what for p in r.problems] == [
+        "the runtime uses CPU features this CPU lacks: AVX512, AVX512_VNNI (it may crash with an illegal instruction)"]
+    assert "--portable" in r.problems[0].fix
+    # another series, a plain llama.cpp, a crash on load
+    monkeypatch.setattr(rb, "_cpu_flags", lambda: set())
+    for series, what in [("otter-gguf/0123456789abcdef", "the runtime carries the patch series otter-gguf/0123"),
+                         (None, "/x/libllama.so is a plain llama.cpp without the Otter API")]:
+        monkeypatch.setattr(doctor, "_probe_runtime", lambda python, s=series: ({**probe, "series": s}, None))
+        (p,) = doctor.diagnose().problems
+        assert p.what.startswith(what) and "otter-gguf build-runtime" in p.fix
+    monkeypatch.setattr(doctor, "_probe_runtime", lambda python: (None, "loading the runtime killed the "
+                                                                  "process (SIGILL)"))
+    r = doctor.diagnose()
+    (p,) = r.problems
+    assert "SIGILL" in p.what and "another CPU" in p.fix and "--portable" in p.fix
+    assert "1 problem(s):\n  - the runtime does not load" in doctor.format_report(r)
