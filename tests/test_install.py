@@ -213,3 +213,28 @@ def test_doctor_names_each_problem_and_its_fix(monkeypatch: pytest.MonkeyPatch) 
     (p,) = r.problems
     assert "SIGILL" in p.what and "another CPU" in p.fix and "--portable" in p.fix
     assert "1 problem(s):\n  - the runtime does not load" in doctor.format_report(r)
+
+
+# -- llama.cpp's log in the CLI, run's default context ---------------------------------------------
+
+@pytest.mark.runtime
+def test_llama_log_only_with_verbose_and_run_uses_the_training_context(gguf_models, tmp_path):
+    from gguf import GGUFReader
+
+    model = gguf_models.otter("reward1")
+    n_train = int(GGUFReader(model).fields["llama.context_length"].contents())
+    assert n_train == 2048  # the tiny llama fixture: smaller than run's default 4096
+    exe = str(Path(sys.executable).parent / "otter-gguf")
+    args = ["run", str(model), "-p", "hello world", "-n", "2", "--temp", "0", "--threads", "1"]
+    quiet = subprocess.run([exe, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    # no llama.cpp line reaches a user: not the context setup, not "padding V cache", not n_ctx_train
+    assert quiet.stderr == "", quiet.stderr
+    loud = subprocess.run([exe, "--verbose", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert loud.returncode == 0, loud.stderr
+    assert quiet.stdout.splitlines()[:3] == loud.stdout.splitlines()[:3]  # same greedy tokens
+    assert f"llama_context: n_ctx                 = {n_train}" in loud.stderr, loud.stderr[-3000:]
+    assert "n_ctx_seq (4096) > n_ctx_train" not in loud.stderr
+    # an explicit --ctx-size is kept (and llama.cpp's warning about it goes to the log, shown with -v)
+    big = subprocess.run([exe, "-v", *args, "--ctx-size", "4096"], capture_output=True, text=True, cwd=tmp_path)
+    assert big.returncode == 0 and "n_ctx_seq (4096) > n_ctx_train (2048)" in big.stderr, big.stderr[-2000:]

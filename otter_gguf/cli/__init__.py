@@ -21,8 +21,13 @@ from otter_gguf.cli.train import train_command
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="otter-gguf")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show llama.cpp's log (model loading, context setup) on stderr; without it, errors only.")
+def main(verbose: bool) -> None:
     """Otter reward heads on llama.cpp: train, convert, inspect, run, score."""
+    from otter_gguf.cli import logs
+
+    logs.configure(verbose)
 
 
 for _command in (build_runtime_command, convert_command, inspect_command, run_command, score_command,

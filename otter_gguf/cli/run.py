@@ -23,10 +23,27 @@ CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3,
                "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
 
 
+DEFAULT_CTX = 4096
+
+
+def _default_ctx(model: str) -> int:
+    """DEFAULT_CTX, or the model's training context (GGUF ``<arch>.context_length``) when smaller."""
+    from otter_gguf_converter.errors import ConvertError
+    from otter_gguf_converter.gguf_io import field_value, open_gguf
+
+    try:
+        reader = open_gguf(model, "model")
+        train = field_value(reader, f"{field_value(reader, 'general.architecture')}.context_length")
+    except (ConvertError, ValueError, OSError):
+        return DEFAULT_CTX  # the loader names what is wrong with the file
+    return min(DEFAULT_CTX, int(train)) if train else DEFAULT_CTX
+
+
 def _context_options(f):
     opts = [
-        click.option("-c", "--ctx-size", type=click.IntRange(min=0), default=4096, show_default=True,
-                     help="Context size in tokens (0 = the model's training context)."),
+        click.option("-c", "--ctx-size", type=click.IntRange(min=0), default=None,
+                     help=f"Context size in tokens (0 = the model's training context). Default: {DEFAULT_CTX}, "
+                          "or the model's training context when smaller."),
         click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
                      help="Threads for generation and batch processing (default: llama-cpp-python's)."),
         click.option("-b", "--batch-size", type=click.IntRange(min=1), default=512, show_default=True,
@@ -47,11 +64,15 @@ def _context_options(f):
 
 def _load(model: str, *, ctx_size, threads, batch_size, flash_attn, cache_type_k, cache_type_v, seed,
           guidance=None, otter: bool = True):
+    from otter_gguf.cli import logs
     from otter_gguf.runtime.llama import OtterLlama
 
+    logs.route_llama_logs()
+    if ctx_size is None:
+        ctx_size = _default_ctx(model)
     kw: dict[str, Any] = dict(n_ctx=ctx_size, n_batch=batch_size, flash_attn=flash_attn,
                               type_k=CACHE_TYPES[cache_type_k], type_v=CACHE_TYPES[cache_type_v],
-                              verbose=False, otter=otter)
+                              verbose=logs.verbose(), otter=otter)
     if threads is not None:
         kw.update(n_threads=threads, n_threads_batch=threads)
     if seed is not None:
