@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import http.client
+import inspect
 import json
 
 import numpy as np
@@ -228,8 +229,9 @@ def test_models_health_metrics(server):
     m = _client(server).models.list().model_dump()
     (info,) = m["data"]
     assert info["id"] == server.cfg.name
-    assert info["otter"] == {"head_kind": "reward", "n_out": 3,
-                             "signal_names": ["helpfulness", "harmlessness", "honesty"], "heads": []}
+    names = ["helpfulness", "harmlessness", "honesty"]
+    assert info["otter"] == {"head_kind": "reward", "n_out": 3, "signal_names": names,
+                             "heads": [{"name": "model", "head_kind": "reward", "n_out": 3, "signal_names": names}]}
     st, _, body = _http(server, "GET", "/health")
     h = json.loads(body)
     assert st == 200 and h["status"] == "ok" and h["slots_idle"] == 4 and h["queue_depth"] == 0
@@ -390,9 +392,14 @@ def test_cli_serve_subprocess(gguf_models, tmp_path):
 
     from otter_gguf.cli import main
 
+    from otter_gguf.runtime.llama import OtterLlama
+
     path = str(gguf_models.otter("reward1"))
-    res = CliRunner().invoke(main, ["serve", path, "--head", path])
-    assert res.exit_code == 2 and "sidecar Otter heads are not supported yet" in res.output
+    res = CliRunner().invoke(main, ["serve", path, "--head", str(tmp_path / "nohead.gguf")])
+    assert res.exit_code == 2 and "nohead.gguf': no such file" in res.output
+    if "otter_heads" not in inspect.signature(OtterLlama.__init__).parameters:
+        res = CliRunner().invoke(main, ["serve", path, "--head", path])
+        assert res.exit_code == 2 and "sidecar Otter heads are not supported yet" in res.output
     res = CliRunner().invoke(main, ["serve", str(tmp_path / "missing.gguf")])
     assert res.exit_code == 2 and "does not exist" in res.output
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf")

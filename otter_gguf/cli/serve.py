@@ -16,8 +16,9 @@ from otter_gguf.cli.errors import reported
 
 @click.command("serve")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--head", "heads", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="A sidecar Otter head GGUF to load next to MODEL (repeatable; signals named head/signal).")
+@click.option("--head", "heads", multiple=True, metavar="[NAME=]PATH",
+              help="A sidecar Otter head GGUF to load next to MODEL (repeatable; with several heads the "
+                   "signals are named NAME/signal).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port.")
 @click.option("--api-key", default=None, envvar="OTTER_API_KEY",
@@ -47,12 +48,16 @@ def serve_command(model, heads, host, port, api_key, alias, parallel, ctx_size, 
     `otter` field (tokens, rewards, signals, offsets); concurrent requests are batched."""
     from otter_gguf.server import HeadsNotSupported, ServeConfig, serve
 
+    for h in heads:
+        path = h.partition("=")[2] or h
+        if not os.path.isfile(path):
+            raise click.BadParameter(f"{path!r}: no such file", param_hint="--head")
     cfg = ServeConfig(model=model, heads=list(heads), host=host, port=port, api_key=api_key or None,
                       model_alias=alias, parallel=parallel, ctx_size=ctx_size, n_batch=batch_size, threads=threads,
                       flash_attn={"on": True, "off": False}.get(flash_attn, "auto"), queue_size=queue_size,
                       max_tokens_limit=max_tokens_limit, max_request_bytes=max_request_bytes, seed=seed,
                       verbose=verbose)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("OTTER_NO_KEY_OK"):
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"otter-gguf serve: warning: listening on {host} without --api-key", err=True)
     with reported("serve", HeadsNotSupported, ValueError):
         serve(cfg)

@@ -107,6 +107,7 @@ class Server:
         m.gauge("batch_tokens_total", "tokens decoded in batches (candidates included)", lambda: e.tokens_decoded,
                 kind="counter")
         m.gauge("decode_steps_total", "llama_decode calls", lambda: e.steps, kind="counter")
+        m.gauge("batch_sequences_peak", "most requests decoded in one step since the start", lambda: e.peak_sequences)
 
     def _on_step(self, n_tokens: int, seconds: float) -> None:
         self.metrics.observe("decode_step_seconds", "duration of one batched decode step", seconds)
@@ -260,8 +261,15 @@ class Server:
         info: Dict[str, Any] = {"object": "model", "id": self.name, "owned_by": "otter-gguf", "permissions": [],
                                 "created": 0}
         if llm.has_otter:
+            heads = getattr(llm, "otter_heads", None)  # sidecar heads: OtterHead(name, n_out, head_kind, names)
+            if heads:
+                heads = [{"name": h.name, "head_kind": h.head_kind, "n_out": h.n_out,
+                          "signal_names": list(h.signal_names)} for h in heads]
+            else:
+                heads = [{"name": "model", "head_kind": llm.head_kind, "n_out": llm.n_out,
+                          "signal_names": llm.signal_names}]
             info["otter"] = {"head_kind": llm.head_kind, "n_out": llm.n_out, "signal_names": llm.signal_names,
-                             "heads": list(self.cfg.heads)}
+                             "heads": heads}
         return {"object": "list", "data": [info]}
 
 

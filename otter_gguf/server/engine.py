@@ -204,7 +204,8 @@ class Engine:
         self.tokens_decoded = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
-        # the chat end-of-generation test of the Python API
+        self.peak_sequences = 0  # most requests decoded in one step
+        # end-of-generation tokens (llama_vocab_is_eog), as the Python API tests them
         self._vocab = llm._model.vocab
         for s in range(parallel):
             llama_cpp.llama_memory_seq_rm(self._mem, s, -1, -1)
@@ -448,6 +449,7 @@ class Engine:
                 self._src.set_all_positions(False)
         self.steps += 1
         self.tokens_decoded += n
+        self.peak_sequences = max(self.peak_sequences, len(plan))
         return n
 
     # ------------------------------------------------------------------

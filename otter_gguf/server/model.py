@@ -18,7 +18,7 @@ class ServeConfig:
     """The server's settings (``otter-gguf serve`` options)."""
 
     model: str
-    heads: List[str] = field(default_factory=list)
+    heads: List[str] = field(default_factory=list)  # --head PATH or NAME=PATH
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: Optional[str] = None
@@ -45,8 +45,9 @@ class ServeConfig:
 
 def load_model(cfg: ServeConfig, heads: Sequence[str] = ()) -> Any:
     """The :class:`~otter_gguf.runtime.llama.OtterLlama` of ``cfg``: ``n_seq_max = parallel``
-    (unified KV cache), ``n_ctx = parallel * ctx_size``. ``heads`` (``--head``) are
-    passed to OtterLlama as ``otter_heads`` (sidecar Otter heads)."""
+    (unified KV cache), ``n_ctx = parallel * ctx_size``. ``heads`` (``--head PATH`` or
+    ``--head NAME=PATH``) are passed to OtterLlama as ``otter_heads`` (sidecar Otter heads:
+    a list of paths, or a ``{name: path}`` dict)."""
     from otter_gguf.runtime.llama import OtterLlama
 
     if cfg.parallel < 1:
@@ -56,6 +57,11 @@ def load_model(cfg: ServeConfig, heads: Sequence[str] = ()) -> Any:
     kwargs: dict = {}
     heads = list(heads or cfg.heads)
     if heads:
+        named = [h.partition("=") for h in heads]
+        if any(eq for _, eq, _ in named):
+            if not all(eq and name for name, eq, _ in named):
+                raise ValueError("--head: name every head (NAME=PATH) or none of them")
+            heads = {name: path for name, _, path in named}
         if "otter_heads" not in inspect.signature(OtterLlama.__init__).parameters:
             raise HeadsNotSupported(
                 "--head: sidecar Otter heads are not supported yet by this runtime's OtterLlama "
