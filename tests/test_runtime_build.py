@@ -219,3 +219,53 @@ def test_patch_that_does_not_apply_fails_before_cmake_exit_2(tmp_path: Path) -> 
     assert res.returncode == 2, res.stderr
     assert "Error: patch 0001-bad.patch does not apply" in res.stderr and "include/llama.h" in res.stderr
     assert "configuring" not in res.stderr and "Traceback" not in res.stderr
+
+
+# -- --portable, --wheel-out ----------------------------------------------------------------------
+
+_V3_ON = ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
+_V3_OFF = ["-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF",
+           "-DGGML_AVX512_BF16=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
+def test_portable_plan_is_x86_64_v3_whatever_this_cpu_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rb.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS")
+    plans = []
+    for flags in [set(), {"avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}]:
+        monkeypatch.setattr(rb, "_cpu_flags", lambda f=flags: f)
+        plans.append(rb.plan_build(portable=True))
+    a, b = plans
+    assert a.cmake_args == b.cmake_args and a.key == b.key and a.portable
+    args = a.cmake_args
+    assert args[:6] == rb._BASE_CMAKE_ARGS and args[6] == "-DGGML_NATIVE=OFF"
+    assert sorted(args[7:7 + 13]) == sorted(_V3_ON + _V3_OFF)
+    # CMAKE_ARGS (Metal/CUDA/BLAS) still come after ours, the series last
+    assert args[20:] == ["-DGGML_BLAS=ON", "-DGGML_BLAS_VENDOR=OpenBLAS", f"-DLLAMA_OTTER_SERIES={rb.series_id()}"]
+    # a native plan on an AVX-512 machine differs (and so does its cache key)
+    native = rb.plan_build()
+    assert "-DGGML_AVX512=ON" in native.cmake_args and native.key != a.key and not native.portable
+
+
+def _fake_cached_wheel(cache: Path, plan: rb.BuildPlan) -> bytes:
+    d = cache / "wheels" / plan.key
+    d.mkdir(parents=True)
+    data = f"not really a wheel: {plan.key}".encode()
+    (d / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl").write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+def test_wheel_out_keeps_the_wheel_of_the_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, portable) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("OTTER_GGUF_CACHE", str(cache))
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    want = _fake_cached_wheel(cache, rb.plan_build(portable=portable))
+    _fake_cached_wheel(cache, rb.plan_build(portable=not portable))
+    out = tmp_path / "out"
+    args = ["build-runtime", "--no-install", "--wheel-out", str(out)] + (["--portable"] if portable else [])
+    res = subprocess.run([sys.executable, "-m", "otter_gguf.cli", *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    (kept,) = out.iterdir()
+    assert kept.name == "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl" and kept.read_bytes() == want
+    assert f"wheel kept: {kept}" in res.stderr and "installing" not in res.stderr
