@@ -1,0 +1,79 @@
+"""otter-gguf serve without a model: a completion's text (stop strings, streamed deltas,
+multi-byte characters) and the /metrics text."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+PIECES = {1: b"He", 2: b"llo", 3: b" wo", 4: b"rld", 5: b"\xe2\x82", 6: b"\xac!", 7: b"STO", 8: b"P"}
+
+
+def _detok(tokens, prev_tokens=None):
+    return b"".join(PIECES[t] for t in tokens)
+
+
+def _text(stops=()):
+    from otter_gguf.server.text import CompletionText
+
+    return CompletionText(_detok, [99], [s.encode() for s in stops])
+
+
+def test_stop_string_cuts_the_text_and_holds_back_its_prefix():
+    t = _text(["STOP"])
+    assert [t.add(x) for x in (1, 2, 7)] == [True, True, True]
+    assert not t.stopped
+    assert t.release(3) == ("Hello", 0, 2)  # "STO" may start the stop: held back
+    t.add(8)
+    assert t.stopped and t.text == "Hello" and t.tokens == [1, 2, 7, 8]
+    assert t.release(4, final=True) == ("", 2, 2)  # the stop's tokens come with the last chunk
+
+
+def test_first_stop_in_request_order_wins():
+    t = _text(["rld", "llo"])
+    for x in (1, 2, 3, 4):
+        t.add(x)
+    assert t.text == "He"  # checked after every token: "llo" completes first
+    t2 = _text(["wo", "rld"])
+    for x in (1, 2, 3, 4):
+        t2.add(x)
+    assert t2.text == "Hello "
+
+
+def test_multibyte_character_skips_end_checks_and_is_released_whole():
+    t = _text()
+    assert t.add(1) is True
+    assert t.add(5) is False  # inside the euro sign: llama-cpp-python skips stop/max_tokens checks
+    # half a character is not shown; its token goes with the chunk that took its first byte
+    assert t.release(2) == ("He", 0, 2)
+    assert t.add(6) is True
+    assert t.release(3) == ("\u20ac!", 2, 1)
+    assert t.text == "He\u20ac!"
+
+
+def test_deltas_concatenate_to_the_text():
+    t = _text(["xyz"])
+    out = []
+    for i, x in enumerate((1, 2, 3, 4, 5, 6), 1):
+        t.add(x)
+        out.append(t.release(i)[0])
+    out.append(t.release(6, final=True)[0])
+    assert "".join(out) == t.text == "Hello world\u20ac!"
+
+
+def test_metrics_text_format():
+    from otter_gguf.server.metrics import Metrics
+
+    m = Metrics()
+    m.counter("requests_total", "requests", endpoint="/v1/completions", status="200")
+    m.counter("requests_total", "requests", endpoint="/v1/completions", status="200")
+    m.observe("latency_seconds", "latency", 0.3)
+    m.gauge("queue_depth", "waiting", lambda: 2)
+    m.gauge("tokens_total", "tokens", lambda: 7, kind="counter")
+    lines = m.render().splitlines()
+    assert 'otter_requests_total{endpoint="/v1/completions",status="200"} 2' in lines
+    assert "# TYPE otter_latency_seconds histogram" in lines
+    assert 'otter_latency_seconds_bucket{le="0.25"} 0' in lines and 'otter_latency_seconds_bucket{le="0.5"} 1' in lines
+    assert 'otter_latency_seconds_bucket{le="+Inf"} 1' in lines and "otter_latency_seconds_count 1" in lines
+    assert "otter_queue_depth 2" in lines and "# TYPE otter_tokens_total counter" in lines
