@@ -113,6 +113,14 @@ _BUILD_OUTPUT = (["Processing ./llama_cpp_python-0.3.36", "  Installing build de
                  + [f"  [{i}/141] Building CXX object vendor/llama.cpp/src/CMakeFiles/llama.dir/f{i}.cpp.o"
                     for i in range(1, 142)]
                  + ["  *** Installing project into wheel...", "  *** Created llama_cpp_python-0.3.36.whl"])
+# the same steps as verbose Ninja prints them (pip wheel -v): the commands
+_VERBOSE_STEPS = {
+    "  [1/141] /usr/bin/g++ -DGGML_BUILD -O3 -o vendor/CMakeFiles/ggml-base.dir/ggml.cpp.o "
+    "-c /tmp/b/llama_cpp_python-0.3.36/vendor/llama.cpp/ggml/src/ggml.cpp": "ggml.cpp",
+    "  [11/141] : && /usr/bin/g++ -fPIC -O3 -shared -Wl,-soname,libggml-base.so.0 "
+    "-o bin/libggml-base.so.0.25.3 vendor/x.o && :": "libggml-base.so.0.25.3",
+    "  [12/141] Linking CXX shared library bin/libllama.so": "libllama.so",
+}
 
 
 def test_progress_is_phases_and_a_line_per_tenth_of_the_compile_steps() -> None:
@@ -269,3 +277,14 @@ def test_wheel_out_keeps_the_wheel_of_the_plan(tmp_path: Path, monkeypatch: pyte
     (kept,) = out.iterdir()
     assert kept.name == "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl" and kept.read_bytes() == want
     assert f"wheel kept: {kept}" in res.stderr and "installing" not in res.stderr
+
+
+def test_progress_names_the_file_of_each_step() -> None:
+    import io
+
+    for line, name in _VERBOSE_STEPS.items():
+        out = io.StringIO()
+        p = rb.BuildProgress(out, tty=False)
+        p.feed(line)
+        assert out.getvalue().splitlines()[-1].startswith(f"otter-gguf:   [{line.split('[')[1].split(']')[0]}] "
+                                                          f"{name} ("), out.getvalue()

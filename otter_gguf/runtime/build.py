@@ -248,7 +248,9 @@ _PHASES = [
 ]
 _STEP_RE = re.compile(r"^\s*\[(\d+)/(\d+)\]\s*(.*)")  # Ninja: [12/141] Building CXX object .../llama.cpp.o
 _PERCENT_RE = re.compile(r"^\s*\[\s*(\d+)%\]\s*(.*)")  # Make: [ 45%] Building CXX object ...
-_OBJECT_RE = re.compile(r"(?:object|Linking \S+ \S+)\s+(\S+)")
+# what a step makes: a verbose Ninja line is the command (`-c SRC`, or a link's `-o LIB`),
+# a terse one names the object ("Building CXX object DIR/x.cpp.o", "Linking CXX shared library bin/x.so")
+_OBJECT_RE = re.compile(r"\s-c\s+(\S+)|\s-o\s+(\S+\.(?:so|dylib|dll)\S*)|(?:object|library)\s+(\S+)")
 # pip's own lines around a failed build: not worth showing
 _PIP_NOISE_RE = re.compile(r"\s*(note: This error originates|full command: |\[exit status|cwd: |"
                            r"Building wheel for \S+ \(pyproject.toml\): finished with status|\s*$)")
@@ -301,7 +303,8 @@ class BuildProgress:
     def _step(self, n: int, total: int, what: str) -> None:
         self._enter("compiling")
         obj = _OBJECT_RE.search(what)
-        name = Path(obj.group(1)).name.removesuffix(".o") if obj else what.strip()[-40:]
+        made = next((g for g in obj.groups() if g), None) if obj else None
+        name = Path(made).name.removesuffix(".o") if made else what.strip()[-40:]
         self.done, self.total = n, total
         if self.tty:
             if self.bar is None:
