@@ -147,6 +147,12 @@ def test_installed_package_builds_checks_and_scores_without_a_checkout(kind, dis
         "The quick brown fox")
     assert out["tokens"] == ref.tokens and out["signal_names"] == ["helpfulness", "harmlessness", "honesty"]
     np.testing.assert_allclose(out["signals"], ref.signals, atol=1e-6)
+    # runs (greedy: the checkout's tokens), with no llama.cpp line on stderr
+    r = cli("run", model, "-p", "The quick brown fox", "-n", "3", "--temp", "0", "--json", *ctx)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    ref_run = OtterLlama(str(model), n_ctx=256, n_threads=1, n_threads_batch=1, n_batch=64, verbose=False)(
+        "The quick brown fox", max_tokens=3, temperature=0)
+    assert json.loads(r.stdout)["choices"][0]["text"] == ref_run["choices"][0]["text"]
     # a healthy install
     r = cli("doctor")
     assert r.returncode == 0 and r.stdout.endswith("no problems found\n"), r.stdout + r.stderr
