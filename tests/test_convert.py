@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import weakref
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -161,39 +162,82 @@ def check_roundtrip(out: Path, adapter_dir: Path, permuted: bool, outtype_tol: Q
     return errors
 
 
+def tensor_types(path: Path) -> dict:
+    return {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+
+
+def otter_tensor_types(path: Path, adapter_dir: Path) -> dict:
+    """GGUF name -> type of the adapter's tensors in the Otter GGUF ``path``."""
+    names = {gguf_tensor_name(hf) for hf in open_adapter(adapter_dir).tensor_names}
+    return {n: t for n, t in tensor_types(path).items() if n in names}
+
+
+@pytest.fixture(scope="module")
+def reward3_converted(tmp_path_factory, base_gguf, adapter_reward3_dir):
+    """``reward3_converted(outtype)``: the reward3 adapter converted at ``outtype``, once per module."""
+    made: dict = {}
+
+    def make(outtype: str) -> Path:
+        if outtype not in made:
+            out = tmp_path_factory.mktemp(f"reward3-{outtype}") / "o.gguf"
+            made[outtype] = convert(adapter_reward3_dir, base_gguf, out, outtype=outtype, progress=False)
+        return made[outtype]
+
+    return make
+
+
 @pytest.mark.parametrize("outtype", OUTTYPES)
-def test_roundtrip_every_outtype(outtype, base_gguf, adapter_reward3_dir, tmp_path):
-    out = convert(adapter_reward3_dir, base_gguf, tmp_path / "o.gguf", outtype=outtype, progress=False)
-    errs = check_roundtrip(out, adapter_reward3_dir, permuted=True)
-    types = {n: t for n, (t, _) in errs.items()}
-    head = types[gguf_name(T.HEAD)]
+def test_roundtrip_every_outtype(outtype, reward3_converted, adapter_reward3_dir):
+    check_roundtrip(reward3_converted(outtype), adapter_reward3_dir, permuted=True)
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+def test_head_type_every_outtype(outtype, reward3_converted, adapter_reward3_dir):
+    head = otter_tensor_types(reward3_converted(outtype), adapter_reward3_dir)[gguf_name(T.HEAD)]
     if outtype in ("f32", "f16", "bf16", "q8_0"):
         assert head == QT[outtype.upper()]
     else:
         assert head == QT.Q8_0, "the head defaults to at least q8_0"
-    plain = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
-    if outtype in plain:
-        mats = {t for n, t in types.items() if n != gguf_name(T.HEAD) and not n.endswith("norm.weight")
-                and not n.endswith(".bias")}
-        assert mats == {QT[outtype.upper()]}
+
+
+PLAIN_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+
+
+@pytest.mark.parametrize("outtype", PLAIN_OUTTYPES)
+def test_plain_outtype_is_every_matrix_type(outtype, reward3_converted, adapter_reward3_dir):
+    types = otter_tensor_types(reward3_converted(outtype), adapter_reward3_dir)
+    mats = {t for n, t in types.items() if n != gguf_name(T.HEAD) and not n.endswith("norm.weight")
+            and not n.endswith(".bias")}
+    assert mats == {QT[outtype.upper()]}
+
+
+@pytest.mark.parametrize("outtype", OUTTYPES)
+def test_adapter_biases_are_written_every_outtype(outtype, reward3_converted, adapter_reward3_dir):
+    types = otter_tensor_types(reward3_converted(outtype), adapter_reward3_dir)
     # the adapter biases (reward3 has q/k/v and head biases) made it through
     assert gguf_name(T.ATTN_Q, 0, BIAS) in types and gguf_name(T.HEAD, suffix=BIAS) in types
 
 
-def test_mix_types_follow_llama_quantize(base_gguf, adapter_reward1_dir, tmp_path):
-    """L=4: use_more_bits is true for layers 2 and 3; see docs/FORMAT.md."""
-    def types_of(outtype):
-        out = convert(adapter_reward1_dir, base_gguf, tmp_path / f"{outtype}.gguf", outtype=outtype, progress=False)
-        return {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+# L=4: use_more_bits is true for layers 2 and 3; see docs/FORMAT.md
+MIX_TYPES = {
+    "q4_k_m": {
+        **{gguf_name(T.ATTN_V, i): q for i, q in enumerate([QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K])},
+        **{gguf_name(T.FFN_DOWN, i): q for i, q in enumerate([QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K])},
+        gguf_name(T.ATTN_Q, 0): QT.Q4_K, gguf_name(T.TOKEN_EMBD): QT.Q4_K,
+    },
+    "q3_k_m": {
+        **{gguf_name(T.ATTN_V, i): q for i, q in enumerate([QT.Q5_K, QT.Q5_K, QT.Q4_K, QT.Q4_K])},
+        gguf_name(T.FFN_DOWN, 3): QT.Q4_K, gguf_name(T.ATTN_OUT, 1): QT.Q4_K, gguf_name(T.FFN_UP, 1): QT.Q3_K,
+    },
+}
 
-    t = types_of("q4_k_m")
-    assert [t[gguf_name(T.ATTN_V, i)] for i in range(4)] == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
-    assert [t[gguf_name(T.FFN_DOWN, i)] for i in range(4)] == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
-    assert t[gguf_name(T.ATTN_Q, 0)] == QT.Q4_K and t[gguf_name(T.TOKEN_EMBD)] == QT.Q4_K
-    t = types_of("q3_k_m")
-    assert [t[gguf_name(T.ATTN_V, i)] for i in range(4)] == [QT.Q5_K, QT.Q5_K, QT.Q4_K, QT.Q4_K]
-    assert t[gguf_name(T.FFN_DOWN, 3)] == QT.Q4_K and t[gguf_name(T.ATTN_OUT, 1)] == QT.Q4_K
-    assert t[gguf_name(T.FFN_UP, 1)] == QT.Q3_K
+
+@pytest.mark.parametrize("outtype", MIX_TYPES)
+def test_mix_types_follow_llama_quantize(outtype, base_gguf, adapter_reward1_dir, tmp_path):
+    """L=4: use_more_bits is true for layers 2 and 3; see docs/FORMAT.md."""
+    out = convert(adapter_reward1_dir, base_gguf, tmp_path / f"{outtype}.gguf", outtype=outtype, progress=False)
+    t, want = tensor_types(out), MIX_TYPES[outtype]
+    assert {n: t[n] for n in want} == want
 
 
 def test_head_type_option(base_gguf, adapter_reward1_dir, tmp_path):
@@ -205,52 +249,70 @@ def test_head_type_option(base_gguf, adapter_reward1_dir, tmp_path):
     assert t[gguf_name(T.HEAD)] == QT.Q4_0 and t[gguf_name(T.ATTN_Q, 0)] == QT.Q4_0
 
 
-def test_token_reward_roundtrip_and_metadata(base_gguf, adapter_token_reward_dir, tmp_path):
-    out = convert(adapter_token_reward_dir, base_gguf, tmp_path / "o.gguf", outtype="f16", progress=False)
-    check_roundtrip(out, adapter_token_reward_dir, permuted=True)
-    r = GGUFReader(out)
-    f = r.fields
+@pytest.fixture(scope="module")
+def token_reward_f16(tmp_path_factory, base_gguf, adapter_token_reward_dir) -> Path:
+    out = tmp_path_factory.mktemp("token-reward-f16") / "o.gguf"
+    return convert(adapter_token_reward_dir, base_gguf, out, outtype="f16", progress=False)
+
+
+def test_token_reward_roundtrip(token_reward_f16, adapter_token_reward_dir):
+    check_roundtrip(token_reward_f16, adapter_token_reward_dir, permuted=True)
+
+
+def test_token_reward_metadata(token_reward_f16):
+    f = GGUFReader(token_reward_f16).fields
     assert f[Keys.Head.KIND].contents() == HeadKind.TOKEN_REWARD
     assert f[Keys.Head.OUTPUT_SIZE].contents() == 512
     assert f[Keys.Head.SIGNAL_NAMES].contents() == []
     assert f[Keys.Head.SIGNAL_NAMES].parts[3][0] == GGUFValueType.STRING  # element type of the empty array
 
 
-def test_otter_metadata_and_fingerprint(base_gguf, adapter_reward3_dir, tmp_path):
-    out = convert(adapter_reward3_dir, base_gguf, tmp_path / "o.gguf", outtype="q8_0", progress=False)
-    r = GGUFReader(out)
+U32, STR = GGUFValueType.UINT32, GGUFValueType.STRING
+# (key, GGUF type, value: a literal or a function of the adapter's otter_config.json)
+OTTER_METADATA = [
+    (Keys.VERSION, U32, 1),
+    (Keys.BASE_MODEL, STR, itemgetter("base_model")),
+    (Keys.EMBEDDING_LENGTH, U32, itemgetter("otter_hidden_size")),
+    (Keys.Attention.HEAD_COUNT, U32, itemgetter("otter_num_attention_heads")),
+    (Keys.Attention.HEAD_COUNT_KV, U32, itemgetter("otter_num_key_value_heads")),
+    (Keys.FEED_FORWARD_LENGTH, U32, itemgetter("otter_intermediate_size")),
+    (Keys.Head.OUTPUT_SIZE, U32, itemgetter("head_output_size")),
+    (Keys.Head.KIND, STR, HeadKind.REWARD),
+    (Keys.Head.SIGNAL_NAMES, GGUFValueType.ARRAY, itemgetter("signal_names")),
+    (Keys.Base.ARCHITECTURE, STR, "llama"),
+    (Keys.Base.EMBEDDING_LENGTH, U32, 256),
+    (Keys.Base.BLOCK_COUNT, U32, 4),
+    (Keys.Base.ATTENTION_HEAD_COUNT, U32, 4),
+    (Keys.Base.ATTENTION_HEAD_COUNT_KV, U32, 2),
+    (Keys.Base.ATTENTION_KEY_LENGTH, U32, 64),
+    (Keys.Base.FEED_FORWARD_LENGTH, U32, 768),
+    (Keys.Base.VOCAB_SIZE, U32, 512),
+]
+
+
+@pytest.fixture(scope="module")
+def reward3_q8_fields(reward3_converted):
+    return GGUFReader(reward3_converted("q8_0")).fields
+
+
+@pytest.mark.parametrize("key,vtype,want", OTTER_METADATA, ids=[m[0] for m in OTTER_METADATA])
+def test_otter_metadata(key, vtype, want, reward3_q8_fields, adapter_reward3_dir):
     cfg = json.loads((adapter_reward3_dir / "otter_config.json").read_text())
-    f = {k: v for k, v in r.fields.items()}
+    f = reward3_q8_fields[key]
+    assert f.types[0] == vtype, key
+    assert f.contents() == (want(cfg) if callable(want) else want)
 
-    def val(k, vtype):
-        assert f[k].types[0] == vtype, k
-        return f[k].contents()
 
-    U32 = GGUFValueType.UINT32
-    assert val(Keys.VERSION, U32) == 1
-    assert val(Keys.BASE_MODEL, GGUFValueType.STRING) == cfg["base_model"]
-    assert val(Keys.EMBEDDING_LENGTH, U32) == cfg["otter_hidden_size"]
-    assert val(Keys.Attention.HEAD_COUNT, U32) == cfg["otter_num_attention_heads"]
-    assert val(Keys.Attention.HEAD_COUNT_KV, U32) == cfg["otter_num_key_value_heads"]
-    assert val(Keys.FEED_FORWARD_LENGTH, U32) == cfg["otter_intermediate_size"]
-    assert val(Keys.Head.OUTPUT_SIZE, U32) == cfg["head_output_size"]
-    assert val(Keys.Head.KIND, GGUFValueType.STRING) == HeadKind.REWARD
-    assert val(Keys.Head.SIGNAL_NAMES, GGUFValueType.ARRAY) == cfg["signal_names"]
-    assert val(Keys.Base.ARCHITECTURE, GGUFValueType.STRING) == "llama"
-    assert val(Keys.Base.EMBEDDING_LENGTH, U32) == 256
-    assert val(Keys.Base.BLOCK_COUNT, U32) == 4
-    assert val(Keys.Base.ATTENTION_HEAD_COUNT, U32) == 4
-    assert val(Keys.Base.ATTENTION_HEAD_COUNT_KV, U32) == 2
-    assert val(Keys.Base.ATTENTION_KEY_LENGTH, U32) == 64
-    assert val(Keys.Base.FEED_FORWARD_LENGTH, U32) == 768
-    assert val(Keys.Base.VOCAB_SIZE, U32) == 512
+def test_otter_vocab_fingerprint(reward3_q8_fields):
     # FNV-1a 64 recomputed here from the definition in docs/FORMAT.md
-    toks = r.fields["tokenizer.ggml.tokens"]
+    toks = reward3_q8_fields["tokenizer.ggml.tokens"]
     h = 0xCBF29CE484222325
     for i in toks.data:
         for b in bytes(toks.parts[i]) + b"\x00":
             h = ((h ^ b) * 0x100000001B3) % (1 << 64)
-    assert val(Keys.Base.VOCAB_HASH, GGUFValueType.UINT64) == h
+    f = reward3_q8_fields[Keys.Base.VOCAB_HASH]
+    assert f.types[0] == GGUFValueType.UINT64
+    assert f.contents() == h
 
 
 def test_qwen2_is_not_permuted(hf_base_gguf, tiny_qwen2_dir, qwen2_adapter_dir, tmp_path):
@@ -259,7 +321,8 @@ def test_qwen2_is_not_permuted(hf_base_gguf, tiny_qwen2_dir, qwen2_adapter_dir, 
     check_roundtrip(out, qwen2_adapter_dir, permuted=False)
 
 
-def test_block_size_fallback_one_warning(base_gguf, tiny_llama_dir, tmp_path, capfd):
+@pytest.fixture(scope="module")
+def odd_width_adapter(tmp_path_factory) -> Path:
     """d2=100: rows of d+d2=356 fit no quant block (-> f16); f+f2=896 fits 32 but not 256 (q4_k -> q5_0)."""
     from otter_gguf.format.adapter import save_adapter
     from otter_gguf.format.config import OtterConfig
@@ -270,19 +333,34 @@ def test_block_size_fallback_one_warning(base_gguf, tiny_llama_dir, tmp_path, ca
         otter_hidden_size=100, otter_num_attention_heads=4, otter_num_key_value_heads=1,
         otter_intermediate_size=128, head_output_size=1, head_kind=HeadKind.REWARD.value, signal_names=["r"])
     g = np.random.default_rng(0)
-    ad = save_adapter(tmp_path / "ad", cfg, {n: g.standard_normal(s).astype(np.float32)
-                                             for n, s in cfg.required_tensor_shapes().items()})
+    return save_adapter(tmp_path_factory.mktemp("odd-width") / "ad", cfg,
+                        {n: g.standard_normal(s).astype(np.float32) for n, s in cfg.required_tensor_shapes().items()})
+
+
+@pytest.fixture(scope="module")
+def odd_width_q4_k(tmp_path_factory, base_gguf, odd_width_adapter) -> Path:
+    out = tmp_path_factory.mktemp("odd-width-q4_k") / "o.gguf"
+    return convert(odd_width_adapter, base_gguf, out, outtype="q4_k", progress=False)
+
+
+def test_block_size_fallback_one_warning(base_gguf, odd_width_adapter, tmp_path, capfd):
     capfd.readouterr()
-    out = convert(ad, base_gguf, tmp_path / "o.gguf", outtype="q4_k", progress=False)
+    convert(odd_width_adapter, base_gguf, tmp_path / "o.gguf", outtype="q4_k", progress=False)
     err = capfd.readouterr().err
     warn = [ln for ln in err.splitlines() if "fall back" in ln]
     assert len(warn) == 1, err
     assert gguf_name(T.ATTN_Q, 0) in warn[0] and gguf_name(T.FFN_DOWN, 3) in warn[0]
-    t = {x.name: x.tensor_type for x in GGUFReader(out).tensors}
+
+
+def test_block_size_fallback_types(odd_width_q4_k):
+    t = tensor_types(odd_width_q4_k)
     assert t[gguf_name(T.ATTN_Q, 0)] == QT.F16          # ne0 356
     assert t[gguf_name(T.FFN_DOWN, 0)] == QT.Q5_0       # ne0 896
     assert t[gguf_name(T.ATTN_OUT, 0)] == QT.Q4_K    # ne0 (4+4)*64 = 512 fits
-    check_roundtrip(out, ad, permuted=True)
+
+
+def test_block_size_fallback_roundtrip(odd_width_q4_k, odd_width_adapter):
+    check_roundtrip(odd_width_q4_k, odd_width_adapter, permuted=True)
 
 
 def test_streams_one_adapter_tensor_at_a_time(base_gguf, adapter_reward1_dir, tmp_path, monkeypatch):
@@ -332,23 +410,41 @@ def test_base_tensors_and_metadata_byte_identical(base_gguf, adapter_reward1_dir
     assert_base_identical(out, base_gguf)
 
 
-def test_quantized_base_byte_identical(base_q4_gguf, adapter_reward1_dir, tmp_path):
+@pytest.fixture(scope="module")
+def on_q4_base(tmp_path_factory, base_q4_gguf, adapter_reward1_dir) -> Path:
+    """reward1 converted at q8_0 onto the q4_k_m base."""
     rb = GGUFReader(base_q4_gguf)
     assert {t.tensor_type for t in rb.tensors} >= {QT.Q4_K, QT.Q6_K}, "a q4_k_m base"
-    out = convert(adapter_reward1_dir, base_q4_gguf, tmp_path / "o.gguf", outtype="q8_0", progress=False)
-    assert_base_identical(out, base_q4_gguf)
+    out = tmp_path_factory.mktemp("on-q4-base") / "o.gguf"
+    return convert(adapter_reward1_dir, base_q4_gguf, out, outtype="q8_0", progress=False)
+
+
+def test_quantized_base_byte_identical(on_q4_base, base_q4_gguf):
+    assert_base_identical(on_q4_base, base_q4_gguf)
+
+
+def test_quantized_base_fingerprint_from_its_metadata(on_q4_base):
     # the fingerprint comes from the (quantized) base's own metadata
-    assert GGUFReader(out).fields[Keys.Base.VOCAB_SIZE].contents() == 512
+    assert GGUFReader(on_q4_base).fields[Keys.Base.VOCAB_SIZE].contents() == 512
 
 
-def test_custom_alignment_is_kept(base_gguf, adapter_reward1_dir, tmp_path):
-    base = metadata_only_gguf(base_gguf, tmp_path / "base.gguf",
+@pytest.fixture(scope="module")
+def aligned_64(tmp_path_factory, base_gguf, adapter_reward1_dir) -> Path:
+    """reward1 converted at q4_0 onto a base with general.alignment = 64."""
+    d = tmp_path_factory.mktemp("aligned-64")
+    base = metadata_only_gguf(base_gguf, d / "base.gguf",
                               set_kv={"general.alignment": (64, GGUFValueType.UINT32)})
-    out = convert(adapter_reward1_dir, base, tmp_path / "o.gguf", outtype="q4_0", progress=False)
-    r = GGUFReader(out)
+    return convert(adapter_reward1_dir, base, d / "o.gguf", outtype="q4_0", progress=False)
+
+
+def test_custom_alignment_is_kept(aligned_64):
+    r = GGUFReader(aligned_64)
     assert r.alignment == 64 and r.fields["general.alignment"].contents() == 64
     assert r.data_offset % 64 == 0 and all((t.data_offset - r.data_offset) % 64 == 0 for t in r.tensors)
-    check_roundtrip(out, adapter_reward1_dir, permuted=True)
+
+
+def test_custom_alignment_roundtrip(aligned_64, adapter_reward1_dir):
+    check_roundtrip(aligned_64, adapter_reward1_dir, permuted=True)
 
 
 def test_split_gguf_is_refused(base_gguf, adapter_reward1_dir, tmp_path):
@@ -367,48 +463,96 @@ def test_hf_base_mismatch_found_before_converting(tiny_llama_dir, adapter_reward
                        "adapter 4, base 6")
 
 
-def test_hf_base_equals_convert_hf_to_gguf(base_gguf, tiny_llama_dir, adapter_reward1_dir, tmp_path):
-    """convert_hf_base == llama.cpp's convert_hf_to_gguf.py run by hand, byte for byte;
-    and `convert --base HF_DIR` carries exactly that base."""
-    direct = tmp_path / "direct.gguf"
+@pytest.fixture(scope="module")
+def direct_base_gguf(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny llama converted by llama.cpp's convert_hf_to_gguf.py run by hand (f32)."""
+    direct = tmp_path_factory.mktemp("direct") / "direct.gguf"
     script = pinned_llama_cpp_source() / "convert_hf_to_gguf.py"
     res = subprocess.run([sys.executable, str(script), str(tiny_llama_dir), "--outfile", str(direct),
                           "--outtype", "f32"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert direct.read_bytes() == base_gguf.read_bytes()
-    # an HF base through the CLI, quantized after conversion by llama_model_quantize
-    out = tmp_path / "o.gguf"
+    return direct
+
+
+@pytest.fixture(scope="module")
+def hf_base_cli(tmp_path_factory, tiny_llama_dir, adapter_reward1_dir):
+    """(output dir, Otter GGUF, CLI result) of `convert --base HF_DIR --base-outtype q4_0`:
+    an HF base through the CLI, quantized after conversion by llama_model_quantize."""
+    d = tmp_path_factory.mktemp("hf-base-cli")
+    out = d / "o.gguf"
     r = run_cli(["convert", adapter_reward1_dir, "--base", tiny_llama_dir, "--base-outtype", "q4_0",
                  "-o", out, "--outtype", "q8_0", "--no-progress"])
+    return d, out, r
+
+
+def test_hf_base_equals_convert_hf_to_gguf(base_gguf, direct_base_gguf):
+    """convert_hf_base == llama.cpp's convert_hf_to_gguf.py run by hand, byte for byte."""
+    assert direct_base_gguf.read_bytes() == base_gguf.read_bytes()
+
+
+def test_hf_base_cli_succeeds_without_temporary_files(hf_base_cli):
+    d, _, r = hf_base_cli
     assert r.exit_code == 0, r.output
-    assert listing(tmp_path) == ["direct.gguf", "o.gguf"], "no temporary files left"
-    ro, rd = GGUFReader(out), GGUFReader(direct)
+    assert listing(d) == ["o.gguf"], "no temporary files left"
+
+
+def test_hf_base_cli_carries_the_converted_base_tensors(hf_base_cli, direct_base_gguf):
+    ro, rd = GGUFReader(hf_base_cli[1]), GGUFReader(direct_base_gguf)
     n = len(rd.tensors)
     assert sorted(t.name for t in ro.tensors[:n]) == sorted(t.name for t in rd.tensors)  # llama-quantize reorders
+
+
+def test_hf_base_cli_base_quantized_by_llama_quantize(hf_base_cli, direct_base_gguf):
+    ro, n = GGUFReader(hf_base_cli[1]), len(GGUFReader(direct_base_gguf).tensors)
     assert {t.tensor_type for t in ro.tensors[:n]} == {QT.Q4_0, QT.Q6_K, QT.F32}  # llama-quantize's Q4_0 mix
     assert ro.fields["general.file_type"].contents() == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+
+
+def test_hf_base_cli_keeps_the_tokens(hf_base_cli, direct_base_gguf):
+    ro, rd = GGUFReader(hf_base_cli[1]), GGUFReader(direct_base_gguf)
     assert ro.fields["tokenizer.ggml.tokens"].contents() == rd.fields["tokenizer.ggml.tokens"].contents()
-    check_roundtrip(out, adapter_reward1_dir, permuted=True)
-    # the base fixture's own Q rows are llama.cpp-permuted exactly like hf_rows_from_ggml undoes
+
+
+def test_hf_base_cli_roundtrip(hf_base_cli, adapter_reward1_dir):
+    check_roundtrip(hf_base_cli[1], adapter_reward1_dir, permuted=True)
+
+
+@pytest.mark.parametrize("proj,n_head", [("q", 4), ("k", 2)])
+def test_hf_base_rows_are_llama_permuted(proj, n_head, direct_base_gguf, tiny_llama_dir):
+    """The base fixture's own Q/K rows are llama.cpp-permuted exactly like hf_rows_from_ggml undoes."""
     from safetensors.numpy import load_file
 
     hf = load_file(str(tiny_llama_dir / "model.safetensors"))
-    q = {t.name: t for t in GGUFReader(direct).tensors}["blk.1.attn_q.weight"]
-    k = {t.name: t for t in GGUFReader(direct).tensors}["blk.1.attn_k.weight"]
-    assert np.array_equal(hf_rows_from_ggml(dequant(q), 4), hf["model.layers.1.self_attn.q_proj.weight"])
-    assert np.array_equal(hf_rows_from_ggml(dequant(k), 2), hf["model.layers.1.self_attn.k_proj.weight"])
+    t = {t.name: t for t in GGUFReader(direct_base_gguf).tensors}[f"blk.1.attn_{proj}.weight"]
+    assert np.array_equal(hf_rows_from_ggml(dequant(t), n_head), hf[f"model.layers.1.self_attn.{proj}_proj.weight"])
 
 
 # ------------------------------------------------------------ CLI, errors
 
 
-def test_cli_success_with_progress(base_gguf, adapter_reward1_dir, tmp_path):
-    out = tmp_path / "o.gguf"
+@pytest.fixture(scope="module")
+def cli_with_progress(tmp_path_factory, base_gguf, adapter_reward1_dir):
+    """(output dir, Otter GGUF, CLI result) of a convert with the progress bar."""
+    d = tmp_path_factory.mktemp("cli-progress")
+    out = d / "o.gguf"
     r = CliRunner().invoke(cli_main, ["convert", str(adapter_reward1_dir), "--base", str(base_gguf), "-o", str(out),
                                       "--outtype", "q6_k"])
+    return d, out, r
+
+
+def test_cli_success_writes_only_the_output(cli_with_progress):
+    d, _, r = cli_with_progress
     assert r.exit_code == 0, r.output
+    assert listing(d) == ["o.gguf"]
+
+
+def test_cli_progress_names_the_tensors(cli_with_progress):
+    r = cli_with_progress[2]
     assert gguf_name(T.HEAD) in r.stderr  # the progress bar names tensors with their sizes
-    assert listing(tmp_path) == ["o.gguf"]
+
+
+def test_cli_output_is_not_private(cli_with_progress):
+    out = cli_with_progress[1]
     assert oct(out.stat().st_mode & 0o777) != oct(0o600), "not the temp file's private mode"
 
 
@@ -511,13 +655,23 @@ def test_unsupported_architecture_hf(tiny_llama_dir, adapter_reward1_dir, tmp_pa
     _expect_user_error([adapter_reward1_dir, "--base", hf], tmp_path, "GPT2LMHeadModel", "LlamaForCausalLM")
 
 
-def test_bad_base_file(base_gguf, adapter_reward1_dir, tmp_path):
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"not a gguf at all" * 10)
-    _expect_user_error([adapter_reward1_dir, "--base", bad], tmp_path, "not a GGUF file")
-    bad.write_bytes(base_gguf.read_bytes()[:300_000])
-    _expect_user_error([adapter_reward1_dir, "--base", bad], tmp_path, "truncated or corrupt")
-    _expect_user_error([adapter_reward1_dir, "--base", tmp_path / "missing.gguf"], tmp_path, "no such file")
+BAD_BASES = {
+    # case: (make the bad base in tmp_path from the good one, message)
+    "not-gguf": (lambda tmp, good: _write(tmp / "bad.gguf", b"not a gguf at all" * 10), "not a GGUF file"),
+    "truncated": (lambda tmp, good: _write(tmp / "bad.gguf", good.read_bytes()[:300_000]), "truncated or corrupt"),
+    "missing": (lambda tmp, good: tmp / "missing.gguf", "no such file"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", BAD_BASES)
+def test_bad_base_file(case, base_gguf, adapter_reward1_dir, tmp_path):
+    make, msg = BAD_BASES[case]
+    _expect_user_error([adapter_reward1_dir, "--base", make(tmp_path, base_gguf)], tmp_path, msg)
 
 
 def test_base_outtype_with_gguf_base_is_refused(base_gguf, adapter_reward1_dir, tmp_path):
@@ -525,12 +679,21 @@ def test_base_outtype_with_gguf_base_is_refused(base_gguf, adapter_reward1_dir, 
                        "--base-outtype")
 
 
-def test_out_exists_needs_force(base_gguf, adapter_reward1_dir, tmp_path):
+def _existing_out(tmp_path: Path) -> Path:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "o.gguf").write_bytes(b"precious")
+    return out_dir
+
+
+def test_out_exists_needs_force(base_gguf, adapter_reward1_dir, tmp_path):
+    out_dir = _existing_out(tmp_path)
     _expect_user_error([adapter_reward1_dir, "--base", base_gguf], tmp_path, "already exists", "--force")
     assert (out_dir / "o.gguf").read_bytes() == b"precious"
+
+
+def test_out_exists_force_overwrites(base_gguf, adapter_reward1_dir, tmp_path):
+    out_dir = _existing_out(tmp_path)
     r = run_cli(["convert", adapter_reward1_dir, "--base", base_gguf, "-o", out_dir / "o.gguf", "--force",
                  "--no-progress"])
     assert r.exit_code == 0, r.output
