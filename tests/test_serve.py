@@ -48,16 +48,19 @@ def token_server(gguf_models):
 
 @pytest.fixture(scope="module")
 def py3(gguf_models):
-    from otter_gguf.runtime.llama import OtterLlama
-
-    return OtterLlama(str(gguf_models.otter("reward3")), n_seq_max=5, **LLAMA_KW)
+    """The Python API on the reward3 model (the reference of the server's answers)."""
+    return _python_api(gguf_models, "reward3", n_seq_max=5)
 
 
 @pytest.fixture(scope="module")
 def py_token(gguf_models):
+    return _python_api(gguf_models, "token_reward")
+
+
+def _python_api(gguf_models, kind, **kw):
     from otter_gguf.runtime.llama import OtterLlama
 
-    return OtterLlama(str(gguf_models.otter("token_reward")), **LLAMA_KW)
+    return OtterLlama(str(gguf_models.otter(kind)), **kw, **LLAMA_KW)
 
 
 def _client(s, key="unused"):
