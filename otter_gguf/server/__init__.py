@@ -30,10 +30,5 @@ def serve(cfg: ServeConfig) -> None:
     """Load the model and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    from otter_gguf.server.background import listen_socket
-
     app = create_app(cfg)
-    sock = listen_socket(cfg.host, cfg.port)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port,
-                                           log_level="info" if cfg.verbose else "warning"))
-    server.run(sockets=[sock])
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info" if cfg.verbose else "warning")
