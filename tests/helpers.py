@@ -151,6 +151,29 @@ def require_otter_runtime():
     return ll
 
 
+def pristine_lib_dir() -> Path:
+    """libllama built from the pristine pinned source with the runtime's own
+    ISA flags (cached next to the runtime wheels); the directory of its .so files."""
+    import hashlib
+    import subprocess
+
+    from otter_gguf.runtime import build as rb
+    from otter_gguf_converter.llamacpp import LLAMA_CPP_PYTHON_VERSION, cache_dir, pinned_llama_cpp_source
+
+    args = [a for a in rb.default_cmake_args() if a.startswith("-DGGML_")]
+    key = hashlib.sha256(" ".join([LLAMA_CPP_PYTHON_VERSION, *args]).encode()).hexdigest()[:16]
+    build = cache_dir() / "pristine" / key
+    lib = build / "bin"
+    if not (lib / "libllama.so").is_file() and not (lib / "libllama.dylib").is_file():
+        src = pinned_llama_cpp_source()
+        cfg = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+               "-DBUILD_SHARED_LIBS=ON", *rb._BASE_CMAKE_ARGS, *args]
+        subprocess.run(cfg, check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
+                        "--target", "llama"], check=True, capture_output=True)
+    return lib
+
+
 # ---------------------------------------------------------------------------
 # rewriting a GGUF with changes (malformed-file tests)
 # ---------------------------------------------------------------------------

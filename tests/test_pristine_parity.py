@@ -3,17 +3,15 @@ bit-identical to a pristine build of the same pinned llama.cpp source."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from otter_gguf.runtime import build as rb
-from otter_gguf_converter.llamacpp import LLAMA_CPP_PYTHON_VERSION, cache_dir, pinned_llama_cpp_source, quantize
+from helpers import pristine_lib_dir
+from otter_gguf_converter.llamacpp import quantize
 
 pytestmark = pytest.mark.slow
 
@@ -32,30 +30,13 @@ np.save(sys.argv[3], np.asarray(llm.scores[:8], dtype=np.float32))
 """
 
 
-def _pristine_lib_dir() -> Path:
-    """libllama built from the pristine pinned source with the runtime's own
-    ISA flags (cached next to the runtime wheels)."""
-    args = [a for a in rb.default_cmake_args() if a.startswith("-DGGML_")]
-    key = hashlib.sha256(" ".join([LLAMA_CPP_PYTHON_VERSION, *args]).encode()).hexdigest()[:16]
-    build = cache_dir() / "pristine" / key
-    lib = build / "bin"
-    if not (lib / "libllama.so").is_file() and not (lib / "libllama.dylib").is_file():
-        src = pinned_llama_cpp_source()
-        cfg = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-               "-DBUILD_SHARED_LIBS=ON", *rb._BASE_CMAKE_ARGS, *args]
-        subprocess.run(cfg, check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
-                        "--target", "llama"], check=True, capture_output=True)
-    return lib
-
-
 @pytest.mark.parametrize("outtype", ["f32", "q4_k_m"])
 def test_plain_gguf_logits_match_pristine_llama_cpp(hf_base_gguf, tiny_llama_dir, tmp_path,
                                                    outtype):
     base = hf_base_gguf(tiny_llama_dir, "f32")
     if outtype != "f32":
         base = quantize(base, tmp_path / f"base-{outtype}.gguf", outtype)
-    pristine = _pristine_lib_dir()
+    pristine = pristine_lib_dir()
     out = {}
     for name, env_lib in (("patched", None), ("pristine", str(pristine))):
         env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}

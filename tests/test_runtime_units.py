@@ -45,7 +45,9 @@ def test_capi_declares_the_patch_series_functions_with_their_c_signatures():
     header = "".join(p.read_text() for p in sorted(Path(__file__).parents[1].glob("patches/000*.patch")))
     declared = {line.split("(")[0].split()[-1].lstrip("*")
                 for line in header.splitlines() if line.startswith("+") and "LLAMA_API" in line and "otter" in line}
-    assert set(capi.NAMES) == declared and len(capi.NAMES) == 11
+    assert set(capi.NAMES) == declared and len(capi.NAMES) == 20
+    assert capi._DECLARED["llama_adapter_otter_init"] == ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p)
+    assert list(inspect.signature(capi.llama_otter_n_out).parameters) == ["ctx"]
     sig = inspect.signature(capi.llama_model_otter_n_out)
     assert list(sig.parameters) == ["model"] and sig.return_annotation == "int"
     assert inspect.signature(capi.llama_otter_series).return_annotation == "bytes"

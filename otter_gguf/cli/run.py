@@ -62,8 +62,14 @@ def _context_options(f):
     return f
 
 
+_head_option = click.option(
+    "--head", "heads", multiple=True, type=click.Path(exists=True, dir_okay=False), metavar="PATH",
+    help="An Otter adapter GGUF (a head) for MODEL, run beside it; repeat for several heads "
+         "(signals are then named HEAD/SIGNAL).")
+
+
 def _load(model: str, *, ctx_size, threads, batch_size, flash_attn, cache_type_k, cache_type_v, seed,
-          guidance=None, otter: bool = True):
+          guidance=None, otter: bool = True, heads: Sequence[str] = ()):
     from otter_gguf.cli import logs
     from otter_gguf.runtime.llama import OtterLlama
 
@@ -73,6 +79,8 @@ def _load(model: str, *, ctx_size, threads, batch_size, flash_attn, cache_type_k
     kw: dict[str, Any] = dict(n_ctx=ctx_size, n_batch=batch_size, flash_attn=flash_attn,
                               type_k=CACHE_TYPES[cache_type_k], type_v=CACHE_TYPES[cache_type_v],
                               verbose=logs.verbose(), otter=otter)
+    if heads:
+        kw["otter_heads"] = list(heads)
     if threads is not None:
         kw.update(n_threads=threads, n_threads_batch=threads)
     if seed is not None:
@@ -171,9 +179,10 @@ def _summary_lines(values: dict, n_tokens: int, elapsed: float) -> List[str]:
 @click.option("--display", type=click.Choice(["auto", "color", "columns"]), default="auto",
               show_default=True, help="Token rewards as a colour scale or as aligned columns.")
 @click.option("--json", "as_json", is_flag=True, help="Print the completion object as JSON.")
+@_head_option
 @_context_options
 def run_command(model, prompt, n_predict, temp, guidance_weight, guidance_top_k, guidance_mode,
-                guidance_signal, display, as_json, ctx_size, threads, batch_size, flash_attn,
+                guidance_signal, display, as_json, heads, ctx_size, threads, batch_size, flash_attn,
                 cache_type_k, cache_type_v, seed):
     """Generate from PROMPT with MODEL, showing each token's Otter reward."""
     from otter_gguf.runtime.guidance import Guidance
@@ -189,7 +198,7 @@ def run_command(model, prompt, n_predict, temp, guidance_weight, guidance_top_k,
         except ValueError as e:
             raise click.UsageError(str(e)) from None
     llm = _load(model, ctx_size=ctx_size, threads=threads, batch_size=batch_size, flash_attn=flash_attn,
-                cache_type_k=cache_type_k, cache_type_v=cache_type_v, seed=seed, guidance=g)
+                cache_type_k=cache_type_k, cache_type_v=cache_type_v, seed=seed, guidance=g, heads=heads)
     kw: dict[str, Any] = dict(max_tokens=n_predict, temperature=temp)
     if seed is not None:
         kw["seed"] = seed
@@ -284,15 +293,16 @@ def _parse_tokens(s: str) -> List[int]:
 @click.option("--tokens", "tokens_s", default=None, metavar="ID,ID,...", help="Token ids to score.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"tokens": [...], "signals": [[n_out] per token], "signal_names": [...]}.')
+@_head_option
 @_context_options
-def score_command(model, text, tokens_s, as_json, ctx_size, threads, batch_size, flash_attn,
+def score_command(model, text, tokens_s, as_json, heads, ctx_size, threads, batch_size, flash_attn,
                   cache_type_k, cache_type_v, seed):
     """Per-token Otter signals of --text or --tokens (no sampling)."""
     if (text is None) == (tokens_s is None):
         raise click.UsageError("give exactly one of --text or --tokens")
     toks = _parse_tokens(tokens_s) if tokens_s is not None else None
     llm = _load(model, ctx_size=ctx_size, threads=threads, batch_size=batch_size, flash_attn=flash_attn,
-                cache_type_k=cache_type_k, cache_type_v=cache_type_v, seed=seed)
+                cache_type_k=cache_type_k, cache_type_v=cache_type_v, seed=seed, heads=heads)
     if not llm.has_otter:
         raise click.UsageError(f"{model} has no Otter head (a plain GGUF): nothing to score")
     if toks is not None:

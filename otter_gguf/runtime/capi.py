@@ -44,6 +44,9 @@ __all__ = [
     "llama_model_otter_n_signal_names", "llama_model_otter_signal_name",
     "llama_set_otter", "llama_set_otter_all_positions",
     "llama_get_otter_signals", "llama_get_otter_signals_ith", "llama_get_otter_signals_pos",
+    "llama_adapter_otter_init", "llama_adapter_otter_free", "llama_adapter_otter_name", "llama_adapter_otter_n_out",
+    "llama_adapter_otter_head_kind", "llama_adapter_otter_n_signal_names", "llama_adapter_otter_signal_name",
+    "llama_otter_n_heads", "llama_otter_n_out",
 ]
 
 
@@ -56,6 +59,8 @@ llama_model_p = NewType("llama_model_p", int)
 llama_model_p_ctypes = ctypes.c_void_p
 llama_context_p = NewType("llama_context_p", int)
 llama_context_p_ctypes = ctypes.c_void_p
+llama_adapter_otter_p = NewType("llama_adapter_otter_p", int)
+llama_adapter_otter_p_ctypes = ctypes.c_void_p
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -132,7 +137,7 @@ def ctypes_function(name: str, argtypes: List[Any], restype: Any) -> Callable[[F
 
 
 # ---------------------------------------------------------------------------
-# patch 0001: the series marker
+# the series marker (the last patch)
 # ---------------------------------------------------------------------------
 # LLAMA_API const char * llama_otter_series(void);
 @ctypes_function("llama_otter_series", [], ctypes.c_char_p)
@@ -216,6 +221,73 @@ def llama_get_otter_signals_ith(ctx: llama_context_p, i: int, /) -> CtypesPointe
                  ctypes.POINTER(ctypes.c_float))
 def llama_get_otter_signals_pos(ctx: llama_context_p, i: int, /) -> CtypesPointer[ctypes.c_float]:
     """All-positions mode: signals of the token at batch index i, any token (NULL otherwise)."""
+    ...
+
+
+# ---------------------------------------------------------------------------
+# patch 0005: Otter adapter GGUFs (heads beside a base) and the heads of a context
+# ---------------------------------------------------------------------------
+# LLAMA_API struct llama_adapter_otter * llama_adapter_otter_init(struct llama_model * model, const char * path);
+@ctypes_function("llama_adapter_otter_init", [llama_model_p_ctypes, ctypes.c_char_p], llama_adapter_otter_p_ctypes)
+def llama_adapter_otter_init(model: llama_model_p, path: bytes, /) -> Optional[llama_adapter_otter_p]:
+    """Load an Otter adapter GGUF for ``model`` and attach it (contexts created afterwards run it);
+    None with an error log when it is malformed or made for another base. Freed with the model."""
+    ...
+
+
+# LLAMA_API void llama_adapter_otter_free(struct llama_adapter_otter * adapter);
+@ctypes_function("llama_adapter_otter_free", [llama_adapter_otter_p_ctypes], None)
+def llama_adapter_otter_free(adapter: llama_adapter_otter_p, /) -> None:
+    """Detach and free an adapter that no context runs."""
+    ...
+
+
+# LLAMA_API const char * llama_adapter_otter_name(const struct llama_adapter_otter * adapter);
+@ctypes_function("llama_adapter_otter_name", [llama_adapter_otter_p_ctypes], ctypes.c_char_p)
+def llama_adapter_otter_name(adapter: llama_adapter_otter_p, /) -> bytes:
+    """The adapter's general.name (b"" if absent)."""
+    ...
+
+
+# LLAMA_API int32_t llama_adapter_otter_n_out(const struct llama_adapter_otter * adapter);
+@ctypes_function("llama_adapter_otter_n_out", [llama_adapter_otter_p_ctypes], ctypes.c_int32)
+def llama_adapter_otter_n_out(adapter: llama_adapter_otter_p, /) -> int:
+    """Signals per row of the adapter's head."""
+    ...
+
+
+# LLAMA_API const char * llama_adapter_otter_head_kind(const struct llama_adapter_otter * adapter);
+@ctypes_function("llama_adapter_otter_head_kind", [llama_adapter_otter_p_ctypes], ctypes.c_char_p)
+def llama_adapter_otter_head_kind(adapter: llama_adapter_otter_p, /) -> bytes:
+    """b"reward" or b"token_reward"."""
+    ...
+
+
+# LLAMA_API int32_t llama_adapter_otter_n_signal_names(const struct llama_adapter_otter * adapter);
+@ctypes_function("llama_adapter_otter_n_signal_names", [llama_adapter_otter_p_ctypes], ctypes.c_int32)
+def llama_adapter_otter_n_signal_names(adapter: llama_adapter_otter_p, /) -> int:
+    """Number of signal names of a "reward" head (0 for "token_reward")."""
+    ...
+
+
+# LLAMA_API const char * llama_adapter_otter_signal_name(const struct llama_adapter_otter * adapter, int32_t i);
+@ctypes_function("llama_adapter_otter_signal_name", [llama_adapter_otter_p_ctypes, ctypes.c_int32], ctypes.c_char_p)
+def llama_adapter_otter_signal_name(adapter: llama_adapter_otter_p, i: int, /) -> Optional[bytes]:
+    """Name of signal ``i`` (None when ``i`` is out of range)."""
+    ...
+
+
+# LLAMA_API int32_t llama_otter_n_heads(const struct llama_context * ctx);
+@ctypes_function("llama_otter_n_heads", [llama_context_p_ctypes], ctypes.c_int32)
+def llama_otter_n_heads(ctx: llama_context_p, /) -> int:
+    """Otter heads the context runs: the model's own first, then the attached adapters."""
+    ...
+
+
+# LLAMA_API int32_t llama_otter_n_out(const struct llama_context * ctx);
+@ctypes_function("llama_otter_n_out", [llama_context_p_ctypes], ctypes.c_int32)
+def llama_otter_n_out(ctx: llama_context_p, /) -> int:
+    """Floats per signal row: the heads' n_out summed (rows are concatenated head by head)."""
     ...
 
 

@@ -71,6 +71,11 @@ class OtterLlama(Llama):
         (``n_vocab`` floats per token) in results; default only for reward
         heads.
     flash_attn: ``True`` / ``False`` as in Llama, or ``"auto"``.
+    otter_heads: Otter adapter GGUFs (heads made for this base, docs/FORMAT.md
+        "Adapter GGUF") to run beside the model's own head if it has one: a list
+        of paths (a head is named by its ``general.name``, else its file stem) or
+        a ``{name: path}`` dict. With several heads the signals are named
+        ``head/signal`` and concatenated head by head.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class OtterLlama(Llama):
         n_seq_max: Optional[int] = None,
         guidance: Union[Guidance, dict, None] = None,
         otter_full_signals: Optional[bool] = None,
+        otter_heads: Union[Sequence[Union[str, "os.PathLike[str]"]], Dict[str, Any], None] = None,
         _signal_source: Optional[Callable[["OtterLlama"], SignalSource]] = None,
         **kwargs: Any,
     ):
@@ -105,6 +111,9 @@ class OtterLlama(Llama):
             if fa.lower() == "auto":
                 overrides["flash_attn_type"] = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         self._otter_ctx_overrides = overrides
+        self._otter_head_paths = _head_paths(otter_heads)
+        self._otter_adapters: List[Any] = []  # (name, llama_adapter_otter *), attached before the context
+        self._otter_heads_attached = False
         self._otter_requested = bool(otter)
         self._otter_n_seq_max_arg = n_seq_max
         self._otter_guidance_arg = guidance
@@ -122,7 +131,8 @@ class OtterLlama(Llama):
             raise _explain_load_failure(model_path, e) from None
 
         self._otter_src = _signal_source(self) if _signal_source is not None \
-            else RuntimeSignalSource(self._model.model, self._ctx.ctx)
+            else RuntimeSignalSource(self._model.model, self._ctx.ctx, self._otter_adapters,
+                                     model_head_name=os.path.splitext(os.path.basename(model_path))[0])
         if self._otter_src.has_otter:
             self._otter_store = SignalStore(len(self.input_ids), self._otter_src.n_out,
                                             self._otter_src.head_kind == "token_reward")
@@ -142,6 +152,8 @@ class OtterLlama(Llama):
     @property
     def context_params(self):
         cp = self.__dict__["_otter_cparams"]
+        if "_model" in self.__dict__ and not self.__dict__.get("_otter_heads_attached", True):
+            self._otter_attach_heads()  # the model is loaded and the context not yet created
         ov = self.__dict__.get("_otter_ctx_overrides") or {}
         if "n_seq_max" in ov:
             cp.n_seq_max = max(int(cp.n_seq_max), ov["n_seq_max"])
@@ -154,6 +166,40 @@ class OtterLlama(Llama):
     @context_params.setter
     def context_params(self, value) -> None:
         self.__dict__["_otter_cparams"] = value
+
+    def _otter_attach_heads(self) -> None:
+        """Load and attach the ``otter_heads`` adapter GGUFs (checked against the base first)."""
+        self._otter_heads_attached = True
+        if not self._otter_head_paths:
+            return
+        from otter_gguf_converter import gguf_io
+        from otter_gguf_converter.errors import ConvertError
+        from otter_gguf_converter.sidecar import read_sidecar
+
+        capi.require("llama_adapter_otter_init", "llama_adapter_otter_name")
+        try:
+            base = gguf_io.base_info(gguf_io.open_gguf(self.model_path, "model"), self.model_path,
+                                     require_supported=False)
+        except ConvertError as e:
+            raise ValueError(f"otter_heads: cannot read the base model: {e}") from None
+        for name, path in self._otter_head_paths:
+            try:
+                read_sidecar(path).check_base(base)  # named errors: malformed file, another base
+            except ConvertError as e:
+                raise ValueError(f"otter_heads: {e}") from None
+            ad = capi.llama_adapter_otter_init(self._model.model, os.fsencode(path))
+            if not ad:
+                raise ValueError(f"otter_heads: llama.cpp refused the Otter head {path} (see its error log)")
+            if name is None:
+                name = (capi.llama_adapter_otter_name(ad) or b"").decode("utf-8", errors="replace") or \
+                    os.path.splitext(os.path.basename(path))[0]
+            self._otter_adapters.append((name, ad))
+
+    @property
+    def otter_heads(self) -> List[Any]:
+        """The heads the context runs, in signal order (:class:`~.signals.OtterHead`: name, n_out,
+        head_kind, signal_names); a row of ``signals`` is their rows concatenated."""
+        return list(self._otter_src.heads)
 
     # ------------------------------------------------------------------
     # properties
@@ -453,11 +499,30 @@ class OtterLlama(Llama):
     def __getstate__(self):
         d = super().__getstate__()
         d.update(otter=self._otter_requested, n_seq_max=self._otter_n_seq_max_arg,
+                 otter_heads={n: p for (n, _), (_, p) in zip(self._otter_adapters, self._otter_head_paths)} or None,
                  guidance=self._otter_guidance_arg, otter_full_signals=self.otter_full_signals)
         fa = self._otter_ctx_overrides.get("flash_attn_type")
         if fa == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO:
             d["flash_attn"] = "auto"
         return d
+
+
+def _head_paths(heads) -> List[Any]:
+    """[(name or None, path)] of the ``otter_heads`` argument."""
+    if heads is None:
+        return []
+    if isinstance(heads, (str, bytes, os.PathLike)):
+        heads = [heads]
+    items = list(heads.items()) if isinstance(heads, dict) else [(None, h) for h in heads]
+    out = []
+    for name, path in items:
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise ValueError(f"otter_heads: a head name must be a non-empty string without '/', got {name!r}")
+        p = os.fspath(path)
+        if not os.path.isfile(p):
+            raise ValueError(f"otter_heads: {p}: no such file")
+        out.append((name, p))
+    return out
 
 
 def _explain_load_failure(model_path: str, err: ValueError) -> ValueError:

@@ -14,13 +14,14 @@ Needs numpy only (the runtime source binds the C API on first use).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from otter_gguf.runtime import capi
 
-__all__ = ["SignalSource", "RuntimeSignalSource", "SignalStore"]
+__all__ = ["OtterHead", "SignalSource", "RuntimeSignalSource", "SignalStore", "check_heads", "head_signal_names"]
 
 
 def _s(b) -> Optional[str]:
@@ -46,6 +47,7 @@ class SignalSource:
     head_kind: Optional[str] = None
     signal_names: List[str] = []
     supports_all_positions: bool = False
+    heads: List["OtterHead"] = []
 
     def set_enabled(self, enabled: bool) -> None:
         pass
@@ -60,22 +62,78 @@ class SignalSource:
         raise NotImplementedError
 
 
-class RuntimeSignalSource(SignalSource):
-    """Signals from the patched libllama's Otter C API."""
+@dataclass
+class OtterHead:
+    """One Otter head a context runs: a one-file model's own head or an attached adapter GGUF."""
 
-    def __init__(self, model: Any, ctx: Any):
+    name: str
+    n_out: int
+    head_kind: str
+    signal_names: List[str]
+
+
+def head_signal_names(heads: Sequence[OtterHead]) -> List[str]:
+    """The signal names of a context's heads: the head's own names for one head, ``head/signal``
+    for several (their rows are concatenated head by head)."""
+    if len(heads) == 1:
+        return list(heads[0].signal_names)
+    return [f"{h.name}/{n}" for h in heads for n in h.signal_names]
+
+
+def check_heads(heads: Sequence[OtterHead]) -> None:
+    """Several heads must be uniquely named ``reward`` heads (ValueError otherwise)."""
+    if len(heads) < 2:
+        return
+    names = [h.name for h in heads]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"several Otter heads are named {', '.join(map(repr, dup))}; give them distinct names "
+                         f"(otter_heads={{'name': path, ...}})")
+    tok = [h.name for h in heads if h.head_kind != "reward"]
+    if tok:
+        raise ValueError(f"Otter head(s) {', '.join(map(repr, tok))} are token_reward heads: a token_reward head "
+                         f"runs alone, several heads must all be reward heads")
+
+
+class RuntimeSignalSource(SignalSource):
+    """Signals from the patched libllama's Otter C API.
+
+    ``adapters``: (name, ``llama_adapter_otter *``) of the adapter GGUFs attached to the model
+    before the context was created, in attach order; ``model_head_name`` names the model's own
+    head when there are several.
+    """
+
+    def __init__(self, model: Any, ctx: Any, adapters: Sequence = (), model_head_name: str = "model"):
         self._model = model
         self._ctx = ctx
-        self.has_otter = capi.available("llama_model_has_otter") and bool(capi.llama_model_has_otter(model))
+        heads: List[OtterHead] = []
+        if capi.available("llama_model_has_otter") and capi.llama_model_has_otter(model):
+            capi.require("llama_model_otter_n_out", "llama_model_otter_head_kind", "llama_model_otter_n_signal_names",
+                         "llama_model_otter_signal_name")
+            n = int(capi.llama_model_otter_n_signal_names(model))
+            heads.append(OtterHead(model_head_name, int(capi.llama_model_otter_n_out(model)),
+                                   _s(capi.llama_model_otter_head_kind(model)),
+                                   [_s(capi.llama_model_otter_signal_name(model, i)) or f"signal_{i}"
+                                    for i in range(n)]))
+        for name, ad in adapters:
+            n = int(capi.llama_adapter_otter_n_signal_names(ad))
+            heads.append(OtterHead(name, int(capi.llama_adapter_otter_n_out(ad)),
+                                   _s(capi.llama_adapter_otter_head_kind(ad)),
+                                   [_s(capi.llama_adapter_otter_signal_name(ad, i)) or f"signal_{i}"
+                                    for i in range(n)]))
+        check_heads(heads)
+        self.heads = heads
+        self.has_otter = bool(heads)
         if not self.has_otter:
             return
-        capi.require("llama_model_otter_n_out", "llama_model_otter_head_kind", "llama_model_otter_n_signal_names",
-                     "llama_model_otter_signal_name", "llama_set_otter", "llama_get_otter_signals_ith")
-        self.n_out = int(capi.llama_model_otter_n_out(model))
-        self.head_kind = _s(capi.llama_model_otter_head_kind(model))
-        n_names = int(capi.llama_model_otter_n_signal_names(model))
-        self.signal_names = [_s(capi.llama_model_otter_signal_name(model, i)) or f"signal_{i}"
-                             for i in range(n_names)]
+        capi.require("llama_set_otter", "llama_get_otter_signals_ith")
+        self.n_out = sum(h.n_out for h in heads)
+        if capi.available("llama_otter_n_out"):
+            got = int(capi.llama_otter_n_out(ctx))
+            if got != self.n_out:
+                raise RuntimeError(f"the context runs {got} signals per row, the heads have {self.n_out}")
+        self.head_kind = heads[0].head_kind
+        self.signal_names = head_signal_names(heads)
         self.supports_all_positions = capi.available("llama_set_otter_all_positions", "llama_get_otter_signals_pos")
 
     def set_enabled(self, enabled: bool) -> None:

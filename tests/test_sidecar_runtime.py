@@ -1,0 +1,350 @@
+"""Otter adapter GGUFs in the runtime: a head beside an unchanged base, several heads at once.
+
+Base + sidecar gives the one-file model's signals bit for bit and the base's logits bit
+for bit; two heads each give what that head gives alone; sidecars for another base and
+malformed sidecars are refused with a named error (NULL from llama_adapter_otter_init, a
+ValueError from OtterLlama) and the process survives; an adapter GGUF is not a model;
+a vocabulary with a duplicate token text is a load error, not an abort.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader, GGUFValueType
+
+from helpers import LLAMA_KW, Model, pristine_lib_dir, rewrite
+from otter_gguf.cli import main as cli_main
+from otter_gguf.format.constants import Keys, SidecarKeys, gguf_name
+from otter_gguf.format.constants import OtterTensor as T
+from otter_gguf.runtime import capi
+
+pytestmark = pytest.mark.runtime
+
+TOKS = [1] + list(range(20, 80))
+
+
+def sha(p) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, gguf_models, adapter_reward1_dir, adapter_reward3_dir):
+    """(kind, outtype) -> (one-file GGUF, sidecar); the base is gguf_models.base."""
+    from otter_gguf_converter import convert
+
+    d = tmp_path_factory.mktemp("sidecar-rt")
+    adapters = {"reward1": adapter_reward1_dir, "reward3": adapter_reward3_dir}
+    made = {}
+
+    def make(kind: str, outtype: str = "f32"):
+        if (kind, outtype) not in made:
+            a, base = adapters[kind], gguf_models.base
+            one = convert(a, base, d / f"one-{kind}-{outtype}.gguf", outtype=outtype, progress=False)
+            side = convert(a, base, d / f"{kind}-{outtype}.gguf", outtype=outtype, progress=False,
+                           sidecar=True, name=kind)
+            made[kind, outtype] = (one, side)
+        return made[kind, outtype]
+
+    return make
+
+
+def llm(path, heads=None, **kw):
+    from otter_gguf import OtterLlama
+
+    return OtterLlama(str(path), otter_heads=heads, **{**LLAMA_KW, **kw})
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0", "q4_k_m"])
+def test_sidecar_equals_one_file_and_base_logits_unchanged(files, gguf_models, outtype):
+    base = gguf_models.base
+    before = sha(base)
+    one, side = files("reward3", outtype)
+    a = llm(one)
+    b = llm(base, [side])
+    assert b.signal_names == a.signal_names and b.head_kind == "reward" and b.n_out == 3
+    sa, sb = a.score(tokens=TOKS).signals, b.score(tokens=TOKS).signals
+    assert sa.shape == (len(TOKS), 3) and np.isfinite(sa).all()
+    assert np.array_equal(sa, sb)
+    # main logits: bit-identical to the base alone, signals to the one-file model's, for every row
+    plain, with_head, one_all = llm(base, logits_all=True), llm(base, [side], logits_all=True), llm(one, logits_all=True)
+    for m in (plain, with_head, one_all):
+        m.eval(TOKS)
+    n = len(TOKS)
+    assert np.array_equal(with_head.scores[:n], plain.scores[:n])
+    assert np.array_equal(with_head.signals, one_all.signals) and not np.isnan(with_head.signals).any()
+    assert sha(base) == before
+
+
+@pytest.fixture(scope="module")
+def two(files, gguf_models):
+    """(two-head OtterLlama, reward1 alone, reward3 alone) on the base."""
+    h1, h3 = files("reward1")[1], files("reward3")[1]
+    base = gguf_models.base
+    return llm(base, {"harmless": h1, "helpful": h3}, n_seq_max=5), llm(base, [h1]), llm(base, [h3])
+
+
+def test_two_heads_each_equal_that_head_alone(two):
+    both, one, three = two
+    assert [h.name for h in both.otter_heads] == ["harmless", "helpful"]
+    assert both.signal_names == ["harmless/reward"] + [f"helpful/{n}" for n in three.signal_names]
+    assert both.n_out == 4 and one.n_out == 1 and three.n_out == 3
+    s = both.score(tokens=TOKS)  # all-positions mode
+    assert s.signals.shape == (len(TOKS), 4)
+    assert np.array_equal(s.signals[:, :1], one.score(tokens=TOKS).signals)
+    assert np.array_equal(s.signals[:, 1:], three.score(tokens=TOKS).signals)
+    assert set(s.rewards) == set(both.signal_names)
+    # a completion: rewards named head/signal, the values of score() at the same positions
+    out = both("Once upon a time", max_tokens=6, temperature=0)
+    o = out["choices"][0]["otter"]
+    assert o["signal_names"] == both.signal_names and len(o["rewards"]) == len(o["tokens"]) > 0
+    prompt = both.tokenize(b"Once upon a time", add_bos=True, special=True)
+    ref = both.score(tokens=prompt + o["tokens"]).signals[len(prompt):]
+    assert np.allclose(np.asarray(o["signals"], dtype=np.float32), ref, atol=1e-4)
+    chunks = list(both("Once upon a time", max_tokens=6, temperature=0, stream=True))
+    streamed = [r for c in chunks if c["choices"][0].get("otter") for r in c["choices"][0]["otter"]["rewards"]]
+    assert [list(r) for r in streamed] == [list(r) for r in o["rewards"]]  # same names, head by head
+    assert np.allclose([list(r.values()) for r in streamed], [list(r.values()) for r in o["rewards"]], atol=1e-3)
+
+
+def test_guidance_with_a_weighted_combination_across_heads(two):
+    from otter_gguf import Guidance
+
+    both, one, three = two
+    name3 = f"helpful/{three.signal_names[0]}"
+    g = Guidance(weight=3.0, top_k=4, signal={"harmless/reward": 0.5, name3: 0.5}, trace=True)
+    out = both("Once upon a time", max_tokens=5, temperature=0, guidance=g)
+    o = out["choices"][0]["otter"]
+    prompt = both.tokenize(b"Once upon a time", add_bos=True, special=True)
+    ref1 = one.score(tokens=prompt + o["tokens"]).signals[len(prompt):, 0]
+    ref3 = three.score(tokens=prompt + o["tokens"]).signals[len(prompt):, 0]
+    assert len(o["guidance"]) == len(o["tokens"])
+    for k, step in enumerate(o["guidance"]):
+        scores = np.asarray(step["logits"]) + 3.0 * np.asarray(step["rewards"])
+        assert np.allclose(step["scores"], scores, atol=1e-4)
+        assert step["chosen"] == step["candidates"][int(np.argmax(scores))] == o["tokens"][k]
+        r = step["rewards"][step["candidates"].index(step["chosen"])]
+        assert r == pytest.approx(0.5 * ref1[k] + 0.5 * ref3[k], abs=1e-3)
+    plain = both("Once upon a time", max_tokens=5, temperature=0)
+    g0 = Guidance(weight=0.0, top_k=4, signal={"harmless/reward": 0.5, name3: 0.5})
+    assert both("Once upon a time", max_tokens=5, temperature=0, guidance=g0)["choices"][0]["text"] == \
+        plain["choices"][0]["text"]
+
+
+def test_one_file_model_plus_a_sidecar(files):
+    one1, _ = files("reward1")
+    _, side3 = files("reward3")
+    m = llm(one1, [side3])
+    stem = Path(one1).stem
+    assert [h.name for h in m.otter_heads] == [stem, "reward3"]
+    s = m.score(tokens=TOKS).signals
+    assert np.array_equal(s[:, :1], llm(one1).score(tokens=TOKS).signals)
+    assert np.array_equal(s[:, 1:], llm(files("reward3")[0]).score(tokens=TOKS).signals)
+
+
+def test_otter_heads_errors(files, gguf_models, tmp_path):
+    base = gguf_models.base
+    _, side = files("reward1")
+    with pytest.raises(ValueError, match="no such file"):
+        llm(base, [tmp_path / "missing.gguf"])
+    with pytest.raises(ValueError, match="named 'reward1'"):
+        llm(base, [side, side])
+    with pytest.raises(ValueError, match="is not an Otter adapter GGUF"):
+        llm(base, [base])
+
+
+@pytest.fixture(scope="module")
+def qwen2_side(tmp_path_factory, hf_base_gguf, tiny_qwen2_dir, qwen2_adapter_dir):
+    from otter_gguf_converter import convert
+
+    q = hf_base_gguf(tiny_qwen2_dir, "f32")
+    return convert(qwen2_adapter_dir, q, tmp_path_factory.mktemp("q") / "qwen2-head.gguf", sidecar=True,
+                   progress=False)
+
+
+def _init(rt, model_path, side):
+    ll, lib, logs = rt
+    m = Model(ll, lib, model_path)
+    del logs[:]
+    ad = capi.llama_adapter_otter_init(m.ptr, os.fsencode(str(side)))
+    return m, ad, "".join(logs)
+
+
+def _model_still_works(m):
+    c = m.context()
+    c.decode([1, 5, 6])
+    assert np.isfinite(c.logits_ith(-1)).all()
+    c.close()
+    m.close()
+
+
+def test_sidecar_for_another_base_refused(rt, gguf_models, qwen2_side, files, tmp_path):
+    with pytest.raises(ValueError, match="fingerprint mismatch: otter.base.architecture"):
+        llm(gguf_models.base, [qwen2_side])
+    m, ad, log = _init(rt, gguf_models.base, qwen2_side)
+    assert not ad
+    assert "failed to load Otter adapter" in log and "base fingerprint mismatch" in log, log
+    _model_still_works(m)
+    # same architecture, another vocabulary / shape: refused by the runtime itself
+    _, side = files("reward1")
+    for kv, needle, py in (({Keys.Base.VOCAB_HASH: (12345, GGUFValueType.UINT64)}, Keys.Base.VOCAB_HASH,
+                            "fingerprint mismatch: otter.base.vocab_hash = 12345"),
+                           ({Keys.Base.FEED_FORWARD_LENGTH: (1024, GGUFValueType.UINT32)},
+                            Keys.Base.FEED_FORWARD_LENGTH, "otter_ffn_down.weight has shape")):
+        bad = rewrite(side, tmp_path / "other.gguf", kv=kv)
+        with pytest.raises(ValueError, match=py):
+            llm(gguf_models.base, [bad])
+        m, ad, log = _init(rt, gguf_models.base, bad)
+        assert not ad and f"otter: base fingerprint mismatch: {needle}" in log, log
+        _model_still_works(m)
+
+
+def _q(side):
+    t = next(t for t in GGUFReader(side).tensors if t.name == gguf_name(T.ATTN_Q, 1))
+    return np.array(t.data, dtype=np.float32)
+
+
+U32, I32, STR = GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.STRING
+MALFORMED = {
+    "general_type": (lambda s: dict(kv={SidecarKeys.GENERAL_TYPE: ("model", STR)}), "not an Otter adapter GGUF"),
+    "lora": (lambda s: dict(kv={SidecarKeys.ADAPTER_TYPE: ("lora", STR)}), "adapter.type = 'lora'"),
+    "missing_key": (lambda s: dict(drop_kv={Keys.FEED_FORWARD_LENGTH}), f"missing key '{Keys.FEED_FORWARD_LENGTH}'"),
+    "no_version": (lambda s: dict(drop_kv={Keys.VERSION}), f"missing key '{Keys.VERSION}'"),
+    "key_type": (lambda s: dict(kv={Keys.EMBEDDING_LENGTH: (256, I32)}), f"{Keys.EMBEDDING_LENGTH}' has type"),
+    "n_out_absurd": (lambda s: dict(kv={Keys.Head.OUTPUT_SIZE: (1 << 30, U32)}), f"{Keys.Head.OUTPUT_SIZE} = "),
+    "gqa": (lambda s: dict(kv={Keys.Attention.HEAD_COUNT_KV: (3, U32)}), "head_count_kv = 3"),
+    "shape": (lambda s: dict(tensors={gguf_name(T.ATTN_Q, 1): _q(s)[:-1]}), f"{gguf_name(T.ATTN_Q, 1)}' has wrong shape"),
+    "missing_tensor": (lambda s: dict(drop_tensors={gguf_name(T.FFN_UP, 2)}), gguf_name(T.FFN_UP, 2)),
+    "norm_f16": (lambda s: dict(tensors={gguf_name(T.ATTN_NORM, 0): np.ones(256, dtype=np.float16)}),
+                 f"{gguf_name(T.ATTN_NORM, 0)}' has type f16, expected f32"),
+    "matrix_int": (lambda s: dict(tensors={gguf_name(T.ATTN_OUT, 2): np.zeros((256, 512), dtype=np.int32)}),
+                   f"{gguf_name(T.ATTN_OUT, 2)}' has type i32"),
+    "extra_tensor": (lambda s: dict(tensors={"token_embd.weight": np.zeros((512, 256), dtype=np.float32)}),
+                     "wrong number of tensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_sidecar_refused_by_the_runtime(rt, gguf_models, files, tmp_path, case):
+    _, side = files("reward1")
+    make, needle = MALFORMED[case]
+    kw = make(side)
+    extra = kw.pop("tensors", {}) if case == "extra_tensor" else None
+    bad = rewrite(side, tmp_path / f"{case}.gguf", **kw)
+    if extra:  # one base tensor more than the head has
+        bad = _add_tensor(bad, tmp_path / "extra.gguf", extra)
+    m, ad, log = _init(rt, gguf_models.base, bad)
+    assert not ad, case
+    assert "failed to load Otter adapter" in log and needle in log, log
+    _model_still_works(m)
+
+
+def _add_tensor(src, dst, tensors):
+    import gguf
+
+    r = GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY and len(f.types) > 1 else None
+        w.add_key_value(k, f.contents(), f.types[0], sub_type=sub or (GGUFValueType.STRING
+                                                                      if f.types[0] == GGUFValueType.ARRAY else None))
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data, dtype=np.float32))
+    for n, a in tensors.items():
+        w.add_tensor(n, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9999])
+def test_truncated_sidecar_refused_by_the_runtime(rt, gguf_models, files, tmp_path, keep):
+    _, side = files("reward1")
+    data = Path(side).read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[: int(len(data) * keep)])
+    m, ad, log = _init(rt, gguf_models.base, bad)
+    assert not ad and "data is not within the file bounds" in log, log
+    _model_still_works(m)
+
+
+def test_adapter_gguf_is_not_a_model(rt, files):
+    ll, lib, logs = rt
+    _, side = files("reward1")
+    del logs[:]
+    with pytest.raises(ValueError):
+        Model(ll, lib, side)
+    assert "error loading model" in "".join(logs)
+
+
+_LOAD = r"""
+import sys, llama_cpp
+try:
+    llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=True)
+except ValueError as e:
+    print("refused:", e)
+    sys.exit(0)
+print("loaded")
+sys.exit(3)
+"""
+
+
+def _load_in_subprocess(path, lib_dir=None):
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH" or lib_dir is None}
+    if lib_dir is not None:
+        env["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+    return subprocess.run([sys.executable, "-c", _LOAD, str(path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_duplicate_token_text_is_a_load_error(gguf_models, tmp_path):
+    """The pinned llama.cpp aborts (GGML_ASSERT) on this file; the patched runtime refuses it."""
+    base = gguf_models.base
+    toks = [bytes(p).decode("utf-8", "replace") for p in
+            (lambda f: [f.parts[i] for i in f.data])(GGUFReader(base).fields["tokenizer.ggml.tokens"])]
+    toks[300] = toks[299]
+    bad = rewrite(base, tmp_path / "dup.gguf",
+                  kv={"tokenizer.ggml.tokens": (toks, GGUFValueType.ARRAY, GGUFValueType.STRING)})
+    res = _load_in_subprocess(bad)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    assert "refused:" in res.stdout
+    assert "invalid vocabulary: token 300 has the same text as token 299" in res.stderr
+
+
+@pytest.mark.slow
+def test_pristine_llama_cpp_refuses_a_sidecar_as_a_model(files):
+    _, side = files("reward1")
+    res = _load_in_subprocess(side, pristine_lib_dir())
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    assert "refused:" in res.stdout and "error loading model" in res.stderr
+
+
+def test_cli_run_and_score_with_heads(files, gguf_models):
+    h1, h3 = files("reward1")[1], files("reward3")[1]
+    base = gguf_models.base
+    r = CliRunner().invoke(cli_main, ["score", str(base), "--head", str(h1), "--head", str(h3),
+                                      "--tokens", ",".join(map(str, TOKS)), "--json", "-c", "256", "-t", "1"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    d = json.loads(r.stdout[r.stdout.index("{"):])
+    three = llm(base, [h3])
+    assert d["signal_names"] == ["reward1/reward"] + [f"reward3/{n}" for n in three.signal_names]
+    assert np.array_equal(np.asarray(d["signals"], dtype=np.float32)[:, 1:], three.score(tokens=TOKS).signals)
+    r = CliRunner().invoke(cli_main, ["run", str(base), "--head", str(h1), "--head", str(h3), "-p", "Once",
+                                      "-n", "3", "--temp", "0", "--json", "-c", "256", "-t", "1"])
+    assert r.exit_code == 0, r.output
+    assert '"reward1/reward"' in r.stdout
+    r = CliRunner().invoke(cli_main, ["score", str(base), "--head", str(base), "--text", "hi"])
+    assert r.exit_code == 2 and "is not an Otter adapter GGUF" in r.output
