@@ -134,3 +134,12 @@ def test_reference_without_torch_names_the_fix() -> None:
                        text=True, cwd=ROOT)
     assert r.returncode != 0
     assert "pip install torch==2.13.0" in r.stderr
+
+
+def test_test_modules_import_no_other_test_module() -> None:
+    """Shared test code lives in tests/helpers.py (functions) and tests/conftest.py (fixtures)."""
+    tests = ROOT / "tests"
+    own = {p.stem for p in tests.glob("test_*.py")}
+    bad = [f"{p.name} imports {n}" for p in sorted(tests.glob("*.py"))
+           for n in _imports(p, p.stem) if n.split(".")[0] in own]
+    assert not bad, bad
