@@ -96,6 +96,29 @@ def qwen2_adapter_dir(tmp_path_factory, tiny_qwen2_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    return fx.make_tiny_qwen3(tmp_path_factory.mktemp("fx") / "tiny-qwen3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory):
+    return fx.make_tiny_gemma3(tmp_path_factory.mktemp("fx") / "tiny-gemma3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen3_adapter_dir(tmp_path_factory, tiny_qwen3_dir):
+    return fx.make_adapter(tmp_path_factory.mktemp("fx") / "adapter-qwen3-reward1", tiny_qwen3_dir,
+                           "reward1", seed=4)
+
+
+@pytest.fixture(scope="session")
+def gemma3_adapter_dir(tmp_path_factory, tiny_gemma3_dir):
+    """reward3: 3 signals, side q/k/v biases and a head bias."""
+    return fx.make_adapter(tmp_path_factory.mktemp("fx") / "adapter-gemma3-reward3", tiny_gemma3_dir,
+                           "reward3", seed=5)
+
+
+@pytest.fixture(scope="session")
 def hf_base_gguf(tmp_path_factory):
     """``hf_base_gguf(hf_dir, outtype="f32")``: the HF base converted by llama.cpp's
     own converter (pinned source), once per session and (hf_dir, outtype)."""

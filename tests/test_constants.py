@@ -76,6 +76,43 @@ SPEC_TENSORS_2_LAYERS = [
     ("otter_head.weight", "otter.head.weight"),
     ("otter_head.bias", "otter.head.bias"),
 ]
+# the architecture-specific fingerprint keys (docs/FORMAT.md), written after SPEC_KEYS
+SPEC_ARCH_KEYS = {
+    "gemma3": ["otter.base.attention.sliding_window", "otter.base.attention.sliding_window_pattern",
+               "otter.base.rope.freq_base", "otter.base.rope.freq_base_swa"],
+}
+
+# OTTER_SPEC.md §5: one layer of a qwen3 / gemma3 adapter (no biases), in file order
+SPEC_QWEN3_LAYER_0 = [
+    ("blk.0.otter_attn_norm.weight", "otter.layers.0.input_layernorm.weight"),
+    ("blk.0.otter_attn_q.weight", "otter.layers.0.self_attn.q_proj.weight"),
+    ("blk.0.otter_attn_k.weight", "otter.layers.0.self_attn.k_proj.weight"),
+    ("blk.0.otter_attn_v.weight", "otter.layers.0.self_attn.v_proj.weight"),
+    ("blk.0.otter_attn_q_norm.weight", "otter.layers.0.self_attn.q_norm.weight"),
+    ("blk.0.otter_attn_k_norm.weight", "otter.layers.0.self_attn.k_norm.weight"),
+    ("blk.0.otter_attn_output.weight", "otter.layers.0.self_attn.o_proj.weight"),
+    ("blk.0.otter_ffn_norm.weight", "otter.layers.0.post_attention_layernorm.weight"),
+    ("blk.0.otter_ffn_gate.weight", "otter.layers.0.mlp.gate_proj.weight"),
+    ("blk.0.otter_ffn_up.weight", "otter.layers.0.mlp.up_proj.weight"),
+    ("blk.0.otter_ffn_down.weight", "otter.layers.0.mlp.down_proj.weight"),
+]
+SPEC_GEMMA3_LAYER_0 = [
+    ("blk.0.otter_attn_norm.weight", "otter.layers.0.input_layernorm.weight"),
+    ("blk.0.otter_attn_q.weight", "otter.layers.0.self_attn.q_proj.weight"),
+    ("blk.0.otter_attn_k.weight", "otter.layers.0.self_attn.k_proj.weight"),
+    ("blk.0.otter_attn_v.weight", "otter.layers.0.self_attn.v_proj.weight"),
+    ("blk.0.otter_attn_q_norm.weight", "otter.layers.0.self_attn.q_norm.weight"),
+    ("blk.0.otter_attn_k_norm.weight", "otter.layers.0.self_attn.k_norm.weight"),
+    ("blk.0.otter_attn_output.weight", "otter.layers.0.self_attn.o_proj.weight"),
+    ("blk.0.otter_post_attention_norm.weight", "otter.layers.0.post_attention_layernorm.weight"),
+    ("blk.0.otter_ffn_norm.weight", "otter.layers.0.pre_feedforward_layernorm.weight"),
+    ("blk.0.otter_ffn_gate.weight", "otter.layers.0.mlp.gate_proj.weight"),
+    ("blk.0.otter_ffn_up.weight", "otter.layers.0.mlp.up_proj.weight"),
+    ("blk.0.otter_ffn_down.weight", "otter.layers.0.mlp.down_proj.weight"),
+    ("blk.0.otter_post_ffw_norm.weight", "otter.layers.0.post_feedforward_layernorm.weight"),
+]
+SPEC_ARCH_LAYER_0 = {"qwen3": SPEC_QWEN3_LAYER_0, "gemma3": SPEC_GEMMA3_LAYER_0}
+
 SPEC_OPTIONAL = {"blk.0.otter_attn_q.bias", "blk.0.otter_attn_k.bias", "blk.0.otter_attn_v.bias",
                  "blk.1.otter_attn_q.bias", "blk.1.otter_attn_k.bias", "blk.1.otter_attn_v.bias", "otter_head.bias"}
 
@@ -107,7 +144,13 @@ def test_keys_are_the_spec_keys():
 
 def test_versions_kinds_architectures():
     assert C.OTTER_FORMAT_VERSION == 1
-    assert C.SUPPORTED_ARCHITECTURES == ("llama", "qwen2")
+    assert C.SUPPORTED_ARCHITECTURES == ("llama", "qwen2", "qwen3", "gemma3")
+    assert C.RUNTIME_ARCHITECTURES == ("llama", "qwen2")
+    assert set(C.ARCH_TENSORS) == set(C.HF_TENSOR_NAMES_BY_ARCH) == set(C.SUPPORTED_ARCHITECTURES)
+    assert C.NORM_WEIGHT_OFFSET == {"gemma3": 1.0}
+    for arch in C.SUPPORTED_ARCHITECTURES:
+        assert C.arch_keys(arch) == C.ALL_KEYS + tuple(SPEC_ARCH_KEYS.get(arch, []))
+        assert list(C.ARCH_FINGERPRINT_KEYS.get(arch, {})) == SPEC_ARCH_KEYS.get(arch, [])
     assert [k.value for k in HeadKind] == ["reward", "token_reward"]
     # str-valued: compares, hashes, formats and serialises as its string
     assert HeadKind.REWARD == "reward" and HeadKind("token_reward") is HeadKind.TOKEN_REWARD
@@ -142,9 +185,43 @@ def test_enum_and_templates():
     assert C.gguf_name(T.ATTN_OUT, 17) == "blk.17.otter_attn_output.weight"
     assert C.hf_name(T.FFN_DOWN, 17) == "otter.layers.17.mlp.down_proj.weight"
     assert C.gguf_tensor_name("otter.layers.123.self_attn.k_proj.bias") == "blk.123.otter_attn_k.bias"
-    assert set(C.TENSOR_NAMES) == set(C.HF_TENSOR_NAMES) == set(T)
-    assert C.NORM_TENSORS == (T.ATTN_NORM, T.FFN_NORM, T.OUTPUT_NORM)
+    assert set(C.TENSOR_NAMES) == set(C.GEMMA3_HF_TENSOR_NAMES) == set(T)
+    assert set(C.HF_TENSOR_NAMES) == set(T) - {T.ATTN_POST_NORM, T.FFN_POST_NORM}
+    assert C.NORM_TENSORS == (T.ATTN_NORM, T.FFN_NORM, T.OUTPUT_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM,
+                              T.ATTN_POST_NORM, T.FFN_POST_NORM)
     assert C.BIAS_TENSORS == (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.HEAD)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_arch_tensor_names(arch):
+    spec = SPEC_ARCH_LAYER_0[arch]
+    keys = [k for k in C.tensor_keys(1, biases=False, arch=arch) if k[1] == 0]
+    assert [C.gguf_name(*k) for k in keys] == [g for g, _ in spec]
+    assert [C.hf_name(*k, arch=arch) for k in keys] == [h for _, h in spec]
+    for g, h in spec:
+        assert C.gguf_tensor_name(h, arch) == g and C.hf_tensor_name(g, arch) == h
+    # the whole file: the llama tensors plus the architecture's, biases still optional
+    full = list(C.tensor_keys(2, arch=arch))
+    assert [k for k in full if k[0] in C.ARCH_TENSORS["llama"]] == list(C.tensor_keys(2))
+    assert {k[0] for k in full} == set(C.ARCH_TENSORS[arch])
+
+
+def test_gemma3_names_differ_from_the_llama_family():
+    # the same adapter name is another tensor on a gemma3 base (spec §5)
+    name = "otter.layers.3.post_attention_layernorm.weight"
+    assert C.gguf_tensor_name(name) == C.gguf_tensor_name(name, "qwen3") == "blk.3.otter_ffn_norm.weight"
+    assert C.gguf_tensor_name(name, "gemma3") == "blk.3.otter_post_attention_norm.weight"
+    assert C.hf_tensor_name("blk.3.otter_ffn_norm.weight", "gemma3") == "otter.layers.3.pre_feedforward_layernorm.weight"
+    with pytest.raises(KeyError):
+        C.gguf_tensor_name("otter.layers.3.pre_feedforward_layernorm.weight")  # not a llama-family name
+    with pytest.raises(KeyError):
+        C.hf_tensor_name("blk.3.otter_post_ffw_norm.weight", "qwen3")
+    with pytest.raises(ValueError, match="FFN_POST_NORM is not a tensor"):
+        C.hf_name(T.FFN_POST_NORM, 0, arch="llama")
+    with pytest.raises(ValueError, match="unknown base architecture 'gpt2'"):
+        C.hf_name(T.ATTN_Q, 0, arch="gpt2")
+    with pytest.raises(ValueError, match="unknown base architecture"):
+        list(C.tensor_keys(1, arch="gemma2"))
 
 
 @pytest.mark.parametrize("name", [
@@ -194,7 +271,7 @@ def _doc_tables():
 
 def test_docs_format_tables_match():
     keys, names = _doc_tables()
-    assert keys == SPEC_KEYS
+    assert keys == SPEC_KEYS + [k for ks in SPEC_ARCH_KEYS.values() for k in ks]
     templates = {C.TENSOR_NAMES[k] + "." + s for k in T for s in ("weight", "bias")
                  if s == "weight" or k in C.BIAS_TENSORS}
     assert sorted(names) == sorted(templates)
@@ -211,22 +288,27 @@ def _patch_added_lines():
 
 
 def test_patches_use_the_same_names():
+    """Checked for the architectures the runtime supports today (RUNTIME_ARCHITECTURES): the patches do not yet
+    know qwen3/gemma3, their tensors or their fingerprint keys (issue 14, item 3), and this check widens by
+    itself when RUNTIME_ARCHITECTURES does."""
+    runtime_kinds = {k for a in C.RUNTIME_ARCHITECTURES for k in C.ARCH_TENSORS[a]}
+    runtime_keys = {k for a in C.RUNTIME_ARCHITECTURES for k in C.arch_keys(a)}
     added = _patch_added_lines()
     strings = list(itertools.chain.from_iterable(re.findall(r'"([^"\\]*)"', ln) for ln in added))
     # every metadata key the C++ side reads (and its prefix checks)
     cpp_keys = {s for s in strings if s.startswith("otter.") and s != "otter."}
-    assert cpp_keys == set(C.ALL_KEYS)
+    assert cpp_keys == runtime_keys
     assert "otter." in strings and C.KEY_PREFIX == "otter."
     # the tensor-name table of the loader: LLM_TENSOR_OTTER_* -> "blk.%d.otter_..."
     table = dict(re.findall(r'\{\s*LLM_TENSOR_OTTER_(\w+),\s*"([^"]+)"\s*\}', "\n".join(added)))
-    assert {v.replace("%d", "{bid}") for v in table.values()} == set(C.TENSOR_NAMES.values())
-    assert {k: v.replace("%d", "{bid}") for k, v in table.items()} == {k.name: C.TENSOR_NAMES[k] for k in T}
+    assert {v.replace("%d", "{bid}") for v in table.values()} == {C.TENSOR_NAMES[k] for k in runtime_kinds}
+    assert {k: v.replace("%d", "{bid}") for k, v in table.items()} == {k.name: C.TENSOR_NAMES[k] for k in runtime_kinds}
     # every other tensor-name string (outside the graph's cb() node names): the Otter-tensor rule ("otter_"
     # prefix or ".otter_" inside, as is_otter_tensor), a full name (the quantizer's head rule), or a name's
     # ".otter_xxx." part (the quantizer's per-tensor mixes)
     names = {s for ln in added if not re.search(r"\bcb\(", ln)
              for s in re.findall(r'"([^"\\\s]*otter_[^"\\\s]*)"', ln)}
-    parts = {"." + t.rsplit(".", 1)[-1] + "." for t in C.TENSOR_NAMES.values()}
+    parts = {"." + C.TENSOR_NAMES[k].rsplit(".", 1)[-1] + "." for k in runtime_kinds}
     full = {s for s in names if re.fullmatch(r"(blk\.\d+\.)?otter_\w+\.(weight|bias)", s)}
     assert {C.TENSOR_PREFIX, "." + C.TENSOR_PREFIX} <= names and full and parts & names
     for s in names - set(table.values()) - {C.TENSOR_PREFIX, "." + C.TENSOR_PREFIX}:
@@ -235,4 +317,4 @@ def test_patches_use_the_same_names():
     kinds = set(re.findall(r'head_kind_str == "(\w+)"', "\n".join(added)))
     assert kinds == {k.value for k in HeadKind}
     archs = set(re.findall(r"model\.arch != LLM_ARCH_(\w+)", "\n".join(added)))
-    assert {a.lower() for a in archs} == set(C.SUPPORTED_ARCHITECTURES)
+    assert {a.lower() for a in archs} == set(C.RUNTIME_ARCHITECTURES)

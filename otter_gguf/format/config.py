@@ -248,15 +248,20 @@ class OtterConfig:
             T.FFN_DOWN: (d2, f + f2),
             T.OUTPUT_NORM: (d2,),
             T.HEAD: (self.head_output_size, d + d2),
+            T.ATTN_Q_NORM: (hd,),
+            T.ATTN_K_NORM: (hd,),
+            T.ATTN_POST_NORM: (d2,),
+            T.FFN_POST_NORM: (d2,),
         }
         return shapes[kind][:1] if suffix == BIAS else shapes[kind]
 
     def _tensor_shapes(self, biases: bool) -> dict[str, tuple[int, ...]]:
-        return {hf_name(k, b, s): self.tensor_shape(k, s) for k, b, s in tensor_keys(self.num_hidden_layers)
-                if (s == BIAS) == biases}
+        arch = self.base_architecture
+        return {hf_name(k, b, s, arch): self.tensor_shape(k, s)
+                for k, b, s in tensor_keys(self.num_hidden_layers, arch=arch) if (s == BIAS) == biases}
 
     def required_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """HF tensor name -> shape of every required tensor (spec §4), in layer order."""
+        """HF tensor name -> shape of every required tensor (spec §4, §5 for qwen3/gemma3), in layer order."""
         return self._tensor_shapes(False)
 
     def optional_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -265,7 +270,8 @@ class OtterConfig:
 
     def tensor_order(self) -> list[str]:
         """All possible tensor names (required and optional) in file order (biases right after their weights)."""
-        return [hf_name(k, b, s) for k, b, s in tensor_keys(self.num_hidden_layers)]
+        arch = self.base_architecture
+        return [hf_name(k, b, s, arch) for k, b, s in tensor_keys(self.num_hidden_layers, arch=arch)]
 
     def base_hparams(self) -> dict[str, Any]:
         """The base-model fingerprint fields of this config."""

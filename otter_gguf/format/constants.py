@@ -19,7 +19,11 @@ from typing import Iterator
 # The `otter.version` of an Otter GGUF and the `otter_version` of an adapter (spec §4).
 OTTER_FORMAT_VERSION = 1
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+
+# the base architectures the patched llama.cpp runtime (patches/) runs an Otter head on today; the others are
+# supported by the format, the reference and the converter (OTTER_SPEC.md §5) and wait for their graph hooks
+RUNTIME_ARCHITECTURES = ("llama", "qwen2")
 
 KEY_PREFIX = "otter."      # every Otter metadata key starts with this
 TENSOR_PREFIX = "otter_"   # an Otter tensor name starts with this or has it after "blk.{bid}."
@@ -55,6 +59,11 @@ class Keys:
         FEED_FORWARD_LENGTH = "otter.base.feed_forward_length"
         VOCAB_SIZE = "otter.base.vocab_size"
         VOCAB_HASH = "otter.base.vocab_hash"
+        # architecture-specific fingerprint keys (ARCH_FINGERPRINT_KEYS): gemma3's sliding-window attention
+        SLIDING_WINDOW = "otter.base.attention.sliding_window"
+        SLIDING_WINDOW_PATTERN = "otter.base.attention.sliding_window_pattern"
+        ROPE_FREQ_BASE = "otter.base.rope.freq_base"
+        ROPE_FREQ_BASE_SWA = "otter.base.rope.freq_base_swa"
 
 
 class SidecarKeys:
@@ -86,12 +95,30 @@ FINGERPRINT_KEYS: dict[str, str] = {
     Keys.Base.VOCAB_HASH: "vocab_hash",
 }
 
-# every key, in the order the converter writes them
+# the fingerprint keys only some base architectures have, written after ALL_KEYS (docs/FORMAT.md): for gemma3
+# the sliding window `n_swa`, which layers use it (a bool per layer, as llama.cpp's
+# `{arch}.attention.sliding_window_pattern` array: true = sliding), and the RoPE bases of the full and the
+# sliding layers, as the base's llama.cpp hparams have them
+ARCH_FINGERPRINT_KEYS: dict[str, dict[str, str]] = {
+    "gemma3": {
+        Keys.Base.SLIDING_WINDOW: "sliding_window",
+        Keys.Base.SLIDING_WINDOW_PATTERN: "sliding_window_pattern",
+        Keys.Base.ROPE_FREQ_BASE: "rope_freq_base",
+        Keys.Base.ROPE_FREQ_BASE_SWA: "rope_freq_base_swa",
+    },
+}
+
+# every key every Otter GGUF has, in the order the converter writes them
 ALL_KEYS: tuple[str, ...] = (
     Keys.VERSION, Keys.BASE_MODEL, Keys.EMBEDDING_LENGTH, Keys.Attention.HEAD_COUNT,
     Keys.Attention.HEAD_COUNT_KV, Keys.FEED_FORWARD_LENGTH, Keys.Head.OUTPUT_SIZE, Keys.Head.KIND,
     Keys.Head.SIGNAL_NAMES, *FINGERPRINT_KEYS,
 )
+
+
+def arch_keys(arch: str) -> tuple[str, ...]:
+    """Every ``otter.*`` key of an Otter GGUF on a base of architecture ``arch``, in file order."""
+    return ALL_KEYS + tuple(ARCH_FINGERPRINT_KEYS.get(arch, {}))
 
 
 class HeadKind(str, Enum):
@@ -122,6 +149,11 @@ class OtterTensor(IntEnum):
     FFN_DOWN = auto()
     OUTPUT_NORM = auto()
     HEAD = auto()
+    # OTTER_SPEC.md §5 (qwen3, gemma3)
+    ATTN_Q_NORM = auto()     # per-head RMSNorm of the side queries [hd]
+    ATTN_K_NORM = auto()     # per-head RMSNorm of the side keys [hd]
+    ATTN_POST_NORM = auto()  # gemma3 sandwich norm of the attention block's output [d2]
+    FFN_POST_NORM = auto()   # gemma3 sandwich norm of the FFN block's output [d2]
 
 
 # GGUF name templates, without the ".weight"/".bias" suffix (as gguf-py's TENSOR_NAMES)
@@ -138,6 +170,12 @@ TENSOR_NAMES: dict[OtterTensor, str] = {
     OtterTensor.FFN_DOWN: "blk.{bid}.otter_ffn_down",
     OtterTensor.OUTPUT_NORM: "otter_output_norm",
     OtterTensor.HEAD: "otter_head",
+    # the base's llama.cpp names (LLM_TENSOR_ATTN_Q_NORM "attn_q_norm", ATTN_POST_NORM "post_attention_norm",
+    # FFN_POST_NORM "post_ffw_norm") with the otter_ prefix, as for every name above
+    OtterTensor.ATTN_Q_NORM: "blk.{bid}.otter_attn_q_norm",
+    OtterTensor.ATTN_K_NORM: "blk.{bid}.otter_attn_k_norm",
+    OtterTensor.ATTN_POST_NORM: "blk.{bid}.otter_post_attention_norm",
+    OtterTensor.FFN_POST_NORM: "blk.{bid}.otter_post_ffw_norm",
 }
 
 # the adapter's HF name templates (spec §4), without the suffix
@@ -154,6 +192,18 @@ HF_TENSOR_NAMES: dict[OtterTensor, str] = {
     OtterTensor.FFN_DOWN: "otter.layers.{bid}.mlp.down_proj",
     OtterTensor.OUTPUT_NORM: "otter.norm",
     OtterTensor.HEAD: "otter.head",
+    OtterTensor.ATTN_Q_NORM: "otter.layers.{bid}.self_attn.q_norm",
+    OtterTensor.ATTN_K_NORM: "otter.layers.{bid}.self_attn.k_norm",
+}
+
+# gemma3's HF names (spec §5): its four per-layer norms are input_layernorm (pre-attention),
+# post_attention_layernorm (sandwich), pre_feedforward_layernorm (pre-FFN) and post_feedforward_layernorm (sandwich),
+# so `post_attention_layernorm` is FFN_NORM for the llama family and ATTN_POST_NORM for gemma3
+GEMMA3_HF_TENSOR_NAMES: dict[OtterTensor, str] = {
+    **HF_TENSOR_NAMES,
+    OtterTensor.ATTN_POST_NORM: "otter.layers.{bid}.post_attention_layernorm",
+    OtterTensor.FFN_NORM: "otter.layers.{bid}.pre_feedforward_layernorm",
+    OtterTensor.FFN_POST_NORM: "otter.layers.{bid}.post_feedforward_layernorm",
 }
 
 WEIGHT, BIAS = "weight", "bias"
@@ -161,8 +211,28 @@ WEIGHT, BIAS = "weight", "bias"
 # the kinds that may have a bias (all optional, spec §4)
 BIAS_TENSORS = (OtterTensor.ATTN_Q, OtterTensor.ATTN_K, OtterTensor.ATTN_V, OtterTensor.HEAD)
 
-# the RMSNorm weights (1-D, [d2])
-NORM_TENSORS = (OtterTensor.ATTN_NORM, OtterTensor.FFN_NORM, OtterTensor.OUTPUT_NORM)
+# the RMSNorm weights (1-D: [d2], the per-head Q/K norms [hd]); never quantized
+NORM_TENSORS = (OtterTensor.ATTN_NORM, OtterTensor.FFN_NORM, OtterTensor.OUTPUT_NORM, OtterTensor.ATTN_Q_NORM,
+                OtterTensor.ATTN_K_NORM, OtterTensor.ATTN_POST_NORM, OtterTensor.FFN_POST_NORM)
+
+# the kinds of an adapter for each base architecture (OTTER_SPEC.md §4, §5)
+_COMMON_TENSORS = tuple(k for k in OtterTensor if k <= OtterTensor.HEAD)
+_QK_NORMS = (OtterTensor.ATTN_Q_NORM, OtterTensor.ATTN_K_NORM)
+ARCH_TENSORS: dict[str, tuple[OtterTensor, ...]] = {
+    "llama": _COMMON_TENSORS,
+    "qwen2": _COMMON_TENSORS,
+    "qwen3": _COMMON_TENSORS + _QK_NORMS,
+    "gemma3": _COMMON_TENSORS + _QK_NORMS + (OtterTensor.ATTN_POST_NORM, OtterTensor.FFN_POST_NORM),
+}
+
+# the adapter (HF) name templates of each base architecture
+HF_TENSOR_NAMES_BY_ARCH: dict[str, dict[OtterTensor, str]] = {
+    "llama": HF_TENSOR_NAMES, "qwen2": HF_TENSOR_NAMES, "qwen3": HF_TENSOR_NAMES, "gemma3": GEMMA3_HF_TENSOR_NAMES,
+}
+
+# what llama.cpp's converter adds to every RMSNorm weight of an architecture (HF gemma3 applies x * (1 + w) and
+# stores w; the GGUF stores 1 + w): the Otter converter adds the same to every Otter norm weight (spec §5)
+NORM_WEIGHT_OFFSET: dict[str, float] = {"gemma3": 1.0}
 
 # the kinds with one tensor per layer
 LAYER_TENSORS = tuple(k for k in OtterTensor if "{bid}" in TENSOR_NAMES[k])
@@ -171,8 +241,10 @@ LAYER_TENSORS = tuple(k for k in OtterTensor if "{bid}" in TENSOR_NAMES[k])
 _LAYER_ORDER = (
     (OtterTensor.ATTN_NORM, WEIGHT), (OtterTensor.ATTN_Q, WEIGHT), (OtterTensor.ATTN_K, WEIGHT),
     (OtterTensor.ATTN_V, WEIGHT), (OtterTensor.ATTN_Q, BIAS), (OtterTensor.ATTN_K, BIAS),
-    (OtterTensor.ATTN_V, BIAS), (OtterTensor.ATTN_OUT, WEIGHT), (OtterTensor.FFN_NORM, WEIGHT),
+    (OtterTensor.ATTN_V, BIAS), (OtterTensor.ATTN_Q_NORM, WEIGHT), (OtterTensor.ATTN_K_NORM, WEIGHT),
+    (OtterTensor.ATTN_OUT, WEIGHT), (OtterTensor.ATTN_POST_NORM, WEIGHT), (OtterTensor.FFN_NORM, WEIGHT),
     (OtterTensor.FFN_GATE, WEIGHT), (OtterTensor.FFN_UP, WEIGHT), (OtterTensor.FFN_DOWN, WEIGHT),
+    (OtterTensor.FFN_POST_NORM, WEIGHT),
 )
 _HEAD_ORDER = ((OtterTensor.TOKEN_EMBD, WEIGHT),)
 _TAIL_ORDER = ((OtterTensor.OUTPUT_NORM, WEIGHT), (OtterTensor.HEAD, WEIGHT), (OtterTensor.HEAD, BIAS))
@@ -192,15 +264,36 @@ def gguf_name(kind: OtterTensor, bid: int | None = None, suffix: str = WEIGHT) -
     return _name(TENSOR_NAMES, kind, bid, suffix)
 
 
-def hf_name(kind: OtterTensor, bid: int | None = None, suffix: str = WEIGHT) -> str:
-    """Adapter (spec §4) name of one Otter tensor, e.g. ``otter.layers.1.self_attn.q_proj.weight``."""
-    return _name(HF_TENSOR_NAMES, kind, bid, suffix)
+def _hf_templates(arch: str | None) -> dict[OtterTensor, str]:
+    if arch is None:
+        return HF_TENSOR_NAMES
+    try:
+        return HF_TENSOR_NAMES_BY_ARCH[arch]
+    except KeyError:
+        raise ValueError(f"unknown base architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})") from None
 
 
-def tensor_keys(n_layer: int, *, biases: bool = True) -> Iterator[tuple[OtterTensor, int | None, str]]:
-    """(kind, layer or None, suffix) of every Otter tensor of an ``n_layer`` model, in file order."""
+def hf_name(kind: OtterTensor, bid: int | None = None, suffix: str = WEIGHT, arch: str | None = None) -> str:
+    """Adapter (spec §4) name of one Otter tensor, e.g. ``otter.layers.1.self_attn.q_proj.weight``.
+
+    ``arch``: the base architecture, whose HF names the adapter follows (spec §5: gemma3's FFN_NORM is
+    ``pre_feedforward_layernorm``); None: the llama-family names (llama, qwen2, qwen3)."""
+    templates = _hf_templates(arch)
+    if kind not in templates:
+        raise ValueError(f"{kind.name} is not a tensor of an adapter for base architecture {arch or 'llama'!r}")
+    return _name(templates, kind, bid, suffix)
+
+
+def tensor_keys(n_layer: int, *, biases: bool = True,
+                arch: str | None = None) -> Iterator[tuple[OtterTensor, int | None, str]]:
+    """(kind, layer or None, suffix) of every Otter tensor of an ``n_layer`` model on a base of architecture
+    ``arch`` (None: llama), in file order."""
+    kinds = ARCH_TENSORS.get(arch or "llama")
+    if kinds is None:
+        raise ValueError(f"unknown base architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
     def keep(order):
-        return [ks for ks in order if biases or ks[1] == WEIGHT]
+        return [ks for ks in order if (biases or ks[1] == WEIGHT) and ks[0] in kinds]
 
     for k, s in keep(_HEAD_ORDER):
         yield k, None, s
@@ -217,7 +310,7 @@ def _pattern(templates: dict[OtterTensor, str]) -> dict[re.Pattern, OtterTensor]
 
 
 _GGUF_RE = _pattern(TENSOR_NAMES)
-_HF_RE = _pattern(HF_TENSOR_NAMES)
+_HF_RE = {id(t): _pattern(t) for t in (HF_TENSOR_NAMES, GEMMA3_HF_TENSOR_NAMES)}
 
 
 def _parse(patterns: dict[re.Pattern, OtterTensor], name: str) -> tuple[OtterTensor, int | None, str]:
@@ -237,19 +330,24 @@ def parse_gguf_name(name: str) -> tuple[OtterTensor, int | None, str]:
     return _parse(_GGUF_RE, name)
 
 
-def parse_hf_name(name: str) -> tuple[OtterTensor, int | None, str]:
-    """(kind, layer or None, suffix) of an adapter tensor name (spec §4); KeyError if it is not one."""
-    return _parse(_HF_RE, name)
+def parse_hf_name(name: str, arch: str | None = None) -> tuple[OtterTensor, int | None, str]:
+    """(kind, layer or None, suffix) of an adapter tensor name (spec §4) of an adapter for base architecture
+    ``arch`` (None: the llama-family names); KeyError if it is not one."""
+    return _parse(_HF_RE[id(_hf_templates(arch))], name)
 
 
-def gguf_tensor_name(hf: str) -> str:
+def gguf_tensor_name(hf: str, arch: str | None = None) -> str:
     """GGUF name of an adapter tensor (spec §4 -> docs/FORMAT.md); KeyError if ``hf`` is not one."""
-    return gguf_name(*parse_hf_name(hf))
+    return gguf_name(*parse_hf_name(hf, arch))
 
 
-def hf_tensor_name(gguf: str) -> str:
-    """Adapter name of an Otter GGUF tensor (docs/FORMAT.md -> spec §4); KeyError if ``gguf`` is not one."""
-    return hf_name(*parse_gguf_name(gguf))
+def hf_tensor_name(gguf: str, arch: str | None = None) -> str:
+    """Adapter name of an Otter GGUF tensor (docs/FORMAT.md -> spec §4); KeyError if ``gguf`` is not one
+    (or not one of an adapter for ``arch``)."""
+    kind, bid, suffix = parse_gguf_name(gguf)
+    if kind not in _hf_templates(arch):
+        raise KeyError(gguf)
+    return hf_name(kind, bid, suffix, arch)
 
 
 def is_otter_tensor(name: str) -> bool:
@@ -258,6 +356,8 @@ def is_otter_tensor(name: str) -> bool:
 
 
 __all__ = [
+    "ARCH_FINGERPRINT_KEYS", "ARCH_TENSORS", "GEMMA3_HF_TENSOR_NAMES", "HF_TENSOR_NAMES_BY_ARCH", "NORM_WEIGHT_OFFSET",
+    "RUNTIME_ARCHITECTURES", "arch_keys",
     "ADAPTER_TYPE_OTTER", "ALL_KEYS", "BIAS", "GENERAL_TYPE_ADAPTER", "SidecarKeys", "BIAS_TENSORS", "FINGERPRINT_KEYS", "HF_TENSOR_NAMES", "HeadKind", "KEY_PREFIX", "Keys",
     "LAYER_TENSORS", "NORM_TENSORS", "OTTER_FORMAT_VERSION", "OtterTensor", "SUPPORTED_ARCHITECTURES", "TENSOR_NAMES",
     "TENSOR_PREFIX", "WEIGHT", "gguf_name", "gguf_tensor_name", "hf_name", "hf_tensor_name", "is_otter_tensor",

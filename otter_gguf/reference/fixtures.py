@@ -5,13 +5,17 @@ shipped ``otter_gguf/data/tiny_corpus.txt``; the weights are seeded random.
 
     python -m otter_gguf.reference.fixtures OUT_DIR
 
-writes ``tiny-llama/``, ``tiny-qwen2/``, ``adapter-reward1/``,
-``adapter-reward3/``, ``adapter-token-reward/`` and
-``adapter-qwen2-reward1/`` under ``OUT_DIR``.
+writes ``tiny-llama/``, ``tiny-qwen2/``, ``tiny-qwen3/``, ``tiny-gemma3/``,
+``adapter-reward1/``, ``adapter-reward3/``, ``adapter-token-reward/``,
+``adapter-qwen2-reward1/``, ``adapter-qwen3-reward1/`` and
+``adapter-gemma3-reward3/`` under ``OUT_DIR``.
 
 Sizes: base d=256, L=4, h=4, h_kv=2, hd=64, f=768, V=512; adapters d2=256,
 h2=4, h2_kv=1, f2=256, so every row length (d+d2=512, (h+h2)*hd=512,
-f+f2=1024) is a multiple of 256 and every ggml quant type applies.
+f+f2=1024) is a multiple of 256 and every ggml quant type applies. The
+qwen3 and gemma3 bases (OTTER_SPEC.md §5) have hd=128 (h*hd != d, as in the
+real models); gemma3 has 6 layers, so llama.cpp's default pattern (every
+6th layer full) gives 5 sliding layers with a window of 8 tokens and 1 full.
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ from pathlib import Path
 
 import torch
 
-from otter_gguf.format.constants import BIAS, NORM_TENSORS, WEIGHT, HeadKind, hf_name, parse_hf_name
+from otter_gguf.format.constants import (
+    BIAS, NORM_TENSORS, NORM_WEIGHT_OFFSET, WEIGHT, HeadKind, hf_name, parse_hf_name,
+)
 from otter_gguf.format.constants import OtterTensor as T
 
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "tiny_corpus.txt"
 
 TINY = dict(d=256, L=4, h=4, h_kv=2, hd=64, f=768, V=512)
+TINY_QWEN3 = dict(d=256, L=4, h=4, h_kv=2, hd=128, f=768, V=512)
+TINY_GEMMA3 = dict(d=256, L=6, h=4, h_kv=1, hd=128, f=768, V=512, sliding_window=8)
 ADAPTER = dict(d2=256, h2=4, h2_kv=1, f2=256)
 ADAPTER_KINDS = ("reward1", "reward3", "token_reward")
 REWARD3_NAMES = ["helpfulness", "harmlessness", "honesty"]
@@ -94,8 +102,9 @@ def _norm_w(gen: torch.Generator, n: int) -> torch.Tensor:
     return (1.0 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).to(torch.float32)
 
 
-def _base_weights(seed: int, *, qkv_bias: bool, tied: bool) -> dict[str, torch.Tensor]:
-    d, L, h, hkv, hd, f, V = (TINY[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
+def _base_weights(seed: int, *, qkv_bias: bool, tied: bool, arch: str = "llama",
+                  sizes: dict = TINY) -> dict[str, torch.Tensor]:
+    d, L, h, hkv, hd, f, V = (sizes[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
     g = torch.Generator().manual_seed(seed)
     w: dict[str, torch.Tensor] = {}
     # tied: the embedding is also the output matrix, give it the lm_head scale
@@ -119,6 +128,18 @@ def _base_weights(seed: int, *, qkv_bias: bool, tied: bool) -> dict[str, torch.T
     w["model.norm.weight"] = _norm_w(g, d)
     if not tied:
         w["lm_head.weight"] = _rand(g, V, d, std=1.0 / d ** 0.5)
+    # the tensors of OTTER_SPEC.md §5, drawn after the llama family's (whose draws stay as they were)
+    for i in range(L if arch in ("qwen3", "gemma3") else 0):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_norm.weight"] = _norm_w(g, hd)
+        w[p + "self_attn.k_norm.weight"] = _norm_w(g, hd)
+        if arch == "gemma3":
+            w[p + "pre_feedforward_layernorm.weight"] = _norm_w(g, d)
+            w[p + "post_feedforward_layernorm.weight"] = _norm_w(g, d)
+    if arch in NORM_WEIGHT_OFFSET:  # stored as HF gemma3 does: applied as x * (1 + w)
+        for n in w:
+            if n.endswith("norm.weight"):
+                w[n] = w[n] - NORM_WEIGHT_OFFSET[arch]
     return w
 
 
@@ -215,6 +236,100 @@ def make_tiny_qwen2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
+def _new_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_tiny_qwen3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny HF ``Qwen3ForCausalLM`` checkpoint (per-head q/k norms, hd=128 != d/h, tied embeddings,
+    rope_theta 1e6) with the tiny SentencePiece tokenizer (llama.cpp's qwen3 converter takes it as qwen2's)."""
+    out = _new_dir(out_dir)
+    d, L, h, hkv, hd, f, V = (TINY_QWEN3[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
+    _write_json(out / "config.json", {
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "head_dim": hd,
+        "hidden_act": "silu",
+        "hidden_size": d,
+        "initializer_range": 0.02,
+        "intermediate_size": f,
+        "max_position_embeddings": 4096,
+        "max_window_layers": L,
+        "model_type": "qwen3",
+        "num_attention_heads": h,
+        "num_hidden_layers": L,
+        "num_key_value_heads": hkv,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.51.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": V,
+    })
+    _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2,
+                                                 "transformers_version": "4.51.0"})
+    _write_tokenizer_files(out, train_tokenizer(V, seed=0), 4096)
+    _save_weights(out, _base_weights(seed + 2000, qkv_bias=False, tied=True, arch="qwen3", sizes=TINY_QWEN3))
+    return out
+
+
+def make_tiny_gemma3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny HF ``Gemma3ForCausalLM`` checkpoint (text-only, like Gemma 3 270M/1B): embedding scale
+    sqrt(d), norms stored as ``w`` and applied as ``1 + w``, per-head q/k norms, sandwich norms, tanh-GELU,
+    query_pre_attn_scalar = hd (llama.cpp uses 1/sqrt(hd)), layers 0-4 sliding (window 8, RoPE base 1e4)
+    and layer 5 full (RoPE base 1e6), tied embeddings, with the tiny SentencePiece tokenizer."""
+    out = _new_dir(out_dir)
+    d, L, h, hkv, hd, f, V = (TINY_GEMMA3[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
+    _write_json(out / "config.json", {
+        "architectures": ["Gemma3ForCausalLM"],
+        "_sliding_window_pattern": 6,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "final_logit_softcapping": None,
+        "head_dim": hd,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": d,
+        "initializer_range": 0.02,
+        "intermediate_size": f,
+        "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(L)],
+        "max_position_embeddings": 4096,
+        "model_type": "gemma3_text",
+        "num_attention_heads": h,
+        "num_hidden_layers": L,
+        "num_key_value_heads": hkv,
+        "pad_token_id": 0,
+        "query_pre_attn_scalar": hd,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": TINY_GEMMA3["sliding_window"],
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.55.0",
+        "use_bidirectional_attention": False,
+        "use_cache": True,
+        "vocab_size": V,
+    })
+    _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                                 "transformers_version": "4.55.0"})
+    _write_tokenizer_files(out, train_tokenizer(V, seed=0), 4096)
+    _save_weights(out, _base_weights(seed + 3000, qkv_bias=False, tied=True, arch="gemma3", sizes=TINY_GEMMA3))
+    return out
+
+
 def make_adapter(out_dir: str | os.PathLike, base_dir: str | os.PathLike,
                  kind: str = "reward1", seed: int = 0, init: str = "random") -> Path:
     """Write an Otter adapter for the tiny base at ``base_dir``.
@@ -234,6 +349,7 @@ def make_adapter(out_dir: str | os.PathLike, base_dir: str | os.PathLike,
     base = load_base(base_dir)
     V = base.config.vocab_size
     d = base.config.hidden_size
+    arch = base.config.architecture
     if kind == "reward1":
         kw = dict(n_out=1, head_kind=HeadKind.REWARD.value, signal_names=["reward"])
     elif kind == "reward3":
@@ -259,17 +375,19 @@ def make_adapter(out_dir: str | os.PathLike, base_dir: str | os.PathLike,
             T.FFN_DOWN: 0.02,
         }
         for n in list(t):
-            kind, _, suffix = parse_hf_name(n)
+            kind, _, suffix = parse_hf_name(n, arch)
             if kind in NORM_TENSORS:
                 t[n] = _norm_w(g, t[n].shape[0])
+                if arch in NORM_WEIGHT_OFFSET:  # the base's stored convention (gemma3: applied as 1 + w)
+                    t[n] = t[n] - NORM_WEIGHT_OFFSET[arch]
             elif kind in scales and suffix == WEIGHT:
                 t[n] = _rand(g, *t[n].shape, std=scales[kind])
     if with_biases:
         h2, h2kv, hd = config.otter_num_attention_heads, config.otter_num_key_value_heads, config.head_dim
         for i in range(config.num_hidden_layers):
-            t[hf_name(T.ATTN_Q, i, BIAS)] = _rand(g, h2 * hd, std=0.2)
-            t[hf_name(T.ATTN_K, i, BIAS)] = _rand(g, h2kv * hd, std=0.2)
-            t[hf_name(T.ATTN_V, i, BIAS)] = _rand(g, h2kv * hd, std=0.1)
+            t[hf_name(T.ATTN_Q, i, BIAS, arch)] = _rand(g, h2 * hd, std=0.2)
+            t[hf_name(T.ATTN_K, i, BIAS, arch)] = _rand(g, h2kv * hd, std=0.2)
+            t[hf_name(T.ATTN_V, i, BIAS, arch)] = _rand(g, h2kv * hd, std=0.1)
         t[hf_name(T.HEAD, suffix=BIAS)] = _rand(g, config.head_output_size, std=0.5)
     t[hf_name(T.HEAD)] = _rand(g, config.head_output_size, d + d2, std=1.0 / (d + d2) ** 0.5)
     return save_adapter(out_dir, config, t, dtype="float32")
@@ -281,6 +399,8 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     paths = {
         "tiny-llama": make_tiny_llama(out / "tiny-llama", seed=seed),
         "tiny-qwen2": make_tiny_qwen2(out / "tiny-qwen2", seed=seed),
+        "tiny-qwen3": make_tiny_qwen3(out / "tiny-qwen3", seed=seed),
+        "tiny-gemma3": make_tiny_gemma3(out / "tiny-gemma3", seed=seed),
     }
     paths["adapter-reward1"] = make_adapter(out / "adapter-reward1", paths["tiny-llama"], "reward1", seed)
     paths["adapter-reward3"] = make_adapter(out / "adapter-reward3", paths["tiny-llama"], "reward3", seed + 1)
@@ -288,6 +408,10 @@ def make_all(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
                                                  "token_reward", seed + 2)
     paths["adapter-qwen2-reward1"] = make_adapter(out / "adapter-qwen2-reward1", paths["tiny-qwen2"],
                                                   "reward1", seed + 3)
+    paths["adapter-qwen3-reward1"] = make_adapter(out / "adapter-qwen3-reward1", paths["tiny-qwen3"],
+                                                  "reward1", seed + 4)
+    paths["adapter-gemma3-reward3"] = make_adapter(out / "adapter-gemma3-reward3", paths["tiny-gemma3"],
+                                                   "reward3", seed + 5)
     return paths
 
 

@@ -3,7 +3,10 @@
 This is the accuracy oracle the converter and the patched llama.cpp runtime
 are tested against. It is written in plain torch (no transformers) and reads
 HF checkpoints (``config.json`` + ``*.safetensors``, sharded or not) of the
-LLaMA family: ``llama`` and ``qwen2``.
+LLaMA family: ``llama``, ``qwen2``, ``qwen3`` (per-head Q/K norms) and
+``gemma3`` (HF ``Gemma3ForCausalLM``: embedding scale, ``1 + w`` norms, per-head
+Q/K norms, sandwich norms, sliding-window layers with their own RoPE base,
+tanh-GELU, ``query_pre_attn_scalar``), with the side stream of OTTER_SPEC.md §5.
 
 The main stream of :class:`OtterModel` runs through exactly the same code
 (:meth:`BaseModel._run`) as the base-only forward, so its logits are
@@ -24,7 +27,10 @@ import torch.nn.functional as F
 
 from otter_gguf.format.adapter import _validate_header, check_against_base, load_adapter
 from otter_gguf.format.config import OtterConfig
-from otter_gguf.format.constants import BIAS, NORM_TENSORS, HeadKind, hf_name, parse_hf_name
+from otter_gguf.format.constants import (
+    ARCH_TENSORS, BIAS, NORM_TENSORS, NORM_WEIGHT_OFFSET, WEIGHT, HeadKind, hf_name, parse_hf_name,
+)
+from otter_gguf.format.constants import OtterTensor
 from otter_gguf.format.constants import OtterTensor as T
 
 __all__ = [
@@ -47,8 +53,19 @@ class ReferenceError(ValueError):
 _ARCH_BY_HF = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
-_ARCH_BY_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
+_ARCH_BY_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def _rope_type(sc: Mapping[str, Any] | None) -> str | None:
+    if not sc:
+        return None
+    rt = sc.get("rope_type", sc.get("type"))
+    return None if rt in (None, "default") else rt
 
 
 # --------------------------------------------------------------------------
@@ -58,7 +75,7 @@ _ARCH_BY_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
 class BaseConfig:
     """The hyper-parameters of a LLaMA-family base model."""
 
-    architecture: str  # "llama" | "qwen2"
+    architecture: str  # "llama" | "qwen2" | "qwen3" | "gemma3"
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -73,6 +90,12 @@ class BaseConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     max_position_embeddings: int = 4096
+    # gemma3 (OTTER_SPEC.md §5); the defaults are the llama family's
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar ** -0.5 (else hd ** -0.5)
+    sliding_window: int | None = None           # the window of the sliding layers (distance < window)
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" | "full_attention"
+    rope_local_theta: float | None = None       # RoPE base of the sliding layers (no scaling)
+    final_logit_softcapping: float | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -100,26 +123,38 @@ class BaseConfig:
             raise ReferenceError(f"{source}: missing key {e.args[0]!r}") from None
         n_kv = int(d.get("num_key_value_heads") or n_head)
         head_dim = d.get("head_dim")
-        head_dim = int(head_dim) if head_dim else hidden // n_head
-        if arch == "qwen2" and d.get("use_sliding_window"):
-            raise ReferenceError(f"{source}: qwen2 use_sliding_window=true is not supported")
-        # transformers >= 5 writes rope settings as "rope_parameters"
-        rope_params = d.get("rope_parameters") or {}
+        head_dim = int(head_dim) if head_dim else (256 if arch == "gemma3" else hidden // n_head)
+        if arch in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+            raise ReferenceError(f"{source}: {arch} use_sliding_window=true is not supported")
+        # transformers >= 5 writes rope settings as "rope_parameters" (gemma3: one dict per layer type)
+        rope_params = dict(d.get("rope_parameters") or {})
+        extra: dict[str, Any] = {}
+        if arch == "gemma3":
+            extra = cls._gemma3_fields(d, n_layer, source)
+            if FULL in rope_params or SLIDING in rope_params:
+                local = rope_params.get(SLIDING) or {}
+                if _rope_type(local) is not None:
+                    raise ReferenceError(f"{source}: RoPE scaling of the sliding layers is not supported")
+                if local.get("rope_theta") is not None:
+                    extra["rope_local_theta"] = float(local["rope_theta"])
+                rope_params = dict(rope_params.get(FULL) or {})
         scaling = d.get("rope_scaling") or None
         if scaling is None and rope_params:
-            rt = rope_params.get("rope_type", rope_params.get("type", "default"))
-            scaling = None if rt in (None, "default") else dict(rope_params)
+            scaling = None if _rope_type(rope_params) is None else dict(rope_params)
         theta = d.get("rope_theta")
         if theta is None:
-            theta = rope_params.get("rope_theta", 10000.0)
+            theta = rope_params.get("rope_theta", 1_000_000.0 if arch == "gemma3" else 10000.0)
         if scaling is not None:
-            rt = scaling.get("rope_type", scaling.get("type"))
-            if rt in (None, "default"):
+            rt = _rope_type(scaling)
+            if rt is None:
                 scaling = None
             elif rt not in ("llama3", "linear"):
                 raise ReferenceError(
                     f"{source}: rope_scaling type {rt!r} is not supported (supported: llama3, linear)"
                 )
+        attention_bias = bool(d.get("attention_bias", arch == "qwen2"))
+        if attention_bias and arch in ("qwen3", "gemma3"):
+            raise ReferenceError(f"{source}: {arch} attention_bias=true is not supported")
         return cls(
             architecture=arch,
             hidden_size=hidden,
@@ -132,12 +167,86 @@ class BaseConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=dict(scaling) if scaling else None,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", arch == "qwen2")),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", arch == "gemma3")),
+            attention_bias=attention_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             raw=dict(d),
+            **extra,
         )
+
+    @staticmethod
+    def _gemma3_fields(d: Mapping[str, Any], n_layer: int, source: str) -> dict[str, Any]:
+        """gemma3's own settings, as HF ``Gemma3TextConfig`` reads them (its defaults included)."""
+        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        if act != "gelu_pytorch_tanh":
+            raise ReferenceError(f"{source}: gemma3 hidden_activation {act!r} is not supported "
+                                 f"(supported: gelu_pytorch_tanh)")
+        if d.get("attn_logit_softcapping") is not None:
+            raise ReferenceError(f"{source}: gemma3 attn_logit_softcapping is not supported")
+        if d.get("use_bidirectional_attention"):
+            raise ReferenceError(f"{source}: gemma3 use_bidirectional_attention=true is not supported")
+        types = d.get("layer_types")
+        if types is None:
+            period = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+            types = [SLIDING if (i + 1) % period else FULL for i in range(n_layer)]
+        types = tuple(types)
+        if len(types) != n_layer or not set(types) <= {SLIDING, FULL}:
+            raise ReferenceError(f"{source}: layer_types must list {n_layer} of {SLIDING!r}/{FULL!r}, found {types!r}")
+        window = d.get("sliding_window", 4096)
+        if SLIDING in types and (not isinstance(window, int) or window <= 0):
+            raise ReferenceError(f"{source}: sliding_window must be a positive integer, found {window!r}")
+        cap = d.get("final_logit_softcapping")
+        return dict(
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
+            sliding_window=int(window) if SLIDING in types else None,
+            layer_types=types,
+            rope_local_theta=float(d.get("rope_local_base_freq", 10000.0)),
+            final_logit_softcapping=float(cap) if cap else None,
+        )
+
+    # -- the features of OTTER_SPEC.md §5 -----------------------------------
+    @property
+    def qk_norm(self) -> bool:
+        """Per-head RMSNorm of Q and K before RoPE (qwen3, gemma3)."""
+        return self.architecture in ("qwen3", "gemma3")
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """A norm on each block's output before the residual add (gemma3)."""
+        return self.architecture == "gemma3"
+
+    @property
+    def norm_offset(self) -> float:
+        """Added to every stored RMSNorm weight before use (gemma3: x * (1 + w))."""
+        return NORM_WEIGHT_OFFSET.get(self.architecture, 0.0)
+
+    @property
+    def embed_scale(self) -> float | None:
+        """The embedding scale (gemma3: sqrt(d)), or None."""
+        return math.sqrt(self.hidden_size) if self.architecture == "gemma3" else None
+
+    @property
+    def attn_scale(self) -> float:
+        if self.query_pre_attn_scalar is not None:
+            return self.query_pre_attn_scalar ** -0.5
+        return self.head_dim ** -0.5
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN gate activation: tanh-GELU (gemma3) or SiLU."""
+        return F.gelu(x, approximate="tanh") if self.architecture == "gemma3" else F.silu(x)
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == SLIDING
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of a layer (keys at distance < window), or None for full attention."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
+    def norm_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The applied RMSNorm weight of a stored one (``1 + w`` for gemma3)."""
+        off = self.norm_offset
+        return w + off if off else w
 
     def otter_hparams(self) -> dict[str, Any]:
         """The fingerprint fields in OtterConfig naming (for `check_against_base`)."""
@@ -152,12 +261,14 @@ class BaseConfig:
             "vocab_size": self.vocab_size,
         }
 
-    def rope_inv_freq(self, dtype: torch.dtype) -> torch.Tensor:
-        """Inverse RoPE frequencies [hd/2], HF semantics (default/llama3/linear)."""
+    def rope_inv_freq(self, dtype: torch.dtype, *, local: bool = False) -> torch.Tensor:
+        """Inverse RoPE frequencies [hd/2], HF semantics (default/llama3/linear); ``local``: those of the
+        sliding layers (gemma3: ``rope_local_base_freq``, no scaling)."""
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
         hd = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(cdt) / hd))
-        sc = self.rope_scaling
+        theta = self.rope_local_theta if local else self.rope_theta
+        inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).to(cdt) / hd))
+        sc = None if local else self.rope_scaling
         if not sc:
             return inv
         rt = sc.get("rope_type", sc.get("type"))
@@ -205,18 +316,27 @@ def _heads(x: torch.Tensor, n: int, hd: int) -> torch.Tensor:
     return x.view(b, t, n, hd).transpose(1, 2)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int) -> torch.Tensor:
-    """Causal GQA attention. q [B,H,T,hd], k/v [B,Hkv,S,hd] -> [B,T,H*hd]."""
+def _head_norm(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm over hd (qwen3/gemma3 q_norm, k_norm): x [B, H, T, hd], each head by its own statistic."""
+    return _norm(x, _inv_rms(x, eps), g)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, scale: float,
+            window: int | None = None) -> torch.Tensor:
+    """Causal GQA attention (keys at distance < ``window`` only, if given).
+    q [B,H,T,hd], k/v [B,Hkv,S,hd] -> [B,T,H*hd]."""
     b, nh, t, hd = q.shape
     n_kv, s = k.shape[1], k.shape[2]
     rep = nh // n_kv
     if rep > 1:
         k = k[:, :, None].expand(b, n_kv, rep, s, hd).reshape(b, nh, s, hd)
         v = v[:, :, None].expand(b, n_kv, rep, s, hd).reshape(b, nh, s, hd)
-    scores = torch.matmul(q, k.transpose(2, 3)) * (hd ** -0.5)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
     qpos = torch.arange(pos0, pos0 + t)
     kpos = torch.arange(s)
     mask = kpos[None, :] > qpos[:, None]
+    if window is not None:
+        mask = mask | (qpos[:, None] - kpos[None, :] >= window)
     scores = scores.masked_fill(mask, float("-inf"))
     sdt = torch.promote_types(q.dtype, torch.float32)
     probs = torch.softmax(scores, dim=-1, dtype=sdt).to(q.dtype)
@@ -265,6 +385,7 @@ class BaseModel:
         self.weights = {k: v.detach().to(dtype).requires_grad_(False) for k, v in weights.items()}
         self._check_weights()
         self._inv_freq = config.rope_inv_freq(dtype)
+        self._inv_freq_local = config.rope_inv_freq(dtype, local=True) if config.sliding_window else None
 
     # -- checks ------------------------------------------------------------
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -285,6 +406,12 @@ class BaseModel:
             out[p + "mlp.gate_proj.weight"] = (f, d)
             out[p + "mlp.up_proj.weight"] = (f, d)
             out[p + "mlp.down_proj.weight"] = (d, f)
+            if c.qk_norm:
+                out[p + "self_attn.q_norm.weight"] = (hd,)
+                out[p + "self_attn.k_norm.weight"] = (hd,)
+            if c.sandwich_norms:
+                out[p + "pre_feedforward_layernorm.weight"] = (d,)
+                out[p + "post_feedforward_layernorm.weight"] = (d,)
             if c.attention_bias:
                 out[p + "self_attn.q_proj.bias"] = (h * hd,)
                 out[p + "self_attn.k_proj.bias"] = (hkv * hd,)
@@ -314,8 +441,8 @@ class BaseModel:
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
-    def rope_cos_sin(self, pos0: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = self._inv_freq
+    def rope_cos_sin(self, pos0: int, t: int, *, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self._inv_freq_local if local else self._inv_freq
         pos = torch.arange(pos0, pos0 + t, dtype=inv.dtype)
         freqs = pos[:, None] * inv[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -349,39 +476,68 @@ class BaseModel:
         W = self.weights
         hd, eps = c.head_dim, c.rms_norm_eps
         h, hkv = c.num_attention_heads, c.num_key_value_heads
-        cos, sin = self.rope_cos_sin(pos0, T)
+        g = c.norm_weight  # the applied norm weight of a stored one (gemma3: 1 + w)
+        ropes = {False: self.rope_cos_sin(pos0, T)}
+        if self._inv_freq_local is not None:
+            ropes[True] = self.rope_cos_sin(pos0, T, local=True)
+        ffn_norm = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
 
         x = F.embedding(tok, W["model.embed_tokens.weight"])
+        if c.embed_scale is not None:
+            x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
         s = side.embed(tok) if side is not None else None
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
+            cos, sin = ropes[c.is_sliding(i)]
+            window = c.window(i)
             # ---- attention
             inv_r = _inv_rms(x, eps)
-            xn = _norm(x, inv_r, W[p + "input_layernorm.weight"])
+            xn = _norm(x, inv_r, g(W[p + "input_layernorm.weight"]))
             q = _linear(xn, W[p + "self_attn.q_proj.weight"], W.get(p + "self_attn.q_proj.bias"))
             k = _linear(xn, W[p + "self_attn.k_proj.weight"], W.get(p + "self_attn.k_proj.bias"))
             v = _linear(xn, W[p + "self_attn.v_proj.weight"], W.get(p + "self_attn.v_proj.bias"))
-            q = _rope(_heads(q, h, hd), cos, sin)
-            k = _rope(_heads(k, hkv, hd), cos, sin)
+            q, k = _heads(q, h, hd), _heads(k, hkv, hd)
+            if c.qk_norm:
+                q = _head_norm(q, g(W[p + "self_attn.q_norm.weight"]), eps)
+                k = _head_norm(k, g(W[p + "self_attn.k_norm.weight"]), eps)
+            q = _rope(q, cos, sin)
+            k = _rope(k, cos, sin)
             v = _heads(v, hkv, hd)
             if cache is not None:
                 k = KVCache._append(cache.k, i, k)
                 v = KVCache._append(cache.v, i, v)
-            a_main = _attend(q, k, v, pos0)
+            a_main = _attend(q, k, v, pos0, c.attn_scale, window)
+            o = _linear(a_main, W[p + "self_attn.o_proj.weight"], W.get(p + "self_attn.o_proj.bias"))
+            o2 = side.attn(i, s, xn, inv_r, a_main, cos, sin, cache, pos0, window) if side is not None else None
+            if c.sandwich_norms:
+                inv_o = _inv_rms(o, eps)  # main part only (spec §5)
+                o = _norm(o, inv_o, g(W[p + "post_attention_layernorm.weight"]))
+                if side is not None:
+                    o2 = side.post_norm(OtterTensor.ATTN_POST_NORM, i, o2, inv_o)
+            x = x + o
             if side is not None:
-                s = side.attn(i, s, xn, inv_r, a_main, cos, sin, cache, pos0)
-            x = x + _linear(a_main, W[p + "self_attn.o_proj.weight"], W.get(p + "self_attn.o_proj.bias"))
+                s = s + o2
             # ---- feed-forward
             inv_r = _inv_rms(x, eps)
-            xn = _norm(x, inv_r, W[p + "post_attention_layernorm.weight"])
-            m_main = F.silu(_linear(xn, W[p + "mlp.gate_proj.weight"], W.get(p + "mlp.gate_proj.bias"))) * \
+            xn = _norm(x, inv_r, g(W[p + ffn_norm + ".weight"]))
+            m_main = c.activation(_linear(xn, W[p + "mlp.gate_proj.weight"], W.get(p + "mlp.gate_proj.bias"))) * \
                 _linear(xn, W[p + "mlp.up_proj.weight"], W.get(p + "mlp.up_proj.bias"))
+            o = _linear(m_main, W[p + "mlp.down_proj.weight"], W.get(p + "mlp.down_proj.bias"))
+            o2 = side.ffn(i, s, xn, inv_r, m_main) if side is not None else None
+            if c.sandwich_norms:
+                inv_o = _inv_rms(o, eps)
+                o = _norm(o, inv_o, g(W[p + "post_feedforward_layernorm.weight"]))
+                if side is not None:
+                    o2 = side.post_norm(OtterTensor.FFN_POST_NORM, i, o2, inv_o)
+            x = x + o
             if side is not None:
-                s = side.ffn(i, s, xn, inv_r, m_main)
-            x = x + _linear(m_main, W[p + "mlp.down_proj.weight"], W.get(p + "mlp.down_proj.bias"))
+                s = s + o2
         inv_r = _inv_rms(x, eps)
-        xn = _norm(x, inv_r, W["model.norm.weight"])
+        xn = _norm(x, inv_r, g(W["model.norm.weight"]))
         logits = _linear(xn, W["lm_head.weight"])
+        if c.final_logit_softcapping:
+            cap = c.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
         signals = sn = None
         if side is not None:
             signals, sn = side.head(s, xn, inv_r)
@@ -401,41 +557,61 @@ class BaseModel:
 # Otter
 # --------------------------------------------------------------------------
 class _SideParams:
-    """The side stream of spec §3, called from inside `BaseModel._run`."""
+    """The side stream of spec §3 and §5, called from inside `BaseModel._run`; each block returns the side
+    output (``o_side``) that `_run` adds to ``s`` (after the sandwich norm, if the base has one)."""
 
-    def __init__(self, config: OtterConfig, t: Mapping[str, torch.Tensor]):
+    def __init__(self, config: OtterConfig, t: Mapping[str, torch.Tensor], base: BaseConfig):
         self.c = config
         self.t = t
+        self.b = base
+        self.arch = config.base_architecture
+
+    def w(self, kind: T, i: int | None = None, suffix: str = WEIGHT) -> torch.Tensor | None:
+        return self.t.get(hf_name(kind, i, suffix, self.arch))
+
+    def g(self, kind: T, i: int | None = None) -> torch.Tensor:
+        """An applied side norm weight (stored in the base's convention, spec §5)."""
+        return self.b.norm_weight(self.w(kind, i))
 
     def embed(self, tok: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tok, self.t[hf_name(T.TOKEN_EMBD)])
+        s = F.embedding(tok, self.w(T.TOKEN_EMBD))
+        if self.b.embed_scale is not None:  # the base's sqrt(d), not sqrt(d + d2)
+            s = s * torch.tensor(self.b.embed_scale, dtype=s.dtype)
+        return s
 
-    def attn(self, i, s, xn, inv_r, a_main, cos, sin, cache, pos0):
-        c, t = self.c, self.t
-        hd = c.head_dim
-        sn = _norm(s, inv_r, t[hf_name(T.ATTN_NORM, i)])
+    def attn(self, i, s, xn, inv_r, a_main, cos, sin, cache, pos0, window):
+        c, b = self.c, self.b
+        hd, eps = c.head_dim, b.rms_norm_eps
+        sn = _norm(s, inv_r, self.g(T.ATTN_NORM, i))
         u = torch.cat([xn, sn], dim=-1)
-        q, k, v = (_linear(u, t[hf_name(x, i)], t.get(hf_name(x, i, BIAS))) for x in (T.ATTN_Q, T.ATTN_K, T.ATTN_V))
-        q = _rope(_heads(q, c.otter_num_attention_heads, hd), cos, sin)
-        k = _rope(_heads(k, c.otter_num_key_value_heads, hd), cos, sin)
+        q, k, v = (_linear(u, self.w(x, i), self.w(x, i, BIAS)) for x in (T.ATTN_Q, T.ATTN_K, T.ATTN_V))
+        q = _heads(q, c.otter_num_attention_heads, hd)
+        k = _heads(k, c.otter_num_key_value_heads, hd)
+        if b.qk_norm:  # the side heads' own weights, each head by its own statistic
+            q = _head_norm(q, self.g(T.ATTN_Q_NORM, i), eps)
+            k = _head_norm(k, self.g(T.ATTN_K_NORM, i), eps)
+        q = _rope(q, cos, sin)
+        k = _rope(k, cos, sin)
         v = _heads(v, c.otter_num_key_value_heads, hd)
         if cache is not None:
             k = KVCache._append(cache.k2, i, k)
             v = KVCache._append(cache.v2, i, v)
-        a_side = _attend(q, k, v, pos0)
-        return s + _linear(torch.cat([a_main, a_side], dim=-1), t[hf_name(T.ATTN_OUT, i)])
+        a_side = _attend(q, k, v, pos0, b.attn_scale, window)
+        return _linear(torch.cat([a_main, a_side], dim=-1), self.w(T.ATTN_OUT, i))
+
+    def post_norm(self, kind: T, i: int, o2: torch.Tensor, inv_o: torch.Tensor) -> torch.Tensor:
+        """The sandwich norm of a side block output, with the main block output's statistic."""
+        return _norm(o2, inv_o, self.g(kind, i))
 
     def ffn(self, i, s, xn, inv_r, m_main):
-        t = self.t
-        sn = _norm(s, inv_r, t[hf_name(T.FFN_NORM, i)])
+        sn = _norm(s, inv_r, self.g(T.FFN_NORM, i))
         u = torch.cat([xn, sn], dim=-1)
-        m_side = F.silu(_linear(u, t[hf_name(T.FFN_GATE, i)])) * _linear(u, t[hf_name(T.FFN_UP, i)])
-        return s + _linear(torch.cat([m_main, m_side], dim=-1), t[hf_name(T.FFN_DOWN, i)])
+        m_side = self.b.activation(_linear(u, self.w(T.FFN_GATE, i))) * _linear(u, self.w(T.FFN_UP, i))
+        return _linear(torch.cat([m_main, m_side], dim=-1), self.w(T.FFN_DOWN, i))
 
     def head(self, s, xn, inv_r):
-        t = self.t
-        sn = _norm(s, inv_r, t[hf_name(T.OUTPUT_NORM)])
-        sig = _linear(torch.cat([xn, sn], dim=-1), t[hf_name(T.HEAD)], t.get(hf_name(T.HEAD, suffix=BIAS)))
+        sn = _norm(s, inv_r, self.g(T.OUTPUT_NORM))
+        sig = _linear(torch.cat([xn, sn], dim=-1), self.w(T.HEAD), self.w(T.HEAD, suffix=BIAS))
         return sig, sn
 
 
@@ -467,7 +643,7 @@ class OtterModel:
         self.tensors: dict[str, torch.Tensor] = {
             n: v.detach().to(base.dtype).clone() for n, v in tensors.items()
         }
-        self._side = _SideParams(config, self.tensors)
+        self._side = _SideParams(config, self.tensors, base.config)
 
     @property
     def signal_names(self) -> list[str]:
@@ -571,14 +747,17 @@ def insert_otter(
     """Create Otter parameters for ``base`` (which is left untouched).
 
     ``init="random"``: every matrix and the side embedding ~ N(0, std), norm
-    weights 1, biases 0 (seeded).
+    weights the identity (1; 0 for gemma3, whose norms apply ``1 + w``),
+    biases 0 (seeded).
 
     ``init="copy"`` (the paper's copy initialisation; needs d2 <= d, h2 <= h,
     h2_kv <= h_kv, f2 <= f). The side stream starts as a copy of the first
     ``d2`` dimensions of the main stream, and the side heads/FFN units start
     as copies of the first base heads/units:
 
-    - ``E2 = E[:, :d2]``; every side norm weight ``g2 = g[:d2]``;
+    - ``E2 = E[:, :d2]``; every side norm weight ``g2 = g[:d2]`` (gemma3's four
+      per-layer norms each from its own base norm, in the stored convention);
+      the side heads' Q/K norms (qwen3, gemma3) are copies of the base's;
     - q/k/v (rows of the first ``h2`` / ``h2_kv`` base heads) and gate/up
       (first ``f2`` rows): with ``R`` those base rows, the main-input columns
       are ``R`` with its first ``d2`` columns zeroed and the side-input
@@ -638,8 +817,8 @@ def insert_otter(
     shapes = config.required_tensor_shapes()
     if init == "random":
         for n, shp in shapes.items():
-            if parse_hf_name(n)[0] in NORM_TENSORS:
-                out[n] = torch.ones(shp, dtype=dt)
+            if parse_hf_name(n, c.architecture)[0] in NORM_TENSORS:
+                out[n] = torch.full(shp, 1.0 - c.norm_offset, dtype=dt)
             else:
                 out[n] = rnd(*shp)
     elif init == "copy":
@@ -655,23 +834,34 @@ def insert_otter(
             main[:, :d2] = 0
             return torch.cat([main, rows[:, :d2].clone()], dim=1)
 
-        out[hf_name(T.TOKEN_EMBD)] = W["model.embed_tokens.weight"][:, :d2].clone()
+        arch = c.architecture
+
+        def name(kind, i=None, suffix=WEIGHT):
+            return hf_name(kind, i, suffix, arch)
+
+        def base_w(kind, i=None):
+            # the base's own HF name of the tensor the side one mirrors: "otter." -> "model." (spec §4, §5)
+            return W["model." + name(kind, i)[len("otter."):]]
+
+        out[name(T.TOKEN_EMBD)] = base_w(T.TOKEN_EMBD)[:, :d2].clone()
+        kinds = ARCH_TENSORS[arch]
         for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            out[hf_name(T.ATTN_NORM, i)] = W[p + "input_layernorm.weight"][:d2].clone()
-            for kind, x, rows in ((T.ATTN_Q, "q", h2 * hd), (T.ATTN_K, "k", h2_kv * hd), (T.ATTN_V, "v", h2_kv * hd)):
-                out[hf_name(kind, i)] = side_in(W[p + f"self_attn.{x}_proj.weight"][:rows])
-                b = W.get(p + f"self_attn.{x}_proj.bias")
+            for kind in kinds:
+                if kind in NORM_TENSORS and kind != T.OUTPUT_NORM:
+                    w = base_w(kind, i)
+                    out[name(kind, i)] = (w if kind in (T.ATTN_Q_NORM, T.ATTN_K_NORM) else w[:d2]).clone()
+            for kind, rows in ((T.ATTN_Q, h2 * hd), (T.ATTN_K, h2_kv * hd), (T.ATTN_V, h2_kv * hd)):
+                out[name(kind, i)] = side_in(base_w(kind, i)[:rows])
+                b = W.get("model." + name(kind, i, BIAS)[len("otter."):])
                 if b is not None:
-                    out[hf_name(kind, i, BIAS)] = b[:rows].clone()
-            out[hf_name(T.ATTN_OUT, i)] = torch.cat(
-                [W[p + "self_attn.o_proj.weight"][:d2].clone(), torch.zeros(d2, h2 * hd, dtype=dt)], dim=1)
-            out[hf_name(T.FFN_NORM, i)] = W[p + "post_attention_layernorm.weight"][:d2].clone()
-            out[hf_name(T.FFN_GATE, i)] = side_in(W[p + "mlp.gate_proj.weight"][:f2])
-            out[hf_name(T.FFN_UP, i)] = side_in(W[p + "mlp.up_proj.weight"][:f2])
-            out[hf_name(T.FFN_DOWN, i)] = torch.cat(
-                [W[p + "mlp.down_proj.weight"][:d2].clone(), torch.zeros(d2, f2, dtype=dt)], dim=1)
-        out[hf_name(T.OUTPUT_NORM)] = W["model.norm.weight"][:d2].clone()
+                    out[name(kind, i, BIAS)] = b[:rows].clone()
+            out[name(T.ATTN_OUT, i)] = torch.cat(
+                [base_w(T.ATTN_OUT, i)[:d2].clone(), torch.zeros(d2, h2 * hd, dtype=dt)], dim=1)
+            out[name(T.FFN_GATE, i)] = side_in(base_w(T.FFN_GATE, i)[:f2])
+            out[name(T.FFN_UP, i)] = side_in(base_w(T.FFN_UP, i)[:f2])
+            out[name(T.FFN_DOWN, i)] = torch.cat(
+                [base_w(T.FFN_DOWN, i)[:d2].clone(), torch.zeros(d2, f2, dtype=dt)], dim=1)
+        out[name(T.OUTPUT_NORM)] = base_w(T.OUTPUT_NORM)[:d2].clone()
         out[hf_name(T.HEAD)] = rnd(n_out, d + d2)
     else:
         raise ValueError(f"init must be 'copy' or 'random', found {init!r}")

@@ -1,0 +1,466 @@
+"""The PyTorch reference on qwen3 and gemma3 bases (OTTER_SPEC.md §5): the base forward vs transformers'
+Qwen3ForCausalLM / Gemma3ForCausalLM, the Otter side stream vs an independently written wide form, the KV
+cache across gemma3's sliding window, insert_otter, and the adapter format of these architectures."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from otter_gguf.format.adapter import AdapterError, load_adapter, open_adapter, save_adapter
+from otter_gguf.format.constants import BIAS, hf_name
+from otter_gguf.format.constants import OtterTensor as OT
+from otter_gguf.reference.model import BaseConfig, OtterModel, ReferenceError, insert_otter, load_base
+
+pytestmark = pytest.mark.unit
+
+ARCHS = ("qwen3", "gemma3")
+
+
+def rand_tokens(*shape, seed=0, vocab=512):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+_CACHE: dict = {}
+
+
+def cached_base(path, dtype=torch.float32):
+    key = ("base", str(path), dtype)
+    if key not in _CACHE:
+        _CACHE[key] = load_base(path, dtype)
+    return _CACHE[key]
+
+
+def cached_otter(base_dir, adapter_dir, dtype=torch.float32):
+    key = ("otter", str(base_dir), str(adapter_dir), dtype)
+    if key not in _CACHE:
+        cfg, t = load_adapter(adapter_dir, dtype)
+        _CACHE[key] = OtterModel(cached_base(base_dir, dtype), cfg, t)
+    return _CACHE[key]
+
+
+@pytest.fixture(params=ARCHS)
+def case(request, tiny_qwen3_dir, tiny_gemma3_dir, qwen3_adapter_dir, gemma3_adapter_dir):
+    """(arch, base dir, adapter dir)"""
+    return {"qwen3": ("qwen3", tiny_qwen3_dir, qwen3_adapter_dir),
+            "gemma3": ("gemma3", tiny_gemma3_dir, gemma3_adapter_dir)}[request.param]
+
+
+def _hf_class(arch):
+    transformers = pytest.importorskip("transformers")
+    return {"qwen3": transformers.Qwen3ForCausalLM, "gemma3": transformers.Gemma3ForCausalLM}[arch]
+
+
+def _hf(arch, path):
+    return _hf_class(arch).from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def _edited_copy(tmp_path, src, **changes) -> Path:
+    d = tmp_path / "m"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").symlink_to(Path(src) / "model.safetensors")
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+# ------------------------------------------------------------------ oracle
+def wide_forward(base, config, ot, tokens):
+    """Spec §3's wide form with §5's variants, written independently of otter_gguf.reference.model: one
+    transformer of width d+d2, h+h2 heads and f+f2 FFN units, base weights zero-padded, every RMS statistic
+    of the residual width (pre-norms and sandwich norms) from the first d dims only, per-head Q/K norms
+    (side heads with their own weights), the embedding scale sqrt(d), gemma3's 1 + w norms, its attention
+    scale, per-layer window and RoPE base, tanh-GELU. Plain per-head loops, RoPE in closed form. tokens: [T]."""
+    dt = base.dtype
+    W = base.weights
+    raw = base.config.raw
+    arch = config.base_architecture
+    gemma = arch == "gemma3"
+    d, d2, hd = config.hidden_size, config.otter_hidden_size, config.head_dim
+    h, hkv = config.num_attention_heads, config.num_key_value_heads
+    h2, h2kv = config.otter_num_attention_heads, config.otter_num_key_value_heads
+    f = config.intermediate_size
+    eps = raw["rms_norm_eps"]
+    D = d + d2
+    T = tokens.shape[0]
+    B = "model.layers.{}."
+    S = "otter.layers.{}."
+
+    def z(*s):
+        return torch.zeros(*s, dtype=dt)
+
+    def widen_in(wb, ws, rows_b):
+        out = z(rows_b + ws.shape[0], D)
+        out[:rows_b, :d] = wb
+        out[rows_b:, :] = ws
+        return out
+
+    def widen_bias(bb, bs, nb, ns):
+        return torch.cat([bb if bb is not None else z(nb), bs if bs is not None else z(ns)])
+
+    def widen_out(wb, ws, cols_b):
+        out = z(D, ws.shape[1])
+        out[:d, :cols_b] = wb
+        out[d:, :] = ws
+        return out
+
+    def gw(w):  # the applied weight: HF Gemma3RMSNorm is x * (1 + w)
+        return 1 + w if gemma else w
+
+    def norm(zz, g):  # statistic from the first d dims only
+        r = torch.sqrt((zz[:, :d] ** 2).mean(-1, keepdim=True) + eps)
+        return zz / r * gw(g)
+
+    def head_norm(x, g):  # one head [T, hd]
+        return x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + eps) * gw(g)
+
+    types = raw.get("layer_types") or ["full_attention"] * config.num_hidden_layers
+    window = raw.get("sliding_window")
+    scale = raw["query_pre_attn_scalar"] ** -0.5 if gemma else 1 / math.sqrt(hd)
+
+    def rope_for(theta):
+        inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+        cos, sin = torch.cos(ang).to(dt), torch.sin(ang).to(dt)
+
+        def rope(x):
+            a, b = x[:, : hd // 2], x[:, hd // 2:]
+            return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        return rope
+
+    ropes = {"full_attention": rope_for(raw["rope_theta"]),
+             "sliding_attention": rope_for(raw.get("rope_local_base_freq", 1.0))}
+
+    def kv_of(i):
+        return i // (h // hkv) if i < h else hkv + (i - h) // (h2 // h2kv)
+
+    def act(x):
+        if gemma:
+            return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        return x * torch.sigmoid(x)
+
+    emb = torch.cat([W["model.embed_tokens.weight"][tokens], ot[hf_name(OT.TOKEN_EMBD)][tokens]], dim=-1)
+    zz = emb * torch.tensor(math.sqrt(d), dtype=dt) if gemma else emb
+    qpos = torch.arange(T)[:, None]
+    kpos = torch.arange(T)[None, :]
+    for l in range(config.num_hidden_layers):
+        p, q = B.format(l), S.format(l)
+        mask = kpos > qpos
+        if types[l] == "sliding_attention":
+            mask = mask | (qpos - kpos >= window)
+        rope = ropes[types[l]]
+        zn = norm(zz, torch.cat([W[p + "input_layernorm.weight"], ot[q + "input_layernorm.weight"]]))
+        proj = {}
+        for x, nb, ns in (("q", h * hd, h2 * hd), ("k", hkv * hd, h2kv * hd), ("v", hkv * hd, h2kv * hd)):
+            proj[x] = zn @ widen_in(W[p + f"self_attn.{x}_proj.weight"], ot[q + f"self_attn.{x}_proj.weight"], nb).T \
+                + widen_bias(W.get(p + f"self_attn.{x}_proj.bias"), ot.get(q + f"self_attn.{x}_proj.bias"), nb, ns)
+        heads = []
+        for i in range(h + h2):
+            j = kv_of(i)
+            src_q, src_k = (p, p) if i < h else (q, q)
+            if j < hkv:
+                src_k = p
+            qi = head_norm(proj["q"][:, i * hd:(i + 1) * hd], (W if i < h else ot)[src_q + "self_attn.q_norm.weight"])
+            kj = head_norm(proj["k"][:, j * hd:(j + 1) * hd], (W if j < hkv else ot)[src_k + "self_attn.k_norm.weight"])
+            sc = (rope(qi) @ rope(kj).T) * scale
+            sc = sc.masked_fill(mask, float("-inf"))
+            heads.append(torch.softmax(sc, dim=-1) @ proj["v"][:, j * hd:(j + 1) * hd])
+        A = torch.cat(heads, dim=-1)
+        o = A @ widen_out(W[p + "self_attn.o_proj.weight"], ot[q + "self_attn.o_proj.weight"], h * hd).T
+        if gemma:
+            o = norm(o, torch.cat([W[p + "post_attention_layernorm.weight"], ot[q + "post_attention_layernorm.weight"]]))
+            pre_ffn = "pre_feedforward_layernorm.weight"
+        else:
+            pre_ffn = "post_attention_layernorm.weight"
+        zz = zz + o
+        zn = norm(zz, torch.cat([W[p + pre_ffn], ot[q + pre_ffn]]))
+        G = zn @ widen_in(W[p + "mlp.gate_proj.weight"], ot[q + "mlp.gate_proj.weight"], f).T
+        U = zn @ widen_in(W[p + "mlp.up_proj.weight"], ot[q + "mlp.up_proj.weight"], f).T
+        o = (act(G) * U) @ widen_out(W[p + "mlp.down_proj.weight"], ot[q + "mlp.down_proj.weight"], f).T
+        if gemma:
+            o = norm(o, torch.cat([W[p + "post_feedforward_layernorm.weight"],
+                                   ot[q + "post_feedforward_layernorm.weight"]]))
+        zz = zz + o
+    zn = norm(zz, torch.cat([W["model.norm.weight"], ot[hf_name(OT.OUTPUT_NORM)]]))
+    lm = W.get("lm_head.weight", W["model.embed_tokens.weight"])
+    logits = zn @ torch.cat([lm, z(lm.shape[0], d2)], dim=1).T
+    signals = zn @ ot[hf_name(OT.HEAD)].T
+    if hf_name(OT.HEAD, suffix=BIAS) in ot:
+        signals = signals + ot[hf_name(OT.HEAD, suffix=BIAS)]
+    return logits, signals
+
+
+# ------------------------------------------------------- base vs transformers
+def test_base_matches_transformers(case):
+    arch, path, _ = case
+    hf = _hf(arch, path)
+    base = cached_base(path)
+    assert base.config.architecture == arch
+    toks = rand_tokens(2, 40, seed=1)
+    with torch.no_grad():
+        ref = hf(toks).logits
+    got = base(toks)
+    assert got.shape == (2, 40, 512)
+    err = (got - ref).abs().max().item()
+    assert err <= 1e-5, err
+    assert ref.std() > 0.5
+
+
+def test_gemma3_config_read_like_transformers(tiny_gemma3_dir):
+    """The fixture's settings, and transformers' own (v5, nested rope_parameters) form of the same config."""
+    c = cached_base(tiny_gemma3_dir).config
+    assert c.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert (c.sliding_window, c.rope_theta, c.rope_local_theta) == (8, 1e6, 1e4)
+    assert c.attn_scale == 128 ** -0.5 and c.embed_scale == 16.0 and c.norm_offset == 1.0
+    assert c.tie_word_embeddings and c.final_logit_softcapping is None and c.head_dim == 128
+    hf = _hf("gemma3", tiny_gemma3_dir)
+    d = hf.config.to_dict()
+    assert "full_attention" in d["rope_parameters"]
+    c2 = BaseConfig.from_hf_dict(d)
+    for k in ("layer_types", "sliding_window", "rope_theta", "rope_local_theta", "query_pre_attn_scalar",
+              "rope_scaling", "tie_word_embeddings", "head_dim", "rms_norm_eps"):
+        assert getattr(c2, k) == getattr(c, k), k
+    # defaults as Gemma3TextConfig's: pattern 6, query_pre_attn_scalar 256, rope bases 1e6 / 1e4, hd 256
+    c3 = BaseConfig.from_hf_dict({"architectures": ["Gemma3ForCausalLM"], "hidden_size": 64,
+                                  "num_attention_heads": 2, "num_hidden_layers": 7, "intermediate_size": 96,
+                                  "vocab_size": 10})
+    assert [c3.is_sliding(i) for i in range(7)] == [True] * 5 + [False, True]
+    assert (c3.query_pre_attn_scalar, c3.rope_theta, c3.rope_local_theta, c3.head_dim) == (256, 1e6, 1e4, 256)
+    assert c3.sliding_window == 4096 and c3.tie_word_embeddings
+
+
+def test_sliding_window_and_local_rope_matter(tmp_path, tiny_gemma3_dir):
+    """A prompt longer than the window: the reference follows transformers with another window and other
+    RoPE bases too, and each setting changes the logits (so the agreement above is not vacuous)."""
+    toks = rand_tokens(1, 30, seed=2)
+    ref0 = cached_base(tiny_gemma3_dir)(toks)
+    for i, changes in enumerate(({"sliding_window": 4096}, {"rope_local_base_freq": 1e6},
+                                 {"query_pre_attn_scalar": 64}, {"final_logit_softcapping": 3.0})):
+        d = _edited_copy(tmp_path / str(i), tiny_gemma3_dir, **changes)
+        hf = _hf("gemma3", d)
+        with torch.no_grad():
+            ref = hf(toks).logits
+        got = load_base(d)(toks)
+        assert (got - ref).abs().max().item() <= 1e-5, changes
+        assert (got - ref0).abs().max().item() > 0.05, changes
+    assert got.abs().max().item() <= 3.0  # softcapped
+
+
+@pytest.mark.parametrize("arch, changes, match", [
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ("gemma3", {"hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ("gemma3", {"layer_types": ["full_attention"] * 5}, "layer_types must list 6"),
+    ("gemma3", {"sliding_window": 0}, "sliding_window must be a positive integer"),
+    ("gemma3", {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                                    "full_attention": {"rope_type": "default"}}}, "sliding layers"),
+    ("qwen3", {"use_sliding_window": True}, "use_sliding_window"),
+    ("qwen3", {"attention_bias": True}, "attention_bias"),
+])
+def test_unsupported_features_named(arch, changes, match, tiny_qwen3_dir, tiny_gemma3_dir):
+    d = json.loads((Path(tiny_qwen3_dir if arch == "qwen3" else tiny_gemma3_dir) / "config.json").read_text())
+    d.update(changes)
+    with pytest.raises(ReferenceError, match=match):
+        BaseConfig.from_hf_dict(d)
+
+
+def test_missing_qk_norm_named(tmp_path, tiny_qwen3_dir):
+    from safetensors.torch import load_file, save_file
+    w = load_file(str(Path(tiny_qwen3_dir) / "model.safetensors"))
+    del w["model.layers.1.self_attn.k_norm.weight"]
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(Path(tiny_qwen3_dir) / "config.json", d / "config.json")
+    save_file(w, str(d / "model.safetensors"))
+    with pytest.raises(ReferenceError, match=r"model.layers.1.self_attn.k_norm.weight"):
+        load_base(d)
+
+
+# ------------------------------------------------------------ Otter forward
+def test_main_logits_bit_identical_to_base(case):
+    arch, base_dir, ad = case
+    m = cached_otter(base_dir, ad)
+    for toks in (rand_tokens(20, seed=4), rand_tokens(2, 9, seed=5)):
+        out = m(toks)
+        assert torch.equal(out.logits, m.base(toks))
+        assert out.signals.shape == (*toks.shape, m.n_out)
+    toks = rand_tokens(20, seed=6)
+    c1, c2 = m.new_cache(), m.base.new_cache()
+    for a, b in ((0, 5), (5, 6), (6, 20)):
+        assert torch.equal(m(toks[a:b], cache=c1).logits, m.base(toks[a:b], cache=c2))
+
+
+def test_signals_match_independent_wide_form(case):
+    arch, base_dir, ad = case
+    m = cached_otter(base_dir, ad)
+    toks = rand_tokens(24, seed=7)  # 3x gemma3's window
+    out = m(toks)
+    logits, signals = wide_forward(m.base, m.config, m.tensors, toks)
+    assert (out.signals - signals).abs().max().item() <= 1e-5
+    assert (out.logits - logits).abs().max().item() <= 1e-5
+    assert out.signals.abs().mean() > 0.2
+    assert out.signals.std(dim=0).min() > 0.1
+    # the side stream and the side heads' own Q/K norms matter
+    for name in (hf_name(OT.ATTN_Q_NORM, 0, arch=arch), hf_name(OT.ATTN_K_NORM, 1, arch=arch)):
+        t = dict(m.tensors)
+        t[name] = t[name] * 1.5 + 0.3
+        other = OtterModel(m.base, m.config, t)(toks)
+        assert torch.equal(other.logits, out.logits)
+        assert (other.signals - out.signals).abs().max() > 1e-3, name
+
+
+def test_float64_matches_wide_form_tightly(case):
+    arch, base_dir, ad = case
+    m64 = cached_otter(base_dir, ad, torch.float64)
+    toks = rand_tokens(20, seed=8)
+    out = m64(toks)
+    logits, signals = wide_forward(m64.base, m64.config, m64.tensors, toks)
+    assert (out.signals - signals).abs().max().item() <= 1e-10
+    assert (out.logits - logits).abs().max().item() <= 1e-10
+    o32 = cached_otter(base_dir, ad)(toks)
+    assert (o32.signals.double() - out.signals).abs().max().item() <= 1e-4
+
+
+def test_gemma3_side_sandwich_norm_weight(tiny_gemma3_dir, gemma3_adapter_dir):
+    """The side sandwich norm weight (adapter name post_attention_layernorm on gemma3) scales the side block
+    output as the wide form says, for several values (its statistic, from the main part only, is the wide
+    form's), and it changes the signals but never the logits."""
+    m = cached_otter(tiny_gemma3_dir, gemma3_adapter_dir, torch.float64)
+    toks = rand_tokens(6, seed=9)
+    name = hf_name(OT.ATTN_POST_NORM, 0, arch="gemma3")
+    assert name == "otter.layers.0.post_attention_layernorm.weight"
+    outs = []
+    for c in (1.0, 2.0, 3.0):
+        t = dict(m.tensors)
+        t[name] = (1 + t[name]) * c - 1  # the applied weight times c
+        o = OtterModel(m.base, m.config, t)(toks)
+        logits, sig = wide_forward(m.base, m.config, t, toks)
+        assert (o.signals - sig).abs().max().item() <= 1e-10
+        assert torch.equal(o.logits, m.base(toks))
+        outs.append(o.signals)
+    assert (outs[0] - outs[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("chunks", [[1] * 20, [9, 1, 10], [3, 17]])
+def test_gemma3_kv_cache_across_the_window(tiny_gemma3_dir, gemma3_adapter_dir, chunks):
+    m = cached_otter(tiny_gemma3_dir, gemma3_adapter_dir)
+    toks = rand_tokens(20, seed=10)
+    full = m(toks)
+    cache = m.new_cache()
+    sig, logits, pos = [], [], 0
+    for n in chunks:
+        o = m(toks[pos:pos + n], cache=cache)
+        pos += n
+        sig.append(o.signals)
+        logits.append(o.logits)
+    assert (torch.cat(logits) - full.logits).abs().max().item() <= 1e-5
+    assert (torch.cat(sig) - full.signals).abs().max().item() <= 1e-5
+
+
+def test_batch_equals_each_alone(tiny_gemma3_dir, gemma3_adapter_dir):
+    m = cached_otter(tiny_gemma3_dir, gemma3_adapter_dir)
+    toks = rand_tokens(2, 13, seed=11)
+    both = m(toks)
+    for b in range(2):
+        one = m(toks[b])
+        assert (both.signals[b] - one.signals).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------- insert
+@pytest.mark.parametrize("arch", ARCHS)
+def test_insert_otter_copy_init(arch, tiny_qwen3_dir, tiny_gemma3_dir):
+    path = tiny_qwen3_dir if arch == "qwen3" else tiny_gemma3_dir
+    base = cached_base(path)
+    W = base.weights
+    before = {k: v.clone() for k, v in W.items()}
+    d2, h2, h2kv, f2 = 128, 2, 1, 192
+    cfg, t = insert_otter(base, d2=d2, h2=h2, h2_kv=h2kv, f2=f2, n_out=2, signal_names=["a", "b"], init="copy")
+    assert cfg.base_architecture == arch
+    assert set(t) == set(cfg.required_tensor_shapes()) | {hf_name(OT.HEAD, suffix=BIAS)}
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if arch == "gemma3":
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    for l in range(cfg.num_hidden_layers):
+        p, q = f"model.layers.{l}.", f"otter.layers.{l}."
+        for nm in ("self_attn.q_norm", "self_attn.k_norm"):
+            assert torch.equal(t[q + nm + ".weight"], W[p + nm + ".weight"])
+        for nm in norms:
+            assert torch.equal(t[q + nm + ".weight"], W[p + nm + ".weight"][:d2])
+    for k, v in W.items():
+        assert torch.equal(v, before[k]), k
+    # the side stream is a copy of the main stream's first d2 dims (sandwich norms and embedding scale too)
+    m = OtterModel(base, cfg, t)
+    toks = rand_tokens(20, seed=12)
+    out = m(toks, return_hidden=True)
+    assert torch.equal(out.logits, base(toks))
+    assert (out.side_hidden - out.hidden[:, :d2]).abs().max().item() <= 1e-4
+    # and adapters of these architectures round-trip through the format
+    ad = save_adapter(Path(str(path) + f"-copy-{arch}"), cfg, t)
+    cfg2, t2 = load_adapter(ad)
+    assert cfg2 == cfg and all(torch.equal(t[k], t2[k]) for k in t)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_insert_otter_random_init_identity_norms(arch, tiny_qwen3_dir, tiny_gemma3_dir):
+    base = cached_base(tiny_qwen3_dir if arch == "qwen3" else tiny_gemma3_dir)
+    cfg, t = insert_otter(base, d2=64, h2=2, h2_kv=2, f2=64, init="random", seed=1)
+    ident = 0.0 if arch == "gemma3" else 1.0  # gemma3 applies 1 + w
+    assert torch.equal(t[hf_name(OT.ATTN_Q_NORM, 2, arch=arch)], torch.full((128,), ident))
+    assert torch.equal(t[hf_name(OT.FFN_NORM, 0, arch=arch)], torch.full((64,), ident))
+    assert OtterModel(base, cfg, t)(rand_tokens(5)).signals.shape == (5, 1)
+
+
+# ------------------------------------------------------------- adapter format
+def test_adapter_tensor_names_and_shapes(case):
+    arch, base_dir, ad = case
+    a = open_adapter(ad)
+    c = a.config
+    assert c.base_architecture == arch
+    hd, d2 = c.head_dim, c.otter_hidden_size
+    assert a.shape("otter.layers.3.self_attn.q_norm.weight") == (hd,)
+    assert a.shape("otter.layers.3.self_attn.k_norm.weight") == (hd,)
+    extra = {"otter.layers.0.pre_feedforward_layernorm.weight", "otter.layers.0.post_feedforward_layernorm.weight"}
+    if arch == "gemma3":
+        assert all(a.shape(n) == (d2,) for n in extra)
+        assert len(a.tensor_names) == 1 + 6 * 16 + 3  # embed; 13 per layer + 3 biases; norm, head, head bias
+    else:
+        assert not any(n in a for n in extra)
+        assert len(a.tensor_names) == 1 + 4 * 11 + 2
+
+
+@pytest.mark.parametrize("arch, drop, add, match", [
+    ("qwen3", "otter.layers.2.self_attn.q_norm.weight", None, r"missing required tensor\(s\): otter.layers.2.self_attn.q_norm"),
+    ("gemma3", "otter.layers.5.post_feedforward_layernorm.weight", None, "otter.layers.5.post_feedforward_layernorm"),
+    ("gemma3", "otter.layers.0.pre_feedforward_layernorm.weight", None, "otter.layers.0.pre_feedforward_layernorm"),
+    ("qwen3", None, ("otter.layers.0.pre_feedforward_layernorm.weight", (256,)), "unexpected tensor"),
+    ("gemma3", None, ("otter.layers.0.self_attn.q_norm.bias", (128,)), "unexpected tensor"),
+])
+def test_malformed_adapters_refused(tmp_path, arch, drop, add, match, qwen3_adapter_dir, gemma3_adapter_dir):
+    cfg, t = load_adapter(qwen3_adapter_dir if arch == "qwen3" else gemma3_adapter_dir)
+    if drop:
+        del t[drop]
+    if add:
+        t[add[0]] = torch.zeros(add[1])
+    with pytest.raises(AdapterError, match=match):
+        save_adapter(tmp_path / "bad", cfg, t)
+
+
+def test_wrong_qk_norm_shape_refused(tmp_path, gemma3_adapter_dir):
+    cfg, t = load_adapter(gemma3_adapter_dir)
+    t["otter.layers.1.self_attn.k_norm.weight"] = torch.zeros(256)
+    with pytest.raises(AdapterError, match=r"k_norm.weight' has shape \[256\], expected \[128\]"):
+        save_adapter(tmp_path / "bad", cfg, t)
+
+
+def test_llama_adapter_names_are_not_gemma3_names(tmp_path, qwen3_adapter_dir):
+    """A qwen3 adapter relabelled gemma3 lacks gemma3's pre/post-FFN norms: refused by name."""
+    cfg, t = load_adapter(qwen3_adapter_dir)
+    cfg.base_architecture = "gemma3"
+    with pytest.raises(AdapterError, match="pre_feedforward_layernorm"):
+        save_adapter(tmp_path / "bad", cfg, t)
