@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import http.client
-import inspect
 import json
 
 import numpy as np
@@ -58,9 +57,13 @@ def py_token(gguf_models):
 
 
 def _python_api(gguf_models, kind, **kw):
+    return _python_api_path(gguf_models.otter(kind), **kw)
+
+
+def _python_api_path(path, **kw):
     from otter_gguf.runtime.llama import OtterLlama
 
-    return OtterLlama(str(gguf_models.otter(kind)), **kw, **LLAMA_KW)
+    return OtterLlama(str(path), **kw, **LLAMA_KW)
 
 
 def _client(s, key="unused"):
@@ -228,13 +231,14 @@ def test_score_endpoint_equals_score(server, py3):
     np.testing.assert_allclose(json.loads(body)["signals"], ref.signals[:4], **TOL)
 
 
-def test_models_health_metrics(server):
+def test_models_health_metrics(server, py3):
     m = _client(server).models.list().model_dump()
     (info,) = m["data"]
     assert info["id"] == server.cfg.name
     names = ["helpfulness", "harmlessness", "honesty"]
+    (head,) = py3.otter_heads  # the model's own head, named as the Python API names it
     assert info["otter"] == {"head_kind": "reward", "n_out": 3, "signal_names": names,
-                             "heads": [{"name": "model", "head_kind": "reward", "n_out": 3, "signal_names": names}]}
+                             "heads": [{"name": head.name, "head_kind": "reward", "n_out": 3, "signal_names": names}]}
     st, _, body = _http(server, "GET", "/health")
     h = json.loads(body)
     assert st == 200 and h["status"] == "ok" and h["slots_idle"] == 4 and h["queue_depth"] == 0
@@ -395,14 +399,11 @@ def test_cli_serve_subprocess(gguf_models, tmp_path):
 
     from otter_gguf.cli import main
 
-    from otter_gguf.runtime.llama import OtterLlama
-
     path = str(gguf_models.otter("reward1"))
     res = CliRunner().invoke(main, ["serve", path, "--head", str(tmp_path / "nohead.gguf")])
     assert res.exit_code == 2 and "nohead.gguf': no such file" in res.output
-    if "otter_heads" not in inspect.signature(OtterLlama.__init__).parameters:
-        res = CliRunner().invoke(main, ["serve", path, "--head", path])
-        assert res.exit_code == 2 and "sidecar Otter heads are not supported yet" in res.output
+    res = CliRunner().invoke(main, ["serve", str(gguf_models.base), "--head", f"a={path}", "--head", path])
+    assert res.exit_code == 2 and "name every head (NAME=PATH) or none of them" in res.output
     res = CliRunner().invoke(main, ["serve", str(tmp_path / "missing.gguf")])
     assert res.exit_code == 2 and "does not exist" in res.output
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
@@ -433,3 +434,32 @@ def test_cli_serve_subprocess(gguf_models, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_sidecar_heads_served(gguf_models, tmp_path, adapter_reward1_dir, adapter_reward3_dir):
+    """--head: the base plus two Otter adapter GGUFs; signals named head/signal, as the Python API."""
+    from otter_gguf_converter import convert
+
+    base = gguf_models.base
+    heads = {name: str(convert(a, base, tmp_path / f"{name}.gguf", outtype="f32", progress=False, sidecar=True,
+                               name=name))
+             for name, a in (("r1", adapter_reward1_dir), ("r3", adapter_reward3_dir))}
+    cfg, s = _serve(base, heads=[f"{n}={p}" for n, p in heads.items()])
+    try:
+        ref_llm = _python_api_path(base, otter_heads=heads, n_seq_max=5)
+        names = ["r1/reward", "r3/helpfulness", "r3/harmlessness", "r3/honesty"]
+        info = _client(s).models.list().model_dump()["data"][0]["otter"]
+        assert info["signal_names"] == names and info["n_out"] == 4
+        assert [(h["name"], h["n_out"]) for h in info["heads"]] == [("r1", 1), ("r3", 3)]
+        g = {"top_k": 3, "signal": {"r1/reward": 1.0, "r3/honesty": 0.5}, "weight": 2.0}
+        for kw in (dict(SAME), dict(temperature=0, extra_body={"repeat_penalty": 1.0, "otter": {"guidance": g}})):
+            r = _client(s).completions.create(model=cfg.name, prompt=PROMPT, max_tokens=6, **kw).model_dump()
+            o = r["choices"][0]["otter"]
+            ref = ref_llm(PROMPT, max_tokens=6, temperature=0,
+                          guidance=kw["extra_body"].get("otter", {}).get("guidance"))["choices"][0]["otter"]
+            assert o["signal_names"] == names and o["tokens"] == ref["tokens"]
+            np.testing.assert_allclose(o["signals"], ref["signals"], **TOL)
+        st, _, body = _http(s, "POST", "/v1/otter/score", {"text": PROMPT})
+        np.testing.assert_allclose(json.loads(body)["signals"], ref_llm.score(PROMPT).signals, **TOL)
+    finally:
+        s.stop()

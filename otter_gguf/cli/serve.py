@@ -46,7 +46,7 @@ def serve_command(model, heads, host, port, api_key, alias, parallel, ctx_size, 
     """Serve MODEL over HTTP: /v1/completions, /v1/chat/completions (streaming by SSE),
     /v1/otter/score, /v1/models, /health, /metrics. Every choice and chunk carries the
     `otter` field (tokens, rewards, signals, offsets); concurrent requests are batched."""
-    from otter_gguf.server import HeadsNotSupported, ServeConfig, serve
+    from otter_gguf.server import ServeConfig, serve
 
     for h in heads:
         path = h.partition("=")[2] or h
@@ -59,5 +59,5 @@ def serve_command(model, heads, host, port, api_key, alias, parallel, ctx_size, 
                       verbose=verbose)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"otter-gguf serve: warning: listening on {host} without --api-key", err=True)
-    with reported("serve", HeadsNotSupported, ValueError):
+    with reported("serve", ValueError):
         serve(cfg)

@@ -14,9 +14,9 @@ load fastapi and llama_cpp.
 
 from __future__ import annotations
 
-from otter_gguf.server.model import HeadsNotSupported, ServeConfig
+from otter_gguf.server.model import ServeConfig
 
-__all__ = ["ServeConfig", "HeadsNotSupported", "create_app", "serve"]
+__all__ = ["ServeConfig", "create_app", "serve"]
 
 
 def create_app(cfg: ServeConfig, llm=None):

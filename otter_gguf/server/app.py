@@ -261,13 +261,8 @@ class Server:
         info: Dict[str, Any] = {"object": "model", "id": self.name, "owned_by": "otter-gguf", "permissions": [],
                                 "created": 0}
         if llm.has_otter:
-            heads = getattr(llm, "otter_heads", None)  # sidecar heads: OtterHead(name, n_out, head_kind, names)
-            if heads:
-                heads = [{"name": h.name, "head_kind": h.head_kind, "n_out": h.n_out,
-                          "signal_names": list(h.signal_names)} for h in heads]
-            else:
-                heads = [{"name": "model", "head_kind": llm.head_kind, "n_out": llm.n_out,
-                          "signal_names": llm.signal_names}]
+            heads = [{"name": h.name, "head_kind": h.head_kind, "n_out": h.n_out, "signal_names": list(h.signal_names)}
+                     for h in llm.otter_heads]  # the model's own head, then the --head adapters
             info["otter"] = {"head_kind": llm.head_kind, "n_out": llm.n_out, "signal_names": llm.signal_names,
                              "heads": heads}
         return {"object": "list", "data": [info]}

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-__all__ = ["ServeConfig", "load_model", "HeadsNotSupported"]
-
-
-class HeadsNotSupported(ValueError):
-    """``--head`` was given but the runtime's OtterLlama cannot load sidecar heads yet."""
-
+__all__ = ["ServeConfig", "load_model"]
 
 @dataclass
 class ServeConfig:
@@ -62,10 +56,6 @@ def load_model(cfg: ServeConfig, heads: Sequence[str] = ()) -> Any:
             if not all(eq and name for name, eq, _ in named):
                 raise ValueError("--head: name every head (NAME=PATH) or none of them")
             heads = {name: path for name, _, path in named}
-        if "otter_heads" not in inspect.signature(OtterLlama.__init__).parameters:
-            raise HeadsNotSupported(
-                "--head: sidecar Otter heads are not supported yet by this runtime's OtterLlama "
-                "(no otter_heads argument); serve an Otter GGUF with its embedded head instead")
         kwargs["otter_heads"] = heads
     n_batch = max(cfg.n_batch, cfg.parallel)
     return OtterLlama(cfg.model, n_seq_max=cfg.parallel, n_ctx=cfg.parallel * cfg.ctx_size, n_batch=n_batch,
