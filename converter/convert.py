@@ -25,8 +25,8 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
 from otter_gguf.format.constants import (
-    ADAPTER_TYPE_OTTER, GENERAL_TYPE_ADAPTER, KEY_PREFIX, OTTER_FORMAT_VERSION, Keys, OtterTensor, SidecarKeys, gguf_name,
-    parse_hf_name,
+    ADAPTER_TYPE_OTTER, GENERAL_TYPE_ADAPTER, KEY_PREFIX, NORM_TENSORS, NORM_WEIGHT_OFFSET, OTTER_FORMAT_VERSION, Keys,
+    OtterTensor, SidecarKeys, gguf_name, parse_hf_name,
 )
 from otter_gguf_converter import gguf_io, qtypes
 from otter_gguf_converter.errors import ConvertError
@@ -56,6 +56,7 @@ class PlannedTensor:
     qtype: QT
     nbytes: int
     permute_heads: int | None  # RoPE permutation per this many heads (llama Q/K)
+    add: float = 0.0  # added to every value: the norm-weight shift of the base's converter (gemma3: 1 + w)
 
 
 def _nbytes(qtype: QT, np_shape: tuple[int, ...]) -> int:
@@ -96,7 +97,7 @@ def plan_tensors(adapter, cfg, arch: str, outtype: str, head_type: str | None):
     for hf in cfg.tensor_order():
         if hf not in present:
             continue
-        kind, bid, suffix = parse_hf_name(hf)
+        kind, bid, suffix = parse_hf_name(hf, cfg.base_architecture)
         name = gguf_name(kind, bid, suffix)
         shape = tuple(int(x) for x in adapter.shape(hf))
         if len(shape) == 1:
@@ -115,7 +116,8 @@ def plan_tensors(adapter, cfg, arch: str, outtype: str, head_type: str | None):
                 perm = h2
             elif kind == OtterTensor.ATTN_K:
                 perm = h2kv
-        plan.append(PlannedTensor(hf, name, shape, qt, _nbytes(qt, shape), perm))
+        add = NORM_WEIGHT_OFFSET.get(arch, 0.0) if kind in NORM_TENSORS else 0.0
+        plan.append(PlannedTensor(hf, name, shape, qt, _nbytes(qt, shape), perm, add))
     return plan, fallbacks
 
 
@@ -140,6 +142,12 @@ def _otter_metadata(writer, cfg, info: gguf_io.BaseInfo) -> None:
     kv(Keys.Base.FEED_FORWARD_LENGTH, info.f, u32)
     kv(Keys.Base.VOCAB_SIZE, info.vocab_size, u32)
     kv(Keys.Base.VOCAB_HASH, info.vocab_hash, GGUFValueType.UINT64)
+    for key, value in info.arch_fingerprint.items():
+        vt = gguf_io.ARCH_FINGERPRINT_TYPES[key]
+        if isinstance(vt, tuple):
+            kv(key, value, vt[0], sub_type=vt[1])
+        else:
+            kv(key, value, vt)
 
 
 def _human(n: float) -> str:
@@ -421,6 +429,8 @@ def _encoded(adapter, p: PlannedTensor) -> Callable[[], np.ndarray]:
             raise ConvertError(f"adapter tensor {p.hf_name}: shape {list(arr.shape)}, expected {list(p.np_shape)}")
         if p.permute_heads:
             arr = rope_permute(arr, p.permute_heads)
+        if p.add:
+            arr = arr + np.float32(p.add)
         return encode(arr, p.qtype)
 
     return data

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
-from otter_gguf.format.constants import SUPPORTED_ARCHITECTURES, is_otter_tensor
+from otter_gguf.format.constants import ARCH_FINGERPRINT_KEYS, SUPPORTED_ARCHITECTURES, Keys, is_otter_tensor
 from otter_gguf_converter.errors import ConvertError
 
 FNV_OFFSET = 0xCBF29CE484222325
@@ -145,6 +145,8 @@ class BaseInfo:
     n_tensors: int
     tensor_bytes: int
     quant_mix: dict[str, int] = field(default_factory=dict)
+    # the architecture's own fingerprint values (ARCH_FINGERPRINT_KEYS), by otter.base.* key
+    arch_fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def hparams(self) -> dict[str, Any]:
         """The fingerprint as OtterConfig field names (for check_against_base)."""
@@ -188,7 +190,52 @@ def base_info(reader: GGUFReader, path: str = "", *, require_supported: bool = T
         nbytes += int(t.n_bytes)
         k = t.tensor_type.name.lower()
         mix[k] = mix.get(k, 0) + 1
-    return BaseInfo(path, arch, d, n_layer, h, h_kv, hd, f, len(toks), vocab_hash_tokens(toks), n, nbytes, mix)
+    return BaseInfo(path, arch, d, n_layer, h, h_kv, hd, f, len(toks), vocab_hash_tokens(toks), n, nbytes, mix,
+                    arch_fingerprint(reader, arch, n_layer, path))
+
+
+#: the GGUF value type of each architecture-specific fingerprint key (docs/FORMAT.md; arrays: (ARRAY, item type))
+ARCH_FINGERPRINT_TYPES: dict[str, Any] = {
+    Keys.Base.SLIDING_WINDOW: GGUFValueType.UINT32,
+    Keys.Base.SLIDING_WINDOW_PATTERN: (GGUFValueType.ARRAY, GGUFValueType.BOOL),
+    Keys.Base.ROPE_FREQ_BASE: GGUFValueType.FLOAT32,
+    Keys.Base.ROPE_FREQ_BASE_SWA: GGUFValueType.FLOAT32,
+}
+
+#: llama.cpp's default sliding-window period (load_swa_pattern(ml, 6) of src/models/gemma3.cpp)
+_SWA_PERIOD = {"gemma3": 6}
+
+
+def _swa_pattern(reader: GGUFReader, arch: str, n_layer: int, n_swa: int, path: str) -> list[bool]:
+    """Which layers slide, as llama.cpp resolves it (llama_model_base::load_swa_pattern, set_swa_pattern)."""
+    if n_swa <= 0:
+        return [False] * n_layer
+    key = f"{arch}.attention.sliding_window_pattern"
+    v = field_value(reader, key)
+    if isinstance(v, list):
+        if len(v) != n_layer or any(not isinstance(x, (bool, int)) for x in v):
+            raise ConvertError(f"base {path}: {key} must have one boolean per layer ({n_layer}), found {v!r}")
+        return [bool(x) for x in v]
+    n = _SWA_PERIOD[arch] if v is None else _scalar(reader, key, path=path)
+    return [n == 0 or i % n < n - 1 for i in range(n_layer)]
+
+
+def arch_fingerprint(reader: GGUFReader, arch: str, n_layer: int, path: str = "") -> dict[str, Any]:
+    """The values of ``ARCH_FINGERPRINT_KEYS[arch]`` for a base GGUF, as its llama.cpp hparams have them."""
+    if arch not in ARCH_FINGERPRINT_KEYS:
+        return {}
+    n_swa = _scalar(reader, f"{arch}.attention.sliding_window", required=False, path=path) or 0
+    base = field_value(reader, f"{arch}.rope.freq_base")
+    base = 10000.0 if base is None else float(base)  # llama.cpp's default rope_freq_base_train
+    base_swa = field_value(reader, f"{arch}.rope.freq_base_swa")
+    out = {
+        Keys.Base.SLIDING_WINDOW: n_swa,
+        Keys.Base.SLIDING_WINDOW_PATTERN: _swa_pattern(reader, arch, n_layer, n_swa, path),
+        Keys.Base.ROPE_FREQ_BASE: base,
+        Keys.Base.ROPE_FREQ_BASE_SWA: base if base_swa is None else float(base_swa),
+    }
+    assert list(out) == list(ARCH_FINGERPRINT_KEYS[arch])
+    return out
 
 
 class _RawValue(bytes):

@@ -25,6 +25,8 @@ from otter_gguf_converter.llamacpp import LLAMA_FTYPES, LlamaCppSourceError, pin
 SUPPORTED_HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 #: types convert_hf_to_gguf.py writes itself
@@ -84,7 +86,8 @@ def hf_hparams(hf_dir: Path) -> dict:
     if "num_attention_heads" in out:
         out["num_key_value_heads"] = cfg.get("num_key_value_heads") or out["num_attention_heads"]
         if "hidden_size" in out:
-            out["head_dim"] = cfg.get("head_dim") or out["hidden_size"] // out["num_attention_heads"]
+            default = 256 if arch == "gemma3" else out["hidden_size"] // out["num_attention_heads"]  # HF's default
+            out["head_dim"] = cfg.get("head_dim") or default
     return out
 
 
