@@ -96,19 +96,11 @@ SPEC_QWEN3_LAYER_0 = [
     ("blk.0.otter_ffn_up.weight", "otter.layers.0.mlp.up_proj.weight"),
     ("blk.0.otter_ffn_down.weight", "otter.layers.0.mlp.down_proj.weight"),
 ]
-SPEC_GEMMA3_LAYER_0 = [
-    ("blk.0.otter_attn_norm.weight", "otter.layers.0.input_layernorm.weight"),
-    ("blk.0.otter_attn_q.weight", "otter.layers.0.self_attn.q_proj.weight"),
-    ("blk.0.otter_attn_k.weight", "otter.layers.0.self_attn.k_proj.weight"),
-    ("blk.0.otter_attn_v.weight", "otter.layers.0.self_attn.v_proj.weight"),
-    ("blk.0.otter_attn_q_norm.weight", "otter.layers.0.self_attn.q_norm.weight"),
-    ("blk.0.otter_attn_k_norm.weight", "otter.layers.0.self_attn.k_norm.weight"),
-    ("blk.0.otter_attn_output.weight", "otter.layers.0.self_attn.o_proj.weight"),
+# gemma3: the sandwich norm after the attention output, its FFN norm's HF name, the sandwich norm after the FFN
+SPEC_GEMMA3_LAYER_0 = SPEC_QWEN3_LAYER_0[:7] + [
     ("blk.0.otter_post_attention_norm.weight", "otter.layers.0.post_attention_layernorm.weight"),
     ("blk.0.otter_ffn_norm.weight", "otter.layers.0.pre_feedforward_layernorm.weight"),
-    ("blk.0.otter_ffn_gate.weight", "otter.layers.0.mlp.gate_proj.weight"),
-    ("blk.0.otter_ffn_up.weight", "otter.layers.0.mlp.up_proj.weight"),
-    ("blk.0.otter_ffn_down.weight", "otter.layers.0.mlp.down_proj.weight"),
+] + SPEC_QWEN3_LAYER_0[8:] + [
     ("blk.0.otter_post_ffw_norm.weight", "otter.layers.0.post_feedforward_layernorm.weight"),
 ]
 SPEC_ARCH_LAYER_0 = {"qwen3": SPEC_QWEN3_LAYER_0, "gemma3": SPEC_GEMMA3_LAYER_0}

@@ -135,7 +135,7 @@ class HeadKind(str, Enum):
 
 
 class OtterTensor(IntEnum):
-    """The kinds of Otter tensors, in the order they are written."""
+    """The kinds of Otter tensors (the order they are written in: :func:`tensor_keys`)."""
 
     TOKEN_EMBD = auto()
     ATTN_NORM = auto()

@@ -143,6 +143,43 @@ def _base_weights(seed: int, *, qkv_bias: bool, tied: bool, arch: str = "llama",
     return w
 
 
+def _hf_config(sizes: dict, specific: dict) -> dict:
+    """An HF config.json: the keys every tiny base has plus the architecture's own, in sorted key order."""
+    common = {
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_size": sizes["d"],
+        "initializer_range": 0.02,
+        "intermediate_size": sizes["f"],
+        "num_attention_heads": sizes["h"],
+        "num_hidden_layers": sizes["L"],
+        "num_key_value_heads": sizes["h_kv"],
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": sizes["V"],
+    }
+    return dict(sorted({**common, **specific}.items()))
+
+
+def _qwen_config(model_type: str, n_layer: int, transformers_version: str) -> dict:
+    """The Qwen2/Qwen3 keys of a tiny config (no sliding window, tied embeddings, rope_theta 1e6)."""
+    return {
+        "architectures": [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]],
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "max_window_layers": n_layer,
+        "model_type": model_type,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "transformers_version": transformers_version,
+        "use_sliding_window": False,
+    }
+
+
 def _save_weights(out: Path, weights: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -154,34 +191,22 @@ def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny HF ``LlamaForCausalLM`` checkpoint with a SentencePiece tokenizer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    d, L, h, hkv, hd, f, V = (TINY[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
-    _write_json(out / "config.json", {
+    hd, V = TINY["hd"], TINY["V"]
+    _write_json(out / "config.json", _hf_config(TINY, {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         "head_dim": hd,
         "hidden_act": "silu",
-        "hidden_size": d,
-        "initializer_range": 0.02,
-        "intermediate_size": f,
         "max_position_embeddings": 2048,
         "mlp_bias": False,
         "model_type": "llama",
-        "num_attention_heads": h,
-        "num_hidden_layers": L,
-        "num_key_value_heads": hkv,
         "pretraining_tp": 1,
         "rms_norm_eps": 1e-05,
         "rope_scaling": None,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
-        "torch_dtype": "float32",
         "transformers_version": "4.46.0",
-        "use_cache": True,
-        "vocab_size": V,
-    })
+    }))
     _write_json(out / "generation_config.json", {
         "_from_model_config": True,
         "bos_token_id": 1,
@@ -199,39 +224,13 @@ def make_tiny_qwen2(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     the tiny llama, which llama.cpp's qwen2 converter accepts."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    d, L, h, hkv, hd, f, V = (TINY[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
-    _write_json(out / "config.json", {
-        "architectures": ["Qwen2ForCausalLM"],
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "hidden_act": "silu",
-        "hidden_size": d,
-        "initializer_range": 0.02,
-        "intermediate_size": f,
-        "max_position_embeddings": 4096,
-        "max_window_layers": L,
-        "model_type": "qwen2",
-        "num_attention_heads": h,
-        "num_hidden_layers": L,
-        "num_key_value_heads": hkv,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 1000000.0,
-        "sliding_window": None,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-        "transformers_version": "4.46.0",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": V,
-    })
+    _write_json(out / "config.json", _hf_config(TINY, _qwen_config("qwen2", TINY["L"], "4.46.0")))
     _write_json(out / "generation_config.json", {
         "bos_token_id": 1,
         "eos_token_id": 2,
         "transformers_version": "4.46.0",
     })
-    _write_tokenizer_files(out, train_tokenizer(V, seed=0), 4096)
+    _write_tokenizer_files(out, train_tokenizer(TINY["V"], seed=0), 4096)
     _save_weights(out, _base_weights(seed + 1000, qkv_bias=True, tied=True))
     return out
 
@@ -246,35 +245,9 @@ def make_tiny_qwen3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny HF ``Qwen3ForCausalLM`` checkpoint (per-head q/k norms, hd=128 != d/h, tied embeddings,
     rope_theta 1e6) with the tiny SentencePiece tokenizer (llama.cpp's qwen3 converter takes it as qwen2's)."""
     out = _new_dir(out_dir)
-    d, L, h, hkv, hd, f, V = (TINY_QWEN3[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
-    _write_json(out / "config.json", {
-        "architectures": ["Qwen3ForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "head_dim": hd,
-        "hidden_act": "silu",
-        "hidden_size": d,
-        "initializer_range": 0.02,
-        "intermediate_size": f,
-        "max_position_embeddings": 4096,
-        "max_window_layers": L,
-        "model_type": "qwen3",
-        "num_attention_heads": h,
-        "num_hidden_layers": L,
-        "num_key_value_heads": hkv,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 1000000.0,
-        "sliding_window": None,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-        "transformers_version": "4.51.0",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": V,
-    })
+    V = TINY_QWEN3["V"]
+    _write_json(out / "config.json", _hf_config(TINY_QWEN3, {
+        **_qwen_config("qwen3", TINY_QWEN3["L"], "4.51.0"), "attention_bias": False, "head_dim": TINY_QWEN3["hd"]}))
     _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2,
                                                  "transformers_version": "4.51.0"})
     _write_tokenizer_files(out, train_tokenizer(V, seed=0), 4096)
@@ -288,27 +261,18 @@ def make_tiny_gemma3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     query_pre_attn_scalar = hd (llama.cpp uses 1/sqrt(hd)), layers 0-4 sliding (window 8, RoPE base 1e4)
     and layer 5 full (RoPE base 1e6), tied embeddings, with the tiny SentencePiece tokenizer."""
     out = _new_dir(out_dir)
-    d, L, h, hkv, hd, f, V = (TINY_GEMMA3[k] for k in ("d", "L", "h", "h_kv", "hd", "f", "V"))
-    _write_json(out / "config.json", {
+    L, hd, V = (TINY_GEMMA3[k] for k in ("L", "hd", "V"))
+    _write_json(out / "config.json", _hf_config(TINY_GEMMA3, {
         "architectures": ["Gemma3ForCausalLM"],
         "_sliding_window_pattern": 6,
         "attention_bias": False,
-        "attention_dropout": 0.0,
         "attn_logit_softcapping": None,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         "final_logit_softcapping": None,
         "head_dim": hd,
         "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_size": d,
-        "initializer_range": 0.02,
-        "intermediate_size": f,
         "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(L)],
         "max_position_embeddings": 4096,
         "model_type": "gemma3_text",
-        "num_attention_heads": h,
-        "num_hidden_layers": L,
-        "num_key_value_heads": hkv,
         "pad_token_id": 0,
         "query_pre_attn_scalar": hd,
         "rms_norm_eps": 1e-06,
@@ -317,12 +281,9 @@ def make_tiny_gemma3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         "rope_theta": 1000000.0,
         "sliding_window": TINY_GEMMA3["sliding_window"],
         "tie_word_embeddings": True,
-        "torch_dtype": "float32",
         "transformers_version": "4.55.0",
         "use_bidirectional_attention": False,
-        "use_cache": True,
-        "vocab_size": V,
-    })
+    }))
     _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
                                                  "transformers_version": "4.55.0"})
     _write_tokenizer_files(out, train_tokenizer(V, seed=0), 4096)
