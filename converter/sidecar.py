@@ -102,13 +102,20 @@ def check_otter_tensors(reader: GGUFReader, cfg: OtterConfig, where: str) -> Non
         if shape is None:
             raise ConvertError(f"{where}: unexpected Otter tensor {name}")
         got = tuple(int(x) for x in t.shape)
-        if got != shape:
+        if _trim(got) != _trim(shape):  # llama.cpp writes [n, 1] as a 1-D tensor (ggml_n_dims)
             raise ConvertError(f"{where}: tensor {name} has shape {list(got)} (ggml order), expected {list(shape)}")
         if len(shape) == 1 and t.tensor_type != QT.F32:
             raise ConvertError(f"{where}: tensor {name} has type {t.tensor_type.name.lower()}, expected f32")
         if not _is_matrix_type(t.tensor_type):
             raise ConvertError(f"{where}: tensor {name} has type {t.tensor_type.name.lower()}, "
                                f"expected a float or quantized type")
+
+
+def _trim(ne: tuple[int, ...]) -> tuple[int, ...]:
+    """ggml dims without the trailing 1s (a [d, 1] matrix and a [d] vector are the same tensor)."""
+    while len(ne) > 1 and ne[-1] == 1:
+        ne = ne[:-1]
+    return ne
 
 
 @dataclass

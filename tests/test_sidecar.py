@@ -164,8 +164,10 @@ def _q(head):
 
 
 MALFORMED = {
-    "general_type": (lambda h: dict(kv={SidecarKeys.GENERAL_TYPE: ("model", STR)}), "is not an Otter adapter GGUF (expected general.type = 'adapter'"),
-    "lora": (lambda h: dict(kv={SidecarKeys.ADAPTER_TYPE: ("lora", STR)}), "an adapter GGUF with adapter.type = 'lora'"),
+    "general_type": (lambda h: dict(kv={SidecarKeys.GENERAL_TYPE: ("model", STR)}),
+                     "is not an Otter adapter GGUF (expected general.type = 'adapter'"),
+    "lora": (lambda h: dict(kv={SidecarKeys.ADAPTER_TYPE: ("lora", STR)}),
+             "an adapter GGUF with adapter.type = 'lora'"),
     "missing_key": (lambda h: dict(drop_kv={Keys.FEED_FORWARD_LENGTH}), f"{Keys.FEED_FORWARD_LENGTH} is missing"),
     "key_type": (lambda h: dict(kv={Keys.EMBEDDING_LENGTH: (256, I32)}),
                  f"{Keys.EMBEDDING_LENGTH} has GGUF type int32, expected uint32"),
@@ -218,3 +220,23 @@ def test_rewritten_sidecar_still_reads(made, tmp_path):
     _, head = made("f32")
     sc = read_sidecar(rewrite(head, tmp_path / "same.gguf"))
     assert sc.name == "helpful" and sc.config.head_output_size == 3 and sc.architecture == "llama"
+
+
+@pytest.mark.runtime
+def test_split_of_a_llama_quantized_model(base, adapter_reward1_dir, tmp_path):
+    """llama-quantize writes a one-output head ({d+d2, 1}) as a 1-D tensor; split and merge take it."""
+    from otter_gguf_converter.llamacpp import quantize
+
+    f16 = convert(adapter_reward1_dir, base, tmp_path / "one-f16.gguf", outtype="f16", progress=False)
+    q = quantize(f16, tmp_path / "one-q4_k_m.gguf", "q4_k_m")
+    head = next(t for t in GGUFReader(q).tensors if t.name == gguf_name(T.HEAD))
+    assert [int(x) for x in head.shape] == [512] and head.tensor_type == QT.Q8_0
+    r = cli("split", q, "--base-out", tmp_path / "b.gguf", "--head-out", tmp_path / "h.gguf", "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = cli("merge", tmp_path / "b.gguf", tmp_path / "h.gguf", "-o", tmp_path / "m.gguf", "--no-progress")
+    assert r.exit_code == 0, r.output
+    # the same tensors (names, types, bytes) and metadata; llama-quantize orders the tensors by layer and
+    # writes general.file_type after the otter.* keys, merge puts the base's tensors and keys first
+    assert _tensors(tmp_path / "m.gguf") == _tensors(q)
+    kv = lambda p: {k: f.contents() for k, f in GGUFReader(p).fields.items() if not k.startswith("GGUF.")}  # noqa: E731
+    assert kv(tmp_path / "m.gguf") == kv(q)

@@ -74,7 +74,8 @@ def test_sidecar_equals_one_file_and_base_logits_unchanged(files, gguf_models, o
     assert sa.shape == (len(TOKS), 3) and np.isfinite(sa).all()
     assert np.array_equal(sa, sb)
     # main logits: bit-identical to the base alone, signals to the one-file model's, for every row
-    plain, with_head, one_all = llm(base, logits_all=True), llm(base, [side], logits_all=True), llm(one, logits_all=True)
+    plain, with_head = llm(base, logits_all=True), llm(base, [side], logits_all=True)
+    one_all = llm(one, logits_all=True)
     for m in (plain, with_head, one_all):
         m.eval(TOKS)
     n = len(TOKS)
@@ -215,12 +216,15 @@ U32, I32, STR = GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.STRING
 MALFORMED = {
     "general_type": (lambda s: dict(kv={SidecarKeys.GENERAL_TYPE: ("model", STR)}), "not an Otter adapter GGUF"),
     "lora": (lambda s: dict(kv={SidecarKeys.ADAPTER_TYPE: ("lora", STR)}), "adapter.type = 'lora'"),
-    "missing_key": (lambda s: dict(drop_kv={Keys.FEED_FORWARD_LENGTH}), f"missing key '{Keys.FEED_FORWARD_LENGTH}'"),
+    "missing_key": (lambda s: dict(drop_kv={Keys.FEED_FORWARD_LENGTH}),
+                    f"key not found in model: {Keys.FEED_FORWARD_LENGTH}"),
     "no_version": (lambda s: dict(drop_kv={Keys.VERSION}), f"missing key '{Keys.VERSION}'"),
-    "key_type": (lambda s: dict(kv={Keys.EMBEDDING_LENGTH: (256, I32)}), f"{Keys.EMBEDDING_LENGTH}' has type"),
+    "key_type": (lambda s: dict(kv={Keys.EMBEDDING_LENGTH: (256, I32)}),
+                 f"key {Keys.EMBEDDING_LENGTH} has wrong type i32 but expected type u32"),
     "n_out_absurd": (lambda s: dict(kv={Keys.Head.OUTPUT_SIZE: (1 << 30, U32)}), f"{Keys.Head.OUTPUT_SIZE} = "),
     "gqa": (lambda s: dict(kv={Keys.Attention.HEAD_COUNT_KV: (3, U32)}), "head_count_kv = 3"),
-    "shape": (lambda s: dict(tensors={gguf_name(T.ATTN_Q, 1): _q(s)[:-1]}), f"{gguf_name(T.ATTN_Q, 1)}' has wrong shape"),
+    "shape": (lambda s: dict(tensors={gguf_name(T.ATTN_Q, 1): _q(s)[:-1]}),
+              f"{gguf_name(T.ATTN_Q, 1)}' has wrong shape"),
     "missing_tensor": (lambda s: dict(drop_tensors={gguf_name(T.FFN_UP, 2)}), gguf_name(T.FFN_UP, 2)),
     "norm_f16": (lambda s: dict(tensors={gguf_name(T.ATTN_NORM, 0): np.ones(256, dtype=np.float16)}),
                  f"{gguf_name(T.ATTN_NORM, 0)}' has type f16, expected f32"),
