@@ -139,6 +139,17 @@ def test_guidance_with_a_weighted_combination_across_heads(two):
         plain["choices"][0]["text"]
 
 
+def test_many_heads(files, gguf_models):
+    """Eight heads (the graph budget grows with the attached heads' tensors); each part is that head's."""
+    _, side = files("reward1")
+    m = llm(gguf_models.base, {f"h{i}": side for i in range(8)})
+    assert m.n_out == 8 and m.signal_names == [f"h{i}/reward" for i in range(8)]
+    s = m.score(tokens=TOKS).signals
+    ref = llm(gguf_models.base, [side]).score(tokens=TOKS).signals
+    for i in range(8):
+        assert np.array_equal(s[:, i:i + 1], ref)
+
+
 def test_one_file_model_plus_a_sidecar(files):
     one1, _ = files("reward1")
     _, side3 = files("reward3")
