@@ -1,9 +1,11 @@
-"""`make demo`: the whole mission on the embedded default model.
+"""`make demo` (``python -m otter_gguf.demo``).
 
-The embedded default is the demo model in `otter_gguf/demo/`: a small
+The embedded default is SmolLM2-135M-Instruct with an Otter sentiment head
+(:mod:`otter_gguf.demo.smollm2.run`). ``--tiny`` runs the demo of the tiny
+synthetic model in `otter_gguf/demo/` instead (the fast tests' model): a small
 `llama` base LM trained on synthetic reviews plus an Otter head trained to
 read the sentiment of the text so far (one signal, "sentiment", about +1 for
-positive and -1 for negative). The demo
+positive and -1 for negative). That demo
 
 1. converts adapter + base to one GGUF at q8_0 and at q4_k_m and inspects it,
 2. runs one prompt unguided and reward-guided, printing every token's reward,
@@ -60,7 +62,16 @@ def _label_share(llm, guidance, n_per_prompt: int, max_tokens: int) -> tuple[flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m otter_gguf.demo")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--tiny" in argv:
+        return tiny_main([a for a in argv if a != "--tiny"])
+    from otter_gguf.demo.smollm2.run import main as smollm2_main
+
+    return smollm2_main(argv)
+
+
+def tiny_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m otter_gguf.demo --tiny")
     ap.add_argument("--work", type=Path, default=Path("build/demo"), help="working directory")
     ap.add_argument("--types", default="q8_0,q4_k_m")
     ap.add_argument("--weight", type=float, default=4.0, help="guidance weight")

@@ -68,7 +68,10 @@ class GGUFTokenizer:
     def __init__(self, path: str | os.PathLike):
         from llama_cpp import Llama
 
-        self.llm = Llama(os.fspath(path), vocab_only=True, verbose=False)
+        from otter_gguf_converter.llamacpp import llama_logs
+
+        with llama_logs(log_level=None):  # llama.cpp's notes about a vocab-only context
+            self.llm = Llama(os.fspath(path), vocab_only=True, verbose=False)
         self.vocab_size = int(self.llm.n_vocab())
         self.template = self.llm.metadata.get("tokenizer.chat_template")
 
@@ -160,6 +163,11 @@ class TrainSettings:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
