@@ -7,6 +7,8 @@ at q4_k_m with an Otter adapter d2=256, h2=4, h2_kv=1, f2=1024 (reward, n_out=1)
   base      the base GGUF alone
   side-on   the Otter GGUF, side stream on (signals every decode)
   side-off  the Otter GGUF, llama_set_otter(ctx, false)
+  sidecar   the base GGUF + the same head as an Otter adapter GGUF (otter-gguf split of the Otter GGUF)
+  two-heads the base GGUF + two adapter GGUFs (the head twice, under two names)
 
 and the peak RSS of each run (one subprocess per configuration), and checks
 decode(side-on) >= 0.95 * decode(base) / (1 + otter_bytes/base_bytes).
@@ -44,6 +46,18 @@ from otter_gguf_converter.llamacpp import llama_logs, quantize, write_random_bas
 QTYPE = "q4_k_m"
 
 
+def prepare_heads(work: Path, otter_q: Path) -> tuple[Path, Path]:
+    """Two adapter GGUFs of the Otter GGUF's head (split; the second a copy under another name)."""
+    from otter_gguf_converter.sidecar import split
+
+    heads = work / f"head-{QTYPE}.gguf", work / f"head2-{QTYPE}.gguf"
+    if not all(h.exists() for h in heads):
+        split(otter_q, work / "split-base.gguf", heads[0], name="head", force=True, progress=False)
+        split(otter_q, work / "split-base.gguf", heads[1], name="head2", force=True, progress=False)
+        (work / "split-base.gguf").unlink()
+    return heads
+
+
 def prepare(work: Path, model: str = "1b", threads: int = 2) -> tuple[Path, Path]:
     """(base, Otter) GGUFs at QTYPE in ``work`` (made once)."""
     base_q = work / f"base-{QTYPE}.gguf"
@@ -69,12 +83,12 @@ def prepare(work: Path, model: str = "1b", threads: int = 2) -> tuple[Path, Path
     return base_q, otter_q
 
 
-def run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads: int) -> dict:
+def run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads: int, heads=()) -> dict:
     with llama_logs(level=logging.ERROR, log_level=logging.ERROR):  # llama.cpp's errors only
-        return _run_one(model_path, mode, n_prefill, n_decode, threads)
+        return _run_one(model_path, mode, n_prefill, n_decode, threads, heads)
 
 
-def _run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads: int) -> dict:
+def _run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads: int, heads=()) -> dict:
     from llama_cpp import llama_cpp as ll
 
     from otter_gguf.runtime import capi as _lib
@@ -83,6 +97,8 @@ def _run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads:
     mp = ll.llama_model_default_params()
     model = ll.llama_model_load_from_file(model_path.encode(), mp)
     assert model, model_path
+    for h in heads:  # attached before the context: it allocates their side K/V
+        assert lib.llama_adapter_otter_init(model, str(h).encode()), h
     cp = ll.llama_context_default_params()
     cp.n_ctx = max(1024, n_prefill + n_decode + 16)
     cp.n_batch = cp.n_ubatch = max(512, n_prefill)
@@ -126,7 +142,7 @@ def _run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads:
     for i in range(n_decode):
         decode([toks[n_prefill + i]], n_prefill + i)
         ll.llama_get_logits_ith(ctx, -1)
-        if mode == "side-on":
+        if mode != "base" and mode != "side-off":
             p = lib.llama_get_otter_signals_ith(ctx, -1)
             got_signal = float(p[0]) if p else None
     t_decode = time.perf_counter() - t0
@@ -134,7 +150,7 @@ def _run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads:
 
     ll.llama_free(ctx)
     ll.llama_model_free(model)
-    if mode == "side-on":
+    if mode != "base" and mode != "side-off":
         assert got_signal is not None, "no signals with the side stream on"
     return {
         "mode": mode,
@@ -170,10 +186,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration (the median is reported)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--head", action="append", default=[], help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.one:
-        print(json.dumps(run_one(a.one[0], a.one[1], a.prefill, a.decode, a.threads)))
+        print(json.dumps(run_one(a.one[0], a.one[1], a.prefill, a.decode, a.threads, a.head)))
         return
 
     from otter_gguf.tools.eval import gguf_sizes
@@ -181,19 +198,22 @@ def main() -> None:
     work = a.work / a.model
     work.mkdir(parents=True, exist_ok=True)
     base_q, otter_q = prepare(work, a.model, a.threads)
+    head1, head2 = prepare_heads(work, otter_q)
     sizes = gguf_sizes(otter_q)
     base_bytes, otter_bytes = sizes["base_bytes"], sizes["otter_bytes"]
     ratio = otter_bytes / base_bytes
 
     # round-robin over the configurations so that a change in machine load hits all of them;
     # the median of the runs is reported
-    runs: dict[str, list[dict]] = {"base": [], "side-on": [], "side-off": []}
-    paths = {"base": base_q, "side-on": otter_q, "side-off": otter_q}
+    runs: dict[str, list[dict]] = {"base": [], "side-on": [], "side-off": [], "sidecar": [], "two-heads": []}
+    paths = {"base": base_q, "side-on": otter_q, "side-off": otter_q, "sidecar": base_q, "two-heads": base_q}
+    heads = {"sidecar": [head1], "two-heads": [head1, head2]}
     for _ in range(a.repeat):
         for mode in runs:
             out = subprocess.run(
                 [sys.executable, __file__, "--one", str(paths[mode]), mode, "--prefill", str(a.prefill),
-                 "--decode", str(a.decode), "--threads", str(a.threads)],
+                 "--decode", str(a.decode), "--threads", str(a.threads),
+                 *[x for h in heads.get(mode, []) for x in ("--head", str(h))]],
                 check=True, capture_output=True, text=True)
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {
@@ -218,6 +238,13 @@ def main() -> None:
           f"{'PASS' if ok else 'FAIL'}")
     off = results["side-off"]["decode_tok_s"] / results["base"]["decode_tok_s"]
     print(f"side-off / base decode = {off:.3f}")
+    on, sc, two = results["side-on"], results["sidecar"], results["two-heads"]
+    print(f"sidecar / one-file: decode {sc['decode_tok_s'] / on['decode_tok_s']:.3f}, prefill "
+          f"{sc['prefill_tok_s'] / on['prefill_tok_s']:.3f}, max RSS {sc['max_rss_mib'] / on['max_rss_mib']:.3f} "
+          f"(target RSS <= 1.05)")
+    target2 = 0.95 * results["base"]["decode_tok_s"] / (1 + 2 * ratio)
+    print(f"two heads: decode {two['decode_tok_s']:.2f} tok/s, target 0.95 * base / (1 + 2 * otter/base) = "
+          f"{target2:.2f}: {'PASS' if two['decode_tok_s'] >= target2 else 'FAIL'}")
     cpu_on = results["base"]["decode_cpu_ms"] / results["side-on"]["decode_cpu_ms"]
     print(f"by CPU time: side-on decode speed / base = {cpu_on:.3f} "
           f"(target {0.95 / (1 + ratio):.3f}; meaningful with --threads 1)")
