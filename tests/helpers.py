@@ -345,6 +345,44 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def _q_rows(path) -> np.ndarray:
+    from gguf import GGUFReader
+
+    from otter_gguf.format.constants import OtterTensor, gguf_name
+
+    t = next(t for t in GGUFReader(path).tensors if t.name == gguf_name(OtterTensor.ATTN_Q, 1))
+    return np.array(t.data, dtype=np.float32)
+
+
+def sidecar_mutations() -> Dict[str, Callable]:
+    """Malformed variants of the tiny f32 Otter adapter GGUF: name -> (path -> ``rewrite`` kwargs).
+    The Python reader and the runtime refuse each one (with their own messages)."""
+    from gguf import GGUFValueType as V
+
+    from otter_gguf.format.constants import Keys, OtterTensor as T, SidecarKeys, gguf_name
+
+    return {
+        "general_type": lambda s: dict(kv={SidecarKeys.GENERAL_TYPE: ("model", V.STRING)}),
+        "lora": lambda s: dict(kv={SidecarKeys.ADAPTER_TYPE: ("lora", V.STRING)}),
+        "missing_key": lambda s: dict(drop_kv={Keys.FEED_FORWARD_LENGTH}),
+        "no_version": lambda s: dict(drop_kv={Keys.VERSION}),
+        "key_type": lambda s: dict(kv={Keys.EMBEDDING_LENGTH: (256, V.INT32)}),
+        "hash_type": lambda s: dict(kv={Keys.Base.VOCAB_HASH: (5, V.UINT32)}),
+        "n_out_absurd": lambda s: dict(kv={Keys.Head.OUTPUT_SIZE: (1 << 30, V.UINT32)}),
+        "d2_zero": lambda s: dict(kv={Keys.EMBEDDING_LENGTH: (0, V.UINT32)}),
+        "n_out_mismatch": lambda s: dict(kv={Keys.Head.OUTPUT_SIZE: (4, V.UINT32)}),
+        "gqa": lambda s: dict(kv={Keys.Attention.HEAD_COUNT_KV: (3, V.UINT32)}),
+        "head_kind": lambda s: dict(kv={Keys.Head.KIND: ("policy", V.STRING)}),
+        "version": lambda s: dict(kv={Keys.VERSION: (99, V.UINT32)}),
+        "arch_mismatch": lambda s: dict(kv={Keys.Base.ARCHITECTURE: ("qwen2", V.STRING)}),
+        "shape": lambda s: dict(tensors={gguf_name(T.ATTN_Q, 1): _q_rows(s)[:-1]}),
+        "missing_tensor": lambda s: dict(drop_tensors={gguf_name(T.FFN_UP, 2)}),
+        "norm_f16": lambda s: dict(tensors={gguf_name(T.ATTN_NORM, 0): np.ones(256, dtype=np.float16)}),
+        "matrix_int": lambda s: dict(tensors={gguf_name(T.ATTN_OUT, 2): np.zeros((256, 512), dtype=np.int32)}),
+        "unknown_key": lambda s: dict(kv={"otter.extra": (1, V.UINT32)}),
+    }
+
+
 # ---------------------------------------------------------------------------
 # a cheap deterministic signal source (no runtime support needed)
 # ---------------------------------------------------------------------------

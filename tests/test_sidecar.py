@@ -11,13 +11,12 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFReader
 
-from helpers import rewrite
+from helpers import rewrite, sidecar_mutations
 from otter_gguf.cli import main as cli_main
 from otter_gguf.format.constants import (
     ADAPTER_TYPE_OTTER, ALL_KEYS, GENERAL_TYPE_ADAPTER, Keys, SidecarKeys, gguf_name, is_otter_tensor,
@@ -155,48 +154,34 @@ def test_bad_uses_exit_2_and_write_nothing(made, base, tmp_path, tiny_qwen2_dir,
     assert {p: sha(p) for p in hashes} == hashes
 
 
-U32, I32, U64, STR = GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.STRING
-
-
-def _q(head):
-    t = next(t for t in GGUFReader(head).tensors if t.name == gguf_name(T.ATTN_Q, 1))
-    return np.array(t.data, dtype=np.float32)
-
-
+# what the Python reader says about each of helpers.sidecar_mutations()
 MALFORMED = {
-    "general_type": (lambda h: dict(kv={SidecarKeys.GENERAL_TYPE: ("model", STR)}),
-                     "is not an Otter adapter GGUF (expected general.type = 'adapter'"),
-    "lora": (lambda h: dict(kv={SidecarKeys.ADAPTER_TYPE: ("lora", STR)}),
-             "an adapter GGUF with adapter.type = 'lora'"),
-    "missing_key": (lambda h: dict(drop_kv={Keys.FEED_FORWARD_LENGTH}), f"{Keys.FEED_FORWARD_LENGTH} is missing"),
-    "key_type": (lambda h: dict(kv={Keys.EMBEDDING_LENGTH: (256, I32)}),
-                 f"{Keys.EMBEDDING_LENGTH} has GGUF type int32, expected uint32"),
-    "hash_type": (lambda h: dict(kv={Keys.Base.VOCAB_HASH: (5, U32)}), "expected uint64"),
-    "n_out_absurd": (lambda h: dict(kv={Keys.Head.OUTPUT_SIZE: (1 << 30, U32)}),
-                     f"{Keys.Head.OUTPUT_SIZE} = 1073741824 is out of range"),
-    "d2_zero": (lambda h: dict(kv={Keys.EMBEDDING_LENGTH: (0, U32)}), "is out of range [1, 1048576]"),
-    "n_out_mismatch": (lambda h: dict(kv={Keys.Head.OUTPUT_SIZE: (4, U32)}), "signal_names has 3 entries"),
-    "gqa": (lambda h: dict(kv={Keys.Attention.HEAD_COUNT_KV: (3, U32)}), "must be a multiple of"),
-    "head_kind": (lambda h: dict(kv={Keys.Head.KIND: ("policy", STR)}), "head_kind must be one of"),
-    "version": (lambda h: dict(kv={Keys.VERSION: (99, U32)}), "otter_version must be 1"),
-    "arch_mismatch": (lambda h: dict(kv={Keys.Base.ARCHITECTURE: ("qwen2", STR)}),
-                      f"{Keys.Base.ARCHITECTURE} = 'qwen2' but general.architecture = 'llama'"),
-    "shape": (lambda h: dict(tensors={gguf_name(T.ATTN_Q, 1): _q(h)[:-1]}),
-              f"tensor {gguf_name(T.ATTN_Q, 1)} has shape [512, 255]"),
-    "missing_tensor": (lambda h: dict(drop_tensors={gguf_name(T.FFN_UP, 2)}), gguf_name(T.FFN_UP, 2)),
-    "norm_f16": (lambda h: dict(tensors={gguf_name(T.ATTN_NORM, 0): np.ones(256, dtype=np.float16)}),
-                 f"{gguf_name(T.ATTN_NORM, 0)} has type f16, expected f32"),
-    "matrix_int": (lambda h: dict(tensors={gguf_name(T.ATTN_OUT, 2): np.zeros((256, 512), dtype=np.int32)}),
-                   f"{gguf_name(T.ATTN_OUT, 2)} has type i32"),
-    "unknown_key": (lambda h: dict(kv={"otter.extra": (1, U32)}), "unknown Otter metadata key(s): otter.extra"),
+    "general_type": "is not an Otter adapter GGUF (expected general.type = 'adapter'",
+    "lora": "an adapter GGUF with adapter.type = 'lora'",
+    "missing_key": f"{Keys.FEED_FORWARD_LENGTH} is missing",
+    "no_version": f"{Keys.VERSION} is missing",
+    "key_type": f"{Keys.EMBEDDING_LENGTH} has GGUF type int32, expected uint32",
+    "hash_type": "expected uint64",
+    "n_out_absurd": f"{Keys.Head.OUTPUT_SIZE} = 1073741824 is out of range",
+    "d2_zero": "is out of range [1, 1048576]",
+    "n_out_mismatch": "signal_names has 3 entries",
+    "gqa": "must be a multiple of",
+    "head_kind": "head_kind must be one of",
+    "version": "otter_version must be 1",
+    "arch_mismatch": f"{Keys.Base.ARCHITECTURE} = 'qwen2' but general.architecture = 'llama'",
+    "shape": f"tensor {gguf_name(T.ATTN_Q, 1)} has shape [512, 255]",
+    "missing_tensor": gguf_name(T.FFN_UP, 2),
+    "norm_f16": f"{gguf_name(T.ATTN_NORM, 0)} has type f16, expected f32",
+    "matrix_int": f"{gguf_name(T.ATTN_OUT, 2)} has type i32",
+    "unknown_key": "unknown Otter metadata key(s): otter.extra",
 }
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_sidecar_refused(made, tmp_path, case):
     _, head = made("f32")
-    make, needle = MALFORMED[case]
-    bad = rewrite(head, tmp_path / f"{case}.gguf", **make(head))
+    needle = MALFORMED[case]
+    bad = rewrite(head, tmp_path / f"{case}.gguf", **sidecar_mutations()[case](head))
     with pytest.raises(ConvertError) as e:
         read_sidecar(bad)
     assert needle in str(e.value)
