@@ -201,3 +201,25 @@ def test_committed_demo_head_reproduces_its_metrics(smollm2, tmp_path):
         with torch.no_grad():
             sig[mood] = float(model(torch.tensor(ids)).signals[-3, 0])  # on the final '.'
     assert sig["pos"] > 0.5 > -0.5 > sig["neg"], sig
+
+
+@pytest.mark.runtime
+def test_eval_separates_weight_rounding_from_the_runtime(tmp_path, hf_base_gguf, tiny_llama_dir,
+                                                         adapter_reward1_dir):
+    """`otter-gguf eval` with a GGUF as --base, and its intrinsic rows: the PyTorch reference on
+    each type's own dequantized weights. At f32 there is no rounding: the intrinsic error is 0."""
+    from otter_gguf.tools import eval as ev
+
+    base = hf_base_gguf(tiny_llama_dir, "f32")
+    prompts = ["the food was great and the staff was friendly", "the room was dirty but the view was lovely",
+               "anna said the coffee was cold", "we found the museum boring"]
+    rep = ev.evaluate(base, adapter_reward1_dir, base, types=["f32", "q8_0"], prompts=prompts, threads=1,
+                      progress=False)
+    assert rep["reference"]["vs_torch_logits"]["kld_mean"] < 1e-6
+    f32, q8 = rep["types"]["f32"], rep["types"]["q8_0"]
+    assert f32["intrinsic"]["worst"]["max_abs_rel"] == 0.0 and f32["intrinsic"]["logits"]["kld_mean"] < 1e-9
+    assert 0 < q8["intrinsic"]["worst"]["mean_abs_rel"] < 0.05
+    # the runtime's error contains the weight rounding; runtime_added is their ratio - 1
+    assert q8["worst"]["mean_abs_rel"] > 0.5 * q8["intrinsic"]["worst"]["mean_abs_rel"]
+    assert q8["runtime_added"] == pytest.approx(q8["worst"]["mean_abs_rel"] / q8["intrinsic"]["worst"]["mean_abs_rel"] - 1)
+    assert "q8_0 intrinsic" in ev.format_table(rep)

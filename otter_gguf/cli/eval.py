@@ -15,7 +15,8 @@ from otter_gguf.tools import eval as ev
 @click.option("--adapter", "adapter_dir", required=True, type=click.Path(path_type=Path),
               help="The Otter adapter directory (otter_config.json + otter_model.safetensors).")
 @click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
-              help="The HF base model directory (the float32 PyTorch reference runs on it).")
+              help="The HF base model directory, or a base GGUF (the float32 PyTorch reference runs on "
+                   "it; a GGUF's weights dequantized).")
 @click.option("--types", default=",".join(ev.DEFAULT_TYPES), show_default=True,
               help="Comma-separated types: each quantizes the base (llama-quantize) and the Otter "
                    "tensors (otter-gguf convert --outtype) to it.")

@@ -60,6 +60,7 @@ __all__ = [
     "load_prompts",
     "plot",
     "ranking_agreement",
+    "runtime_added",
     "signal_errors",
     "spearman",
     "write_outputs",
@@ -325,17 +326,15 @@ def _inspect_model(path: Path) -> _ModelInfo:
 # ---------------------------------------------------------------------------
 # running models
 # ---------------------------------------------------------------------------
-def _torch_reference(base_dir: Path, adapter_dir: Path, token_lists, tick,
-                     threads: int | None = None) -> tuple[list, list, Any]:
+def _torch_run(load, token_lists, tick, threads: int | None = None) -> tuple[list, list, Any]:
+    """(signals, logits) per prompt of the PyTorch model ``load()`` returns, and its config."""
     import torch
-
-    from otter_gguf.reference.model import load_otter
 
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        model = load_otter(base_dir, adapter_dir, dtype=torch.float32)
+        model = load()
         sigs, logits = [], []
         with torch.inference_mode():
             for toks in token_lists:
@@ -346,6 +345,37 @@ def _torch_reference(base_dir: Path, adapter_dir: Path, token_lists, tick,
     finally:
         torch.set_num_threads(old)
     return sigs, logits, model.config
+
+
+def _torch_reference(base_dir: Path, adapter_dir: Path, token_lists, tick,
+                     threads: int | None = None) -> tuple[list, list, Any]:
+    """The float32 reference: the adapter on ``base_dir`` (an HF directory, or a base GGUF
+    whose dequantized weights are the reference: a model that exists only as a GGUF)."""
+    import torch
+
+    def load():
+        if base_dir.is_file():
+            from otter_gguf.format.adapter import load_adapter
+            from otter_gguf.reference.gguf_base import load_base_gguf
+            from otter_gguf.reference.model import OtterModel
+
+            return OtterModel(load_base_gguf(base_dir), *load_adapter(adapter_dir, torch.float32))
+        from otter_gguf.reference.model import load_otter
+
+        return load_otter(base_dir, adapter_dir, dtype=torch.float32)
+
+    return _torch_run(load, token_lists, tick, threads)
+
+
+def _torch_intrinsic(otter_gguf: Path, config, token_lists, tick, threads: int | None = None):
+    """The same PyTorch reference on an Otter GGUF's own dequantized weights (base and Otter
+    tensors as rounded to the file's types): what the weight rounding alone costs."""
+    def load():
+        from otter_gguf.reference.gguf_base import load_otter_gguf
+
+        return load_otter_gguf(otter_gguf, config)
+
+    return _torch_run(load, token_lists, tick, threads)[:2]
 
 
 #: --kv-type -> ggml_type id of the KV cache (llama.cpp's default is f16)
@@ -531,9 +561,9 @@ def evaluate(
         raise EvalError(f"MODEL.gguf {model_gguf} is a directory; expected the f32 (or f16) GGUF file")
     if not (adapter_dir / "otter_config.json").is_file():
         raise EvalError(f"--adapter {adapter_dir}: no otter_config.json there (expected an Otter adapter directory)")
-    if not (base_dir / "config.json").is_file():
-        raise EvalError(f"--base {base_dir}: no config.json there (expected the HF base model directory; "
-                        f"the PyTorch reference runs on it)")
+    if not (base_dir / "config.json").is_file() and not (base_dir.is_file() and _is_gguf(base_dir)):
+        raise EvalError(f"--base {base_dir}: no config.json there (expected the HF base model directory, "
+                        f"or a base GGUF; the PyTorch reference runs on it)")
     threads = int(threads or max(1, (os.cpu_count() or 2) // 2))
     from otter_gguf.format.adapter import open_adapter
 
@@ -570,7 +600,7 @@ def evaluate(
                             f"length {minfo.n_ctx_train}")
         n_ctx = max(8, n_ctx)
         n_p = len(token_lists)
-        bar = _progress(n_p * (2 + len(type_list)) + len(type_list), progress)
+        bar = _progress(n_p * (2 + 2 * len(type_list)) + len(type_list), progress)
 
         def tick(n=1):
             bar.update(n)
@@ -635,12 +665,19 @@ def evaluate(
                                         kv_type=kv_type)
                 _, cols = _signal_columns(sig, token_lists, cfg.head_kind, cfg.signal_names)
                 per = _signal_metrics(ref_cols, cols, names, stds)
+                bar.set_description_str(f"{t}: PyTorch on its weights")
+                i_sig, i_logits = _torch_intrinsic(otter_t, cfg, token_lists, tick, threads)
+                _, i_cols = _signal_columns(i_sig, token_lists, cfg.head_kind, cfg.signal_names)
+                i_per = _signal_metrics(ref_cols, i_cols, names, stds)
                 results[t] = {
                     "sizes": gguf_sizes(otter_t),
                     "signals": per,
                     "worst": _worst(per),
                     "logits": _logit_metrics(ref_logits, logits),
+                    "intrinsic": {"signals": i_per, "worst": _worst(i_per),
+                                  "logits": _logit_metrics(torch_logits, i_logits)},
                 }
+                results[t]["runtime_added"] = runtime_added(results[t])
                 if own_tmp:
                     otter_t.unlink()
         finally:
@@ -671,6 +708,22 @@ def evaluate(
         "types": results,
         "seconds": round(time.time() - t_start, 1),
     }
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def runtime_added(result: dict[str, Any]) -> float | None:
+    """What the runtime adds on top of the weight rounding, for one type's result: the
+    runtime's mean signal error over the intrinsic one (the PyTorch reference on that
+    GGUF's own dequantized weights), minus 1 (0.1 = the runtime adds 10%)."""
+    rt = (result.get("worst") or {}).get("mean_abs_rel")
+    intr = ((result.get("intrinsic") or {}).get("worst") or {}).get("mean_abs_rel")
+    if rt is None or not intr:
+        return None
+    return rt / intr - 1.0
 
 
 def _series() -> str | None:
@@ -716,6 +769,8 @@ def format_table(report: dict[str, Any]) -> str:
                           {"kld_mean": 0.0, "kld_p99": 0.0, "top1": 1.0}))
     for t, r in report["types"].items():
         lines.append(_row(t, r["sizes"], r["worst"], r["logits"]))
+        if r.get("intrinsic"):
+            lines.append(_row(f"{t} intrinsic", r["sizes"], r["intrinsic"]["worst"], r["intrinsic"]["logits"]))
     return "\n".join(lines)
 
 
@@ -743,7 +798,12 @@ def _markdown(report: dict[str, Any]) -> str:
         "Signal columns: |Δ| = |signal(type) - signal(PyTorch f32)| over every position, σ the "
         "reference std, worst over the signals; rank agree = agreement on the order of final rewards "
         "over all text pairs with distinct reference rewards. KLD = KL(p_MODEL || p_type) of the main "
-        "next-token distributions (nats), top-1 = same argmax.",
+        "next-token distributions (nats), top-1 = same argmax. Rows \"T intrinsic\": the PyTorch "
+        "reference run on T's GGUF's own dequantized weights (signals vs PyTorch f32, KLD vs PyTorch f32 "
+        "logits): what the weight rounding costs; the T row minus it is what the runtime adds "
+        "(runtime added, mean |Δ|/σ: "
+        + ", ".join(f"{t} {_f(None if r.get('runtime_added') is None else 100 * r['runtime_added'], '+.1f')}%"
+                    for t, r in report["types"].items()) + ").",
         "",
         format_table(report),
         "",
