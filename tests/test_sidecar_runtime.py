@@ -108,7 +108,8 @@ def test_two_heads_each_equal_that_head_alone(two):
     assert o["signal_names"] == both.signal_names and len(o["rewards"]) == len(o["tokens"]) > 0
     prompt = both.tokenize(b"Once upon a time", add_bos=True, special=True)
     ref = both.score(tokens=prompt + o["tokens"]).signals[len(prompt):]
-    assert np.allclose(np.asarray(o["signals"], dtype=np.float32), ref, atol=1e-4)
+    # token-by-token decode vs one batch: the tolerance test_api.py uses for the same comparison
+    np.testing.assert_allclose(np.asarray(o["signals"], dtype=np.float32), ref, rtol=1e-3, atol=2e-3)
     chunks = list(both("Once upon a time", max_tokens=6, temperature=0, stream=True))
     streamed = [r for c in chunks if c["choices"][0].get("otter") for r in c["choices"][0]["otter"]["rewards"]]
     assert [list(r) for r in streamed] == [list(r) for r in o["rewards"]]  # same names, head by head
