@@ -148,6 +148,11 @@ class OtterLlama(Llama):
         if default_guidance is not None:
             self._otter_resolve(default_guidance)  # fail at construction on a bad default
 
+    def close(self) -> None:
+        # a bad argument fails before Llama.__init__ has made its exit stack; __del__ still calls close
+        if "_stack" in self.__dict__:
+            super().close()
+
     # -- context parameter hook: applied when Llama.__init__ creates the context
     @property
     def context_params(self):
