@@ -413,3 +413,42 @@ def fake_source_factory(fn: Callable[[Sequence[int]], np.ndarray] = fake_signals
             return fn(list(history()))
 
     return lambda llm: FakeSignalSource()
+
+
+# --- the PyTorch reference, loaded once per process (tests/test_reference*.py, tests/test_qwen3_gemma3_*.py)
+_REFERENCE_CACHE: dict = {}
+
+
+def rand_tokens(*shape, seed=0, vocab=512):
+    """Seeded random token ids (a torch.long tensor of ``shape``)."""
+    import torch
+
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def cached_base(path, dtype=None):
+    """``load_base(path, dtype)`` (float32 by default), once per process."""
+    import torch
+
+    from otter_gguf.reference.model import load_base
+
+    dtype = dtype or torch.float32
+    key = ("base", str(path), dtype)
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = load_base(path, dtype)
+    return _REFERENCE_CACHE[key]
+
+
+def cached_otter(base_dir, adapter_dir, dtype=None):
+    """The reference OtterModel of base + adapter, once per process."""
+    import torch
+
+    from otter_gguf.format.adapter import load_adapter
+    from otter_gguf.reference.model import OtterModel
+
+    dtype = dtype or torch.float32
+    key = ("otter", str(base_dir), str(adapter_dir), dtype)
+    if key not in _REFERENCE_CACHE:
+        cfg, t = load_adapter(adapter_dir, dtype)
+        _REFERENCE_CACHE[key] = OtterModel(cached_base(base_dir, dtype), cfg, t)
+    return _REFERENCE_CACHE[key]

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import cached_base, cached_otter, rand_tokens
+
 from otter_gguf.format.adapter import AdapterError, load_adapter
 from otter_gguf.format.constants import BIAS, HeadKind, hf_name
 from otter_gguf.format.constants import OtterTensor as OT
@@ -24,28 +26,6 @@ from otter_gguf.reference.model import (
 )
 
 pytestmark = pytest.mark.unit
-
-
-def rand_tokens(*shape, seed=0, vocab=512):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-_CACHE: dict = {}
-
-
-def cached_base(path, dtype=torch.float32):
-    key = ("base", str(path), dtype)
-    if key not in _CACHE:
-        _CACHE[key] = load_base(path, dtype)
-    return _CACHE[key]
-
-
-def cached_otter(base_dir, adapter_dir, dtype=torch.float32):
-    key = ("otter", str(base_dir), str(adapter_dir), dtype)
-    if key not in _CACHE:
-        cfg, t = load_adapter(adapter_dir, dtype)
-        _CACHE[key] = OtterModel(cached_base(base_dir, dtype), cfg, t)
-    return _CACHE[key]
 
 
 @pytest.fixture(params=["reward1", "reward3", "token_reward", "qwen2"])
