@@ -38,6 +38,18 @@ def _as_long(x) -> torch.Tensor:
     return t
 
 
+def _draw(data: Sequence, batch_size: int, order: list[int], rng: random.Random) -> list:
+    """The next ``batch_size`` examples of a seeded epoch order (``order`` is consumed in
+    place and refilled with a new permutation when empty)."""
+    batch = []
+    for _ in range(min(batch_size, len(data))):
+        if not order:
+            order.extend(range(len(data)))
+            rng.shuffle(order)
+        batch.append(data[order.pop()])
+    return batch
+
+
 def _groups(batch: list) -> list[list]:
     """Split a batch into groups of equal-length examples, each run as one
     [B, T] forward (for pairs: chosen and rejected must also match)."""
@@ -110,12 +122,7 @@ def train_head(
     try:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            batch = []
-            for _b in range(min(batch_size, len(data))):
-                if not order:
-                    order = list(range(len(data)))
-                    rng.shuffle(order)
-                batch.append(data[order.pop()])
+            batch = _draw(data, batch_size, order, rng)
             total = 0.0
             for group in _groups(batch):
                 a = torch.stack([x for x, _ in group])
@@ -437,12 +444,7 @@ def fit(
 
         try:
             for step in range(start, steps):
-                batch = []
-                for _ in range(min(batch_size, len(train))):
-                    if not order:
-                        order = list(range(len(train)))
-                        rng.shuffle(order)
-                    batch.append(train[order.pop()])
+                batch = _draw(train, batch_size, order, rng)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, steps, lr, n_warm)
                 opt.zero_grad(set_to_none=True)
