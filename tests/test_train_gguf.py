@@ -108,6 +108,15 @@ def test_train_from_gguf_gives_a_head_the_runtime_reproduces(tmp_path, hf_base_g
         with torch.no_grad():
             want = ref(torch.tensor(s.tokens)).signals.numpy()
         np.testing.assert_allclose(s.signals, want, atol=2e-3 * max(1.0, np.abs(want).max()))
+    # --sidecar: the same (seeded) head as an adapter GGUF beside the unchanged base
+    head = tmp_path / "head-sidecar.gguf"
+    r = CliRunner().invoke(cli, ["train", str(base), str(data), "-o", str(tmp_path / "head2"), "--steps", "20",
+                                 "--lr", "1e-3", "--batch-size", "4", "--d2", "64", "--f2", "64", "--no-progress",
+                                 "--gguf", str(head), "--outtype", "f32", "--sidecar"])
+    assert r.exit_code == 0, r.output
+    side = OtterLlama(str(base), otter_heads=[str(head)], n_ctx=128, n_threads=1, verbose=False)
+    s1, s2 = llm.score(STRIDE_TEXT), side.score(STRIDE_TEXT)
+    np.testing.assert_allclose(s2.signals, s1.signals, atol=1e-4)
 
 
 # ---------------------------------------------------------------- the real model (slow)

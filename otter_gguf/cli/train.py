@@ -45,11 +45,12 @@ from otter_gguf.cli.errors import reported
 @click.option("--gguf", type=click.Path(path_type=Path), default=None,
               help="Also write one Otter GGUF (base + head) with otter-gguf convert.")
 @click.option("--outtype", default="q8_0", show_default=True, help="Otter tensor type of --gguf.")
+@click.option("--sidecar", is_flag=True, help="--gguf: write the head alone (an adapter GGUF beside the base).")
 @click.option("--force", is_flag=True, help="Replace an existing --out / --gguf.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_command(base: Path, data: Path, out: Path, objective, eval_data, heldout, d2, h2, h2_kv, f2,
                   signal_name, steps, epochs, lr, batch_size, seed, max_length, checkpoint, checkpoint_every,
-                  resume, eval_every, device, threads, save_dtype, gguf, outtype, force,
+                  resume, eval_every, device, threads, save_dtype, gguf, outtype, sidecar, force,
                   no_progress) -> None:
     """Train an Otter head on BASE (an HF model directory or a GGUF) with DATA.jsonl.
 
@@ -70,7 +71,7 @@ def train_command(base: Path, data: Path, out: Path, objective, eval_data, heldo
     with reported("train", TrainDataError, tr.TrainError, RefError, ConvertError, AdapterError):
         report = tr.train(base, data, out, settings, eval_data=eval_data, checkpoint=checkpoint, resume=resume,
                           force=force, device=device, threads=threads, gguf=gguf, outtype=outtype,
-                          progress=not no_progress)
+                          sidecar=sidecar, progress=not no_progress)
     metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in report["heldout"].items())
     click.echo(f"{out}: {report['objective']}, held-out {metrics or '(none)'}; "

@@ -9,8 +9,9 @@ with ``vocab_only=True``) and chat template, exactly as the runtime will
 tokenize it. Data: :mod:`otter_gguf.reference.data`; loop:
 :func:`otter_gguf.reference.training.fit`. The output adapter directory is
 written to a temporary sibling and renamed, so a failed run leaves nothing
-behind; ``gguf=`` also converts it to one Otter GGUF with ``otter-gguf
-convert``'s code.
+behind; ``gguf=`` also converts it with ``otter-gguf convert``'s code: to one
+Otter GGUF (base + head), or with ``sidecar=True`` to a head-only adapter GGUF
+that loads beside the base.
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def train(
     threads: int | None = None,
     gguf: str | os.PathLike | None = None,
     outtype: str = "q8_0",
+    sidecar: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -275,8 +277,8 @@ def train(
         from otter_gguf_converter import convert
 
         convert(out, base if is_gguf(base) else Path(base), Path(gguf), outtype=outtype, force=force,
-                progress=progress)
-        say(f"wrote {gguf} ({outtype})")
+                progress=progress, sidecar=sidecar)
+        say(f"wrote {gguf} ({outtype}{', head only: an adapter GGUF beside the base' if sidecar else ''})")
     return report
 
 
