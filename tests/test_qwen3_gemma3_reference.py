@@ -5,14 +5,13 @@ cache across gemma3's sliding window, insert_otter, and the adapter format of th
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import cached_base, cached_otter, rand_tokens
+from helpers import cached_base, cached_otter, rand_tokens, wide_forward
 
 from otter_gguf.format.adapter import AdapterError, load_adapter, open_adapter, save_adapter
 from otter_gguf.format.constants import BIAS, hf_name
@@ -48,132 +47,6 @@ def _edited_copy(tmp_path, src, **changes) -> Path:
     cfg.update(changes)
     (d / "config.json").write_text(json.dumps(cfg))
     return d
-
-
-# ------------------------------------------------------------------ oracle
-def wide_forward(base, config, ot, tokens):
-    """Spec §3's wide form with §5's variants, written independently of otter_gguf.reference.model: one
-    transformer of width d+d2, h+h2 heads and f+f2 FFN units, base weights zero-padded, every RMS statistic
-    of the residual width (pre-norms and sandwich norms) from the first d dims only, per-head Q/K norms
-    (side heads with their own weights), the embedding scale sqrt(d), gemma3's 1 + w norms, its attention
-    scale, per-layer window and RoPE base, tanh-GELU. Plain per-head loops, RoPE in closed form. tokens: [T]."""
-    dt = base.dtype
-    W = base.weights
-    raw = base.config.raw
-    arch = config.base_architecture
-    gemma = arch == "gemma3"
-    d, d2, hd = config.hidden_size, config.otter_hidden_size, config.head_dim
-    h, hkv = config.num_attention_heads, config.num_key_value_heads
-    h2, h2kv = config.otter_num_attention_heads, config.otter_num_key_value_heads
-    f = config.intermediate_size
-    eps = raw["rms_norm_eps"]
-    D = d + d2
-    T = tokens.shape[0]
-    B = "model.layers.{}."
-    S = "otter.layers.{}."
-
-    def z(*s):
-        return torch.zeros(*s, dtype=dt)
-
-    def widen_in(wb, ws, rows_b):
-        out = z(rows_b + ws.shape[0], D)
-        out[:rows_b, :d] = wb
-        out[rows_b:, :] = ws
-        return out
-
-    def widen_bias(bb, bs, nb, ns):
-        return torch.cat([bb if bb is not None else z(nb), bs if bs is not None else z(ns)])
-
-    def widen_out(wb, ws, cols_b):
-        out = z(D, ws.shape[1])
-        out[:d, :cols_b] = wb
-        out[d:, :] = ws
-        return out
-
-    def gw(w):  # the applied weight: HF Gemma3RMSNorm is x * (1 + w)
-        return 1 + w if gemma else w
-
-    def norm(zz, g):  # statistic from the first d dims only
-        r = torch.sqrt((zz[:, :d] ** 2).mean(-1, keepdim=True) + eps)
-        return zz / r * gw(g)
-
-    def head_norm(x, g):  # one head [T, hd]
-        return x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + eps) * gw(g)
-
-    types = raw.get("layer_types") or ["full_attention"] * config.num_hidden_layers
-    window = raw.get("sliding_window")
-    scale = raw["query_pre_attn_scalar"] ** -0.5 if gemma else 1 / math.sqrt(hd)
-
-    def rope_for(theta):
-        inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-        ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
-        cos, sin = torch.cos(ang).to(dt), torch.sin(ang).to(dt)
-
-        def rope(x):
-            a, b = x[:, : hd // 2], x[:, hd // 2:]
-            return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
-        return rope
-
-    ropes = {"full_attention": rope_for(raw["rope_theta"]),
-             "sliding_attention": rope_for(raw.get("rope_local_base_freq", 1.0))}
-
-    def kv_of(i):
-        return i // (h // hkv) if i < h else hkv + (i - h) // (h2 // h2kv)
-
-    def act(x):
-        if gemma:
-            return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-        return x * torch.sigmoid(x)
-
-    emb = torch.cat([W["model.embed_tokens.weight"][tokens], ot[hf_name(OT.TOKEN_EMBD)][tokens]], dim=-1)
-    zz = emb * torch.tensor(math.sqrt(d), dtype=dt) if gemma else emb
-    qpos = torch.arange(T)[:, None]
-    kpos = torch.arange(T)[None, :]
-    for l in range(config.num_hidden_layers):
-        p, q = B.format(l), S.format(l)
-        mask = kpos > qpos
-        if types[l] == "sliding_attention":
-            mask = mask | (qpos - kpos >= window)
-        rope = ropes[types[l]]
-        zn = norm(zz, torch.cat([W[p + "input_layernorm.weight"], ot[q + "input_layernorm.weight"]]))
-        proj = {}
-        for x, nb, ns in (("q", h * hd, h2 * hd), ("k", hkv * hd, h2kv * hd), ("v", hkv * hd, h2kv * hd)):
-            proj[x] = zn @ widen_in(W[p + f"self_attn.{x}_proj.weight"], ot[q + f"self_attn.{x}_proj.weight"], nb).T \
-                + widen_bias(W.get(p + f"self_attn.{x}_proj.bias"), ot.get(q + f"self_attn.{x}_proj.bias"), nb, ns)
-        heads = []
-        for i in range(h + h2):
-            j = kv_of(i)
-            src_q, src_k = (p, p) if i < h else (q, q)
-            if j < hkv:
-                src_k = p
-            qi = head_norm(proj["q"][:, i * hd:(i + 1) * hd], (W if i < h else ot)[src_q + "self_attn.q_norm.weight"])
-            kj = head_norm(proj["k"][:, j * hd:(j + 1) * hd], (W if j < hkv else ot)[src_k + "self_attn.k_norm.weight"])
-            sc = (rope(qi) @ rope(kj).T) * scale
-            sc = sc.masked_fill(mask, float("-inf"))
-            heads.append(torch.softmax(sc, dim=-1) @ proj["v"][:, j * hd:(j + 1) * hd])
-        A = torch.cat(heads, dim=-1)
-        o = A @ widen_out(W[p + "self_attn.o_proj.weight"], ot[q + "self_attn.o_proj.weight"], h * hd).T
-        if gemma:
-            o = norm(o, torch.cat([W[p + "post_attention_layernorm.weight"], ot[q + "post_attention_layernorm.weight"]]))
-            pre_ffn = "pre_feedforward_layernorm.weight"
-        else:
-            pre_ffn = "post_attention_layernorm.weight"
-        zz = zz + o
-        zn = norm(zz, torch.cat([W[p + pre_ffn], ot[q + pre_ffn]]))
-        G = zn @ widen_in(W[p + "mlp.gate_proj.weight"], ot[q + "mlp.gate_proj.weight"], f).T
-        U = zn @ widen_in(W[p + "mlp.up_proj.weight"], ot[q + "mlp.up_proj.weight"], f).T
-        o = (act(G) * U) @ widen_out(W[p + "mlp.down_proj.weight"], ot[q + "mlp.down_proj.weight"], f).T
-        if gemma:
-            o = norm(o, torch.cat([W[p + "post_feedforward_layernorm.weight"],
-                                   ot[q + "post_feedforward_layernorm.weight"]]))
-        zz = zz + o
-    zn = norm(zz, torch.cat([W["model.norm.weight"], ot[hf_name(OT.OUTPUT_NORM)]]))
-    lm = W.get("lm_head.weight", W["model.embed_tokens.weight"])
-    logits = zn @ torch.cat([lm, z(lm.shape[0], d2)], dim=1).T
-    signals = zn @ ot[hf_name(OT.HEAD)].T
-    if hf_name(OT.HEAD, suffix=BIAS) in ot:
-        signals = signals + ot[hf_name(OT.HEAD, suffix=BIAS)]
-    return logits, signals
 
 
 # ------------------------------------------------------- base vs transformers

@@ -4,14 +4,13 @@ independently built wide-form oracle, KV cache, batching, float64, copy init."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import cached_base, cached_otter, rand_tokens
+from helpers import cached_base, cached_otter, rand_tokens, wide_forward
 
 from otter_gguf.format.adapter import AdapterError, load_adapter
 from otter_gguf.format.constants import BIAS, HeadKind, hf_name
@@ -38,92 +37,6 @@ def otter_case(request, tiny_llama_dir, tiny_qwen2_dir, adapter_reward1_dir, ada
         "qwen2": (tiny_qwen2_dir, qwen2_adapter_dir),
     }[request.param]
     return request.param, base_dir, ad
-
-
-# ------------------------------------------------------------------ oracle
-def wide_forward(base, config, ot, tokens):
-    """Spec §3's *wide* form, written independently of otter_gguf.reference.model:
-    one transformer of width d+d2 with h+h2 heads and f+f2 FFN units, base
-    weights zero-padded, RMS statistic from the first d dims only. Plain
-    per-head loops, RoPE from the closed form. tokens: [T]."""
-    dt = base.dtype
-    W = base.weights
-    bc = base.config
-    d, d2, hd = config.hidden_size, config.otter_hidden_size, config.head_dim
-    h, hkv = config.num_attention_heads, config.num_key_value_heads
-    h2, h2kv = config.otter_num_attention_heads, config.otter_num_key_value_heads
-    f = config.intermediate_size
-    D = d + d2
-    T = tokens.shape[0]
-
-    def z(*s):
-        return torch.zeros(*s, dtype=dt)
-
-    def widen_in(wb, ws, rows_b):  # rows reading the input [d | d2]
-        out = z(rows_b + ws.shape[0], D)
-        out[:rows_b, :d] = wb
-        out[rows_b:, :] = ws
-        return out
-
-    def widen_bias(bb, bs, nb, ns):
-        return torch.cat([bb if bb is not None else z(nb), bs if bs is not None else z(ns)])
-
-    def widen_out(wb, ws, cols_b):  # [D, cols_b + cols_s]
-        out = z(D, ws.shape[1])
-        out[:d, :cols_b] = wb
-        out[d:, :] = ws
-        return out
-
-    def norm(zz, g):
-        r = torch.sqrt((zz[:, :d] ** 2).mean(-1, keepdim=True) + bc.rms_norm_eps)
-        return zz / r * g
-
-    # RoPE, closed form, in float64
-    inv = bc.rope_inv_freq(torch.float64)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
-    cos, sin = torch.cos(ang).to(dt), torch.sin(ang).to(dt)
-
-    def rope(x):  # [T, hd]
-        a, b = x[:, : hd // 2], x[:, hd // 2:]
-        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
-
-    def kv_of(i):
-        return i // (h // hkv) if i < h else hkv + (i - h) // (h2 // h2kv)
-
-    zz = torch.cat([W["model.embed_tokens.weight"][tokens], ot[hf_name(OT.TOKEN_EMBD)][tokens]], dim=-1)
-    mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
-    for l in range(config.num_hidden_layers):
-        p, q = f"model.layers.{l}.", f"otter.layers.{l}."
-        zn = norm(zz, torch.cat([W[p + "input_layernorm.weight"], ot[q + "input_layernorm.weight"]]))
-        Q = zn @ widen_in(W[p + "self_attn.q_proj.weight"], ot[q + "self_attn.q_proj.weight"], h * hd).T \
-            + widen_bias(W.get(p + "self_attn.q_proj.bias"), ot.get(q + "self_attn.q_proj.bias"), h * hd, h2 * hd)
-        K = zn @ widen_in(W[p + "self_attn.k_proj.weight"], ot[q + "self_attn.k_proj.weight"], hkv * hd).T \
-            + widen_bias(W.get(p + "self_attn.k_proj.bias"), ot.get(q + "self_attn.k_proj.bias"), hkv * hd, h2kv * hd)
-        Vv = zn @ widen_in(W[p + "self_attn.v_proj.weight"], ot[q + "self_attn.v_proj.weight"], hkv * hd).T \
-            + widen_bias(W.get(p + "self_attn.v_proj.bias"), ot.get(q + "self_attn.v_proj.bias"), hkv * hd, h2kv * hd)
-        heads = []
-        for i in range(h + h2):
-            j = kv_of(i)
-            qi = rope(Q[:, i * hd:(i + 1) * hd])
-            kj = rope(K[:, j * hd:(j + 1) * hd])
-            vj = Vv[:, j * hd:(j + 1) * hd]
-            sc = (qi @ kj.T) / math.sqrt(hd)
-            sc = sc.masked_fill(mask, float("-inf"))
-            heads.append(torch.softmax(sc, dim=-1) @ vj)
-        A = torch.cat(heads, dim=-1)
-        zz = zz + A @ widen_out(W[p + "self_attn.o_proj.weight"], ot[q + "self_attn.o_proj.weight"], h * hd).T
-        zn = norm(zz, torch.cat([W[p + "post_attention_layernorm.weight"], ot[q + "post_attention_layernorm.weight"]]))
-        G = zn @ widen_in(W[p + "mlp.gate_proj.weight"], ot[q + "mlp.gate_proj.weight"], f).T
-        U = zn @ widen_in(W[p + "mlp.up_proj.weight"], ot[q + "mlp.up_proj.weight"], f).T
-        M = G * torch.sigmoid(G) * U
-        zz = zz + M @ widen_out(W[p + "mlp.down_proj.weight"], ot[q + "mlp.down_proj.weight"], f).T
-    zn = norm(zz, torch.cat([W["model.norm.weight"], ot[hf_name(OT.OUTPUT_NORM)]]))
-    lm = torch.cat([W["lm_head.weight"], z(W["lm_head.weight"].shape[0], d2)], dim=1)
-    logits = zn @ lm.T
-    signals = zn @ ot[hf_name(OT.HEAD)].T
-    if hf_name(OT.HEAD, suffix=BIAS) in ot:
-        signals = signals + ot[hf_name(OT.HEAD, suffix=BIAS)]
-    return logits, signals
 
 
 # ------------------------------------------------------- base vs transformers
