@@ -13,11 +13,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 from safetensors.numpy import load_file
 
-from otter_gguf.format.adapter import AdapterError, load_adapter, open_adapter, save_adapter
+from otter_gguf.format.adapter import AdapterError, open_adapter
 from otter_gguf.format.constants import ARCH_FINGERPRINT_KEYS, NORM_TENSORS, Keys, gguf_tensor_name, parse_gguf_name
 from otter_gguf_converter import qtypes
 from otter_gguf_converter.convert import convert
-from otter_gguf_converter.errors import ConvertError
 
 pytestmark = pytest.mark.unit
 

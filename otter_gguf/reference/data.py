@@ -23,7 +23,6 @@ import math
 import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = [
