@@ -49,22 +49,7 @@ def _edited_copy(tmp_path, src, **changes) -> Path:
     return d
 
 
-# ------------------------------------------------------- base vs transformers
-def test_base_matches_transformers(case):
-    arch, path, _ = case
-    hf = _hf(arch, path)
-    base = cached_base(path)
-    assert base.config.architecture == arch
-    toks = rand_tokens(2, 40, seed=1)
-    with torch.no_grad():
-        ref = hf(toks).logits
-    got = base(toks)
-    assert got.shape == (2, 40, 512)
-    err = (got - ref).abs().max().item()
-    assert err <= 1e-5, err
-    assert ref.std() > 0.5
-
-
+# ---------------------- base vs transformers (test_base_matches_transformers in test_reference.py)
 def test_gemma3_config_read_like_transformers(tiny_gemma3_dir):
     """The fixture's settings, and transformers' own (v5, nested rope_parameters) form of the same config."""
     c = cached_base(tiny_gemma3_dir).config

@@ -40,11 +40,12 @@ def otter_case(request, tiny_llama_dir, tiny_qwen2_dir, adapter_reward1_dir, ada
 
 
 # ------------------------------------------------------- base vs transformers
-@pytest.mark.parametrize("which", ["llama", "qwen2"])
-def test_base_matches_transformers(which, tiny_llama_dir, tiny_qwen2_dir):
+@pytest.mark.parametrize("which", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_base_matches_transformers(which, request):
     transformers = pytest.importorskip("transformers")
-    path = tiny_llama_dir if which == "llama" else tiny_qwen2_dir
-    cls = transformers.LlamaForCausalLM if which == "llama" else transformers.Qwen2ForCausalLM
+    path = request.getfixturevalue(f"tiny_{which}_dir")
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "qwen3": transformers.Qwen3ForCausalLM, "gemma3": transformers.Gemma3ForCausalLM}[which]
     hf = cls.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
     base = cached_base(path)
     assert base.config.architecture == which
