@@ -19,8 +19,8 @@ from gguf import GGUFReader, GGUFValueType
 
 from otter_gguf.format.config import AdapterError, OtterConfig
 from otter_gguf.format.constants import (
-    ADAPTER_TYPE_OTTER, ALL_KEYS, FINGERPRINT_KEYS, GENERAL_TYPE_ADAPTER, KEY_PREFIX, SUPPORTED_ARCHITECTURES, Keys,
-    SidecarKeys, gguf_tensor_name, is_otter_tensor,
+    ADAPTER_TYPE_OTTER, ALL_KEYS, ARCH_FINGERPRINT_KEYS, FINGERPRINT_KEYS, GENERAL_TYPE_ADAPTER, KEY_PREFIX,
+    SUPPORTED_ARCHITECTURES, Keys, SidecarKeys, arch_keys, gguf_tensor_name, is_otter_tensor,
 )
 from otter_gguf_converter import gguf_io
 from otter_gguf_converter.convert import (
@@ -28,11 +28,14 @@ from otter_gguf_converter.convert import (
 )
 from otter_gguf_converter.errors import ConvertError
 
-# the GGUF type of every otter.* key (docs/FORMAT.md "Metadata")
+# the GGUF type of every otter.* key (docs/FORMAT.md "Metadata"): (type,) or (ARRAY, item type); the
+# architecture-specific fingerprint keys with the types the converter writes (gguf_io.ARCH_FINGERPRINT_TYPES)
 _U32, _U64, _STR, _ARR = GGUFValueType.UINT32, GGUFValueType.UINT64, GGUFValueType.STRING, GGUFValueType.ARRAY
-KEY_TYPES: dict[str, GGUFValueType] = {k: _U32 for k in ALL_KEYS}
-KEY_TYPES.update({Keys.BASE_MODEL: _STR, Keys.Head.KIND: _STR, Keys.Head.SIGNAL_NAMES: _ARR,
-                  Keys.Base.ARCHITECTURE: _STR, Keys.Base.VOCAB_HASH: _U64})
+KEY_TYPES: dict[str, tuple[GGUFValueType, ...]] = {k: (_U32,) for k in ALL_KEYS}
+KEY_TYPES.update({Keys.BASE_MODEL: (_STR,), Keys.Head.KIND: (_STR,), Keys.Head.SIGNAL_NAMES: (_ARR, _STR),
+                  Keys.Base.ARCHITECTURE: (_STR,), Keys.Base.VOCAB_HASH: (_U64,)})
+KEY_TYPES.update({k: (t if isinstance(t, tuple) else (t,)) for k, t in gguf_io.ARCH_FINGERPRINT_TYPES.items()})
+assert set(KEY_TYPES) == set(ALL_KEYS).union(*ARCH_FINGERPRINT_KEYS.values())
 
 # the loader's bounds (docs/RUNTIME.md "Loading and validation")
 _BOUNDS = {Keys.EMBEDDING_LENGTH: 1 << 20, Keys.Attention.HEAD_COUNT: 4096, Keys.FEED_FORWARD_LENGTH: 1 << 22,
@@ -45,22 +48,34 @@ def _is_matrix_type(qt) -> bool:
     return qt in _FLOAT_TYPES or qt.name.startswith(("Q", "IQ", "TQ", "MXFP"))
 
 
-def otter_metadata(reader: GGUFReader, where: str) -> dict[str, Any]:
-    """The ``otter.*`` values of a GGUF, each checked for presence and GGUF type."""
+def _type_name(types) -> str:
+    return "array of " + types[1].name.lower() if types[0] == _ARR else types[0].name.lower()
+
+
+def otter_metadata(reader: GGUFReader, where: str, arch: str) -> dict[str, Any]:
+    """The ``otter.*`` values of a GGUF on a base of architecture ``arch`` (its keys: ``arch_keys(arch)``),
+    each checked for presence and GGUF type."""
     meta: dict[str, Any] = {}
-    for key in ALL_KEYS:
+    for key in arch_keys(arch):
         f = reader.fields.get(key)
         if f is None:
-            raise ConvertError(f"{where}: metadata key {key} is missing")
+            raise ConvertError(f"{where}: metadata key {key} is missing"
+                               + (f" (a key of every Otter GGUF on a {arch} base)" if key not in ALL_KEYS else ""))
         want = KEY_TYPES[key]
-        if f.types[:1] != [want] or (want == _ARR and len(f.types) > 1 and f.types[1] != _STR):
+        # an empty array may carry no item type
+        if f.types[:1] != [want[0]] or (want[0] == _ARR and len(f.types) > 1 and f.types[1] != want[1]):
             got = "/".join(t.name.lower() for t in f.types) or "?"
-            raise ConvertError(f"{where}: metadata key {key} has GGUF type {got}, expected "
-                               f"{'array of string' if want == _ARR else want.name.lower()}")
+            raise ConvertError(f"{where}: metadata key {key} has GGUF type {got}, expected {_type_name(want)}")
         meta[key] = gguf_io.field_value(reader, key)
-    extra = [k for k in gguf_io.kv_keys(reader) if k.startswith(KEY_PREFIX) and k not in KEY_TYPES]
+    extra = [k for k in gguf_io.kv_keys(reader) if k.startswith(KEY_PREFIX) and k not in meta]
     if extra:
-        raise ConvertError(f"{where}: unknown Otter metadata key(s): {', '.join(extra)}")
+        other = [k for k in extra if k in KEY_TYPES]
+        raise ConvertError(f"{where}: unknown Otter metadata key(s): {', '.join(extra)}"
+                           + (f" ({', '.join(other)}: not a key of an Otter GGUF on a {arch} base)" if other else ""))
+    pattern = meta.get(Keys.Base.SLIDING_WINDOW_PATTERN)
+    if pattern is not None and len(pattern) != meta[Keys.Base.BLOCK_COUNT]:
+        raise ConvertError(f"{where}: {Keys.Base.SLIDING_WINDOW_PATTERN} has {len(pattern)} entries, "
+                           f"{Keys.Base.BLOCK_COUNT} is {meta[Keys.Base.BLOCK_COUNT]} (one per layer)")
     for key, hi in _BOUNDS.items():
         if not 1 <= meta[key] <= hi:
             raise ConvertError(f"{where}: {key} = {meta[key]} is out of range [1, {hi}]")
@@ -90,8 +105,9 @@ def otter_config(meta: dict[str, Any], where: str) -> OtterConfig:
 def check_otter_tensors(reader: GGUFReader, cfg: OtterConfig, where: str) -> None:
     """The Otter tensors of a GGUF are exactly the ones ``cfg`` needs (optional biases allowed),
     each with its shape (ggml order) and an allowed type (1-D: f32)."""
-    want = {gguf_tensor_name(n): tuple(reversed(s)) for n, s in cfg.required_tensor_shapes().items()}
-    optional = {gguf_tensor_name(n): tuple(reversed(s)) for n, s in cfg.optional_tensor_shapes().items()}
+    arch = cfg.base_architecture  # its adapter names (gemma3: post_attention_layernorm is the sandwich norm)
+    want = {gguf_tensor_name(n, arch): tuple(reversed(s)) for n, s in cfg.required_tensor_shapes().items()}
+    optional = {gguf_tensor_name(n, arch): tuple(reversed(s)) for n, s in cfg.optional_tensor_shapes().items()}
     have = {t.name: t for t in reader.tensors if is_otter_tensor(t.name)}
     missing = [n for n in want if n not in have]
     if missing:
@@ -131,15 +147,25 @@ class Sidecar:
 
     @property
     def fingerprint(self) -> dict[str, Any]:
+        """The fingerprint every Otter GGUF has (FINGERPRINT_KEYS)."""
         return {k: self.metadata[k] for k in FINGERPRINT_KEYS}
 
+    @property
+    def arch_fingerprint(self) -> dict[str, Any]:
+        """The base architecture's own fingerprint values (ARCH_FINGERPRINT_KEYS, e.g. gemma3's window)."""
+        return {k: self.metadata[k] for k in ARCH_FINGERPRINT_KEYS.get(self.architecture, {})}
+
     def check_base(self, info: gguf_io.BaseInfo) -> None:
-        """ConvertError naming every fingerprint value that differs from the base's."""
+        """ConvertError naming every fingerprint value that differs from the base's (the architecture's own
+        keys included, as the base's llama.cpp hparams have them)."""
         base = {"architecture": info.architecture, "embedding_length": info.d, "block_count": info.n_layer,
                 "head_count": info.h, "head_count_kv": info.h_kv, "key_length": info.hd,
                 "feed_forward_length": info.f, "vocab_size": info.vocab_size, "vocab_hash": info.vocab_hash}
         bad = [f"{k} = {self.metadata[k]!r}, base has {base[b]!r}" for k, b in FINGERPRINT_KEYS.items()
                if self.metadata[k] != base[b]]
+        if not bad:  # same architecture: the same architecture-specific keys
+            bad = [f"{k} = {v!r}, base has {info.arch_fingerprint.get(k)!r}" for k, v in self.arch_fingerprint.items()
+                   if v != info.arch_fingerprint.get(k)]
         if bad:
             raise ConvertError(f"head {self.path} was made for another base than {info.path} "
                                f"(fingerprint mismatch: {'; '.join(bad)})")
@@ -174,7 +200,7 @@ def read_sidecar(path, what: str = "head") -> Sidecar:
     base_t = [t.name for t in reader.tensors if not is_otter_tensor(t.name)]
     if base_t:
         raise ConvertError(f"{where}: an adapter GGUF holds only Otter tensors, found {base_t[0]}")
-    meta = otter_metadata(reader, where)
+    meta = otter_metadata(reader, where, arch)
     if meta[Keys.Base.ARCHITECTURE] != arch:
         raise ConvertError(f"{where}: {Keys.Base.ARCHITECTURE} = {meta[Keys.Base.ARCHITECTURE]!r} but "
                            f"{SidecarKeys.ARCHITECTURE} = {arch!r}")
@@ -200,7 +226,7 @@ def split(model, base_out, head_out, *, name: str | None = None, force: bool = F
     if Keys.VERSION not in reader.fields:
         raise ConvertError(f"{where} has no Otter head (no {Keys.VERSION}): nothing to split")
     info = gguf_io.base_info(reader, str(model))
-    meta = otter_metadata(reader, where)
+    meta = otter_metadata(reader, where, info.architecture)
     cfg = otter_config(meta, where)
     check_otter_tensors(reader, cfg, where)
     Sidecar(str(model), reader, None, info.architecture, meta, cfg).check_base(info)
