@@ -328,5 +328,5 @@ def score_command(model, text, tokens_s, as_json, heads, ctx_size, threads, batc
         return
     click.echo(f"{'pos':>5} {'id':>7} " + " ".join(f"{n[:12]:>12}" for n in res.signal_names) + "  token")
     for j, (t, txt) in enumerate(zip(res.tokens, res.token_texts)):
-        click.echo(f"{j:>5} {t:>7} " + " ".join(f"{float(v):12.4f}" for v in res.signals[j])
+        click.echo(f"{j:>5} {t:>7} " + " ".join(f"{float(v):12.4f}" for v in res.values[j])
                    + f"  {json.dumps(txt)}")

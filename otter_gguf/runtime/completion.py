@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 
 from otter_gguf.runtime.guidance import ResolvedGuidance
-from otter_gguf.runtime.signals import SignalStore
+from otter_gguf.runtime.signals import MIXED, SignalStore
 
 __all__ = ["CompletionRun", "CompletionAssembler", "record"]
 
@@ -85,6 +85,9 @@ class CompletionAssembler:
 
     def __init__(self, store: SignalStore, *, head_kind: Optional[str], signal_names: Sequence[str],
                  detokenize: Callable[..., bytes], is_eog: Callable[[int], bool]):
+        if head_kind == MIXED and store.layout is None:
+            raise ValueError("several Otter heads with a token_reward head among them: the SignalStore needs "
+                             "their SignalLayout (SignalStore(..., layout=SignalLayout.of(llm.otter_heads)))")
         self.store = store
         self.head_kind = head_kind
         self.signal_names = list(signal_names)
@@ -126,7 +129,13 @@ class CompletionAssembler:
             "head_kind": self.head_kind,
             "signal_names": list(self.signal_names),
         }
-        if st.token_head:
+        if st.layout is not None:  # several heads, a token_reward head among them: the named values
+            rows = [_floats(st.named(p)) for p in pos]
+            block["signals"] = rows
+            block["rewards"] = [None if r is None else dict(zip(self.signal_names, r)) for r in rows]
+            if run.full_signals:
+                block["signal_rows"] = [_floats(st.get(p)) for p in pos]
+        elif st.token_head:
             block["token_rewards"] = [st.token_reward(p) for p in pos]
             block["signals"] = [_floats(st.get(p)) for p in pos] if run.full_signals else None
         else:

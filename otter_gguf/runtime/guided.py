@@ -8,7 +8,11 @@ this module runs them during generation:
   position;
 * :func:`generate_batched`: scalar ``reward`` heads, ARGS with the ``top_k``
   candidates decoded as ``top_k`` parallel sequences (1..k, sharing the prefix
-  of sequence 0) in ONE ``llama_batch`` per step.
+  of sequence 0) in ONE ``llama_batch`` per step;
+* :func:`resolve_heads` / :class:`HeadsGuidance`: guidance of a ``"mixed"``
+  context (several heads, a token_reward head among them): a candidate's reward
+  is ``sum coef * signal`` over the named signals, a token_reward head's signal
+  being its row at the last fed position read at the candidate's id.
 
 llama_cpp is imported only when batched guidance runs.
 """
@@ -16,12 +20,15 @@ llama_cpp is imported only when batched guidance runs.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass, field
 from typing import Any, Callable, List
 
 import numpy as np
 
 from otter_gguf.runtime.completion import CompletionRun
+from otter_gguf.format.constants import HeadKind
 from otter_gguf.runtime.guidance import (
+    Guidance,
     ResolvedGuidance,
     args_pick,
     args_scores,
@@ -29,9 +36,68 @@ from otter_gguf.runtime.guidance import (
     token_args_logits,
     top_k_ids,
 )
-from otter_gguf.runtime.signals import SignalStore
+from otter_gguf.runtime.signals import SignalLayout, SignalStore
 
-__all__ = ["token_processor", "prepare_prompt", "generate_batched"]
+__all__ = ["token_processor", "prepare_prompt", "generate_batched", "HeadsGuidance", "resolve_heads"]
+
+
+@dataclass
+class HeadsGuidance(ResolvedGuidance):
+    """A :class:`~otter_gguf.runtime.guidance.Guidance` checked against a ``"mixed"`` context's heads.
+
+    ``coef`` (``[n_out]``, zero on token_reward columns) weighs the reward heads' signals of a
+    candidate at its own position, None when ``signal`` names none (then one pass per step,
+    ``head_kind == "token_reward"``); ``token_coef`` lists ``(offset, n_vocab, coefficient)`` of the
+    token_reward heads it names: their rows at the last fed position, read at the candidate's id.
+    """
+
+    token_coef: List[tuple] = field(default_factory=list)
+
+    def token_vector(self, row: np.ndarray) -> np.ndarray:
+        """``[n_vocab]``: ``sum coefficient * row[offset: offset + n_vocab]`` over the named token_reward heads."""
+        row = np.asarray(row, dtype=np.float32)
+        if len(self.token_coef) == 1 and self.token_coef[0][2] == 1.0:
+            off, n, _ = self.token_coef[0]
+            return row[off: off + n]
+        out = np.zeros(self.token_coef[0][1], dtype=np.float64)
+        for off, n, c in self.token_coef:
+            out += c * row[off: off + n].astype(np.float64)
+        return out
+
+
+def resolve_heads(g: Guidance, layout: SignalLayout, n_vocab: int) -> HeadsGuidance:
+    """``g`` checked against a ``"mixed"`` context's heads (ValueError if it does not apply)."""
+    names = layout.names
+    if g.signal is None:
+        raise ValueError(f"this context runs {len(layout.heads)} Otter heads (signals: {', '.join(names)}); "
+                         f"choose one with signal='name' or combine them with signal={{'name': coefficient, ...}}")
+    spec = {g.signal: 1.0} if isinstance(g.signal, str) else dict(g.signal)
+    coef = np.zeros(layout.n_out, dtype=np.float64)
+    token_coef, scalar = [], []
+    for name, c in spec.items():
+        if name not in names:
+            raise ValueError(f"unknown signal name {name!r}; the signals of these heads are: {', '.join(names)}")
+        k = names.index(name)
+        if layout.cols[k] >= 0:
+            coef[layout.cols[k]] += c
+            scalar.append(name)
+            continue
+        _, off, n = next(t for t in layout.token_heads if t[0] == k)
+        if n != n_vocab:
+            raise ValueError(f"token_reward head {name!r} has n_out={n} but the vocabulary has {n_vocab} tokens")
+        token_coef.append((off, n, c))
+    if scalar and g.mode != "args":
+        raise ValueError(f"guidance mode {g.mode!r} shifts every token's logit by a per-token reward; "
+                         f"{', '.join(map(repr, scalar))} {'is a scalar signal' if len(scalar) == 1 else 'are scalar signals'} "
+                         f"of a reward head (one value per fed token, known only for scored candidates): "
+                         f"use mode='args', or name only token_reward signals")
+    kind = HeadKind.REWARD.value if scalar else HeadKind.TOKEN_REWARD.value
+    return HeadsGuidance(g, kind, coef if scalar else None, token_coef=token_coef)
+
+
+def _candidate_row(g: ResolvedGuidance, row: np.ndarray) -> np.ndarray:
+    """The per-candidate reward vector of a token_reward guidance from a signal row."""
+    return g.token_vector(row) if isinstance(g, HeadsGuidance) else row
 
 
 def token_processor(g: ResolvedGuidance, run: CompletionRun, store: SignalStore,
@@ -48,6 +114,7 @@ def token_processor(g: ResolvedGuidance, run: CompletionRun, store: SignalStore,
             # exceptions do not cross the ctypes sampler callback: report after sampling
             run.error = RuntimeError(f"no Otter signal row for position {p} while guiding")
             return scores
+        row = _candidate_row(g, row)
         if g.mode == "dexperts":
             return dexperts_logits(scores, row, g.weight)
         return token_args_logits(scores, row, g.weight, g.top_k, trace=trace)
@@ -127,6 +194,11 @@ def generate_batched(llm: Any, tokens: List[int], g: ResolvedGuidance, run: Comp
             sig = np.stack([llm._otter_src.read_row(j, lambda t=t: prefix + [t])
                             for j, t in enumerate(ids.tolist())]).astype(np.float32)
             rewards = g.reward(sig)
+            if isinstance(g, HeadsGuidance) and g.token_coef:
+                prev = st.get(n - 1)
+                if prev is None:
+                    raise RuntimeError(f"no Otter signal row for position {n - 1} while guiding")
+                rewards = rewards + g.token_vector(prev)[ids].astype(np.float64)
             scores = args_scores(cur[ids], rewards, g.weight)
             j = args_pick(scores, temp, rng)
             tok = int(ids[j])
@@ -139,6 +211,7 @@ def generate_batched(llm: Any, tokens: List[int], g: ResolvedGuidance, run: Comp
             if llm._logits_all:
                 llm.scores[n, :] = new_logits
             st.truncate(n)
+            st.note_token(n, tok)
             st.put(n, sig[j])
             if chain is not None:
                 llama_cpp.llama_sampler_accept(chain.sampler, tok)

@@ -75,7 +75,9 @@ class OtterLlama(Llama):
         "Adapter GGUF") to run beside the model's own head if it has one: a list
         of paths (a head is named by its ``general.name``, else its file stem) or
         a ``{name: path}`` dict. With several heads the signals are named
-        ``head/signal`` and concatenated head by head.
+        ``head/signal`` and concatenated head by head; a token_reward head among several
+        contributes its per-candidate row and the one name ``head/token_reward`` (its reward
+        of each fed token), and ``head_kind`` is then ``"mixed"`` (docs/API.md).
     """
 
     def __init__(
@@ -135,7 +137,8 @@ class OtterLlama(Llama):
                                      model_head_name=os.path.splitext(os.path.basename(model_path))[0])
         if self._otter_src.has_otter:
             self._otter_store = SignalStore(len(self.input_ids), self._otter_src.n_out,
-                                            self._otter_src.head_kind == "token_reward")
+                                            self._otter_src.head_kind == "token_reward",
+                                            layout=self._otter_src.layout)
             me = weakref.proxy(self)  # no reference cycle: the model is freed as soon as it is dropped
             self._otter_blocks = CompletionAssembler(
                 self._otter_store, head_kind=self.head_kind, signal_names=self.signal_names,
@@ -221,12 +224,14 @@ class OtterLlama(Llama):
 
     @property
     def head_kind(self) -> Optional[str]:
-        """``"reward"`` / ``"token_reward"`` (None without an Otter head)."""
+        """``"reward"`` / ``"token_reward"``; ``"mixed"`` for several heads with a token_reward head
+        among them (None without an Otter head)."""
         return self._otter_src.head_kind if self.has_otter else None
 
     @property
     def signal_names(self) -> List[str]:
-        """Names of a reward head's signals (empty for token_reward / no head)."""
+        """Names of a reward head's signals (empty for one token_reward head / no head); ``head/signal``
+        with several heads (a token_reward head's: ``head/token_reward``)."""
         return list(self._otter_src.signal_names) if self.has_otter else []
 
     @property
@@ -280,8 +285,11 @@ class OtterLlama(Llama):
         if g is None:
             return None
         self._require_otter("guidance")
-        r = g.resolve(head_kind=self.head_kind, n_out=self.n_out, signal_names=self.signal_names,
-                      n_vocab=self._n_vocab)
+        if self._otter_src.layout is not None:  # several heads, a token_reward head among them
+            r = guided.resolve_heads(g, self._otter_src.layout, self._n_vocab)
+        else:
+            r = g.resolve(head_kind=self.head_kind, n_out=self.n_out, signal_names=self.signal_names,
+                          n_vocab=self._n_vocab)
         if self.draft_model is not None:
             raise ValueError("guidance cannot be combined with a draft_model (speculative decoding)")
         if r.batched:
@@ -359,7 +367,7 @@ class OtterLlama(Llama):
         run.prompt_len = len(tokens)
         run.generated = []
         g = run.guidance
-        if self._otter_store.token_head and self.otter_full_signals:
+        if self._otter_store.has_token_heads and self.otter_full_signals:
             self._otter_store.keep_from = max(0, len(tokens) - 1)
         else:
             self._otter_store.keep_from = None

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from otter_gguf.runtime.signals import MIXED, SignalLayout
+
 __all__ = ["OtterScore", "score", "token_ids", "check_tokens"]
 
 
@@ -23,7 +25,10 @@ class OtterScore:
     """Per-token Otter signals of a given token sequence (no sampling).
 
     ``signals[j]`` is the signal at position ``j``: the head's output on the
-    hidden state after consuming ``tokens[j]`` (spec §3).
+    hidden state after consuming ``tokens[j]`` (spec §3); with several heads
+    their rows concatenated head by head. ``layout``: a ``"mixed"`` context's
+    (several heads, a token_reward head among them), where ``signal_names`` name
+    :attr:`values`' columns rather than ``signals``'.
     """
 
     tokens: List[int]
@@ -31,24 +36,51 @@ class OtterScore:
     signal_names: List[str]
     head_kind: str
     token_texts: List[str] = field(default_factory=list)
+    layout: Optional[SignalLayout] = None
+
+    def __post_init__(self) -> None:
+        if self.head_kind == MIXED and self.layout is None:
+            raise ValueError("OtterScore of several heads with a token_reward head among them needs their "
+                             "SignalLayout (layout=SignalLayout.of(llm.otter_heads))")
+
+    @property
+    def values(self) -> np.ndarray:
+        """``[len(tokens), len(signal_names)]``: the value of each named signal per token (a
+        token_reward head's: its token reward, NaN at j == 0). ``signals`` itself for one head or
+        several reward heads."""
+        if self.layout is None:
+            return self.signals
+        return self.layout.values(self.signals, self.tokens)
 
     @property
     def rewards(self) -> Dict[str, np.ndarray]:
-        """reward heads: ``{name: [len(tokens)] values}``."""
-        return {n: self.signals[:, i] for i, n in enumerate(self.signal_names)}
+        """reward heads (and several heads): ``{name: [len(tokens)] values}``."""
+        v = self.values if self.layout is not None else self.signals
+        return {n: v[:, i] for i, n in enumerate(self.signal_names)}
 
     @property
     def token_rewards(self) -> np.ndarray:
-        """token_reward heads: ``signals[j - 1][tokens[j]]`` (NaN for j == 0)."""
+        """token_reward heads: ``signals[j - 1][tokens[j]]`` (NaN for j == 0); with several heads,
+        the one token_reward head's (ValueError when there are several)."""
+        if self.layout is not None:
+            th = self.layout.token_heads
+            if len(th) != 1:
+                raise ValueError(f"{len(th)} token_reward heads: use rewards['<head>/token_reward']")
+            return self.values[:, th[0][0]]
         out = np.full(len(self.tokens), np.nan, dtype=np.float32)
         for j in range(1, len(self.tokens)):
             out[j] = self.signals[j - 1, self.tokens[j]]
         return out
 
     def to_dict(self) -> dict:
-        """``{"tokens": [...], "signals": [[n_out] per token], "signal_names": [...]}``"""
+        """``{"tokens": [...], "signals": [[n_out] per token], "signal_names": [...]}``; for a
+        ``"mixed"`` context ``signals`` holds :attr:`values` (one value per name, null where none)."""
+        sig = self.signals if self.layout is None else self.values
+        rows = sig.astype(float).tolist()
+        if self.layout is not None:
+            rows = [[None if v != v else v for v in r] for r in rows]
         return {"tokens": [int(t) for t in self.tokens],
-                "signals": self.signals.astype(float).tolist(),
+                "signals": rows,
                 "signal_names": list(self.signal_names)}
 
 
@@ -98,7 +130,7 @@ def score(llm: Any, text: Optional[str] = None, *, tokens: Optional[Sequence[int
     texts = [llm.detokenize([t], prev_tokens=toks[:i]).decode("utf-8", errors="ignore")
              for i, t in enumerate(toks)]
     return OtterScore(tokens=toks, signals=out, signal_names=llm.signal_names,
-                      head_kind=llm.head_kind, token_texts=texts)
+                      head_kind=llm.head_kind, token_texts=texts, layout=llm._otter_src.layout)
 
 
 def _decode_all_positions(llm: Any, toks: List[int]) -> np.ndarray:

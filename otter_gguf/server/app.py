@@ -247,7 +247,7 @@ class Server:
         texts = [llm.detokenize([t], prev_tokens=toks[:i]).decode("utf-8", errors="ignore")
                  for i, t in enumerate(toks)]
         s = OtterScore(tokens=toks, signals=signals, signal_names=llm.signal_names, head_kind=llm.head_kind,
-                       token_texts=texts)
+                       token_texts=texts, layout=llm._otter_src.layout)
         body = {"object": "otter.score", "model": self.name, **s.to_dict(), "head_kind": s.head_kind,
                 "token_texts": texts}
         if s.head_kind == "token_reward":

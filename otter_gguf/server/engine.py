@@ -297,7 +297,7 @@ class Engine:
         llm = self.llm
         if self.has_otter and job.side_stream:
             token_head = llm.head_kind == "token_reward"
-            s.store = SignalStore(self.ctx_per_seq, llm.n_out, token_head)
+            s.store = SignalStore(self.ctx_per_seq, llm.n_out, token_head, layout=llm._otter_src.layout)
             if token_head and job.full_signals:
                 s.store.keep_from = max(0, len(job.prompt_tokens) - 1)
         if job.kind == "score":
