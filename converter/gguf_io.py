@@ -232,7 +232,9 @@ def arch_fingerprint(reader: GGUFReader, arch: str, n_layer: int, path: str = ""
         Keys.Base.SLIDING_WINDOW: n_swa,
         Keys.Base.SLIDING_WINDOW_PATTERN: _swa_pattern(reader, arch, n_layer, n_swa, path),
         Keys.Base.ROPE_FREQ_BASE: base,
-        Keys.Base.ROPE_FREQ_BASE_SWA: base if base_swa is None else float(base_swa),
+        # absent: llama.cpp's default rope_freq_base_train_swa (llama-hparams.h: 10000), not freq_base; the
+        # Gemma 3 270M GGUF on PyPI has no freq_base_swa key and llama.cpp runs its sliding layers at 10000
+        Keys.Base.ROPE_FREQ_BASE_SWA: 10000.0 if base_swa is None else float(base_swa),
     }
     assert list(out) == list(ARCH_FINGERPRINT_KEYS[arch])
     return out
