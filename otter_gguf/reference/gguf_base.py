@@ -1,11 +1,16 @@
 """Load a base model from the GGUF you serve: "train on the GGUF you serve".
 
 The tensors are dequantized with gguf-py (``gguf.quants.dequantize``), renamed
-to the HF names the reference uses, and the Q/K rows of the ``llama``
-architecture are brought back from llama.cpp's interleaved RoPE layout to the
-HF rotate-half layout (:func:`otter_gguf_converter.rope_unpermute`, the inverse
-of what llama.cpp's converter does). The hyper-parameters come from the GGUF
-metadata. The result is a :class:`~otter_gguf.reference.model.BaseModel`
+to the HF names the reference uses (per architecture: gemma3's ``ffn_norm`` is
+HF's ``pre_feedforward_layernorm``), and the two converter pitfalls are undone:
+the Q/K rows of the ``llama`` architecture are brought back from llama.cpp's
+interleaved RoPE layout to the HF rotate-half layout
+(:func:`otter_gguf_converter.rope_unpermute`; qwen2, qwen3 and gemma3 use NeoX
+RoPE, no permutation), and gemma3's RMSNorm weights, stored by llama.cpp's
+converter as ``1 + w`` (Otter norms included, OTTER_SPEC.md §5), get ``w`` back.
+The hyper-parameters come from the GGUF metadata, as llama.cpp reads them
+(gemma3: the sliding window and its per-layer pattern, the RoPE base of each
+kind of layer, the attention scale ``1/sqrt(hd)``, the embedding scale). The result is a :class:`~otter_gguf.reference.model.BaseModel`
 whose forward computes what the runtime computes on the same file, up to the
 runtime's own float rounding (it runs the quantized weights directly).
 """
@@ -19,7 +24,9 @@ import numpy as np
 import torch
 
 from otter_gguf.format.config import OtterConfig
-from otter_gguf.format.constants import OtterTensor, hf_tensor_name, parse_gguf_name
+from otter_gguf.format.constants import (
+    NORM_TENSORS, NORM_WEIGHT_OFFSET, Keys, OtterTensor, hf_tensor_name, parse_gguf_name,
+)
 from otter_gguf.reference.model import BaseConfig, BaseModel, OtterModel, ReferenceError
 from otter_gguf_converter import ConvertError, rope_unpermute
 from otter_gguf_converter.gguf_io import (
@@ -50,21 +57,42 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# OTTER_SPEC.md §5: the per-head Q/K norms (qwen3, gemma3) and gemma3's four per-layer norms (llama.cpp's
+# ffn_norm is its pre-FFN norm, HF's pre_feedforward_layernorm; post_attention_norm / post_ffw_norm the sandwich norms)
+_QK_NORM_NAMES = {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}
+_LAYER_NAMES_BY_ARCH = {
+    "llama": _LAYER_NAMES,
+    "qwen2": _LAYER_NAMES,
+    "qwen3": {**_LAYER_NAMES, **_QK_NORM_NAMES},
+    "gemma3": {**_LAYER_NAMES, **_QK_NORM_NAMES, "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+               "post_attention_norm.weight": "post_attention_layernorm.weight",
+               "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
+}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                     "gemma3": "Gemma3ForCausalLM"}
 
 
-def gguf_tensor_to_hf(name: str) -> str | None:
-    """The HF name of a base GGUF tensor (``None`` for tensors the reference does not use)."""
+def gguf_tensor_to_hf(name: str, arch: str = "llama") -> str | None:
+    """The HF name of a base GGUF tensor of a base of architecture ``arch`` (``None`` for tensors the
+    reference does not use)."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    layer_names = _LAYER_NAMES_BY_ARCH[arch]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_names:
+        return f"model.layers.{int(parts[1])}.{layer_names[parts[2]]}"
     return None
+
+
+def _unshift(arr: np.ndarray, arch: str) -> np.ndarray:
+    """A norm weight in the HF convention (gemma3: llama.cpp's converter stored 1 + w; exact in float64)."""
+    off = NORM_WEIGHT_OFFSET.get(arch, 0.0)
+    return arr.astype(np.float64) - off if off else arr
 
 
 def _read(path: str | os.PathLike):
@@ -101,7 +129,7 @@ def base_config_from_gguf(path: str | os.PathLike, _reader=None) -> BaseConfig:
         scaling = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor", 1.0))}
     bias = "blk.0.attn_q.bias" in names
     d = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
+        "architectures": [_HF_ARCHITECTURES[arch]],
         "hidden_size": info.d,
         "num_hidden_layers": info.n_layer,
         "num_attention_heads": info.h,
@@ -116,7 +144,27 @@ def base_config_from_gguf(path: str | os.PathLike, _reader=None) -> BaseConfig:
         "attention_bias": bias,
         "max_position_embeddings": int(meta("context_length", 4096)),
     }
+    if arch == "gemma3":
+        d.update(_gemma3_hparams(info, meta))
     return BaseConfig.from_hf_dict(d, source=os.fspath(path))
+
+
+def _gemma3_hparams(info, meta) -> dict:
+    """gemma3's own settings as llama.cpp reads them (src/models/gemma3.cpp), in HF's Gemma3TextConfig terms:
+    the window and which layers slide, the RoPE base of each kind of layer (the fingerprint's values,
+    gguf_io.arch_fingerprint), the attention scale 1/sqrt(hd) (1/sqrt(d/h) for the 62-layer 27B), tanh-GELU,
+    the final logit soft-capping if the file has one; the embedding scale sqrt(d) is the architecture's."""
+    fp = info.arch_fingerprint
+    pattern = fp[Keys.Base.SLIDING_WINDOW_PATTERN]
+    return {
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in pattern],
+        "sliding_window": int(fp[Keys.Base.SLIDING_WINDOW]) if any(pattern) else None,
+        "rope_theta": float(fp[Keys.Base.ROPE_FREQ_BASE]),
+        "rope_local_base_freq": float(fp[Keys.Base.ROPE_FREQ_BASE_SWA]),
+        "query_pre_attn_scalar": info.d / info.h if info.n_layer == 62 else info.hd,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "final_logit_softcapping": meta("final_logit_softcapping"),
+    }
 
 
 def _dequantized(path: Path, t) -> np.ndarray:
@@ -143,10 +191,12 @@ def load_base_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     for t in reader.tensors:
         if is_otter_tensor(t.name):
             continue
-        hf = gguf_tensor_to_hf(t.name)
+        hf = gguf_tensor_to_hf(t.name, cfg.architecture)
         if hf is None:
             continue
         arr = _dequantized(p, t)
+        if hf.endswith("norm.weight"):
+            arr = _unshift(arr, cfg.architecture)
         if cfg.architecture == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
             arr = rope_unpermute(arr, cfg.num_attention_heads)
         elif cfg.architecture == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
@@ -161,8 +211,9 @@ def load_otter_gguf(path: str | os.PathLike, config: OtterConfig, dtype: torch.d
 
     ``config`` is the head's adapter config (shapes, signal names); the Otter
     tensors are read back from the file (the side Q/K rows of a ``llama``
-    model un-permuted per side head, the inverse of ``otter-gguf convert``),
-    the base as :func:`load_base_gguf` (or ``base``, already loaded)."""
+    model un-permuted per side head, a gemma3 model's Otter norms from ``1 + w``
+    back to ``w``: the inverse of ``otter-gguf convert``), the base as
+    :func:`load_base_gguf` (or ``base``, already loaded)."""
     p = Path(path)
     reader, _info = _read(p)
     base = base if base is not None else load_base_gguf(p, dtype)
@@ -171,12 +222,19 @@ def load_otter_gguf(path: str | os.PathLike, config: OtterConfig, dtype: torch.d
         if not is_otter_tensor(t.name):
             continue
         kind, _bid, _suffix = parse_gguf_name(t.name)
+        arch = base.config.architecture
         arr = _dequantized(p, t)
-        if base.config.architecture == "llama" and kind == OtterTensor.ATTN_Q:
+        if kind in NORM_TENSORS:
+            arr = _unshift(arr, arch)
+        if arch == "llama" and kind == OtterTensor.ATTN_Q:
             arr = rope_unpermute(arr, config.otter_num_attention_heads)
-        elif base.config.architecture == "llama" and kind == OtterTensor.ATTN_K:
+        elif arch == "llama" and kind == OtterTensor.ATTN_K:
             arr = rope_unpermute(arr, config.otter_num_key_value_heads)
-        tensors[hf_tensor_name(t.name)] = torch.from_numpy(arr)
+        try:
+            name = hf_tensor_name(t.name, arch)
+        except KeyError:
+            raise ReferenceError(f"{p}: {t.name} is not a tensor of an Otter head on a {arch} base") from None
+        tensors[name] = torch.from_numpy(arr)
     if not tensors:
         raise ReferenceError(f"{p}: no Otter tensors (a plain GGUF)")
     return OtterModel(base, config, tensors)
