@@ -182,7 +182,7 @@ _SKIP_KEYS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.arc
 
 def rewrite(src: Path, dst: Path, *, kv: dict | None = None, drop_kv=(), drop_tensors=(), tensors: dict | None = None):
     """Copy the f32 GGUF src to dst with changes. kv: key -> (value, GGUFValueType[, sub_type]);
-    tensors: name -> numpy array (numpy order)."""
+    tensors: name -> numpy array (numpy order), replacing the tensor of that name or added after the others."""
     import gguf
 
     kv = kv or {}
@@ -209,6 +209,8 @@ def rewrite(src: Path, dst: Path, *, kv: dict | None = None, drop_kv=(), drop_te
             assert t.tensor_type == gguf.GGMLQuantizationType.F32
             data = np.array(t.data, dtype=np.float32)
         w.add_tensor(t.name, data)
+    for name in tensors.keys() - {t.name for t in r.tensors}:  # a tensor the file lacks: added at the end
+        w.add_tensor(name, tensors[name])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

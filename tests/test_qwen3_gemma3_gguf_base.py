@@ -115,24 +115,10 @@ def test_gemma3_hparams_as_llama_cpp_reads_them(tmp_path, hf_base_gguf, tiny_gem
 def test_qwen3_q_bias_refused(tmp_path, hf_base_gguf, tiny_qwen3_dir):
     from otter_gguf.reference.model import ReferenceError
 
-    base = hf_base_gguf(tiny_qwen3_dir, "f32")
-    import gguf
-
-    r = gguf.GGUFReader(base)
-    w = gguf.GGUFWriter(tmp_path / "bias.gguf", "qwen3")
-    for k, f in r.fields.items():
-        if not k.startswith("GGUF.") and k != "general.architecture":
-            sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY and len(f.types) > 1 else None
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=sub)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data, dtype=np.float32))
-    w.add_tensor("blk.0.attn_q.bias", np.zeros(512, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    bad = rewrite(hf_base_gguf(tiny_qwen3_dir, "f32"), tmp_path / "bias.gguf",
+                  tensors={"blk.0.attn_q.bias": np.zeros(512, np.float32)})
     with pytest.raises(ReferenceError, match="qwen3 attention_bias=true is not supported"):
-        load_base_gguf(tmp_path / "bias.gguf")
+        load_base_gguf(bad)
 
 
 # --------------------------------------------------------------------------- the real model (PyPI)
