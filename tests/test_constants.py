@@ -137,7 +137,7 @@ def test_keys_are_the_spec_keys():
 def test_versions_kinds_architectures():
     assert C.OTTER_FORMAT_VERSION == 1
     assert C.SUPPORTED_ARCHITECTURES == ("llama", "qwen2", "qwen3", "gemma3")
-    assert C.RUNTIME_ARCHITECTURES == ("llama", "qwen2")
+    assert C.RUNTIME_ARCHITECTURES == C.SUPPORTED_ARCHITECTURES
     assert set(C.ARCH_TENSORS) == set(C.HF_TENSOR_NAMES_BY_ARCH) == set(C.SUPPORTED_ARCHITECTURES)
     assert C.NORM_WEIGHT_OFFSET == {"gemma3": 1.0}
     for arch in C.SUPPORTED_ARCHITECTURES:
@@ -280,9 +280,8 @@ def _patch_added_lines():
 
 
 def test_patches_use_the_same_names():
-    """Checked for the architectures the runtime supports today (RUNTIME_ARCHITECTURES): the patches do not yet
-    know qwen3/gemma3, their tensors or their fingerprint keys (issue 14, item 3), and this check widens by
-    itself when RUNTIME_ARCHITECTURES does."""
+    """Checked for the architectures the runtime supports (RUNTIME_ARCHITECTURES: llama, qwen2 and, with
+    issue 14's patch, qwen3 and gemma3, their tensors and fingerprint keys)."""
     runtime_kinds = {k for a in C.RUNTIME_ARCHITECTURES for k in C.ARCH_TENSORS[a]}
     runtime_keys = {k for a in C.RUNTIME_ARCHITECTURES for k in C.arch_keys(a)}
     added = _patch_added_lines()

@@ -21,9 +21,9 @@ OTTER_FORMAT_VERSION = 1
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
-# the base architectures the patched llama.cpp runtime (patches/) runs an Otter head on today; the others are
-# supported by the format, the reference and the converter (OTTER_SPEC.md §5) and wait for their graph hooks
-RUNTIME_ARCHITECTURES = ("llama", "qwen2")
+# the base architectures the patched llama.cpp runtime (patches/) runs an Otter head on (qwen3, gemma3: the
+# side stream of OTTER_SPEC.md §5 in their graphs, tests/test_qwen3_gemma3_runtime.py)
+RUNTIME_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 KEY_PREFIX = "otter."      # every Otter metadata key starts with this
 TENSOR_PREFIX = "otter_"   # an Otter tensor name starts with this or has it after "blk.{bid}."
