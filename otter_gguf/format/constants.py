@@ -5,7 +5,7 @@ keys (:class:`Keys`), the Otter GGUF tensor names (:class:`OtterTensor`,
 :data:`TENSOR_NAMES`), the adapter's HF tensor names (:data:`HF_TENSOR_NAMES`)
 and the mapping between the two, the head kinds (:class:`HeadKind`) and the
 supported base architectures. Every Python module spells these names through
-this one; the C++ side (patches/0002) spells the same strings and
+this one; the C++ side (patches/0003, 0005) spells the same strings and
 tests/test_constants.py checks both against the spec. Pure Python, no imports
 of the project.
 """

@@ -147,7 +147,7 @@ def llama_otter_series() -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# patch 0002: the model
+# patch 0003: the model
 # ---------------------------------------------------------------------------
 # LLAMA_API bool llama_model_has_otter(const struct llama_model * model);
 @ctypes_function("llama_model_has_otter", [llama_model_p_ctypes], ctypes.c_bool)
@@ -185,7 +185,7 @@ def llama_model_otter_signal_name(model: llama_model_p, i: int, /) -> Optional[b
 
 
 # ---------------------------------------------------------------------------
-# patch 0003: the context
+# patch 0004: the context
 # ---------------------------------------------------------------------------
 # LLAMA_API void llama_set_otter(struct llama_context * ctx, bool enabled);
 @ctypes_function("llama_set_otter", [llama_context_p_ctypes, ctypes.c_bool], None)
@@ -225,7 +225,7 @@ def llama_get_otter_signals_pos(ctx: llama_context_p, i: int, /) -> CtypesPointe
 
 
 # ---------------------------------------------------------------------------
-# patch 0005: Otter adapter GGUFs (heads beside a base) and the heads of a context
+# patches 0003 and 0004: Otter adapter GGUFs (heads beside a base) and the heads of a context
 # ---------------------------------------------------------------------------
 # LLAMA_API struct llama_adapter_otter * llama_adapter_otter_init(struct llama_model * model, const char * path);
 @ctypes_function("llama_adapter_otter_init", [llama_model_p_ctypes, ctypes.c_char_p], llama_adapter_otter_p_ctypes)
@@ -295,7 +295,7 @@ NAMES: Tuple[str, ...] = tuple(_DECLARED)
 """Every function of the Otter C API, in declaration order."""
 
 MODEL_FUNCTIONS: Tuple[str, ...] = tuple(n for n in NAMES if n.startswith("llama_model_"))
-"""The functions that describe a model's Otter head (patch 0002)."""
+"""The functions that describe a model's Otter head (patch 0003)."""
 
 
 # ---------------------------------------------------------------------------
