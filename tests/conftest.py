@@ -118,6 +118,15 @@ def gemma3_adapter_dir(tmp_path_factory, tiny_gemma3_dir):
                            "reward3", seed=5)
 
 
+@pytest.fixture(params=("qwen3", "gemma3"))
+def qwen3_gemma3_case(request, hf_base_gguf, tiny_qwen3_dir, tiny_gemma3_dir, qwen3_adapter_dir, gemma3_adapter_dir):
+    """Each of the OTTER_SPEC.md §5 architectures: (arch, HF base dir, its base GGUF (llama.cpp's converter,
+    f32), adapter dir)."""
+    hf, ad = {"qwen3": (tiny_qwen3_dir, qwen3_adapter_dir), "gemma3": (tiny_gemma3_dir, gemma3_adapter_dir)}[
+        request.param]
+    return request.param, hf, hf_base_gguf(hf, "f32"), ad
+
+
 @pytest.fixture(scope="session")
 def hf_base_gguf(tmp_path_factory):
     """``hf_base_gguf(hf_dir, outtype="f32")``: the HF base converted by llama.cpp's

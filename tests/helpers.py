@@ -209,7 +209,8 @@ def rewrite(src: Path, dst: Path, *, kv: dict | None = None, drop_kv=(), drop_te
             assert t.tensor_type == gguf.GGMLQuantizationType.F32
             data = np.array(t.data, dtype=np.float32)
         w.add_tensor(t.name, data)
-    for name in tensors.keys() - {t.name for t in r.tensors}:  # a tensor the file lacks: added at the end
+    have = {t.name for t in r.tensors}
+    for name in [n for n in tensors if n not in have]:  # a tensor the file lacks: added at the end
         w.add_tensor(name, tensors[name])
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -302,6 +303,14 @@ class Context:
                 raise RuntimeError(f"llama_decode returned {rc}")
         finally:
             ll.llama_batch_free(b)
+
+    def batched_logits(self, tokens, batch) -> np.ndarray:
+        """Decode ``tokens`` (positions 0..) in batches of ``batch``: the logits of every token [n, V]."""
+        rows = []
+        for s in range(0, len(tokens), batch):
+            self.decode(tokens[s:s + batch], pos0=s)
+            rows += [self.logits_ith(i) for i in range(len(tokens[s:s + batch]))]
+        return np.stack(rows)
 
     def logits_ith(self, i) -> np.ndarray:
         p = self.ll.llama_get_logits_ith(self.ptr, i)

@@ -17,15 +17,11 @@ from otter_gguf.reference.gguf_base import base_config_from_gguf, gguf_tensor_to
 
 pytestmark = pytest.mark.unit
 
-ARCHS = ("qwen3", "gemma3")
 
-
-@pytest.fixture(params=ARCHS)
-def case(request, hf_base_gguf, tiny_qwen3_dir, tiny_gemma3_dir, qwen3_adapter_dir, gemma3_adapter_dir):
-    """(arch, HF base dir, its f32 GGUF by llama.cpp's converter, adapter dir)"""
-    hf, ad = {"qwen3": (tiny_qwen3_dir, qwen3_adapter_dir), "gemma3": (tiny_gemma3_dir, gemma3_adapter_dir)}[
-        request.param]
-    return request.param, hf, hf_base_gguf(hf, "f32"), ad
+@pytest.fixture
+def case(qwen3_gemma3_case):
+    """(arch, HF base dir, base GGUF (llama.cpp's converter, f32), adapter dir), per architecture (conftest)"""
+    return qwen3_gemma3_case
 
 
 def test_names_of_these_architectures():

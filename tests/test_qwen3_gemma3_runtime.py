@@ -115,6 +115,21 @@ def _rows(c, idx):
     return np.stack([c.signals_ith(i) for i in idx]), np.stack([c.logits_ith(i) for i in idx])
 
 
+def _steps(c, steps):
+    """Decode each (tokens, seqs, positions) of ``steps`` as one batch: the signal and logits rows of all."""
+    sig, lg = [], []
+    for toks, seqs, pos in steps:
+        c.decode(toks, seqs=seqs, positions=pos)
+        s, r = _rows(c, range(len(toks)))
+        sig += list(s)
+        lg += list(r)
+    return np.stack(sig), np.stack(lg)
+
+
+def _one_by_one(c, toks, pos0=0):
+    return _steps(c, [([t], [0], [pos0 + i]) for i, t in enumerate(toks)])
+
+
 # ------------------------------------------------------------------ f32 signals vs the reference
 @pytest.mark.parametrize("arch", ARCHS)
 def test_model_metadata(models, rt, arch):
@@ -148,12 +163,7 @@ def test_token_by_token(models, monkeypatch, arch, swa_full):
     toks = _tokens(24, seed=2)
     c = _context(m, monkeypatch, swa_full, n_batch=8)
     try:
-        sig, lg = [], []
-        for i, t in enumerate(toks):
-            c.decode([t], pos0=i)
-            sig.append(c.signals_ith(0))
-            lg.append(c.logits_ith(0))
-        check(arch, np.stack(sig), np.stack(lg), *_ref(ref, toks))
+        check(arch, *_one_by_one(c, toks), *_ref(ref, toks))
     finally:
         c.close()
 
@@ -166,13 +176,8 @@ def test_prompt_in_ubatches_then_decode(models, monkeypatch, arch):
     c = _context(m, monkeypatch, False, n_batch=32, n_ubatch=8)
     try:
         c.decode(toks[:20])
-        sig, lg = _rows(c, range(20))
-        sig, lg = list(sig), list(lg)
-        for i in range(20, 30):
-            c.decode([toks[i]], pos0=i)
-            sig.append(c.signals_ith(-1))
-            lg.append(c.logits_ith(-1))
-        check(arch, np.stack(sig), np.stack(lg), *_ref(ref, toks))
+        prompt, rest = _rows(c, range(20)), _one_by_one(c, toks[20:], 20)
+        check(arch, *(np.concatenate(x) for x in zip(prompt, rest)), *_ref(ref, toks))
     finally:
         c.close()
 
@@ -183,17 +188,12 @@ def test_two_interleaved_sequences(models, arch):
     a, b = _tokens(16, seed=4), _tokens(16, seed=5)
     c = m.context(n_seq_max=2)
     try:
-        toks = [t for pair in zip(a[:10], b[:10]) for t in pair]
-        c.decode(toks, seqs=[0, 1] * 10, positions=[i // 2 for i in range(20)])
-        ga, gb = _rows(c, range(0, 20, 2)), _rows(c, range(1, 20, 2))
-        ga, gb = [list(x) for x in ga], [list(x) for x in gb]
-        for i in range(10, 16):
-            c.decode([a[i], b[i]], seqs=[0, 1], positions=[i, i])
-            for g, j in ((ga, 0), (gb, 1)):
-                g[0].append(c.signals_ith(j))
-                g[1].append(c.logits_ith(j))
-        check(arch, np.stack(ga[0]), np.stack(ga[1]), *_ref(ref, a))
-        check(arch, np.stack(gb[0]), np.stack(gb[1]), *_ref(ref, b))
+        # both prompts interleaved in one batch, then both sequences a token at a time in one batch
+        steps = [([t for pair in zip(a[:10], b[:10]) for t in pair], [0, 1] * 10, [i // 2 for i in range(20)])]
+        steps += [([a[i], b[i]], [0, 1], [i, i]) for i in range(10, 16)]
+        sig, lg = _steps(c, steps)  # rows alternate a, b
+        check(arch, sig[0::2], lg[0::2], *_ref(ref, a))
+        check(arch, sig[1::2], lg[1::2], *_ref(ref, b))
     finally:
         c.close()
 
@@ -274,12 +274,7 @@ def test_gemma3_tight_where_the_gelu_table_cannot_interfere(rt, gemma3_no_ffn, m
         check("gemma3", *_rows(c, range(30)), s, r, tight=True)
         c.close()
         c = _context(m, monkeypatch, False, n_batch=8)
-        sig, lg = [], []
-        for i, t in enumerate(toks):
-            c.decode([t], pos0=i)
-            sig.append(c.signals_ith(0))
-            lg.append(c.logits_ith(0))
-        check("gemma3", np.stack(sig), np.stack(lg), s, r, tight=True)
+        check("gemma3", *_one_by_one(c, toks), s, r, tight=True)
         c.close()
     finally:
         m.close()
@@ -300,12 +295,7 @@ def test_main_logits_bit_identical(rt, files, arch, base_outtype, flash_attn):
             for mdl in (base, ot):
                 c = mdl.context(n_threads=2, flash_attn=flash_attn, kv_f32=False)
                 try:
-                    rows = []
-                    for s in range(0, len(toks), batch):
-                        chunk = toks[s:s + batch]
-                        c.decode(chunk, pos0=s)
-                        rows += [c.logits_ith(i) for i in range(len(chunk))]
-                    res.append(np.stack(rows))
+                    res.append(c.batched_logits(toks, batch))
                     if mdl is ot:
                         assert np.isfinite(c.signals_ith(-1)).all()
                 finally:
