@@ -301,6 +301,10 @@ def write_random_base(path: str | os.PathLike, shape: Mapping, seed: int = 0) ->
     """A random-weight llama base GGUF (f16 matrices, f32 norms of ones; N(0, 0.02) weights), streamed
     tensor by tensor with gguf-py and renamed into place when complete.
 
+    ``shape["arch"]`` = ``"qwen3"`` (default ``"llama"``) writes a qwen3 base instead: per-head
+    ``attn_q_norm`` / ``attn_k_norm`` in every layer, rope base 1e6, RMS eps 1e-6; ``shape["tied"]``
+    leaves out ``output.weight`` (the LM head is ``token_embd``, as Qwen3 0.6B-4B tie it).
+
     ``shape``: ``d``, ``L``, ``h``, ``h_kv``, ``f``, ``V`` (>= 259), optionally ``hd`` (default
     ``d // h``), ``ctx_train`` (default 4096) and ``model_name`` (``general.name``). The vocabulary is
     SentencePiece-style (``<unk>``, ``<s>``, ``</s>``, byte tokens, ``▁t{i}``; BOS 1, EOS 2, UNK 0),
@@ -311,12 +315,15 @@ def write_random_base(path: str | os.PathLike, shape: Mapping, seed: int = 0) ->
     path = Path(path)
     d, L, h, hkv, f, V = (int(shape[k]) for k in ("d", "L", "h", "h_kv", "f", "V"))
     hd = int(shape.get("hd") or d // h)
+    arch = str(shape.get("arch") or "llama")
+    if arch not in ("llama", "qwen3"):
+        raise ValueError(f"write_random_base: arch={arch!r}, expected 'llama' or 'qwen3'")
     if V < _N_SPECIAL + 1:
         raise ValueError(f"write_random_base: V={V}, needs at least {_N_SPECIAL + 1} (special and byte tokens)")
     tmp = _partial(path)
     try:
-        w = gguf.GGUFWriter(tmp, "llama")
-        w.add_name(str(shape.get("model_name") or f"random-llama-{path.stem}"))
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(str(shape.get("model_name") or f"random-{arch}-{path.stem}"))
         w.add_context_length(int(shape.get("ctx_train") or 4096))
         w.add_embedding_length(d)
         w.add_block_count(L)
@@ -324,8 +331,11 @@ def write_random_base(path: str | os.PathLike, shape: Mapping, seed: int = 0) ->
         w.add_head_count(h)
         w.add_head_count_kv(hkv)
         w.add_rope_dimension_count(hd)
-        w.add_rope_freq_base(10000.0)
-        w.add_layer_norm_rms_eps(1e-5)
+        if arch != "llama" or hd != d // h:
+            w.add_key_length(hd)
+            w.add_value_length(hd)
+        w.add_rope_freq_base(10000.0 if arch == "llama" else 1e6)
+        w.add_layer_norm_rms_eps(1e-5 if arch == "llama" else 1e-6)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
         w.add_vocab_size(V)
         w.add_tokenizer_model("llama")
@@ -340,12 +350,15 @@ def write_random_base(path: str | os.PathLike, shape: Mapping, seed: int = 0) ->
         w.add_eos_token_id(2)
         w.add_unk_token_id(0)
 
-        shapes = [("token_embd.weight", (V, d)), ("output_norm.weight", (d,)), ("output.weight", (V, d))]
+        shapes = [("token_embd.weight", (V, d)), ("output_norm.weight", (d,))]
+        shapes += [] if shape.get("tied") else [("output.weight", (V, d))]
         for i in range(L):
             p = f"blk.{i}."
             shapes += [(p + "attn_norm.weight", (d,)), (p + "attn_q.weight", (h * hd, d)),
-                       (p + "attn_k.weight", (hkv * hd, d)), (p + "attn_v.weight", (hkv * hd, d)),
-                       (p + "attn_output.weight", (d, h * hd)), (p + "ffn_norm.weight", (d,)),
+                       (p + "attn_k.weight", (hkv * hd, d)), (p + "attn_v.weight", (hkv * hd, d))]
+            if arch == "qwen3":
+                shapes += [(p + "attn_q_norm.weight", (hd,)), (p + "attn_k_norm.weight", (hd,))]
+            shapes += [(p + "attn_output.weight", (d, h * hd)), (p + "ffn_norm.weight", (d,)),
                        (p + "ffn_gate.weight", (f, d)), (p + "ffn_up.weight", (f, d)), (p + "ffn_down.weight", (d, f))]
         for n, s in shapes:
             dt = np.dtype(np.float32 if len(s) == 1 else np.float16)

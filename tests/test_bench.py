@@ -203,3 +203,80 @@ def test_reward_model_file_has_no_lm_head(quick_report, tmp_path_factory):
     n_vocab = len(GGUFReader(spec["base"]).fields["tokenizer.ggml.tokens"].data)
     assert list(base["output.weight"].shape) == list(rm["token_embd.weight"].shape) == [run["d"], n_vocab]
     assert not [n for n in rm if "otter" in n or n.startswith(("cls", "score"))]
+
+
+# ---------------------------------------------------------------- issue 14: the qwen3 / gemma3 bench models
+@pytest.mark.unit
+def test_issue14_bench_models_and_their_side_shapes():
+    q = bench.SHAPES["qwen3-0.6b"]
+    assert (q["arch"], q["d"], q["L"], q["h"], q["h_kv"], q["hd"], q["f"], q["V"]) == \
+        ("qwen3", 1024, 28, 16, 8, 128, 3072, 151936)
+    g = bench.REAL_MODELS["gemma3-270m"]
+    assert {"qwen3-0.6b", "gemma3-270m"} <= set(bench.MODELS)
+    assert bench.model_arch("qwen3-0.6b") == "qwen3" and bench.model_arch("gemma3-270m") == "gemma3"
+    assert bench.model_arch("1b") == "llama"
+    # d2 = d/8 rounded up to a multiple of 128 (qwen3: d/8 = 128 as for 1b; Gemma 3 270M: d=640, f=2048,
+    # hd=256, d/8 = 80 -> 128): every side row (d + d2, f + f2) fits a quant block (no f16 fallback)
+    for d, f, hd, s in ((q["d"], q["f"], q["hd"], q), (640, 2048, 256, g)):
+        assert s["d2"] == -(-d // 8 // 128) * 128 and s["f2"] == 4 * s["d2"]
+        assert (d + s["d2"]) % 32 == 0 and (f + s["f2"]) % 256 == 0
+        assert s["h2"] == -(-s["d2"] // hd) and s["h2_kv"] == 1
+    assert (640 + g["d2"]) % 256 == 0  # gemma3: every side row fits q4_k's blocks
+
+
+@pytest.mark.unit
+def test_issue14_bench_refuses_what_it_cannot_run():
+    from otter_gguf.cli.bench import bench_command
+
+    for args, msg in ((["--models", "qwen3-0.6b", "--configs", "a,b,c"], "has no separate reward model"),
+                      (["--models", "gemma3-270m", "--configs", "a,d_rm"], "has no separate reward model"),
+                      (["--models", "gemma3-270m", "--types", "q8_0", "--configs", "a,b"], "expected --types q4_k_m"),
+                      (["--models", "qwen3-7b"], "unknown model 'qwen3-7b'")):
+        res = CliRunner().invoke(bench_command, args + ["--sections", "main"])
+        assert res.exit_code == 2 and msg in res.output, (args, res.output)
+
+
+TINY_QWEN3 = dict(name="tq3", arch="qwen3", d=64, L=2, h=4, h_kv=2, hd=32, f=128, V=300, tied=True,
+                  d2=32, h2=1, h2_kv=1, f2=64)
+
+
+@pytest.mark.unit
+def test_issue14_random_qwen3_base_and_adapter_convert(tmp_path):
+    """The random qwen3 base (q/k norms, tied LM head, key length) and its random adapter convert (f16)."""
+    from otter_gguf.format.adapter import load_adapter
+    from otter_gguf_converter import convert, inspect_gguf
+    from otter_gguf_converter.llamacpp import write_random_base
+
+    s = TINY_QWEN3
+    base = write_random_base(tmp_path / "base.gguf", s)
+    r = GGUFReader(base)
+    names = {t.name: list(t.shape) for t in r.tensors}
+    assert names["blk.1.attn_q_norm.weight"] == names["blk.1.attn_k_norm.weight"] == [32]
+    assert names["blk.0.attn_q.weight"] == [64, 4 * 32] and "output.weight" not in names
+    assert int(r.fields["qwen3.attention.key_length"].parts[-1][0]) == 32
+    side = {k: s[k] for k in ("d2", "h2", "h2_kv", "f2")}
+    ad = bench.write_random_adapter(tmp_path / "ad", s, side, "reward")
+    cfg, t = load_adapter(ad)
+    assert cfg.base_architecture == "qwen3" and cfg.head_dim == 32
+    assert set(t) == set(cfg.required_tensor_shapes())
+    out = convert(ad, base, tmp_path / "otter.gguf", outtype="f16", progress=False)
+    info = inspect_gguf(out)
+    assert info["base"]["architecture"] == "qwen3"
+    on = {x["name"] for x in info["otter"]["tensors"]}
+    assert {"blk.0.otter_attn_q_norm.weight", "blk.1.otter_attn_k_norm.weight"} <= on, sorted(on)
+
+
+@pytest.mark.unit
+def test_issue14_random_gemma3_adapter_norms_are_stored_as_w(tmp_path):
+    """gemma3 applies its norms as 1 + w: the random adapter's norms are 0 (ones as applied), with post norms."""
+    from otter_gguf.format.adapter import load_adapter
+
+    s = dict(TINY_QWEN3, arch="gemma3", base_model="g", tied=None)
+    ad = bench.write_random_adapter(tmp_path / "ad", s, {k: s[k] for k in ("d2", "h2", "h2_kv", "f2")}, "reward")
+    cfg, t = load_adapter(ad)
+    assert cfg.base_architecture == "gemma3" and cfg.base_model == "g"
+    assert set(t) == set(cfg.required_tensor_shapes())
+    norms = [n for n, v in t.items() if v.ndim == 1]
+    assert any("post" in n for n in norms) and any("q_norm" in n for n in norms)
+    assert all(float(t[n].abs().max()) == 0.0 for n in norms)
+    assert max(float(v.std()) for v in t.values() if v.ndim == 2) == pytest.approx(0.02, rel=0.2)

