@@ -76,9 +76,11 @@ def test_gguf_tokenizer_matches_the_runtime_and_maps_offsets(hf_base_gguf, tiny_
 
 
 @pytest.mark.runtime
-def test_train_from_gguf_gives_a_head_the_runtime_reproduces(tmp_path, hf_base_gguf, tiny_llama_dir, otter_runtime):
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen3_dir", "tiny_gemma3_dir"])
+def test_train_from_gguf_gives_a_head_the_runtime_reproduces(request, tmp_path, hf_base_gguf, fixture, otter_runtime):
     """otter-gguf train BASE.gguf ... --gguf OUT: the runtime's signals on the written Otter GGUF
-    equal the reference's (GGUF-loaded base + trained adapter) on the same tokens."""
+    equal the reference's (GGUF-loaded base + trained adapter) on the same tokens (llama, and the
+    qwen3/gemma3 variants of OTTER_SPEC.md §5: per-head Q/K norms, sandwich norms, GELU, windows)."""
     from click.testing import CliRunner
 
     from otter_gguf import OtterLlama
@@ -87,7 +89,7 @@ def test_train_from_gguf_gives_a_head_the_runtime_reproduces(tmp_path, hf_base_g
     from otter_gguf.reference.gguf_base import load_base_gguf
     from otter_gguf.reference.model import OtterModel
 
-    base = hf_base_gguf(tiny_llama_dir, "f32")
+    base = hf_base_gguf(request.getfixturevalue(fixture), "f32")
     recs = []
     for i, adj in enumerate(["great", "awful", "lovely", "rude"] * 4):
         text = f"the food was {adj} today"
@@ -213,13 +215,16 @@ def test_committed_demo_head_reproduces_its_metrics(smollm2, tmp_path):
 
 
 @pytest.mark.runtime
-def test_eval_separates_weight_rounding_from_the_runtime(tmp_path, hf_base_gguf, tiny_llama_dir,
-                                                         adapter_reward1_dir):
+@pytest.mark.parametrize("fixture,adapter", [("tiny_llama_dir", "adapter_reward1_dir"),
+                                             ("tiny_qwen3_dir", "qwen3_adapter_dir"),
+                                             ("tiny_gemma3_dir", "gemma3_adapter_dir")])
+def test_eval_separates_weight_rounding_from_the_runtime(request, tmp_path, hf_base_gguf, fixture, adapter):
     """`otter-gguf eval` with a GGUF as --base, and its intrinsic rows: the PyTorch reference on
     each type's own dequantized weights. At f32 there is no rounding: the intrinsic error is 0."""
     from otter_gguf.tools import eval as ev
 
-    base = hf_base_gguf(tiny_llama_dir, "f32")
+    adapter_reward1_dir = request.getfixturevalue(adapter)
+    base = hf_base_gguf(request.getfixturevalue(fixture), "f32")
     prompts = ["the food was great and the staff was friendly", "the room was dirty but the view was lovely",
                "anna said the coffee was cold", "we found the museum boring"]
     rep = ev.evaluate(base, adapter_reward1_dir, base, types=["f32", "q8_0"], prompts=prompts, threads=1,
