@@ -652,12 +652,19 @@ class _Runner:
         self.n = n
 
 
-def _rss_kib() -> int:
+def _rss_kib(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak RSS: ``VmHWM`` (its own memory's high-water mark). Not ``ru_maxrss``, which Linux
+    carries over exec from the forking process: a worker started by a parent that had grown (e.g. by
+    converting a model) reported the parent's peak."""
+    return _rss_kib("VmHWM")
 
 
 def run_worker(spec: dict) -> dict:
@@ -670,8 +677,6 @@ def run_worker(spec: dict) -> dict:
 
 
 def _run_worker(spec: dict) -> dict:
-    import resource
-
     import llama_cpp as L
 
     L.llama_backend_init()
@@ -724,7 +729,7 @@ def _run_worker(spec: dict) -> dict:
         res["profile"] = prof.summary(nd)
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    res["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res["peak_rss_kib"] = _peak_rss_kib()
     res["rss_end_kib"] = _rss_kib()
     return res
 
@@ -734,8 +739,6 @@ def _run_session(L, spec: dict) -> dict:
     chunk and each decode step of every configuration is timed next to the same chunk / step of the
     others (the starting configuration rotates), so that a burst of load on the shared machine hits
     all of them alike. Per configuration: the list of chunk times and of step times."""
-    import resource
-
     runs = spec["runs"]  # name -> the spec fields of that configuration (config, files)
     rng = np.random.default_rng(int(spec.get("seed", 0)))
     t0 = time.perf_counter()
@@ -783,7 +786,7 @@ def _run_session(L, spec: dict) -> dict:
     for n in names:
         out[n]["rewards"] = [round(x, 5) for x in runners[n].rewards[:4]]
     return {"mode": "session", "load_s": load_s, "configs": out,
-            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "load": _load()}
+            "peak_rss_kib": _peak_rss_kib(), "load": _load()}
 
 
 def _run_subprocess(spec: dict, timeout: float = 3600) -> dict:
@@ -1105,8 +1108,9 @@ def format_report(report: dict) -> str:
             tline("decode (d_tok) vs the same bound (token_reward file)", "decode_d_tok",
                   f"{run['configs']['d_tok']['decode_tok_s']['median']:.2f} tok/s; Otter/base bytes "
                   f"{100 * sp['otter_token_over_base']:.1f}%")
-        tline("extra-time saving (b) vs (c), decode", "saving_b_vs_c", _pct(ti.get("saving_b_vs_c")))
-        L.append(f"| extra-time saving (b) vs (c), prefill | {_pct(ti.get('saving_prefill_b_vs_c'))} | — | — |")
+        if "c" in run["configs"]:
+            tline("extra-time saving (b) vs (c), decode", "saving_b_vs_c", _pct(ti.get("saving_b_vs_c")))
+            L.append(f"| extra-time saving (b) vs (c), prefill | {_pct(ti.get('saving_prefill_b_vs_c'))} | — | — |")
         if "d_tok" in run["configs"]:
             tline("extra-time saving Otter ARGS token_reward vs (d)", "saving_dtok_vs_drm",
                   _pct(ti.get("saving_dtok_vs_drm")))
