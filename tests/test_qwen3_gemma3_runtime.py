@@ -491,3 +491,59 @@ def test_real_gemma3_streamed_completion_with_rewards(real):
     streamed = [r for c in chunks if c["choices"][0].get("otter") for r in c["choices"][0]["otter"]["rewards"]]
     assert len(streamed) == 8 and all(list(r) == ["alpha", "beta"] for r in streamed)
     np.testing.assert_allclose([[r["alpha"], r["beta"]] for r in streamed], vals, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_real_gemma3_trained_head(tmp_path):
+    """`otter-gguf train` on the Gemma 3 270M GGUF itself (train on the file you serve): a small sentiment
+    head written as a sidecar. The runtime runs it beside the untouched base (main logits bit-identical,
+    signals against the reference on the same dequantized weights by the module's rule) and it ranks held-out
+    positive texts above negative ones."""
+    import json
+
+    from click.testing import CliRunner
+
+    from otter_gguf import OtterLlama
+    from otter_gguf.cli import main as cli
+    from otter_gguf.format.adapter import load_adapter
+    from otter_gguf.reference.gguf_base import load_base_gguf
+    from otter_gguf.reference.model import OtterModel
+    from otter_gguf_converter.pypi_models import gemma3_270m
+
+    base = gemma3_270m(quiet=True)
+    pos, neg = ["great", "lovely", "wonderful", "excellent"], ["awful", "terrible", "horrible", "dreadful"]
+    recs = [{"text": f"The {thing} was {adj}.", "target": 1.0 if adj in pos else -1.0}
+            for thing in ("food", "room", "service", "film", "trip") for adj in pos + neg]
+    data = tmp_path / "sentiment.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out, head = tmp_path / "head", tmp_path / "sentiment.gguf"
+    r = CliRunner().invoke(cli, ["train", str(base), str(data), "-o", str(out), "--objective", "sequence_regression",
+                                 "--steps", "20", "--lr", "1e-3", "--batch-size", "8", "--d2", "32", "--f2", "64",
+                                 "--heldout", "0", "--signal-name", "sentiment", "--no-progress", "--threads", "2",
+                                 "--save-dtype", "float32", "--gguf", str(head), "--outtype", "f32", "--sidecar"])
+    assert r.exit_code == 0, r.output
+
+    plain = OtterLlama(str(base), **dict(LLAMA_KW, logits_all=True))
+    llm = OtterLlama(str(base), otter_heads=[str(head)], **dict(LLAMA_KW, logits_all=True))
+    cfg, tensors = load_adapter(out)
+    ref = OtterModel(load_base_gguf(base), cfg, tensors)
+    held_out = {"The concert was superb.": 1, "The hotel was fantastic.": 1,
+                "The concert was appalling.": -1, "The hotel was disgusting.": -1}
+    final = {}
+    for text, label in held_out.items():
+        toks = plain.tokenize(text.encode(), add_bos=True)
+        plain.reset()
+        plain.eval(toks)
+        llm.reset()
+        llm.eval(toks)
+        n = len(toks)
+        assert np.array_equal(llm.scores[:n], plain.scores[:n])  # the base output, untouched
+        with torch.no_grad():
+            out_ref = ref(torch.tensor(toks))
+        err_b = rel_err(llm.scores[:n], out_ref.logits.numpy())
+        err_s = rel_err(llm.signals[:n], out_ref.signals.numpy())
+        assert err_s <= GEMMA3_SIGNAL_FACTOR * err_b, (text, err_s, err_b)
+        final[text] = float(llm.signals[n - 1][0])
+    pos_min = min(v for t, v in final.items() if held_out[t] > 0)
+    neg_max = max(v for t, v in final.items() if held_out[t] < 0)
+    assert pos_min > neg_max, final
