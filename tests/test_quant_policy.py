@@ -102,3 +102,32 @@ def test_convert_and_llama_quantize_agree(deep, mix):
     assert {n: quantized[n] for n in want} == want
     # the base comparison means something: the base mix upgrades some attn_v over attn_q
     assert len({base_alone[f"blk.{i}.attn_v.weight"] for i in range(N_LAYER)} | {base_alone["blk.0.attn_q.weight"]}) > 1
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_qwen3_gemma3_tensors_follow_the_policy(request, tmp_path, hf_base_gguf, arch):
+    """The tensors of OTTER_SPEC.md §5 (side Q/K norms, gemma3's sandwich norms) under the same policy:
+    1-D, so f32 after convert and after llama_model_quantize alike; every other Otter tensor of the same
+    type both ways; the base tensors as the base quantized alone."""
+    from otter_gguf.format.constants import is_otter_tensor
+    from otter_gguf_converter.convert import convert
+    from otter_gguf_converter.llamacpp import quantize
+
+    base_dir, adapter = (request.getfixturevalue(f"tiny_{arch}_dir"), request.getfixturevalue(f"{arch}_adapter_dir"))
+    base = hf_base_gguf(base_dir, "f16")
+    otter = convert(adapter, base, tmp_path / "otter-f16.gguf", outtype="f16", progress=False)
+    converted = _types(convert(adapter, base, tmp_path / "otter-q4_k_m.gguf", outtype="q4_k_m", progress=False))
+    quantized = _types(quantize(otter, tmp_path / "otter-f16-q4_k_m.gguf", "q4_k_m", threads=2))
+    base_alone = _types(quantize(base, tmp_path / "base-q4_k_m.gguf", "q4_k_m", threads=2))
+
+    norms = [n for n in quantized if is_otter_tensor(n) and
+             n.split(".")[-2] in ("otter_attn_q_norm", "otter_attn_k_norm", "otter_post_attention_norm", "otter_post_ffw_norm")]
+    from otter_gguf.reference import fixtures as fx
+
+    n_layer = {"qwen3": fx.TINY_QWEN3, "gemma3": fx.TINY_GEMMA3}[arch]["L"]
+    assert len(norms) == (4 if arch == "gemma3" else 2) * n_layer
+    assert all(quantized[n] == converted[n] == T.F32 for n in norms)
+    otter_names = sorted(n for n in quantized if is_otter_tensor(n))
+    assert otter_names == sorted(n for n in converted if is_otter_tensor(n))
+    assert {n: converted[n] for n in otter_names} == {n: quantized[n] for n in otter_names}
+    assert {n: t for n, t in quantized.items() if not is_otter_tensor(n)} == base_alone
