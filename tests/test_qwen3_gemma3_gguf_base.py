@@ -118,29 +118,23 @@ def test_qwen3_q_bias_refused(tmp_path, hf_base_gguf, tiny_qwen3_dir):
 
 
 # --------------------------------------------------------------------------- the real model (PyPI)
-@pytest.fixture(scope="module")
-def gemma3_270m():
-    from otter_gguf_converter.pypi_models import gemma3_270m
-
-    return gemma3_270m(quiet=True)
-
-
 @pytest.mark.slow
-def test_real_gemma3_270m_reads(gemma3_270m):
+def test_real_gemma3_270m_reads(gemma3_270m_ref):
     """The assembled file (sha256-checked) reads with gguf-py and into the reference: 18 layers, d=640,
     4/1 heads, hd=256, vocabulary 262144, window 512 on 5 of every 6 layers, RoPE bases 1e6 / 1e4."""
     from otter_gguf_converter import gguf_io
 
-    info = gguf_io.base_info(gguf_io.open_gguf(gemma3_270m))
+    gemma3_270m, m = gemma3_270m_ref
+    reader = gguf_io.open_gguf(gemma3_270m)
+    info = gguf_io.base_info(reader)
     assert (info.architecture, info.n_layer, info.d, info.h, info.h_kv, info.hd, info.f, info.vocab_size) == \
         ("gemma3", 18, 640, 4, 1, 256, 2048, 262144)
-    c = base_config_from_gguf(gemma3_270m)
+    c = base_config_from_gguf(gemma3_270m, (reader, info))
     assert c.sliding_window == 512 and c.layer_types == (("sliding_attention",) * 5 + ("full_attention",)) * 3
     assert (c.rope_theta, c.rope_local_theta, c.attn_scale, c.embed_scale) == (1e6, 1e4, 1 / 16, 640 ** 0.5)
     assert c.tie_word_embeddings and c.final_logit_softcapping is None
-    m = load_base_gguf(gemma3_270m)
     # the file's norms are stored as 1 + w: the reference holds w and applies 1 + w, the file's values
-    stored = next(t for t in gguf_io.open_gguf(gemma3_270m).tensors if t.name == "blk.0.post_ffw_norm.weight")
+    stored = next(t for t in reader.tensors if t.name == "blk.0.post_ffw_norm.weight")
     w = m.weights["model.layers.0.post_feedforward_layernorm.weight"]
     assert torch.equal(m.config.norm_weight(w), torch.from_numpy(np.array(stored.data)))
     assert not torch.equal(w, torch.from_numpy(np.array(stored.data)))

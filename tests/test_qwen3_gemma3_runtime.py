@@ -401,20 +401,18 @@ PROMPT = (b"The quick brown fox jumps over the lazy dog. Otters are semiaquatic 
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
+def real(tmp_path_factory, gemma3_270m_ref):
     """Gemma 3 270M with a copy-initialised head (insert_otter on its dequantized weights: d2=64, 2/1 side heads,
     f2=128, 2 signals) as a sidecar (f16), the one-file model merged from it, that model with every tensor
     dequantized to F32, and the reference on the dequantized weights."""
     from otter_gguf.format.adapter import save_adapter
-    from otter_gguf.reference.gguf_base import dequantize_gguf, load_base_gguf, load_otter_gguf
+    from otter_gguf.reference.gguf_base import dequantize_gguf, load_otter_gguf
     from otter_gguf.reference.model import insert_otter
     from otter_gguf_converter import convert
-    from otter_gguf_converter.pypi_models import gemma3_270m
     from otter_gguf_converter.sidecar import merge
 
     d = tmp_path_factory.mktemp("gemma3-270m")
-    base = gemma3_270m(quiet=True)
-    ref_base = load_base_gguf(base)
+    base, ref_base = gemma3_270m_ref
     cfg, t = insert_otter(ref_base, d2=64, h2=2, h2_kv=1, f2=128, n_out=2, signal_names=["alpha", "beta"],
                           init="copy", seed=0, base_model="gemma-3-270m")
     ad = save_adapter(d / "adapter", cfg, t, dtype="float32")
@@ -494,7 +492,7 @@ def test_real_gemma3_streamed_completion_with_rewards(real):
 
 
 @pytest.mark.slow
-def test_real_gemma3_trained_head(tmp_path):
+def test_real_gemma3_trained_head(tmp_path, gemma3_270m_ref):
     """`otter-gguf train` on the Gemma 3 270M GGUF itself (train on the file you serve): a small sentiment
     head written as a sidecar. The runtime runs it beside the untouched base (main logits bit-identical,
     signals against the reference on the same dequantized weights by the module's rule) and it ranks held-out
@@ -506,11 +504,9 @@ def test_real_gemma3_trained_head(tmp_path):
     from otter_gguf import OtterLlama
     from otter_gguf.cli import main as cli
     from otter_gguf.format.adapter import load_adapter
-    from otter_gguf.reference.gguf_base import load_base_gguf
     from otter_gguf.reference.model import OtterModel
-    from otter_gguf_converter.pypi_models import gemma3_270m
 
-    base = gemma3_270m(quiet=True)
+    base, ref_base = gemma3_270m_ref
     pos, neg = ["great", "lovely", "wonderful", "excellent"], ["awful", "terrible", "horrible", "dreadful"]
     recs = [{"text": f"The {thing} was {adj}.", "target": 1.0 if adj in pos else -1.0}
             for thing in ("food", "room", "service", "film", "trip") for adj in pos + neg]
@@ -526,7 +522,7 @@ def test_real_gemma3_trained_head(tmp_path):
     plain = OtterLlama(str(base), **dict(LLAMA_KW, logits_all=True))
     llm = OtterLlama(str(base), otter_heads=[str(head)], **dict(LLAMA_KW, logits_all=True))
     cfg, tensors = load_adapter(out)
-    ref = OtterModel(load_base_gguf(base), cfg, tensors)
+    ref = OtterModel(ref_base, cfg, tensors)
     held_out = {"The concert was superb.": 1, "The hotel was fantastic.": 1,
                 "The concert was appalling.": -1, "The hotel was disgusting.": -1}
     final = {}
