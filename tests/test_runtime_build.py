@@ -263,20 +263,79 @@ def _fake_cached_wheel(cache: Path, plan: rb.BuildPlan) -> bytes:
     return data
 
 
+_V3_FLAGS = {"avx", "avx2", "fma", "f16c", "bmi2", "sse4_2", "popcnt"}
+_CPUS = {"x86-64-v3": _V3_FLAGS,  # e.g. an AMD EPYC with AVX2 and no AVX-512
+         "avx512": _V3_FLAGS | {"avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni"}}
+
+
+@pytest.mark.parametrize("cpu", sorted(_CPUS))
+def test_native_plan_is_the_portable_plan_exactly_on_an_x86_64_v3_cpu(monkeypatch: pytest.MonkeyPatch, cpu) -> None:
+    monkeypatch.setattr(rb.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(rb, "_cpu_flags", lambda: set(_CPUS[cpu]))
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    native, portable = rb.plan_build(), rb.plan_build(portable=True)
+    same = cpu == "x86-64-v3"
+    assert (native.key == portable.key) is same and (native.cmake_args == portable.cmake_args) is same
+    # a native plan that is the portable one says so (build log, build.json, doctor)
+    assert native.portable is same and portable.portable
+
+
+@pytest.mark.parametrize("cpu", sorted(_CPUS))
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
-def test_wheel_out_keeps_the_wheel_of_the_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, portable) -> None:
+def test_wheel_out_keeps_the_wheel_of_the_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture, portable, cpu) -> None:
+    """--wheel-out copies the cached wheel of the plan asked for; where both plans are one (an
+    x86-64-v3 CPU), that one wheel serves both."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("OTTER_GGUF_CACHE", str(cache))
     monkeypatch.delenv("CMAKE_ARGS", raising=False)
-    want = _fake_cached_wheel(cache, rb.plan_build(portable=portable))
-    _fake_cached_wheel(cache, rb.plan_build(portable=not portable))
+    monkeypatch.setattr(rb.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(rb, "_cpu_flags", lambda: set(_CPUS[cpu]))
+    wheels = {}
+    for p in (portable, not portable):
+        plan = rb.plan_build(portable=p)
+        if plan.key not in wheels:
+            wheels[plan.key] = _fake_cached_wheel(cache, plan)
+    assert len(wheels) == (1 if cpu == "x86-64-v3" else 2)
     out = tmp_path / "out"
-    args = ["build-runtime", "--no-install", "--wheel-out", str(out)] + (["--portable"] if portable else [])
-    res = subprocess.run([sys.executable, "-m", "otter_gguf.cli", *args], capture_output=True, text=True)
+    rb.build_runtime(portable=portable, wheel_out=out, install=False)
+    (kept,) = out.iterdir()
+    assert kept.name == "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"
+    assert kept.read_bytes() == wheels[rb.plan_build(portable=portable).key]
+    err = capsys.readouterr().err
+    assert f"wheel kept: {kept}" in err and "installing" not in err
+
+
+def test_cli_wheel_out_on_this_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI path of --wheel-out with this machine's own flags, whatever they are."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("OTTER_GGUF_CACHE", str(cache))
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    plan = rb.plan_build(portable=True)
+    want = _fake_cached_wheel(cache, plan)
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "otter_gguf.cli", "build-runtime", "--no-install", "--portable",
+                          "--wheel-out", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     (kept,) = out.iterdir()
-    assert kept.name == "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl" and kept.read_bytes() == want
-    assert f"wheel kept: {kept}" in res.stderr and "installing" not in res.stderr
+    assert kept.read_bytes() == want and f"wheel kept: {kept}" in res.stderr and "installing" not in res.stderr
+
+
+def test_build_skips_the_common_library_the_package_never_loads(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sdist forces llama.cpp's common library on; the build turns that line off, refuses an
+    sdist without the line, and the edit is part of the cache key."""
+    sdist_root = pinned_llama_cpp_source().parents[1]
+    shutil.copy(sdist_root / "CMakeLists.txt", tmp_path / "CMakeLists.txt")
+    rb.edit_sdist(tmp_path)
+    text = (tmp_path / "CMakeLists.txt").read_text()
+    assert 'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "Build llama.cpp common library" FORCE)' in text
+    assert "LLAMA_BUILD_COMMON ON" not in text
+    with pytest.raises(rb.RuntimeBuildError, match="not the llama-cpp-python 0.3.36 sdist"):
+        rb.edit_sdist(tmp_path)
+    key = rb.plan_build("").key
+    monkeypatch.setattr(rb, "_SDIST_EDITS", ())
+    assert rb.plan_build("").key != key
 
 
 def test_progress_names_the_file_of_each_step() -> None:

@@ -45,6 +45,13 @@ _BASE_CMAKE_ARGS = [
     "-DLLAMA_BUILD_APP=OFF",
 ]
 
+# llama-cpp-python's CMakeLists.txt forces llama.cpp's common library on (LLAMA_BUILD_COMMON ... FORCE,
+# so no -D option turns it off), but the Python package never loads libllama-common: its ~50 compile
+# steps (chat parsers, argument parser, downloader) are skipped by turning that line off in the
+# extracted sdist before the build. Part of the cache key.
+_SDIST_COMMON_LINE = 'set(LLAMA_BUILD_COMMON ON CACHE BOOL "Build llama.cpp common library" FORCE)'
+_SDIST_EDITS = ("llama-common off",)
+
 # x86 flags we map from /proc/cpuinfo to ggml's CMake options. AMX is never
 # enabled: with AMX, K-quant prompt processing segfaults (llama.cpp #20824).
 _X86_FLAG_OPTIONS = [
@@ -207,22 +214,40 @@ class BuildPlan:
 
 
 def plan_build(user_cmake_args: str | None = None, portable: bool = False) -> BuildPlan:
+    """The build for this machine (``portable``: for any x86-64-v3 machine).
+
+    On a CPU whose flags are exactly the x86-64-v3 set the native options are the
+    portable ones: the two plans are one (same key, ``portable`` true), so one
+    cached wheel serves both and ``--wheel-out`` writes that wheel either way."""
     series = series_id()
     user = user_cmake_args if user_cmake_args is not None else os.environ.get("CMAKE_ARGS", "")
+    ours = default_cmake_args(portable)
+    portable = portable or (_is_x86_64() and ours == default_cmake_args(portable=True))
     # ours first: a user's -D option given later overrides ours in CMake
-    args = default_cmake_args(portable) + user.split() + [f"-DLLAMA_OTTER_SERIES={series}"]
+    args = ours + user.split() + [f"-DLLAMA_OTTER_SERIES={series}"]
     ident = {
         "llama-cpp-python": LLAMA_CPP_PYTHON_VERSION,
         "series": series,
         "cmake_args": args,
         "python": f"cp{sys.version_info.major}{sys.version_info.minor}",
         "machine": f"{sys.platform}-{platform.machine()}",
+        "sdist_edits": list(_SDIST_EDITS),
     }
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return BuildPlan(series=series, cmake_args=args, key=key, portable=portable)
 
 
 # -- build / install ----------------------------------------------------------
+
+
+def edit_sdist(sdist_root: Path) -> None:
+    """Build only what llama-cpp-python loads: turn the forced common library off (:data:`_SDIST_EDITS`)."""
+    cmake = sdist_root / "CMakeLists.txt"
+    text = cmake.read_text()
+    if _SDIST_COMMON_LINE not in text:
+        raise RuntimeBuildError(f"{cmake} has no line {_SDIST_COMMON_LINE!r}: this is not the "
+                                f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist the build expects")
+    cmake.write_text(text.replace(_SDIST_COMMON_LINE, _SDIST_COMMON_LINE.replace(" ON ", " OFF ")))
 
 
 def _check_toolchain() -> None:
@@ -399,6 +424,7 @@ def build_wheel(plan: BuildPlan, stream=None) -> Path:
             src = extract_sdist(sdist, Path(tmp) / SDIST_NAME)
         progress.say(f"applying {len(patches)} patch(es) from {patches[0].parent}")
         apply_series(src / "vendor" / "llama.cpp", patches)
+        edit_sdist(src)
         out = Path(tmp) / "dist"
         env = dict(os.environ)
         env["CMAKE_ARGS"] = " ".join(plan.cmake_args)
