@@ -508,10 +508,10 @@ class Engine:
             if s.run.trace and len(s.run.trace) >= len(s.run.generated):
                 s.run.trace[len(s.run.generated) - 1].setdefault("chosen", tok)
         self.generated_tokens += 1
-        checks = s.text.add(tok)  # False inside a multi-byte character, as llama-cpp-python
-        if checks and s.text.stopped:
+        whole = s.text.add(tok)  # False inside a multi-byte character: no stop-string check yet
+        if whole and s.text.stopped:
             s.finishing = "stop"
-        elif (checks and len(s.text.tokens) >= s.job.max_tokens) or s.n_past + 1 >= self.ctx_per_seq:
+        elif len(s.text.tokens) >= s.job.max_tokens or s.n_past + 1 >= self.ctx_per_seq:
             s.finishing = "length"
         s.pending = tok
 

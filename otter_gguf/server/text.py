@@ -7,9 +7,11 @@ rules, so that a served completion has the text the Python API gives:
 * a stop string ends the completion at the first stop (in the request's
   order) found in the text, which is cut before it; the token that completed
   the stop stays a completion token (as in ``logprobs`` / ``otter``);
-* while the text ends inside a multi-byte UTF-8 character the end checks
-  (stop strings, ``max_tokens``) are skipped, so a completion may exceed
-  ``max_tokens`` to finish the character (llama-cpp-python's ``multibyte_fix``);
+* while the text ends inside a multi-byte UTF-8 character the stop strings
+  are not looked for (llama-cpp-python's ``multibyte_fix``, llama-server's
+  ``validate_utf8``); ``max_tokens`` is a hard cap all the same (the engine
+  checks it, as llama-server checks ``n_predict``), and a character still
+  incomplete at the end is dropped from the text;
 * streamed deltas never show a byte that may still turn out to start a stop
   string, nor half a UTF-8 character (dropped if never completed, as
   ``errors="ignore"``).
@@ -43,8 +45,8 @@ class CompletionText:
 
     def add(self, token: int) -> bool:
         """Append a completion token. False while the text ends inside a
-        multi-byte character (the end checks are skipped); otherwise look for
-        the stop strings (:attr:`stopped`) and return True."""
+        multi-byte character (stop strings are not looked for yet); otherwise
+        look for the stop strings (:attr:`stopped`) and return True."""
         self.tokens.append(int(token))
         self.raw = self._detok(self.tokens, prev_tokens=self._prompt)
         self.ends.append(len(self.raw))
