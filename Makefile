@@ -7,13 +7,15 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup runtime demo test test-unit test-fast llama-src patches-check clean help
+.PHONY: setup runtime demo test test-unit test-fast test-portable llama-src patches-check clean help
 
 help:
 	@echo "make demo       run the demo (sets up first)"
 	@echo "make test       run the test suite, all tiers (sets up first)"
 	@echo "make test-unit  the unit tier only (no runtime build needed)"
 	@echo "make test-fast  all but the slow tier"
+	@echo "make test-portable  the suite on the portable (x86-64-v3, no AVX-512) runtime build:"
+	@echo "                 run it on an AVX-512 machine before changing a numerical baseline"
 	@echo "make setup      create $(VENV) with torch, otter-gguf and the patched runtime"
 	@echo "make runtime    (re)build the patched llama.cpp runtime (cached)"
 	@echo "make llama-src  lay out build/llama-src: pinned llama.cpp + patches/ as git commits"
@@ -43,6 +45,15 @@ test-unit: $(VENV)/.stamp-python
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# the suite as an AVX2-only CPU sees it: the portable wheel's libraries, loaded through
+# LLAMA_CPP_LIB_PATH (the installed native runtime stays as it is); CONTRIBUTING.md
+PORTABLE := build/portable
+test-portable: setup
+	rm -rf $(PORTABLE)
+	$(VENV)/bin/otter-gguf build-runtime --portable --no-install --wheel-out $(PORTABLE)/wheel
+	$(PY) -m zipfile -e $(PORTABLE)/wheel/llama_cpp_python-*.whl $(PORTABLE)/site
+	OTTER_TEST_PORTABLE=1 LLAMA_CPP_LIB_PATH=$(abspath $(PORTABLE))/site/llama_cpp/lib $(PY) -m pytest -q $(PYTEST_ARGS)
 
 llama-src: $(VENV)/.stamp-python
 	$(VENV)/bin/otter-gguf build-runtime --dev-source build/llama-src

@@ -148,7 +148,27 @@ def require_otter_runtime():
                                     dev_ok=bool(os.environ.get("LLAMA_CPP_LIB_PATH")))
     if problem:
         pytest.fail(f"{problem}: {fix}", pytrace=False)
+    if os.environ.get("OTTER_TEST_PORTABLE") == "1":  # `make test-portable` must not test the native build
+        info = ll.llama_print_system_info().decode()
+        if "AVX512 = 1" in info or "AMX" in info:
+            pytest.fail(f"OTTER_TEST_PORTABLE=1 but the loaded runtime is not the portable build ({info.strip()}); "
+                        "point LLAMA_CPP_LIB_PATH at its llama_cpp/lib (make test-portable)", pytrace=False)
     return ll
+
+
+def keep_eval_report(report: dict, baseline: Path) -> None:
+    """What the eval regression tests do with their report besides checking it:
+    ``OTTER_UPDATE_BASELINE=1`` writes it over ``baseline``; ``OTTER_EVAL_REPORT=DIR``
+    keeps a copy as ``DIR/<baseline's name>`` (the reports of one ISA, for
+    tests/baselines/isa_spread/: CONTRIBUTING.md, "Tests that hold on any x86-64-v3 CPU")."""
+    text = json.dumps(report, indent=2) + "\n"
+    if os.environ.get("OTTER_UPDATE_BASELINE") == "1":
+        baseline.parent.mkdir(parents=True, exist_ok=True)
+        baseline.write_text(text, encoding="utf-8")
+    if os.environ.get("OTTER_EVAL_REPORT"):
+        out = Path(os.environ["OTTER_EVAL_REPORT"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / baseline.name).write_text(text, encoding="utf-8")
 
 
 def pristine_lib_dir() -> Path:
@@ -160,7 +180,8 @@ def pristine_lib_dir() -> Path:
     from otter_gguf.runtime import build as rb
     from otter_gguf_converter.llamacpp import LLAMA_CPP_PYTHON_VERSION, cache_dir, pinned_llama_cpp_source
 
-    args = [a for a in rb.default_cmake_args() if a.startswith("-DGGML_")]
+    portable = os.environ.get("OTTER_TEST_PORTABLE") == "1"  # `make test-portable`: the runtime is the portable build
+    args = [a for a in rb.default_cmake_args(portable=portable) if a.startswith("-DGGML_")]
     key = hashlib.sha256(" ".join([LLAMA_CPP_PYTHON_VERSION, *args]).encode()).hexdigest()[:16]
     build = cache_dir() / "pristine" / key
     lib = build / "bin"

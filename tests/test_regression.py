@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
+
+from helpers import keep_eval_report
 
 from otter_gguf.demo import DEMO_DIR
 from otter_gguf.tools import eval as ev
@@ -50,9 +51,7 @@ def demo_report(tmp_path_factory, otter_runtime):
     report["base"] = "otter_gguf/demo/base"
     report["prompts"]["source"] = "otter_gguf/data/eval_prompts.txt"
     report["demo_model_sha256"] = _demo_fingerprint()
-    if os.environ.get("OTTER_UPDATE_BASELINE") == "1":
-        BASELINE.parent.mkdir(parents=True, exist_ok=True)
-        BASELINE.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    keep_eval_report(report, BASELINE)
     return report
 
 

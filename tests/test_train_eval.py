@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
+
+from helpers import keep_eval_report
 
 from otter_gguf.demo import smollm2 as demo
 from otter_gguf.tools import eval as ev
@@ -48,8 +49,7 @@ def report(tmp_path_factory, otter_runtime):
     rep["adapter"] = "otter_gguf/demo/smollm2/adapter"
     rep["prompts"]["source"] = "otter_gguf/data/eval_prompts.txt"
     rep["head_sha256"] = hashlib.sha256((demo.ADAPTER_DIR / "otter_model.safetensors").read_bytes()).hexdigest()
-    if os.environ.get("OTTER_UPDATE_BASELINE") == "1":
-        BASELINE.write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
+    keep_eval_report(rep, BASELINE)
     return rep
 
 
