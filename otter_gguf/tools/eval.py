@@ -78,15 +78,19 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
 
 #: how much worse than the committed baseline a metric may get before the
 #: regression suite fails: (relative slack, absolute slack); higher-is-better
-#: metrics may drop by the absolute slack only.
+#: metrics may drop by the absolute slack only. Each is at least twice the
+#: spread measured between ggml's AVX2 and AVX-512 kernels (tests/baselines/isa/,
+#: checked by tests/test_eval_isa_spread.py); the largest, on the SmolLM2 head:
+#: rank_agreement 0.0062 (q8_0, q6_k), top1 0.012 (q4_k_m), max_abs_rel 4.8%
+#: relative (q4_k_m), kld_p99 3.8% (q6_k), spearman 0.00044 (q4_k_m).
 REGRESSION_TOLERANCES: dict[str, tuple[float, float]] = {
     "mean_abs_rel": (0.25, 0.001),
     "max_abs_rel": (0.25, 0.005),
     "spearman": (0.0, 0.002),
-    "rank_agreement": (0.0, 0.005),
+    "rank_agreement": (0.0, 0.0125),
     "kld_mean": (0.25, 1e-5),
     "kld_p99": (0.5, 5e-5),
-    "top1": (0.0, 0.01),
+    "top1": (0.0, 0.025),
 }
 _HIGHER_IS_BETTER = {"spearman", "rank_agreement", "top1"}
 
