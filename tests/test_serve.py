@@ -486,6 +486,54 @@ def test_cli_serve_subprocess(gguf_models, tmp_path):
         proc.wait(30)
 
 
+def test_guidance_across_a_token_reward_and_a_reward_head(gguf_models, tmp_path, adapter_token_reward_dir,
+                                                          adapter_reward1_dir):
+    """A server running a token_reward head and a scalar reward head together ("mixed"): guidance
+    that names either or both signals gives the tokens, candidates and signals OtterLlama gives on
+    the same heads with the same seed (the server once answered 400 to any guidance here)."""
+    from otter_gguf_converter import convert
+
+    base = gguf_models.base
+    heads = {name: str(convert(a, base, tmp_path / f"{name}.gguf", outtype="f32", progress=False, sidecar=True,
+                               name=name))
+             for name, a in (("tr", adapter_token_reward_dir), ("harmless", adapter_reward1_dir))}
+    cfg, s = _serve(base, heads=[f"{n}={p}" for n, p in heads.items()])
+    try:
+        ref_llm = _python_api_path(base, otter_heads=heads, n_seq_max=5)
+        assert _client(s).models.list().model_dump()["data"][0]["otter"]["head_kind"] == "mixed"
+        cases = (({"weight": 3.0, "top_k": 3, "signal": {"tr/token_reward": 0.5, "harmless/reward": 0.5},
+                   "trace": True}, 0, None),  # both heads: batched candidates
+                 ({"weight": 2.0, "top_k": 3, "signal": {"tr/token_reward": 1.0, "harmless/reward": -1.0},
+                   "trace": True}, 0.9, 5),
+                 ({"weight": 2.0, "top_k": 3, "signal": "tr/token_reward"}, 0.8, 11),  # one pass per step
+                 ({"weight": 2.0, "mode": "dexperts", "signal": "tr/token_reward"}, 0, None))
+        for g, temp, seed in cases:
+            r = _client(s).completions.create(model=cfg.name, prompt=PROMPT, max_tokens=6, temperature=temp,
+                                              seed=seed, extra_body={"repeat_penalty": 1.0,
+                                                                     "otter": {"guidance": g}}).model_dump()
+            ch = r["choices"][0]
+            ref = _capped(ref_llm(PROMPT, max_tokens=6, temperature=temp, seed=seed, guidance=g)["choices"][0], 6)
+            assert ch["otter"]["tokens"] == ref["otter"]["tokens"], g
+            _assert_text(ch, ref)
+            np.testing.assert_allclose(np.array(ch["otter"]["signals"], dtype=float),
+                                       np.array(ref["otter"]["signals"], dtype=float), **TOL)
+            if g.get("trace"):
+                got, want = ch["otter"]["guidance"], ref["otter"]["guidance"]
+                assert [x["candidates"] for x in got] == [x["candidates"] for x in want]
+                assert [x["chosen"] for x in got] == ch["otter"]["tokens"]
+                np.testing.assert_allclose([x["rewards"] for x in got], [x["rewards"] for x in want], **TOL)
+        plain = ref_llm(PROMPT, max_tokens=6, temperature=0)["choices"][0]["otter"]["tokens"]
+        g = {"weight": 3.0, "top_k": 3, "signal": {"tr/token_reward": 0.5, "harmless/reward": 0.5}}
+        ref = ref_llm(PROMPT, max_tokens=6, temperature=0, guidance=g)["choices"][0]["otter"]["tokens"]
+        assert ref != plain  # the guidance of the first case changes the completion
+        # guidance that does not apply to these heads is still a 400 naming why
+        st, _, body = _http(s, "POST", "/v1/completions",
+                            {"prompt": PROMPT, "max_tokens": 2, "otter": {"guidance": {"signal": "nope"}}})
+        assert st == 400 and "unknown signal name 'nope'" in json.loads(body)["error"]["message"]
+    finally:
+        s.stop()
+
+
 def test_sidecar_heads_served(gguf_models, tmp_path, adapter_reward1_dir, adapter_reward3_dir):
     """--head: the base plus two Otter adapter GGUFs; signals named head/signal, as the Python API."""
     from otter_gguf_converter import convert

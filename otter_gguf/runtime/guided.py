@@ -12,7 +12,12 @@ this module runs them during generation:
 * :func:`resolve_heads` / :class:`HeadsGuidance`: guidance of a ``"mixed"``
   context (several heads, a token_reward head among them): a candidate's reward
   is ``sum coef * signal`` over the named signals, a token_reward head's signal
-  being its row at the last fed position read at the candidate's id.
+  being its row at the last fed position read at the candidate's id;
+* :func:`resolve`: the one resolution of a request's guidance against the heads
+  an OtterLlama runs, and :func:`constrained_logits`, :func:`candidate_rewards`,
+  :func:`pick_candidate`: the parts of one batched candidate step.
+  :func:`generate_batched` and the server's engine (otter_gguf/server/engine.py,
+  which interleaves the steps of many sequences in one batch) both use them.
 
 llama_cpp is imported only when batched guidance runs.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 
@@ -38,7 +43,8 @@ from otter_gguf.runtime.guidance import (
 )
 from otter_gguf.runtime.signals import SignalLayout, SignalStore
 
-__all__ = ["token_processor", "prepare_prompt", "generate_batched", "HeadsGuidance", "resolve_heads"]
+__all__ = ["token_processor", "prepare_prompt", "generate_batched", "HeadsGuidance", "resolve_heads", "resolve",
+           "constrained_logits", "candidate_rewards", "pick_candidate"]
 
 
 @dataclass
@@ -93,6 +99,58 @@ def resolve_heads(g: Guidance, layout: SignalLayout, n_vocab: int) -> HeadsGuida
                          f"use mode='args', or name only token_reward signals")
     kind = HeadKind.REWARD.value if scalar else HeadKind.TOKEN_REWARD.value
     return HeadsGuidance(g, kind, coef if scalar else None, token_coef=token_coef)
+
+
+def resolve(g: Guidance, llm: Any) -> ResolvedGuidance:
+    """``g`` checked against the heads the OtterLlama ``llm`` runs (ValueError naming what does
+    not apply): :func:`resolve_heads` on a ``"mixed"`` context, :meth:`Guidance.resolve` otherwise."""
+    layout = llm._otter_src.layout
+    if layout is not None:  # several heads, a token_reward head among them
+        return resolve_heads(g, layout, llm._n_vocab)
+    return g.resolve(head_kind=llm.head_kind, n_out=llm.n_out, signal_names=llm.signal_names, n_vocab=llm._n_vocab)
+
+
+def constrained_logits(logits: np.ndarray, processors: Any, chain: Any, cand: Any, input_ids: Any = None) -> np.ndarray:
+    """A batched step's logits before choosing candidates: the logits processors (a callable or
+    None), then the penalties / grammar sampler ``chain`` (None: none), whose rejected tokens get
+    ``-inf``. ``cand`` is a ``LlamaTokenDataArray`` of the vocabulary's size, reused across steps."""
+    import llama_cpp
+
+    cur = logits
+    if processors is not None:
+        cur = np.asarray(processors(input_ids, cur.copy()), dtype=np.float32)
+    if chain is not None:
+        cand.copy_logits(cur)
+        llama_cpp.llama_sampler_apply(chain.sampler, ctypes.byref(cand.candidates))
+        size = int(cand.candidates.size)
+        cur = np.full(logits.shape[0], -np.inf, dtype=np.float32)
+        cur[cand.candidates_data.id[:size]] = cand.candidates_data.logit[:size]
+    return cur
+
+
+def candidate_rewards(g: ResolvedGuidance, sig: np.ndarray, ids: np.ndarray, prev: Optional[np.ndarray],
+                      position: int) -> np.ndarray:
+    """The rewards of a batched step's candidates ``ids``: their own signal rows ``sig``
+    (``[k, n_out]``) reduced by ``g``, plus, for a combination with token_reward heads, those heads'
+    rows at the last fed position (``prev``, the row of ``position``) read at the candidates' ids."""
+    rewards = g.reward(sig)
+    if isinstance(g, HeadsGuidance) and g.token_coef:
+        if prev is None:
+            raise RuntimeError(f"no Otter signal row for position {position} while guiding")
+        rewards = rewards + g.token_vector(prev)[ids].astype(np.float64)
+    return rewards
+
+
+def pick_candidate(g: ResolvedGuidance, ids: np.ndarray, logits: np.ndarray, rewards: np.ndarray, temp: float,
+                   rng: np.random.Generator, trace: Optional[list]) -> int:
+    """ARGS over the candidates (``logits``: their constrained logits): the index ``j`` of the
+    chosen one; with ``trace`` (a list) the step is appended to it."""
+    scores = args_scores(logits, rewards, g.weight)
+    j = args_pick(scores, temp, rng)
+    if trace is not None:
+        trace.append({"candidates": ids.tolist(), "logits": logits.astype(float).tolist(),
+                      "rewards": rewards.tolist(), "scores": scores.tolist(), "chosen": int(ids[j])})
+    return j
 
 
 def _candidate_row(g: ResolvedGuidance, row: np.ndarray) -> np.ndarray:
@@ -167,15 +225,7 @@ def generate_batched(llm: Any, tokens: List[int], g: ResolvedGuidance, run: Comp
             n = llm.n_tokens
             if n >= llm._n_ctx:
                 return
-            cur = logits
-            if logits_processor is not None:
-                cur = np.asarray(logits_processor(llm._input_ids, cur.copy()), dtype=np.float32)
-            if chain is not None:
-                cand.copy_logits(cur)
-                llama_cpp.llama_sampler_apply(chain.sampler, ctypes.byref(cand.candidates))
-                size = int(cand.candidates.size)
-                cur = np.full(n_vocab, -np.inf, dtype=np.float32)
-                cur[cand.candidates_data.id[:size]] = cand.candidates_data.logit[:size]
+            cur = constrained_logits(logits, logits_processor, chain, cand, llm._input_ids)
             k = min(g.top_k, llm._n_ctx - n, llm.n_batch)
             ids = top_k_ids(cur, k)
             if ids.size == 0:
@@ -193,14 +243,8 @@ def generate_batched(llm: Any, tokens: List[int], g: ResolvedGuidance, run: Comp
             prefix = llm.input_ids[:n].tolist()
             sig = np.stack([llm._otter_src.read_row(j, lambda t=t: prefix + [t])
                             for j, t in enumerate(ids.tolist())]).astype(np.float32)
-            rewards = g.reward(sig)
-            if isinstance(g, HeadsGuidance) and g.token_coef:
-                prev = st.get(n - 1)
-                if prev is None:
-                    raise RuntimeError(f"no Otter signal row for position {n - 1} while guiding")
-                rewards = rewards + g.token_vector(prev)[ids].astype(np.float64)
-            scores = args_scores(cur[ids], rewards, g.weight)
-            j = args_pick(scores, temp, rng)
+            rewards = candidate_rewards(g, sig, ids, st.get(n - 1), n - 1)
+            j = pick_candidate(g, ids, cur[ids], rewards, temp, rng, run.trace if g.spec.trace else None)
             tok = int(ids[j])
             new_logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(j), shape=(n_vocab,)).copy()
             llama_cpp.llama_memory_seq_cp(mem, j + 1, 0, n, n + 1)
@@ -215,9 +259,6 @@ def generate_batched(llm: Any, tokens: List[int], g: ResolvedGuidance, run: Comp
             st.put(n, sig[j])
             if chain is not None:
                 llama_cpp.llama_sampler_accept(chain.sampler, tok)
-            if g.spec.trace:
-                run.trace.append({"candidates": ids.tolist(), "logits": cur[ids].astype(float).tolist(),
-                                  "rewards": rewards.tolist(), "scores": scores.tolist(), "chosen": tok})
             used = cur
             logits = new_logits
             if stopping_criteria is not None and stopping_criteria(llm._input_ids[:n], used):

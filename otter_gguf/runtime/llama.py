@@ -285,11 +285,7 @@ class OtterLlama(Llama):
         if g is None:
             return None
         self._require_otter("guidance")
-        if self._otter_src.layout is not None:  # several heads, a token_reward head among them
-            r = guided.resolve_heads(g, self._otter_src.layout, self._n_vocab)
-        else:
-            r = g.resolve(head_kind=self.head_kind, n_out=self.n_out, signal_names=self.signal_names,
-                          n_vocab=self._n_vocab)
+        r = guided.resolve(g, self)
         if self.draft_model is not None:
             raise ValueError("guidance cannot be combined with a draft_model (speculative decoding)")
         if r.batched:

@@ -29,6 +29,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from otter_gguf.runtime import guided
 from otter_gguf.runtime.guidance import Guidance
 from otter_gguf.runtime.score import OtterScore, check_tokens
 from otter_gguf.server.engine import Delta, Done, Engine, Failed, Job, QueueFull, Sampling
@@ -144,8 +145,7 @@ class Server:
                                    param="otter.side_stream")
             try:
                 g = Guidance.coerce(opts.guidance)
-                guidance = g.resolve(head_kind=llm.head_kind, n_out=llm.n_out, signal_names=llm.signal_names,
-                                     n_vocab=llm._n_vocab)
+                guidance = guided.resolve(g, llm)
             except ValueError as e:
                 raise RequestError(f"otter.guidance: {e}", param="otter.guidance") from None
             if guidance.batched and guidance.top_k + 1 > self.cfg.parallel:

@@ -31,7 +31,6 @@ it). Results go to the job's ``sink`` (called from the scheduler thread) as
 from __future__ import annotations
 
 import collections
-import ctypes
 import threading
 import time
 import types
@@ -48,7 +47,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 from otter_gguf.runtime import guided
 from otter_gguf.runtime.completion import CompletionAssembler, CompletionRun
-from otter_gguf.runtime.guidance import ResolvedGuidance, args_pick, args_scores, top_k_ids
+from otter_gguf.runtime.guidance import ResolvedGuidance, top_k_ids
 from otter_gguf.runtime.signals import SignalStore
 from otter_gguf.server.text import CompletionText
 
@@ -160,6 +159,7 @@ class _Slot:
         self.first_token_s: Optional[float] = None
         self.procs: List[Any] = []  # logits processors (logit_bias) of scalar guidance
         self.cand: Optional[np.ndarray] = None  # scalar guidance: this step's candidates
+        self.cand_array: Any = None  # scalar guidance with a sampler chain: its token data array
         self.cur: Optional[np.ndarray] = None  # ... and the processed logits they came from
 
     @property
@@ -527,16 +527,10 @@ class Engine:
 
     def _candidates(self, s: _Slot) -> Optional[np.ndarray]:
         """Scalar-head guidance: this step's candidates (top_k by processed logit)."""
-        cur = s.logits
-        for p in s.procs:
-            cur = np.asarray(p(None, cur.copy()), dtype=np.float32)
-        if s.chain is not None:
-            cand = internals.LlamaTokenDataArray(n_vocab=self.n_vocab)
-            cand.copy_logits(cur)
-            llama_cpp.llama_sampler_apply(s.chain.sampler, ctypes.byref(cand.candidates))
-            size = int(cand.candidates.size)
-            cur = np.full(self.n_vocab, -np.inf, dtype=np.float32)
-            cur[cand.candidates_data.id[:size]] = cand.candidates_data.logit[:size]
+        if s.chain is not None and s.cand_array is None:
+            s.cand_array = internals.LlamaTokenDataArray(n_vocab=self.n_vocab)
+        cur = guided.constrained_logits(s.logits, LogitsProcessorList(s.procs) if s.procs else None, s.chain,
+                                        s.cand_array)
         k = min(s.job.guidance.top_k, self.ctx_per_seq - s.n_past)
         ids = top_k_ids(cur, k)
         if ids.size == 0:
@@ -550,9 +544,9 @@ class Engine:
         hist = s.job.prompt_tokens + s.text.tokens
         sig = np.stack([self._src.read_row(i0 + j, lambda t=t: hist + [t])
                         for j, t in enumerate(ids.tolist())]).astype(np.float32)
-        rewards = g.reward(sig)
-        scores = args_scores(s.cur[ids], rewards, g.weight)
-        j = args_pick(scores, s.job.sampling.temperature, s.rng)
+        rewards = guided.candidate_rewards(g, sig, ids, s.store.get(n - 1), n - 1)
+        j = guided.pick_candidate(g, ids, s.cur[ids], rewards, s.job.sampling.temperature, s.rng,
+                                  s.run.trace if g.spec.trace else None)
         tok = int(ids[j])
         s.logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, i0 + j),
                                          shape=(self.n_vocab,)).copy()
@@ -561,9 +555,6 @@ class Engine:
             llama_cpp.llama_memory_seq_rm(self._mem, h, -1, -1)
         if s.chain is not None:
             llama_cpp.llama_sampler_accept(s.chain.sampler, tok)
-        if g.spec.trace:
-            s.run.trace.append({"candidates": ids.tolist(), "logits": s.cur[ids].astype(float).tolist(),
-                                "rewards": rewards.tolist(), "scores": scores.tolist(), "chosen": tok})
         if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
             return self._complete(s, "stop")
         s.store.put(n, sig[j])
