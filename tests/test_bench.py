@@ -205,7 +205,7 @@ def test_reward_model_file_has_no_lm_head(quick_report, tmp_path_factory):
     assert not [n for n in rm if "otter" in n or n.startswith(("cls", "score"))]
 
 
-# ---------------------------------------------------------------- issue 14: the qwen3 / gemma3 bench models
+# ---------------------------------------------------------------- the qwen3 / gemma3 bench models
 @pytest.mark.unit
 def test_issue14_bench_models_and_their_side_shapes():
     q = bench.SHAPES["qwen3-0.6b"]

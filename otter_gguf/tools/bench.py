@@ -82,7 +82,7 @@ SHAPES: Dict[str, dict] = {
                d2=256, h2=4, h2_kv=1, f2=1024),
     "tiny": dict(d=256, L=2, h=4, h_kv=2, f=512, V=1024, ctx_train=2048,
                  d2=32, h2=1, h2_kv=1, f2=128),
-    # issue 14: Qwen3 0.6B's shape (random weights, tied LM head); side d2 = d/8 as for 1b, one side head of hd=128
+    # Qwen3 0.6B's shape (random weights, tied LM head); side d2 = d/8 as for 1b, one side head of hd=128
     "qwen3-0.6b": dict(arch="qwen3", d=1024, L=28, h=16, h_kv=8, hd=128, f=3072, V=151936, ctx_train=40960,
                        tied=True, model_name="bench-qwen3-0.6b-random", d2=128, h2=1, h2_kv=1, f2=512),
 }

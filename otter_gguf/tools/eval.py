@@ -70,7 +70,7 @@ EVAL_FORMAT_VERSION = 1
 DEFAULT_TYPES: tuple[str, ...] = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "eval_prompts.txt"
 
-#: absolute targets (issue 6), enforced by the regression suite: type -> metric -> (op, bound)
+#: absolute accuracy targets of the quantized types, enforced by the regression suite: type -> metric -> (op, bound)
 TARGETS: dict[str, dict[str, tuple[str, float]]] = {
     "q8_0": {"max_abs_rel": ("<=", 0.01), "rank_agreement": (">=", 0.995), "kld_mean": ("<=", 1e-3)},
     "q4_k_m": {"mean_abs_rel": ("<=", 0.05), "rank_agreement": (">=", 0.97)},
