@@ -36,6 +36,10 @@ CHAT_TEMPLATE = (
 
 _built: Dict[str, Path] = {}
 
+#: `make test-portable`: the runtime under test is the portable (x86-64-v3) build, loaded through
+#: LLAMA_CPP_LIB_PATH; what a test builds or installs to compare with it uses the portable plan too
+PORTABLE = os.environ.get("OTTER_TEST_PORTABLE") == "1"
+
 # small, fast, deterministic settings shared by the tests
 LLAMA_KW = dict(n_ctx=256, n_batch=64, n_threads=1, n_threads_batch=1, verbose=False)
 
@@ -148,8 +152,8 @@ def require_otter_runtime():
                                     dev_ok=bool(os.environ.get("LLAMA_CPP_LIB_PATH")))
     if problem:
         pytest.fail(f"{problem}: {fix}", pytrace=False)
-    if os.environ.get("OTTER_TEST_PORTABLE") == "1":  # `make test-portable` must not test the native build
-        info = ll.llama_print_system_info().decode()
+    if PORTABLE:  # `make test-portable` must not test the native build
+        info = getattr(ll, "llama_print_system_info", lambda: b"")().decode()
         if "AVX512 = 1" in info or "AMX" in info:
             pytest.fail(f"OTTER_TEST_PORTABLE=1 but the loaded runtime is not the portable build ({info.strip()}); "
                         "point LLAMA_CPP_LIB_PATH at its llama_cpp/lib (make test-portable)", pytrace=False)
@@ -180,8 +184,7 @@ def pristine_lib_dir() -> Path:
     from otter_gguf.runtime import build as rb
     from otter_gguf_converter.llamacpp import LLAMA_CPP_PYTHON_VERSION, cache_dir, pinned_llama_cpp_source
 
-    portable = os.environ.get("OTTER_TEST_PORTABLE") == "1"  # `make test-portable`: the runtime is the portable build
-    args = [a for a in rb.default_cmake_args(portable=portable) if a.startswith("-DGGML_")]
+    args = [a for a in rb.default_cmake_args(portable=PORTABLE) if a.startswith("-DGGML_")]
     key = hashlib.sha256(" ".join([LLAMA_CPP_PYTHON_VERSION, *args]).encode()).hexdigest()[:16]
     build = cache_dir() / "pristine" / key
     lib = build / "bin"
@@ -486,9 +489,9 @@ def cached_otter(base_dir, adapter_dir, dtype=None):
     return _REFERENCE_CACHE[key]
 
 
-# --- an independent oracle of the side stream: spec §3's wide form (tests/test_reference*.py, test_qwen3_gemma3_*)
+# --- an independent oracle of the side stream: docs/OTTER.md §4's wide form (tests/test_reference*.py, qwen3, gemma3)
 def wide_forward(base, config, ot, tokens):
-    """Spec §3's wide form with §5's variants (llama, qwen2, qwen3, gemma3), written independently of
+    """docs/OTTER.md §4's wide form with §7's variants (llama, qwen2, qwen3, gemma3), written independently of
     otter_gguf.reference.model (but for the RoPE frequencies of scaled RoPE, taken from the base config): one
     transformer of width d+d2, h+h2 heads and f+f2 FFN units, base weights zero-padded, every RMS statistic
     of the residual width (pre-norms and sandwich norms) from the first d dims only, per-head Q/K norms

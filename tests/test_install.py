@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import PORTABLE
+
 from otter_gguf.runtime import build as rb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +110,8 @@ def test_installed_package_builds_checks_and_scores_without_a_checkout(kind, dis
     from otter_gguf import OtterLlama
 
     model = gguf_models.otter("reward3")
-    plan = rb.plan_build()
+    plan = rb.plan_build(portable=PORTABLE)
+    portable = ["--portable"] if PORTABLE else []
     assert rb.cached_wheel(plan) is not None, (
         f"no cached runtime wheel for {plan.marker} in {rb.cache_dir()}: run `make runtime` first")
     venv, env = _fresh_venv(tmp_path)
@@ -133,7 +136,7 @@ def test_installed_package_builds_checks_and_scores_without_a_checkout(kind, dis
     assert ("1 problem(s):\n  - llama-cpp-python (the runtime) is not installed\n"
             "    fix: run `otter-gguf build-runtime`") in r.stdout
     # build-runtime takes the cached wheel (same series, CMake args, Python, machine) and installs it
-    r = cli("build-runtime")
+    r = cli("build-runtime", *portable)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "using the cached runtime wheel" in r.stderr and f"runtime installed ({plan.marker})" in r.stderr
     r = cli("build-runtime", "--check")

@@ -39,7 +39,7 @@ def test_plain_gguf_logits_match_pristine_llama_cpp(hf_base_gguf, tiny_llama_dir
     pristine = pristine_lib_dir()
     out = {}
     for name, env_lib in (("patched", None), ("pristine", str(pristine))):
-        env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+        env = dict(os.environ)  # patched: the runtime under test (LLAMA_CPP_LIB_PATH in `make test-portable`)
         if env_lib:
             env["LLAMA_CPP_LIB_PATH"] = env_lib
         a, b = tmp_path / f"{name}-batch.npy", tmp_path / f"{name}-step.npy"
