@@ -74,7 +74,7 @@ def plan_tensors(adapter, cfg, arch: str, outtype: str, head_type: str | None):
     if unknown:
         raise ConvertError(
             f"adapter has unexpected tensor(s): {', '.join(sorted(unknown))} "
-            f"(expected only the tensors of OTTER_SPEC.md §4)"
+            f"(expected only the tensors of docs/OTTER.md §5, §7)"
         )
     missing = [n for n in required if n not in have]
     if missing:

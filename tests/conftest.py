@@ -120,7 +120,7 @@ def gemma3_adapter_dir(tmp_path_factory, tiny_gemma3_dir):
 
 @pytest.fixture(params=("qwen3", "gemma3"))
 def qwen3_gemma3_case(request, hf_base_gguf, tiny_qwen3_dir, tiny_gemma3_dir, qwen3_adapter_dir, gemma3_adapter_dir):
-    """Each of the OTTER_SPEC.md §5 architectures: (arch, HF base dir, its base GGUF (llama.cpp's converter,
+    """Each of the docs/OTTER.md §7 architectures: (arch, HF base dir, its base GGUF (llama.cpp's converter,
     f32), adapter dir)."""
     hf, ad = {"qwen3": (tiny_qwen3_dir, qwen3_adapter_dir), "gemma3": (tiny_gemma3_dir, gemma3_adapter_dir)}[
         request.param]

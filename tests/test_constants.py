@@ -1,7 +1,7 @@
-"""The Otter names (otter_gguf.format.constants) pinned to the spec, the docs and the C++ patches.
+"""The Otter names (otter_gguf.format.constants) pinned to docs/OTTER.md, the docs and the C++ patches.
 
 This is the one place where the names are spelled out literally: docs/FORMAT.md's
-metadata and tensor tables, OTTER_SPEC.md §4's adapter tensor table. Every other
+metadata and tensor tables, docs/OTTER.md §5's adapter tensor table. Every other
 test and module uses the constants, so a rename shows up here (and, through the
 patch and doc checks, on the other sides too).
 """
@@ -45,7 +45,7 @@ SPEC_KEYS = [
 ]
 
 # (GGUF name, adapter name) of every tensor of a 2-layer adapter with all the optional biases, in file order:
-# docs/FORMAT.md "Tensors" and OTTER_SPEC.md §4
+# docs/FORMAT.md "Tensors" and docs/OTTER.md §5
 SPEC_TENSORS_2_LAYERS = [
     ("otter_token_embd.weight", "otter.embed_tokens.weight"),
     ("blk.0.otter_attn_norm.weight", "otter.layers.0.input_layernorm.weight"),
@@ -82,7 +82,7 @@ SPEC_ARCH_KEYS = {
                "otter.base.rope.freq_base", "otter.base.rope.freq_base_swa"],
 }
 
-# OTTER_SPEC.md §5: one layer of a qwen3 / gemma3 adapter (no biases), in file order
+# docs/OTTER.md §7: one layer of a qwen3 / gemma3 adapter (no biases), in file order
 SPEC_QWEN3_LAYER_0 = [
     ("blk.0.otter_attn_norm.weight", "otter.layers.0.input_layernorm.weight"),
     ("blk.0.otter_attn_q.weight", "otter.layers.0.self_attn.q_proj.weight"),
@@ -199,7 +199,7 @@ def test_arch_tensor_names(arch):
 
 
 def test_gemma3_names_differ_from_the_llama_family():
-    # the same adapter name is another tensor on a gemma3 base (spec §5)
+    # the same adapter name is another tensor on a gemma3 base (docs/OTTER.md §7)
     name = "otter.layers.3.post_attention_layernorm.weight"
     assert C.gguf_tensor_name(name) == C.gguf_tensor_name(name, "qwen3") == "blk.3.otter_ffn_norm.weight"
     assert C.gguf_tensor_name(name, "gemma3") == "blk.3.otter_post_attention_norm.weight"

@@ -106,7 +106,7 @@ def test_convert_and_llama_quantize_agree(deep, mix):
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
 def test_qwen3_gemma3_tensors_follow_the_policy(request, tmp_path, hf_base_gguf, arch):
-    """The tensors of OTTER_SPEC.md §5 (side Q/K norms, gemma3's sandwich norms) under the same policy:
+    """The tensors of docs/OTTER.md §7 (side Q/K norms, gemma3's sandwich norms) under the same policy:
     1-D, so f32 after convert and after llama_model_quantize alike; every other Otter tensor of the same
     type both ways; the base tensors as the base quantized alone."""
     from otter_gguf.format.constants import is_otter_tensor

@@ -1,4 +1,4 @@
-"""Converting qwen3 and gemma3 adapters (OTTER_SPEC.md §5, docs/FORMAT.md): tensor names, order, types and
+"""Converting qwen3 and gemma3 adapters (docs/OTTER.md §7, docs/FORMAT.md): tensor names, order, types and
 shapes, gemma3's norm-weight shift (1 + w) and no Q/K permutation, checked with gguf-py; the base fingerprint
 of these architectures; bases from HF (llama.cpp's own converter) or GGUF; malformed adapters refused."""
 

@@ -1,4 +1,4 @@
-"""The PyTorch reference on qwen3 and gemma3 bases (OTTER_SPEC.md §5): the base forward vs transformers'
+"""The PyTorch reference on qwen3 and gemma3 bases (docs/OTTER.md §7): the base forward vs transformers'
 Qwen3ForCausalLM / Gemma3ForCausalLM, the Otter side stream vs an independently written wide form, the KV
 cache across gemma3's sliding window, insert_otter, and the adapter format of these architectures."""
 

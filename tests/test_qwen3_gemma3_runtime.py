@@ -1,4 +1,4 @@
-"""The patched runtime on qwen3 and gemma3 bases (OTTER_SPEC.md §5) against the PyTorch reference, as
+"""The patched runtime on qwen3 and gemma3 bases (docs/OTTER.md §7) against the PyTorch reference, as
 tests/test_runtime.py does for llama: f32 signals with an f32 KV cache (whole prompt, token by token, two
 interleaved sequences, seq_rm, state save/restore; gemma3 prompts longer than its sliding window of 8, with a
 full-size and a trimmed SWA cache), main logits bit-identical to the base alone at f32 / q8_0 / q4_k_m,

@@ -1,4 +1,4 @@
-"""Otter adapter GGUFs ("sidecars") for qwen3 and gemma3 bases (OTTER_SPEC.md §5, docs/FORMAT.md "Adapter GGUF"):
+"""Otter adapter GGUFs ("sidecars") for qwen3 and gemma3 bases (docs/OTTER.md §7, docs/FORMAT.md "Adapter GGUF"):
 convert --sidecar writes the head of the one-file model (the new tensor kinds, gemma3's 1 + w norms and its own
 fingerprint keys); split and merge round-trip byte for byte; the reader checks the architecture's own keys and
 tensors and merge refuses a head made for a base with another sliding window."""

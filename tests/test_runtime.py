@@ -1,4 +1,4 @@
-"""The patched llama.cpp runtime against the PyTorch reference (spec §3).
+"""The patched llama.cpp runtime against the PyTorch reference (docs/OTTER.md §3).
 
 Runs through llama-cpp-python's low-level bindings on the library it loaded
 (LLAMA_CPP_LIB_PATH); skipped only if that library is not the Otter-patched

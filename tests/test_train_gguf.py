@@ -80,7 +80,7 @@ def test_gguf_tokenizer_matches_the_runtime_and_maps_offsets(hf_base_gguf, tiny_
 def test_train_from_gguf_gives_a_head_the_runtime_reproduces(request, tmp_path, hf_base_gguf, fixture, otter_runtime):
     """otter-gguf train BASE.gguf ... --gguf OUT: the runtime's signals on the written Otter GGUF
     equal the reference's (GGUF-loaded base + trained adapter) on the same tokens (llama, and the
-    qwen3/gemma3 variants of OTTER_SPEC.md §5: per-head Q/K norms, sandwich norms, GELU, windows)."""
+    qwen3/gemma3 variants of docs/OTTER.md §7: per-head Q/K norms, sandwich norms, GELU, windows)."""
     from click.testing import CliRunner
 
     from otter_gguf import OtterLlama

@@ -1,4 +1,4 @@
-"""The Otter adapter format (spec §4): config, weights, GGUF names. numpy only, no torch.
+"""The Otter adapter format (docs/OTTER.md §5): config, weights, GGUF names. numpy only, no torch.
 
 Everything else imports this layer; it imports nothing of the project's.
 """

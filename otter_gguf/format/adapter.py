@@ -1,4 +1,4 @@
-"""Reading, validating and writing Otter adapter checkpoints (spec §4).
+"""Reading, validating and writing Otter adapter checkpoints (docs/OTTER.md §5).
 
 An adapter is a directory with ``otter_config.json`` and
 ``otter_model.safetensors``. :func:`open_adapter` checks the config and the
@@ -282,7 +282,7 @@ def save_adapter(path: str | os.PathLike, config: OtterConfig,
                  tensors: Mapping[str, Any], dtype: str = "float32") -> Path:
     """Validate ``config`` and ``tensors`` then write an adapter directory.
 
-    ``tensors`` maps spec §4 names to torch tensors or numpy arrays;
+    ``tensors`` maps docs/OTTER.md §5 names to torch tensors or numpy arrays;
     ``dtype`` is ``"float32"``, ``"float16"`` or ``"bfloat16"``.
     """
     if dtype not in _SAVE_DTYPES:

@@ -1,6 +1,6 @@
-"""The Otter adapter configuration (``otter_config.json``, OTTER_SPEC.md §4).
+"""The Otter adapter configuration (``otter_config.json``, docs/OTTER.md §5).
 
-`OtterConfig` holds exactly the JSON fields of the spec. Loading never trusts
+`OtterConfig` holds exactly the JSON fields of docs/OTTER.md §5. Loading never trusts
 the file: :meth:`OtterConfig.from_dict` rejects missing and unknown keys,
 wrong types and inconsistent sizes with an :class:`AdapterError` naming the
 field, the expected and the found value.
@@ -33,7 +33,7 @@ class AdapterError(ValueError):
     """An Otter adapter (config or weights) is malformed or does not match."""
 
 
-# Field name -> (python type, must be positive). Order is the spec's order.
+# Field name -> (python type, must be positive). Order is that of docs/OTTER.md §5.
 _INT_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
@@ -65,7 +65,7 @@ BASE_FIELDS = (
 
 @dataclass
 class OtterConfig:
-    """Exactly the fields of ``otter_config.json`` (spec §4)."""
+    """Exactly the fields of ``otter_config.json`` (docs/OTTER.md §5)."""
 
     base_model: str
     base_architecture: str
@@ -94,7 +94,7 @@ class OtterConfig:
     def from_dict(cls, d: dict[str, Any], *, source: str = CONFIG_FILE_NAME) -> "OtterConfig":
         """Build and validate a config from a parsed JSON object.
 
-        Every key of the spec is required (``otter_version`` included);
+        Every key of docs/OTTER.md §5 is required (``otter_version`` included);
         unknown keys are rejected by name.
         """
         if not isinstance(d, dict):
@@ -230,7 +230,7 @@ class OtterConfig:
         return self.head_output_size
 
     def tensor_shape(self, kind: OtterTensor, suffix: str = WEIGHT) -> tuple[int, ...]:
-        """HF shape (spec §4) of the ``kind`` tensor (any layer)."""
+        """HF shape (docs/OTTER.md §5) of the ``kind`` tensor (any layer)."""
         d, d2, hd = self.hidden_size, self.otter_hidden_size, self.head_dim
         h, h2, h2kv = self.num_attention_heads, self.otter_num_attention_heads, self.otter_num_key_value_heads
         f, f2 = self.intermediate_size, self.otter_intermediate_size
@@ -261,11 +261,11 @@ class OtterConfig:
                 for k, b, s in tensor_keys(self.num_hidden_layers, arch=arch) if (s == BIAS) == biases}
 
     def required_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """HF tensor name -> shape of every required tensor (spec §4, §5 for qwen3/gemma3), in layer order."""
+        """HF tensor name -> shape of every required tensor (docs/OTTER.md §5, §7 for qwen3/gemma3), in layer order."""
         return self._tensor_shapes(False)
 
     def optional_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """HF tensor name -> shape of the optional biases (spec §4)."""
+        """HF tensor name -> shape of the optional biases (docs/OTTER.md §5)."""
         return self._tensor_shapes(True)
 
     def tensor_order(self) -> list[str]:

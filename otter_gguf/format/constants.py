@@ -1,4 +1,4 @@
-"""The names of the Otter format, in one place (docs/FORMAT.md, OTTER_SPEC.md §4).
+"""The names of the Otter format, in one place (docs/FORMAT.md, docs/OTTER.md §5).
 
 In the style of gguf-py's ``gguf/constants.py``: the ``otter.*`` GGUF metadata
 keys (:class:`Keys`), the Otter GGUF tensor names (:class:`OtterTensor`,
@@ -6,7 +6,7 @@ keys (:class:`Keys`), the Otter GGUF tensor names (:class:`OtterTensor`,
 and the mapping between the two, the head kinds (:class:`HeadKind`) and the
 supported base architectures. Every Python module spells these names through
 this one; the C++ side (patches/0003, 0005) spells the same strings and
-tests/test_constants.py checks both against the spec. Pure Python, no imports
+tests/test_constants.py checks both against docs/OTTER.md. Pure Python, no imports
 of the project.
 """
 
@@ -16,13 +16,13 @@ import re
 from enum import Enum, IntEnum, auto
 from typing import Iterator
 
-# The `otter.version` of an Otter GGUF and the `otter_version` of an adapter (spec §4).
+# The `otter.version` of an Otter GGUF and the `otter_version` of an adapter (docs/OTTER.md §5).
 OTTER_FORMAT_VERSION = 1
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 # the base architectures the patched llama.cpp runtime (patches/) runs an Otter head on (qwen3, gemma3: the
-# side stream of OTTER_SPEC.md §5 in their graphs, tests/test_qwen3_gemma3_runtime.py)
+# side stream of docs/OTTER.md §7 in their graphs, tests/test_qwen3_gemma3_runtime.py)
 RUNTIME_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 KEY_PREFIX = "otter."      # every Otter metadata key starts with this
@@ -149,7 +149,7 @@ class OtterTensor(IntEnum):
     FFN_DOWN = auto()
     OUTPUT_NORM = auto()
     HEAD = auto()
-    # OTTER_SPEC.md §5 (qwen3, gemma3)
+    # docs/OTTER.md §7 (qwen3, gemma3)
     ATTN_Q_NORM = auto()     # per-head RMSNorm of the side queries [hd]
     ATTN_K_NORM = auto()     # per-head RMSNorm of the side keys [hd]
     ATTN_POST_NORM = auto()  # gemma3 sandwich norm of the attention block's output [d2]
@@ -178,7 +178,7 @@ TENSOR_NAMES: dict[OtterTensor, str] = {
     OtterTensor.FFN_POST_NORM: "blk.{bid}.otter_post_ffw_norm",
 }
 
-# the adapter's HF name templates (spec §4), without the suffix
+# the adapter's HF name templates (docs/OTTER.md §5), without the suffix
 HF_TENSOR_NAMES: dict[OtterTensor, str] = {
     OtterTensor.TOKEN_EMBD: "otter.embed_tokens",
     OtterTensor.ATTN_NORM: "otter.layers.{bid}.input_layernorm",
@@ -196,7 +196,7 @@ HF_TENSOR_NAMES: dict[OtterTensor, str] = {
     OtterTensor.ATTN_K_NORM: "otter.layers.{bid}.self_attn.k_norm",
 }
 
-# gemma3's HF names (spec §5): its four per-layer norms are input_layernorm (pre-attention),
+# gemma3's HF names (docs/OTTER.md §7): its four per-layer norms are input_layernorm (pre-attention),
 # post_attention_layernorm (sandwich), pre_feedforward_layernorm (pre-FFN) and post_feedforward_layernorm (sandwich),
 # so `post_attention_layernorm` is FFN_NORM for the llama family and ATTN_POST_NORM for gemma3
 GEMMA3_HF_TENSOR_NAMES: dict[OtterTensor, str] = {
@@ -208,14 +208,14 @@ GEMMA3_HF_TENSOR_NAMES: dict[OtterTensor, str] = {
 
 WEIGHT, BIAS = "weight", "bias"
 
-# the kinds that may have a bias (all optional, spec §4)
+# the kinds that may have a bias (all optional, docs/OTTER.md §5)
 BIAS_TENSORS = (OtterTensor.ATTN_Q, OtterTensor.ATTN_K, OtterTensor.ATTN_V, OtterTensor.HEAD)
 
 # the RMSNorm weights (1-D: [d2], the per-head Q/K norms [hd]); never quantized
 NORM_TENSORS = (OtterTensor.ATTN_NORM, OtterTensor.FFN_NORM, OtterTensor.OUTPUT_NORM, OtterTensor.ATTN_Q_NORM,
                 OtterTensor.ATTN_K_NORM, OtterTensor.ATTN_POST_NORM, OtterTensor.FFN_POST_NORM)
 
-# the kinds of an adapter for each base architecture (OTTER_SPEC.md §4, §5)
+# the kinds of an adapter for each base architecture (docs/OTTER.md §5, §7)
 _COMMON_TENSORS = tuple(k for k in OtterTensor if k <= OtterTensor.HEAD)
 _QK_NORMS = (OtterTensor.ATTN_Q_NORM, OtterTensor.ATTN_K_NORM)
 ARCH_TENSORS: dict[str, tuple[OtterTensor, ...]] = {
@@ -231,7 +231,7 @@ HF_TENSOR_NAMES_BY_ARCH: dict[str, dict[OtterTensor, str]] = {
 }
 
 # what llama.cpp's converter adds to every RMSNorm weight of an architecture (HF gemma3 applies x * (1 + w) and
-# stores w; the GGUF stores 1 + w): the Otter converter adds the same to every Otter norm weight (spec §5)
+# stores w; the GGUF stores 1 + w): the Otter converter adds the same to every Otter norm weight (docs/OTTER.md §7)
 NORM_WEIGHT_OFFSET: dict[str, float] = {"gemma3": 1.0}
 
 # the kinds with one tensor per layer
@@ -274,9 +274,9 @@ def _hf_templates(arch: str | None) -> dict[OtterTensor, str]:
 
 
 def hf_name(kind: OtterTensor, bid: int | None = None, suffix: str = WEIGHT, arch: str | None = None) -> str:
-    """Adapter (spec §4) name of one Otter tensor, e.g. ``otter.layers.1.self_attn.q_proj.weight``.
+    """Adapter (docs/OTTER.md §5) name of one Otter tensor, e.g. ``otter.layers.1.self_attn.q_proj.weight``.
 
-    ``arch``: the base architecture, whose HF names the adapter follows (spec §5: gemma3's FFN_NORM is
+    ``arch``: the base architecture, whose HF names the adapter follows (docs/OTTER.md §7: gemma3's FFN_NORM is
     ``pre_feedforward_layernorm``); None: the llama-family names (llama, qwen2, qwen3)."""
     templates = _hf_templates(arch)
     if kind not in templates:
@@ -331,18 +331,18 @@ def parse_gguf_name(name: str) -> tuple[OtterTensor, int | None, str]:
 
 
 def parse_hf_name(name: str, arch: str | None = None) -> tuple[OtterTensor, int | None, str]:
-    """(kind, layer or None, suffix) of an adapter tensor name (spec §4) of an adapter for base architecture
+    """(kind, layer or None, suffix) of an adapter tensor name (docs/OTTER.md §5) of an adapter for base architecture
     ``arch`` (None: the llama-family names); KeyError if it is not one."""
     return _parse(_HF_RE[id(_hf_templates(arch))], name)
 
 
 def gguf_tensor_name(hf: str, arch: str | None = None) -> str:
-    """GGUF name of an adapter tensor (spec §4 -> docs/FORMAT.md); KeyError if ``hf`` is not one."""
+    """GGUF name of an adapter tensor (docs/OTTER.md §5 -> docs/FORMAT.md); KeyError if ``hf`` is not one."""
     return gguf_name(*parse_hf_name(hf, arch))
 
 
 def hf_tensor_name(gguf: str, arch: str | None = None) -> str:
-    """Adapter name of an Otter GGUF tensor (docs/FORMAT.md -> spec §4); KeyError if ``gguf`` is not one
+    """Adapter name of an Otter GGUF tensor (docs/FORMAT.md -> docs/OTTER.md §5); KeyError if ``gguf`` is not one
     (or not one of an adapter for ``arch``)."""
     kind, bid, suffix = parse_gguf_name(gguf)
     if kind not in _hf_templates(arch):

@@ -1,4 +1,4 @@
-"""The PyTorch reference (spec §3): base and Otter forward passes, insertion, training, test fixtures.
+"""The PyTorch reference (docs/OTTER.md §3): base and Otter forward passes, insertion, training, test fixtures.
 
 Needs torch (``pip install torch==2.13.0``, the CPU build); nothing outside
 this package and the tools that compare against it imports it, so

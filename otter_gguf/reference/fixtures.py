@@ -13,7 +13,7 @@ writes ``tiny-llama/``, ``tiny-qwen2/``, ``tiny-qwen3/``, ``tiny-gemma3/``,
 Sizes: base d=256, L=4, h=4, h_kv=2, hd=64, f=768, V=512; adapters d2=256,
 h2=4, h2_kv=1, f2=256, so every row length (d+d2=512, (h+h2)*hd=512,
 f+f2=1024) is a multiple of 256 and every ggml quant type applies. The
-qwen3 and gemma3 bases (OTTER_SPEC.md §5) have hd=128 (h*hd != d, as in the
+qwen3 and gemma3 bases (docs/OTTER.md §7) have hd=128 (h*hd != d, as in the
 real models); gemma3 has 6 layers, so llama.cpp's default pattern (every
 6th layer full) gives 5 sliding layers with a window of 8 tokens and 1 full.
 """
@@ -128,7 +128,7 @@ def _base_weights(seed: int, *, qkv_bias: bool, tied: bool, arch: str = "llama",
     w["model.norm.weight"] = _norm_w(g, d)
     if not tied:
         w["lm_head.weight"] = _rand(g, V, d, std=1.0 / d ** 0.5)
-    # the tensors of OTTER_SPEC.md §5, drawn after the llama family's (whose draws stay as they were)
+    # the tensors of docs/OTTER.md §7, drawn after the llama family's (whose draws stay as they were)
     for i in range(L if arch in ("qwen3", "gemma3") else 0):
         p = f"model.layers.{i}."
         w[p + "self_attn.q_norm.weight"] = _norm_w(g, hd)

@@ -7,7 +7,7 @@ the Q/K rows of the ``llama`` architecture are brought back from llama.cpp's
 interleaved RoPE layout to the HF rotate-half layout
 (:func:`otter_gguf_converter.rope_unpermute`; qwen2, qwen3 and gemma3 use NeoX
 RoPE, no permutation), and gemma3's RMSNorm weights, stored by llama.cpp's
-converter as ``1 + w`` (Otter norms included, OTTER_SPEC.md §5), get ``w`` back.
+converter as ``1 + w`` (Otter norms included, docs/OTTER.md §7), get ``w`` back.
 The hyper-parameters come from the GGUF metadata, as llama.cpp reads them
 (gemma3: the sliding window and its per-layer pattern, the RoPE base of each
 kind of layer, the attention scale ``1/sqrt(hd)``, the embedding scale). The result is a :class:`~otter_gguf.reference.model.BaseModel`
@@ -57,7 +57,7 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-# OTTER_SPEC.md §5: the per-head Q/K norms (qwen3, gemma3) and gemma3's four per-layer norms (llama.cpp's
+# docs/OTTER.md §7: the per-head Q/K norms (qwen3, gemma3) and gemma3's four per-layer norms (llama.cpp's
 # ffn_norm is its pre-FFN norm, HF's pre_feedforward_layernorm; post_attention_norm / post_ffw_norm the sandwich norms)
 _QK_NORM_NAMES = {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}
 _LAYER_NAMES_BY_ARCH = {

@@ -1,4 +1,4 @@
-"""PyTorch reference implementation of the base model and of Otter (spec §3).
+"""PyTorch reference implementation of the base model and of Otter (docs/OTTER.md §3).
 
 This is the accuracy oracle the converter and the patched llama.cpp runtime
 are tested against. It is written in plain torch (no transformers) and reads
@@ -6,7 +6,7 @@ HF checkpoints (``config.json`` + ``*.safetensors``, sharded or not) of the
 LLaMA family: ``llama``, ``qwen2``, ``qwen3`` (per-head Q/K norms) and
 ``gemma3`` (HF ``Gemma3ForCausalLM``: embedding scale, ``1 + w`` norms, per-head
 Q/K norms, sandwich norms, sliding-window layers with their own RoPE base,
-tanh-GELU, ``query_pre_attn_scalar``), with the side stream of OTTER_SPEC.md §5.
+tanh-GELU, ``query_pre_attn_scalar``), with the side stream of docs/OTTER.md §7.
 
 The main stream of :class:`OtterModel` runs through exactly the same code
 (:meth:`BaseModel._run`) as the base-only forward, so its logits are
@@ -90,7 +90,7 @@ class BaseConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     max_position_embeddings: int = 4096
-    # gemma3 (OTTER_SPEC.md §5); the defaults are the llama family's
+    # gemma3 (docs/OTTER.md §7); the defaults are the llama family's
     query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar ** -0.5 (else hd ** -0.5)
     sliding_window: int | None = None           # the window of the sliding layers (distance < window)
     layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" | "full_attention"
@@ -205,7 +205,7 @@ class BaseConfig:
             final_logit_softcapping=float(cap) if cap else None,
         )
 
-    # -- the features of OTTER_SPEC.md §5 -----------------------------------
+    # -- the features of docs/OTTER.md §7 -----------------------------------
     @property
     def qk_norm(self) -> bool:
         """Per-head RMSNorm of Q and K before RoPE (qwen3, gemma3)."""
@@ -510,7 +510,7 @@ class BaseModel:
             o = _linear(a_main, W[p + "self_attn.o_proj.weight"], W.get(p + "self_attn.o_proj.bias"))
             o2 = side.attn(i, s, xn, inv_r, a_main, cos, sin, cache, pos0, window) if side is not None else None
             if c.sandwich_norms:
-                inv_o = _inv_rms(o, eps)  # main part only (spec §5)
+                inv_o = _inv_rms(o, eps)  # main part only (docs/OTTER.md §7)
                 o = _norm(o, inv_o, g(W[p + "post_attention_layernorm.weight"]))
                 if side is not None:
                     o2 = side.post_norm(OtterTensor.ATTN_POST_NORM, i, o2, inv_o)
@@ -557,7 +557,7 @@ class BaseModel:
 # Otter
 # --------------------------------------------------------------------------
 class _SideParams:
-    """The side stream of spec §3 and §5, called from inside `BaseModel._run`; each block returns the side
+    """The side stream of docs/OTTER.md §3 and §7, called from inside `BaseModel._run`; each block returns the side
     output (``o_side``) that `_run` adds to ``s`` (after the sandwich norm, if the base has one)."""
 
     def __init__(self, config: OtterConfig, t: Mapping[str, torch.Tensor], base: BaseConfig):
@@ -570,7 +570,7 @@ class _SideParams:
         return self.t.get(hf_name(kind, i, suffix, self.arch))
 
     def g(self, kind: T, i: int | None = None) -> torch.Tensor:
-        """An applied side norm weight (stored in the base's convention, spec §5)."""
+        """An applied side norm weight (stored in the base's convention, docs/OTTER.md §7)."""
         return self.b.norm_weight(self.w(kind, i))
 
     def embed(self, tok: torch.Tensor) -> torch.Tensor:
@@ -629,7 +629,7 @@ class OtterOutput:
 
 
 class OtterModel:
-    """A frozen base model plus Otter side weights (spec §3)."""
+    """A frozen base model plus Otter side weights (docs/OTTER.md §3)."""
 
     def __init__(self, base: BaseModel, config: OtterConfig, tensors: Mapping[str, torch.Tensor]):
         config.validate()
@@ -840,7 +840,7 @@ def insert_otter(
             return hf_name(kind, i, suffix, arch)
 
         def base_w(kind, i=None):
-            # the base's own HF name of the tensor the side one mirrors: "otter." -> "model." (spec §4, §5)
+            # the base's own HF name of the tensor the side one mirrors: "otter." -> "model." (docs/OTTER.md §5, §7)
             return W["model." + name(kind, i)[len("otter."):]]
 
         out[name(T.TOKEN_EMBD)] = base_w(T.TOKEN_EMBD)[:, :d2].clone()

@@ -25,7 +25,7 @@ class OtterScore:
     """Per-token Otter signals of a given token sequence (no sampling).
 
     ``signals[j]`` is the signal at position ``j``: the head's output on the
-    hidden state after consuming ``tokens[j]`` (spec §3); with several heads
+    hidden state after consuming ``tokens[j]`` (docs/OTTER.md §3); with several heads
     their rows concatenated head by head. ``layout``: a ``"mixed"`` context's
     (several heads, a token_reward head among them), where ``signal_names`` name
     :attr:`values`' columns rather than ``signals``'.
