@@ -331,7 +331,7 @@ def test_build_skips_the_common_library_the_package_never_loads(tmp_path: Path,
     text = (tmp_path / "CMakeLists.txt").read_text()
     assert 'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "Build llama.cpp common library" FORCE)' in text
     assert "LLAMA_BUILD_COMMON ON" not in text
-    with pytest.raises(rb.RuntimeBuildError, match="not the llama-cpp-python 0.3.36 sdist"):
+    with pytest.raises(rb.RuntimeBuildInputError, match="not the llama-cpp-python 0.3.36 sdist"):
         rb.edit_sdist(tmp_path)
     key = rb.plan_build("").key
     monkeypatch.setattr(rb, "_SDIST_EDITS", ())

@@ -245,7 +245,7 @@ def edit_sdist(sdist_root: Path) -> None:
     cmake = sdist_root / "CMakeLists.txt"
     text = cmake.read_text()
     if _SDIST_COMMON_LINE not in text:
-        raise RuntimeBuildError(f"{cmake} has no line {_SDIST_COMMON_LINE!r}: this is not the "
+        raise RuntimeBuildInputError(f"{cmake} has no line {_SDIST_COMMON_LINE!r}: this is not the "
                                 f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist the build expects")
     cmake.write_text(text.replace(_SDIST_COMMON_LINE, _SDIST_COMMON_LINE.replace(" ON ", " OFF ")))
 
