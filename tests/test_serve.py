@@ -486,18 +486,24 @@ def test_cli_serve_subprocess(gguf_models, tmp_path):
         proc.wait(30)
 
 
+def _serve_heads(base, tmp_path, adapters):
+    """A server of ``base`` with each ``(name, adapter dir)`` as a ``--head`` adapter GGUF:
+    ``({name: GGUF path}, config, server)``."""
+    from otter_gguf_converter import convert
+
+    heads = {name: str(convert(a, base, tmp_path / f"{name}.gguf", outtype="f32", progress=False, sidecar=True,
+                               name=name)) for name, a in adapters}
+    cfg, s = _serve(base, heads=[f"{n}={p}" for n, p in heads.items()])
+    return heads, cfg, s
+
+
 def test_guidance_across_a_token_reward_and_a_reward_head(gguf_models, tmp_path, adapter_token_reward_dir,
                                                           adapter_reward1_dir):
     """A server running a token_reward head and a scalar reward head together ("mixed"): guidance
     that names either or both signals gives the tokens, candidates and signals OtterLlama gives on
     the same heads with the same seed (the server once answered 400 to any guidance here)."""
-    from otter_gguf_converter import convert
-
     base = gguf_models.base
-    heads = {name: str(convert(a, base, tmp_path / f"{name}.gguf", outtype="f32", progress=False, sidecar=True,
-                               name=name))
-             for name, a in (("tr", adapter_token_reward_dir), ("harmless", adapter_reward1_dir))}
-    cfg, s = _serve(base, heads=[f"{n}={p}" for n, p in heads.items()])
+    heads, cfg, s = _serve_heads(base, tmp_path, (("tr", adapter_token_reward_dir), ("harmless", adapter_reward1_dir)))
     try:
         ref_llm = _python_api_path(base, otter_heads=heads, n_seq_max=5)
         assert _client(s).models.list().model_dump()["data"][0]["otter"]["head_kind"] == "mixed"
@@ -536,13 +542,8 @@ def test_guidance_across_a_token_reward_and_a_reward_head(gguf_models, tmp_path,
 
 def test_sidecar_heads_served(gguf_models, tmp_path, adapter_reward1_dir, adapter_reward3_dir):
     """--head: the base plus two Otter adapter GGUFs; signals named head/signal, as the Python API."""
-    from otter_gguf_converter import convert
-
     base = gguf_models.base
-    heads = {name: str(convert(a, base, tmp_path / f"{name}.gguf", outtype="f32", progress=False, sidecar=True,
-                               name=name))
-             for name, a in (("r1", adapter_reward1_dir), ("r3", adapter_reward3_dir))}
-    cfg, s = _serve(base, heads=[f"{n}={p}" for n, p in heads.items()])
+    heads, cfg, s = _serve_heads(base, tmp_path, (("r1", adapter_reward1_dir), ("r3", adapter_reward3_dir)))
     try:
         ref_llm = _python_api_path(base, otter_heads=heads, n_seq_max=5)
         names = ["r1/reward", "r3/helpfulness", "r3/harmlessness", "r3/honesty"]
