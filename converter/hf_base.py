@@ -18,16 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from otter_gguf.format.constants import HF_ARCHITECTURES
 from otter_gguf_converter.errors import ConvertError
 from otter_gguf_converter.llamacpp import LLAMA_FTYPES, LlamaCppSourceError, pinned_llama_cpp_source, quantize
 
 #: HF ``architectures[0]`` -> the llama.cpp architecture it converts to
-SUPPORTED_HF_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma3ForCausalLM": "gemma3",
-}
+SUPPORTED_HF_ARCHITECTURES = {hf: arch for arch, (hf, _) in HF_ARCHITECTURES.items()}
 
 #: types convert_hf_to_gguf.py writes itself
 DIRECT_BASE_TYPES = ("f32", "f16", "bf16", "q8_0")

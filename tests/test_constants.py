@@ -309,3 +309,23 @@ def test_patches_use_the_same_names():
     assert kinds == {k.value for k in HeadKind}
     archs = set(re.findall(r"model\.arch != LLM_ARCH_(\w+)", "\n".join(added)))
     assert {a.lower() for a in archs} == set(C.RUNTIME_ARCHITECTURES)
+
+
+def test_the_hf_architecture_table_is_llama_cpps():
+    """HF_ARCHITECTURES (the one table of HF class names and model types) covers the supported
+    architectures, and the pinned llama.cpp converter registers each HF class name for a model of
+    that llama.cpp architecture (conversion/<module>.py: @ModelBase.register(...) class ...:
+    model_arch = gguf.MODEL_ARCH.<ARCH>)."""
+    import re
+
+    from otter_gguf_converter.llamacpp import pinned_llama_cpp_source
+
+    assert tuple(C.HF_ARCHITECTURES) == C.SUPPORTED_ARCHITECTURES
+    conv = pinned_llama_cpp_source() / "conversion"
+    modules = dict(re.findall(r'^\s+"(\w+)": "(\w+)",', (conv / "__init__.py").read_text(), flags=re.M))
+    for arch, (hf, _) in C.HF_ARCHITECTURES.items():
+        text = (conv / f"{modules[hf]}.py").read_text()
+        found = re.findall(r'@ModelBase\.register\(([^)]*)\)\n(?:[@#].*\n)*class \w+\([^)]*\):\n(?:.*\n){0,3}?'
+                           r'\s+model_arch = gguf\.MODEL_ARCH\.(\w+)', text)
+        archs = {a for names, a in found if f'"{hf}"' in names}
+        assert archs == {arch.upper()}, (hf, archs)

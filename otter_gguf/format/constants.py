@@ -21,6 +21,16 @@ OTTER_FORMAT_VERSION = 1
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
+#: the one architecture table of the HF side: llama.cpp architecture -> (HF ``architectures[0]``,
+#: HF ``model_type``) of the checkpoints it converts from (the converter, the reference's loader and
+#: its GGUF -> HF bridge all read it)
+HF_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+}
+
 # the base architectures the patched llama.cpp runtime (patches/) runs an Otter head on (qwen3, gemma3: the
 # side stream of docs/OTTER.md §7 in their graphs, tests/test_qwen3_gemma3_runtime.py)
 RUNTIME_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")

@@ -25,7 +25,7 @@ import torch
 
 from otter_gguf.format.config import OtterConfig
 from otter_gguf.format.constants import (
-    NORM_TENSORS, NORM_WEIGHT_OFFSET, Keys, OtterTensor, hf_tensor_name, parse_gguf_name,
+    HF_ARCHITECTURES, NORM_TENSORS, NORM_WEIGHT_OFFSET, Keys, OtterTensor, hf_tensor_name, parse_gguf_name,
 )
 from otter_gguf.reference.model import BaseConfig, BaseModel, OtterModel, ReferenceError
 from otter_gguf_converter import ConvertError, rope_unpermute
@@ -73,8 +73,6 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                     "gemma3": "Gemma3ForCausalLM"}
 
 
 def gguf_tensor_to_hf(name: str, arch: str = "llama") -> str | None:
@@ -129,7 +127,7 @@ def base_config_from_gguf(path: str | os.PathLike, _reader=None) -> BaseConfig:
         scaling = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor", 1.0))}
     bias = "blk.0.attn_q.bias" in names
     d = {
-        "architectures": [_HF_ARCHITECTURES[arch]],
+        "architectures": [HF_ARCHITECTURES[arch][0]],
         "hidden_size": info.d,
         "num_hidden_layers": info.n_layer,
         "num_attention_heads": info.h,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from otter_gguf.format.adapter import _validate_header, check_against_base, load_adapter
 from otter_gguf.format.config import OtterConfig
 from otter_gguf.format.constants import (
-    ARCH_TENSORS, BIAS, NORM_TENSORS, NORM_WEIGHT_OFFSET, WEIGHT, HeadKind, hf_name, parse_hf_name,
+    ARCH_TENSORS, BIAS, HF_ARCHITECTURES, NORM_TENSORS, NORM_WEIGHT_OFFSET, WEIGHT, HeadKind, hf_name, parse_hf_name,
 )
 from otter_gguf.format.constants import OtterTensor
 from otter_gguf.format.constants import OtterTensor as T
@@ -50,13 +50,8 @@ class ReferenceError(ValueError):
     """A base checkpoint is malformed or uses an unsupported feature."""
 
 
-_ARCH_BY_HF = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma3ForCausalLM": "gemma3",
-}
-_ARCH_BY_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+_ARCH_BY_HF = {hf: arch for arch, (hf, _) in HF_ARCHITECTURES.items()}
+_ARCH_BY_MODEL_TYPE = {model_type: arch for arch, (_, model_type) in HF_ARCHITECTURES.items()}
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
