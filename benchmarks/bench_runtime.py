@@ -28,6 +28,7 @@ seconds-long smoke run.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -97,14 +98,18 @@ def _run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads:
     mp = ll.llama_model_default_params()
     model = ll.llama_model_load_from_file(model_path.encode(), mp)
     assert model, model_path
-    for h in heads:  # attached before the context: it allocates their side K/V
-        assert lib.llama_adapter_otter_init(model, str(h).encode()), h
+    adapters = [lib.llama_adapter_otter_init(model, str(h).encode()) for h in heads]
+    assert all(adapters), heads
     cp = ll.llama_context_default_params()
     cp.n_ctx = max(1024, n_prefill + n_decode + 16)
     cp.n_batch = cp.n_ubatch = max(512, n_prefill)
     cp.n_threads = cp.n_threads_batch = threads
     ctx = ll.llama_init_from_model(model, cp)
     assert ctx
+    if adapters:  # the model's own head (if any), then the adapters
+        own = lib.llama_model_get_adapter_otter(model)
+        active = ([own] if own else []) + adapters
+        assert lib.llama_set_adapters_otter(ctx, (ctypes.c_void_p * len(active))(*active), len(active)) == 0
     if mode == "side-off":
         lib.llama_set_otter(ctx, False)
     n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))

@@ -298,6 +298,19 @@ class Context:
             raise ValueError("failed to create context")
         self.mem = ll.llama_get_memory(self.ptr)
 
+    @property
+    def n_out(self) -> int:
+        """Floats per signal row of the heads the context runs."""
+        return self.lib.llama_otter_n_out(self.ptr)
+
+    def set_heads(self, adapters) -> int:
+        """llama_set_adapters_otter with ``adapters`` (llama_adapter_otter * values): its return code;
+        the memory handle is fetched again (the call re-creates it)."""
+        arr = (ctypes.c_void_p * max(1, len(adapters)))(*adapters)
+        rc = self.lib.llama_set_adapters_otter(self.ptr, arr, len(adapters))
+        self.mem = self.ll.llama_get_memory(self.ptr)
+        return rc
+
     def close(self):
         if self.ptr:
             self.ll.llama_free(self.ptr)
@@ -345,13 +358,13 @@ class Context:
         p = self.lib.llama_get_otter_signals_ith(self.ptr, i)
         if not p:
             return None
-        return np.ctypeslib.as_array(p, shape=(self.model.n_out,)).copy()
+        return np.ctypeslib.as_array(p, shape=(self.n_out,)).copy()
 
     def signals_pos(self, i):
         p = self.lib.llama_get_otter_signals_pos(self.ptr, i)
         if not p:
             return None
-        return np.ctypeslib.as_array(p, shape=(self.model.n_out,)).copy()
+        return np.ctypeslib.as_array(p, shape=(self.n_out,)).copy()
 
     def seq_rm(self, seq, p0, p1=-1):
         return self.ll.llama_memory_seq_rm(self.mem, seq, p0, p1)

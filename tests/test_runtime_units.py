@@ -45,7 +45,7 @@ def test_capi_declares_the_patch_series_functions_with_their_c_signatures():
     header = "".join(p.read_text() for p in sorted(Path(__file__).parents[1].glob("patches/000*.patch")))
     declared = {line.split("(")[0].split()[-1].lstrip("*")
                 for line in header.splitlines() if line.startswith("+") and "LLAMA_API" in line and "otter" in line}
-    assert set(capi.NAMES) == declared and len(capi.NAMES) == 20
+    assert set(capi.NAMES) == declared and len(capi.NAMES) == 22
     assert capi._DECLARED["llama_adapter_otter_init"] == ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p)
     assert list(inspect.signature(capi.llama_otter_n_out).parameters) == ["ctx"]
     sig = inspect.signature(capi.llama_model_otter_n_out)
@@ -55,9 +55,13 @@ def test_capi_declares_the_patch_series_functions_with_their_c_signatures():
     assert list(inspect.signature(capi.llama_get_otter_signals_pos).parameters) == ["ctx", "i"]
     assert capi._DECLARED["llama_model_otter_signal_name"] == ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_char_p)
     assert capi._DECLARED["llama_set_otter"] == ([ctypes.c_void_p, ctypes.c_bool], None)
+    assert capi._DECLARED["llama_set_adapters_otter"] == (
+        [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t], ctypes.c_int32)
+    assert capi._DECLARED["llama_model_get_adapter_otter"] == ([ctypes.c_void_p], ctypes.c_void_p)
     assert capi._DECLARED["llama_get_otter_signals_ith"][1] is ctypes.POINTER(ctypes.c_float)
     assert capi.MODEL_FUNCTIONS == ("llama_model_has_otter", "llama_model_otter_n_out", "llama_model_otter_head_kind",
-                                    "llama_model_otter_n_signal_names", "llama_model_otter_signal_name")
+                                    "llama_model_otter_n_signal_names", "llama_model_otter_signal_name",
+                                    "llama_model_get_adapter_otter")
 
 
 def test_capi_import_loads_no_library():

@@ -162,6 +162,103 @@ def test_one_file_model_plus_a_sidecar(files):
     assert np.array_equal(s[:, 1:], llm(files("reward3")[0]).score(tokens=TOKS).signals)
 
 
+def _rows(c, tokens):
+    """Decode ``tokens`` from position 0 of a cleared context: (logits [n, V], signals [n, n_out] or None)."""
+    c.clear()
+    c.decode(tokens)
+    sig = [c.signals_ith(i) for i in range(len(tokens))]
+    return (np.stack([c.logits_ith(i) for i in range(len(tokens))]),
+            None if sig[0] is None else np.stack(sig))
+
+
+def test_heads_are_activated_per_context(rt, files, gguf_models):
+    """One base model in memory, its adapters loaded once: contexts with head A, heads A+B and none
+    at the same time; each runs exactly its heads, and the base logits of all three are those of the
+    base GGUF alone (bit for bit); switching a context's heads mid-life gives the new heads' signals
+    after the documented reset (memory re-created, cleared)."""
+    ll, lib, logs = rt
+    (one_a, side_a), (one_b, side_b) = files("reward1"), files("reward3")
+    ref = {}
+    for key, path in (("base", gguf_models.base), ("a", one_a), ("b", one_b)):
+        m = Model(ll, lib, path)
+        ref[key] = _rows(m.context(), TOKS)
+        m.close()
+    m = Model(ll, lib, gguf_models.base)
+    a = lib.llama_adapter_otter_init(m.ptr, os.fsencode(str(side_a)))
+    b = lib.llama_adapter_otter_init(m.ptr, os.fsencode(str(side_b)))
+    assert a and b and not lib.llama_model_get_adapter_otter(m.ptr)
+    none, ca, cab = m.context(), m.context(), m.context()  # loading an adapter activates it nowhere
+    assert [lib.llama_otter_n_heads(c.ptr) for c in (none, ca, cab)] == [0, 0, 0]
+    assert ca.set_heads([a]) == 0 and cab.set_heads([a, b]) == 0
+    assert [(lib.llama_otter_n_heads(c.ptr), c.n_out) for c in (none, ca, cab)] == [(0, 0), (1, 1), (2, 4)]
+    got = {name: _rows(c, TOKS) for name, c in (("none", none), ("a", ca), ("ab", cab))}
+    for name, (logits, _) in got.items():
+        assert np.array_equal(logits, ref["base"][0]), name
+    assert got["none"][1] is None
+    assert np.array_equal(got["a"][1], ref["a"][1])
+    assert np.array_equal(got["ab"][1], np.concatenate([ref["a"][1], ref["b"][1]], axis=1))
+
+    # switch mid-life: the memory is re-created empty, then B's signals
+    ca.clear()
+    ca.decode(TOKS[:5])
+    assert ll.llama_memory_seq_pos_max(ca.mem, 0) == 4
+    assert ca.set_heads([b]) == 0 and ca.n_out == 3
+    assert ll.llama_memory_seq_pos_max(ca.mem, 0) == -1
+    logits, sig = _rows(ca, TOKS)
+    assert np.array_equal(logits, ref["base"][0]) and np.array_equal(sig, ref["b"][1])
+    assert cab.set_heads([]) == 0 and cab.n_out == 0  # none: the base graph, no signals
+    logits, sig = _rows(cab, TOKS)
+    assert np.array_equal(logits, ref["base"][0]) and sig is None
+
+    # refused: an error code and a log line naming why; the context keeps its heads
+    m2 = Model(ll, lib, gguf_models.base)
+    other = lib.llama_adapter_otter_init(m2.ptr, os.fsencode(str(side_a)))
+    assert other
+    for heads, needle in (([other], "not an Otter adapter loaded for this context's model"),
+                          ([b, b], "listed twice")):
+        del logs[:]
+        assert ca.set_heads(heads) == -1
+        assert needle in "".join(logs) and "keeps its 1 head(s)" in "".join(logs), logs
+        assert ca.n_out == 3
+    del logs[:]
+    lib.llama_adapter_otter_free(b)  # ca runs it: refused, it stays loaded
+    assert "is run by 1 context(s)" in "".join(logs), logs
+    assert np.array_equal(_rows(ca, TOKS)[1], ref["b"][1])
+    assert ca.set_heads([a]) == 0
+    lib.llama_adapter_otter_free(b)  # no context runs it now: freed
+    del logs[:]
+    assert ca.set_heads([b]) == -1 and "already freed" in "".join(logs)
+    assert np.array_equal(_rows(ca, TOKS)[1], ref["a"][1])
+    for c in (none, ca, cab):
+        c.close()
+    m.close()
+    m2.close()
+
+
+def test_a_one_file_models_own_head_is_its_adapter(rt, files, gguf_models):
+    """A one-file Otter GGUF carries its head as an adapter: a new context runs it, a context can drop
+    it (the base graph: its logits bit for bit) and take it back, and it is freed with the model only."""
+    ll, lib, logs = rt
+    one, side = files("reward3")
+    m = Model(ll, lib, one)
+    own = lib.llama_model_get_adapter_otter(m.ptr)
+    assert own and lib.llama_adapter_otter_n_out(own) == 3
+    c = m.context()
+    assert lib.llama_otter_n_heads(c.ptr) == 1
+    logits, sig = _rows(c, TOKS)
+    del logs[:]
+    lib.llama_adapter_otter_free(own)
+    assert "freed with the model" in "".join(logs), logs
+    assert c.set_heads([]) == 0
+    assert np.array_equal(_rows(c, TOKS)[0], logits) and _rows(c, TOKS)[1] is None
+    extra = lib.llama_adapter_otter_init(m.ptr, os.fsencode(str(side)))  # the same head, as a sidecar
+    assert c.set_heads([own, extra]) == 0 and c.n_out == 6
+    l2, s2 = _rows(c, TOKS)
+    assert np.array_equal(l2, logits) and np.array_equal(s2, np.concatenate([sig, sig], axis=1))
+    c.close()
+    m.close()
+
+
 def test_otter_heads_errors(files, gguf_models, tmp_path):
     base = gguf_models.base
     _, side = files("reward1")

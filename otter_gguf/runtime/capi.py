@@ -46,6 +46,7 @@ __all__ = [
     "llama_get_otter_signals", "llama_get_otter_signals_ith", "llama_get_otter_signals_pos",
     "llama_adapter_otter_init", "llama_adapter_otter_free", "llama_adapter_otter_name", "llama_adapter_otter_n_out",
     "llama_adapter_otter_head_kind", "llama_adapter_otter_n_signal_names", "llama_adapter_otter_signal_name",
+    "llama_model_get_adapter_otter", "llama_set_adapters_otter",
     "llama_otter_n_heads", "llama_otter_n_out",
 ]
 
@@ -190,7 +191,8 @@ def llama_model_otter_signal_name(model: llama_model_p, i: int, /) -> Optional[b
 # LLAMA_API void llama_set_otter(struct llama_context * ctx, bool enabled);
 @ctypes_function("llama_set_otter", [llama_context_p_ctypes, ctypes.c_bool], None)
 def llama_set_otter(ctx: llama_context_p, enabled: bool, /) -> None:
-    """Switch the side stream on or off (off: base graph and speed; the getters return NULL)."""
+    """Pause (False) or resume the context's heads (paused: base graph and speed, the getters return
+    NULL; the heads stay set, and positions decoded while paused have no side K/V)."""
     ...
 
 
@@ -225,20 +227,42 @@ def llama_get_otter_signals_pos(ctx: llama_context_p, i: int, /) -> CtypesPointe
 
 
 # ---------------------------------------------------------------------------
-# patches 0003 and 0004: Otter adapter GGUFs (heads beside a base) and the heads of a context
+# patches 0003 and 0004: Otter adapters (loaded per model, activated per context)
 # ---------------------------------------------------------------------------
-# LLAMA_API struct llama_adapter_otter * llama_adapter_otter_init(struct llama_model * model, const char * path);
+# LLAMA_API struct llama_adapter_otter * llama_adapter_otter_init(struct llama_model * model, const char * path_otter);
 @ctypes_function("llama_adapter_otter_init", [llama_model_p_ctypes, ctypes.c_char_p], llama_adapter_otter_p_ctypes)
 def llama_adapter_otter_init(model: llama_model_p, path: bytes, /) -> Optional[llama_adapter_otter_p]:
-    """Load an Otter adapter GGUF for ``model`` and attach it (contexts created afterwards run it);
-    None with an error log when it is malformed or made for another base. Freed with the model."""
+    """Load an Otter adapter GGUF for ``model`` (no context runs it until
+    :func:`llama_set_adapters_otter`); None with an error log when it is malformed or made for
+    another base. Freed with the model."""
+    ...
+
+
+# LLAMA_API struct llama_adapter_otter * llama_model_get_adapter_otter(const struct llama_model * model);
+@ctypes_function("llama_model_get_adapter_otter", [llama_model_p_ctypes], llama_adapter_otter_p_ctypes)
+def llama_model_get_adapter_otter(model: llama_model_p, /) -> Optional[llama_adapter_otter_p]:
+    """The head a one-file Otter GGUF carries, as an adapter of its model (None without one); a new
+    context of the model runs it."""
     ...
 
 
 # LLAMA_API void llama_adapter_otter_free(struct llama_adapter_otter * adapter);
 @ctypes_function("llama_adapter_otter_free", [llama_adapter_otter_p_ctypes], None)
 def llama_adapter_otter_free(adapter: llama_adapter_otter_p, /) -> None:
-    """Detach and free an adapter that no context runs."""
+    """Free an adapter loaded with :func:`llama_adapter_otter_init` that no context runs (otherwise
+    an error log, and it stays loaded until the model is freed)."""
+    ...
+
+
+# LLAMA_API int32_t llama_set_adapters_otter(struct llama_context * ctx, struct llama_adapter_otter ** adapters,
+#                                            size_t n_adapters);
+@ctypes_function("llama_set_adapters_otter",
+                 [llama_context_p_ctypes, ctypes.POINTER(llama_adapter_otter_p_ctypes), ctypes.c_size_t],
+                 ctypes.c_int32)
+def llama_set_adapters_otter(ctx: llama_context_p, adapters: Any, n_adapters: int, /) -> int:
+    """Set the heads ``ctx`` runs, in signal order (0 of them: the base graph). The context's memory is
+    re-created and cleared (call llama_get_memory again). 0, or -1 with an error log (an adapter of
+    another model or already freed, one listed twice) and the context keeps its heads."""
     ...
 
 
@@ -280,7 +304,7 @@ def llama_adapter_otter_signal_name(adapter: llama_adapter_otter_p, i: int, /) -
 # LLAMA_API int32_t llama_otter_n_heads(const struct llama_context * ctx);
 @ctypes_function("llama_otter_n_heads", [llama_context_p_ctypes], ctypes.c_int32)
 def llama_otter_n_heads(ctx: llama_context_p, /) -> int:
-    """Otter heads the context runs: the model's own first, then the attached adapters."""
+    """Otter heads the context runs (those last set with :func:`llama_set_adapters_otter`)."""
     ...
 
 

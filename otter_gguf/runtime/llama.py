@@ -114,8 +114,7 @@ class OtterLlama(Llama):
                 overrides["flash_attn_type"] = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         self._otter_ctx_overrides = overrides
         self._otter_head_paths = _head_paths(otter_heads)
-        self._otter_adapters: List[Any] = []  # (name, llama_adapter_otter *), attached before the context
-        self._otter_heads_attached = False
+        self._otter_adapters: List[Any] = []  # (name, llama_adapter_otter *) loaded for the model
         self._otter_requested = bool(otter)
         self._otter_n_seq_max_arg = n_seq_max
         self._otter_guidance_arg = guidance
@@ -132,9 +131,15 @@ class OtterLlama(Llama):
         except ValueError as e:
             raise _explain_load_failure(model_path, e) from None
 
-        self._otter_src = _signal_source(self) if _signal_source is not None \
-            else RuntimeSignalSource(self._model.model, self._ctx.ctx, self._otter_adapters,
-                                     model_head_name=os.path.splitext(os.path.basename(model_path))[0])
+        if _signal_source is not None:
+            self._otter_src = _signal_source(self)
+        else:
+            self._otter_load_heads()
+            self._otter_src = RuntimeSignalSource(
+                self._model.model, self._ctx.ctx, self._otter_adapters,
+                model_head_name=os.path.splitext(os.path.basename(model_path))[0])
+            if self._otter_adapters:  # their activation re-created the context's memory
+                self._ctx.memory = llama_cpp.llama_get_memory(self._ctx.ctx)
         if self._otter_src.has_otter:
             self._otter_store = SignalStore(len(self.input_ids), self._otter_src.n_out,
                                             self._otter_src.head_kind == "token_reward",
@@ -160,8 +165,6 @@ class OtterLlama(Llama):
     @property
     def context_params(self):
         cp = self.__dict__["_otter_cparams"]
-        if "_model" in self.__dict__ and not self.__dict__.get("_otter_heads_attached", True):
-            self._otter_attach_heads()  # the model is loaded and the context not yet created
         ov = self.__dict__.get("_otter_ctx_overrides") or {}
         if "n_seq_max" in ov:
             cp.n_seq_max = max(int(cp.n_seq_max), ov["n_seq_max"])
@@ -175,9 +178,9 @@ class OtterLlama(Llama):
     def context_params(self, value) -> None:
         self.__dict__["_otter_cparams"] = value
 
-    def _otter_attach_heads(self) -> None:
-        """Load and attach the ``otter_heads`` adapter GGUFs (checked against the base first)."""
-        self._otter_heads_attached = True
+    def _otter_load_heads(self) -> None:
+        """Load the ``otter_heads`` adapter GGUFs for the model (checked against the base first);
+        the signal source activates them on the context."""
         if not self._otter_head_paths:
             return
         from otter_gguf_converter import gguf_io

@@ -69,7 +69,7 @@ class SignalSource:
 
 @dataclass
 class OtterHead:
-    """One Otter head a context runs: a one-file model's own head or an attached adapter GGUF.
+    """One Otter head a context runs: a one-file model's own head or an adapter GGUF loaded for the model.
     ``offset``: its first column in a signal row (rows are the heads' rows concatenated)."""
 
     name: str
@@ -159,29 +159,34 @@ class SignalLayout:
 class RuntimeSignalSource(SignalSource):
     """Signals from the patched libllama's Otter C API.
 
-    ``adapters``: (name, ``llama_adapter_otter *``) of the adapter GGUFs attached to the model
-    before the context was created, in attach order; ``model_head_name`` names the model's own
-    head when there are several.
+    The context runs the model's own head (a one-file Otter GGUF; ``model_head_name`` names it
+    when there are several heads), then ``adapters``: (name, ``llama_adapter_otter *``) loaded
+    for the model with ``llama_adapter_otter_init``, in signal order. Given adapters, they are
+    activated on ``ctx`` here (``llama_set_adapters_otter``, which re-creates the context's
+    memory: the caller fetches ``llama_get_memory`` again); a ValueError if llama.cpp refuses.
     """
 
     def __init__(self, model: Any, ctx: Any, adapters: Sequence = (), model_head_name: str = "model"):
         self._model = model
         self._ctx = ctx
-        heads: List[OtterHead] = []
+        active: List[tuple] = []
         if capi.available("llama_model_has_otter") and capi.llama_model_has_otter(model):
-            capi.require("llama_model_otter_n_out", "llama_model_otter_head_kind", "llama_model_otter_n_signal_names",
-                         "llama_model_otter_signal_name")
-            n = int(capi.llama_model_otter_n_signal_names(model))
-            heads.append(OtterHead(model_head_name, int(capi.llama_model_otter_n_out(model)),
-                                   _s(capi.llama_model_otter_head_kind(model)),
-                                   [_s(capi.llama_model_otter_signal_name(model, i)) or f"signal_{i}"
-                                    for i in range(n)]))
-        for name, ad in adapters:
+            capi.require("llama_model_get_adapter_otter")
+            active.append((model_head_name, capi.llama_model_get_adapter_otter(model)))
+        active.extend(adapters)
+        heads: List[OtterHead] = []
+        for name, ad in active:
             n = int(capi.llama_adapter_otter_n_signal_names(ad))
             heads.append(OtterHead(name, int(capi.llama_adapter_otter_n_out(ad)),
                                    _s(capi.llama_adapter_otter_head_kind(ad)),
                                    [_s(capi.llama_adapter_otter_signal_name(ad, i)) or f"signal_{i}"
                                     for i in range(n)]))
+        check_heads(heads)
+        if adapters:
+            ptrs = (capi.llama_adapter_otter_p_ctypes * len(active))(*[ad for _, ad in active])
+            if capi.llama_set_adapters_otter(ctx, ptrs, len(active)) != 0:
+                raise ValueError(f"llama.cpp refused the Otter heads {', '.join(n for n, _ in active)} "
+                                 f"for this context (see its error log)")
         check_heads(heads)
         off = 0
         for h in heads:
