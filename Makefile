@@ -7,7 +7,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup runtime demo test test-unit test-fast test-portable llama-src patches-check clean help
+.PHONY: setup runtime demo test test-unit test-fast test-portable llama-src series-check clean help
 
 help:
 	@echo "make demo       run the demo (sets up first)"
@@ -19,6 +19,8 @@ help:
 	@echo "make setup      create $(VENV) with torch, otter-gguf and the patched runtime"
 	@echo "make runtime    (re)build the patched llama.cpp runtime (cached)"
 	@echo "make llama-src  lay out build/llama-src: pinned llama.cpp + patches/ as git commits"
+	@echo "make series-check  build every prefix of patches/ (+ the marker) and run its runtime tests:"
+	@echo "                 run it before committing a change of the series"
 
 $(VENV)/.stamp-python: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +59,9 @@ test-portable: setup
 
 llama-src: $(VENV)/.stamp-python
 	$(VENV)/bin/otter-gguf build-runtime --dev-source build/llama-src
+
+series-check: setup
+	$(PY) .ci/check-series $(SERIES_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

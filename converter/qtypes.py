@@ -9,7 +9,7 @@ roles of their base counterparts (``otter_attn_v`` ~ ``attn_v``,
 at least at q8_0 (llama-quantize uses q6_k for ``output``), because it is
 small and the signal is read from it directly.
 
-``llama_model_quantize`` of the patched runtime (patch 0007,
+``llama_model_quantize`` of the patched runtime (patch 0006,
 ``llama_otter_tensor_type``) applies the same table (``MIX_RULES``) to an Otter
 GGUF, so ``otter-gguf convert --outtype X`` and llama-quantize to X give every
 Otter tensor the same type.
@@ -94,7 +94,7 @@ def _more_bits(i: int, n: int) -> bool:
 
 #: The mixes' per-layer upgrades of the Otter tensors, the table of docs/FORMAT.md
 #: ("Otter tensor types"); ``llama_otter_tensor_type`` in
-#: patches/0007-llama-quantize-*.patch implements the same table for
+#: patches/0006-llama-quantize-*.patch implements the same table for
 #: ``llama_model_quantize``. role -> mix -> rule(i, n_layer, side_gqa), which
 #: returns the upgraded type or None (the mix's default type); roles and mixes
 #: not listed get the default type.

@@ -294,16 +294,21 @@ def test_patches_use_the_same_names():
     table = dict(re.findall(r'\{\s*LLM_TENSOR_OTTER_(\w+),\s*"([^"]+)"\s*\}', "\n".join(added)))
     assert {v.replace("%d", "{bid}") for v in table.values()} == {C.TENSOR_NAMES[k] for k in runtime_kinds}
     assert {k: v.replace("%d", "{bid}") for k, v in table.items()} == {k.name: C.TENSOR_NAMES[k] for k in runtime_kinds}
-    # every other tensor-name string (outside the graph's cb() node names): the Otter-tensor rule ("otter_"
-    # prefix or ".otter_" inside, as is_otter_tensor), a full name (the quantizer's head rule), or a name's
-    # ".otter_xxx." part (the quantizer's per-tensor mixes)
+    # every other tensor-name string (outside the graph's cb() node names): the loader's stray-tensor rule
+    # ("otter_" prefix or ".otter_" inside, as is_otter_tensor) or a full name in a comment; the quantizer's
+    # rules go by the LLM_TENSOR_OTTER_* enums, never by a name or a ".otter_xxx." part of one
     names = {s for ln in added if not re.search(r"\bcb\(", ln)
              for s in re.findall(r'"([^"\\\s]*otter_[^"\\\s]*)"', ln)}
     parts = {"." + C.TENSOR_NAMES[k].rsplit(".", 1)[-1] + "." for k in runtime_kinds}
-    full = {s for s in names if re.fullmatch(r"(blk\.\d+\.)?otter_\w+\.(weight|bias)", s)}
-    assert {C.TENSOR_PREFIX, "." + C.TENSOR_PREFIX} <= names and full and parts & names
+    assert {C.TENSOR_PREFIX, "." + C.TENSOR_PREFIX} <= names and not parts & names
     for s in names - set(table.values()) - {C.TENSOR_PREFIX, "." + C.TENSOR_PREFIX}:
-        assert s in parts or C.parse_gguf_name(s), s
+        assert C.parse_gguf_name(s), s
+    quant = "\n".join(ln[1:] for p in sorted((ROOT / "patches").glob("*quantize*.patch"))
+                      for ln in p.read_text().splitlines() if ln.startswith("+") and not ln.startswith("+++"))
+    for rule in ("ATTN_V", "FFN_DOWN", "ATTN_OUT", "HEAD"):
+        assert f"t == LLM_TENSOR_OTTER_{rule}" in quant, rule
+    assert set(re.findall(r"LLM_TENSOR_OTTER_(\w+)", quant.split("LLM_TENSORS_OTTER[] = {")[1].split("};")[0])) == \
+        set(table), "the quantizer's list of Otter tensors is the loader's table"
     # head kinds the loader accepts, architectures it allows
     kinds = set(re.findall(r'head_kind_str == "(\w+)"', "\n".join(added)))
     assert kinds == {k.value for k in HeadKind}

@@ -1,7 +1,8 @@
 """The shape of the patch series: the side stream reads the base graph through explicit
 hooks in the graph builders, never through cb() debug names or an environment variable, and the
-series ends with its marker. Static checks of patches/*.patch (that each patch builds and runs on
-its own is checked by hand, docs/RUNTIME.md "Patch series")."""
+series ends with its marker, which stands apart from the rest. Static checks of patches/*.patch
+(that every prefix builds and passes its runtime tests is checked by `.ci/check-series`,
+`make series-check`, docs/RUNTIME.md "Patch series")."""
 
 from __future__ import annotations
 
@@ -50,6 +51,40 @@ def test_series_order_and_subjects():
     assert len(set(subjects)) == len(subjects)
     assert "llama_otter_series" in subjects[-1]  # the marker is last
     assert all(s.startswith("llama : ") for s in subjects), subjects
+
+
+def test_the_marker_stands_apart_from_the_reviewable_patches():
+    """The downstream-only marker applies to the pristine source on its own: its context and removed
+    lines are upstream code (no Otter line), so .ci/check-series can build every prefix + marker."""
+    marker = PATCHES[-1].read_text()
+    body = marker[marker.index("\ndiff --git"):]
+    upstream = [ln[1:] for ln in body.splitlines()
+                if ln[:1] in (" ", "-") and not ln.startswith("---")]
+    assert upstream and not [ln for ln in upstream if "otter" in ln.lower()]
+    for p in PATCHES[:-1]:
+        assert "llama_otter_series" not in p.read_text(), p.name
+
+
+def test_the_adapter_api_sits_beside_lora_in_llama_h():
+    """llama.h: the Otter adapter functions in the Adapters section (after the aLoRA getters), their
+    activation beside llama_set_adapters_lora / llama_set_adapter_cvec, the signal getters after the
+    embeddings getters; only the marker after llama_print_system_info."""
+    added = "\n".join(_added_by_file(otter_only=True)["include/llama.h"])
+    for fn in ("llama_adapter_otter_init", "llama_model_get_adapter_otter", "llama_set_adapters_otter",
+               "llama_get_otter_signals_ith"):
+        assert f" {fn}(" in added, fn
+    hunks = {}
+    for p in PATCHES[:-1]:
+        text = p.read_text()
+        for m in re.finditer(r"^@@ [^@]*@@ [^\n]*\n((?:[ +\-\\][^\n]*\n?)*)", text, re.M):
+            for fn in re.findall(r"^\+.*LLAMA_API [^(]* \*?(llama_\w*otter\w*)\(", m.group(1), re.M):
+                before = [ln for ln in m.group(1).splitlines() if ln.startswith(" ")]
+                hunks[fn] = "\n".join(before)
+    assert "llama_adapter_get_alora_invocation_tokens" in hunks["llama_adapter_otter_init"]
+    assert "llama_set_adapter_cvec" in hunks["llama_set_adapters_otter"] or \
+        "il_end" in hunks["llama_set_adapters_otter"]
+    assert "llama_get_embeddings_seq" in hunks["llama_get_otter_signals_ith"]
+    assert all("llama_print_system_info" not in h for h in hunks.values())
 
 
 def test_graph_builders_call_every_hook():

@@ -1,7 +1,7 @@
 """One quantization policy for the Otter tensors (docs/FORMAT.md, "Otter tensor types").
 
 ``otter-gguf convert --outtype X`` (converter/qtypes.py) and ``llama_model_quantize``
-of the f16 Otter GGUF to X (patch 0007, ``llama_otter_tensor_type``) must give every
+of the f16 Otter GGUF to X (patch 0006, ``llama_otter_tensor_type``) must give every
 Otter tensor the same type, and the base tensors the types of quantizing the base
 alone. Runtime tier: needs the patched runtime of the current patch series.
 """
