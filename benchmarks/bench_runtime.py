@@ -28,7 +28,6 @@ seconds-long smoke run.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -90,54 +89,26 @@ def run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads: 
 
 
 def _run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads: int, heads=()) -> dict:
-    from llama_cpp import llama_cpp as ll
+    from otter_gguf.runtime.session import Model
 
-    from otter_gguf.runtime import capi as _lib
-
-    lib = _lib.load()
-    mp = ll.llama_model_default_params()
-    model = ll.llama_model_load_from_file(model_path.encode(), mp)
-    assert model, model_path
-    adapters = [lib.llama_adapter_otter_init(model, str(h).encode()) for h in heads]
-    assert all(adapters), heads
-    cp = ll.llama_context_default_params()
-    cp.n_ctx = max(1024, n_prefill + n_decode + 16)
-    cp.n_batch = cp.n_ubatch = max(512, n_prefill)
-    cp.n_threads = cp.n_threads_batch = threads
-    ctx = ll.llama_init_from_model(model, cp)
-    assert ctx
-    if adapters:  # the model's own head (if any), then the adapters
-        own = lib.llama_model_get_adapter_otter(model)
-        active = ([own] if own else []) + adapters
-        assert lib.llama_set_adapters_otter(ctx, (ctypes.c_void_p * len(active))(*active), len(active)) == 0
+    model = Model(model_path)
+    adapters = [model.load_adapter(h) for h in heads]
+    own = [model.own_adapter] if model.own_adapter else []
+    ctx = model.context(n_ctx=max(1024, n_prefill + n_decode + 16), n_batch=max(512, n_prefill),
+                        n_threads=threads, heads=own + adapters if adapters else None)
     if mode == "side-off":
-        lib.llama_set_otter(ctx, False)
-    n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
+        ctx.set_otter(False)
     rng = np.random.default_rng(0)
-    toks = [int(x) for x in rng.integers(300, n_vocab, size=n_prefill + n_decode)]
+    toks = [int(x) for x in rng.integers(300, model.n_vocab, size=n_prefill + n_decode)]
 
-    def decode(tokens, pos0, last_only=True):
-        b = ll.llama_batch_init(len(tokens), 0, 1)
-        for i, t in enumerate(tokens):
-            b.token[i] = t
-            b.pos[i] = pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = 1 if (i == len(tokens) - 1 or not last_only) else 0
-        b.n_tokens = len(tokens)
-        rc = ll.llama_decode(ctx, b)
-        ll.llama_batch_free(b)
-        assert rc == 0, rc
-
-    mem = ll.llama_get_memory(ctx)
     # warm-up
-    decode(toks[:8], 0)
-    ll.llama_memory_clear(mem, True)
+    ctx.decode(toks[:8], 0, logits="last")
+    ctx.clear()
 
     t0 = time.perf_counter()
     c0 = time.process_time()
-    decode(toks[:n_prefill], 0)
-    ll.llama_get_logits_ith(ctx, -1)
+    ctx.decode(toks[:n_prefill], 0, logits="last")
+    ctx.logits_ith(-1)
     t_prefill = time.perf_counter() - t0
     c_prefill = time.process_time() - c0
 
@@ -145,16 +116,15 @@ def _run_one(model_path: str, mode: str, n_prefill: int, n_decode: int, threads:
     t0 = time.perf_counter()
     c0 = time.process_time()
     for i in range(n_decode):
-        decode([toks[n_prefill + i]], n_prefill + i)
-        ll.llama_get_logits_ith(ctx, -1)
+        ctx.decode([toks[n_prefill + i]], n_prefill + i, logits="last")
+        ctx.logits_ith(-1)
         if mode != "base" and mode != "side-off":
-            p = lib.llama_get_otter_signals_ith(ctx, -1)
-            got_signal = float(p[0]) if p else None
+            sig = ctx.signals_ith(-1)
+            got_signal = None if sig is None else float(sig[0])
     t_decode = time.perf_counter() - t0
     c_decode = time.process_time() - c0
 
-    ll.llama_free(ctx)
-    ll.llama_model_free(model)
+    model.close()
     if mode != "base" and mode != "side-off":
         assert got_signal is not None, "no signals with the side stream on"
     return {

@@ -9,8 +9,8 @@ a chat template added (so ``create_chat_completion`` uses the model's own
 template), ``otter(kind)`` is that base plus the ``reward1`` / ``reward3`` /
 ``token_reward`` adapter.
 
-``Model`` / ``Context`` drive the patched runtime through llama-cpp-python's
-low-level bindings and the Otter C API (tests/test_runtime*.py).
+``Model`` / ``Context`` are the package's C-API harness (otter_gguf.runtime.session) with the rt
+fixture's signature and an f32 KV cache (tests/test_runtime*.py).
 
 ``require_otter_runtime()`` is the one runtime check (the ``otter_runtime``
 fixture): a runtime test FAILS, never skips, when llama_cpp is missing or the
@@ -28,6 +28,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import pytest
+
+from otter_gguf.runtime import session
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -247,143 +249,24 @@ def rewrite(src: Path, dst: Path, *, kv: dict | None = None, drop_kv=(), drop_te
 # the patched runtime through llama-cpp-python's low-level bindings plus the
 # Otter C API (otter_gguf.runtime.capi): tests/test_runtime*.py
 # ---------------------------------------------------------------------------
-GGML_TYPE_F32 = 0
-FA_DISABLED = 0
-FA_ENABLED = 1
-
-
-class Model:
-    """A llama_model of ``ll`` (llama_cpp.llama_cpp) with the Otter API ``lib`` (capi.load())."""
+class Model(session.Model):
+    """:class:`otter_gguf.runtime.session.Model` with the rt fixture's ``(ll, lib, path)``: ``ll`` is
+    llama_cpp.llama_cpp, ``lib`` the Otter API (capi.load()); contexts get an f32 KV cache by default."""
 
     def __init__(self, ll, lib, path: Path):
+        super().__init__(path)
         self.ll, self.lib = ll, lib
-        p = ll.llama_model_default_params()
-        self.ptr = ll.llama_model_load_from_file(str(path).encode(), p)
-        if not self.ptr:
-            raise ValueError(f"failed to load {path}")
-        self.vocab = ll.llama_model_get_vocab(self.ptr)
-        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
-        self.has_otter = bool(lib.llama_model_has_otter(self.ptr))
-        self.n_out = lib.llama_model_otter_n_out(self.ptr)
-
-    def close(self):
-        if self.ptr:
-            self.ll.llama_model_free(self.ptr)
-            self.ptr = None
 
     def context(self, **kw) -> "Context":
         return Context(self, **kw)
 
 
-class Context:
-    """A llama_context on ``model`` (f32 KV cache by default): decode, logits, Otter signals, state."""
+class Context(session.Context):
+    """:class:`otter_gguf.runtime.session.Context` with an f32 KV cache by default (bit-exact comparisons)."""
 
-    def __init__(self, model: Model, *, n_ctx=256, n_batch=256, n_ubatch=None, n_seq_max=1,
-                 n_threads=2, flash_attn=False, kv_f32=True):
-        ll = model.ll
-        self.ll, self.lib, self.model = ll, model.lib, model
-        cp = ll.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = n_batch
-        cp.n_ubatch = n_ubatch or n_batch
-        cp.n_seq_max = n_seq_max
-        cp.n_threads = n_threads
-        cp.n_threads_batch = n_threads
-        cp.flash_attn_type = FA_ENABLED if flash_attn else FA_DISABLED
-        if kv_f32:
-            cp.type_k = GGML_TYPE_F32
-            cp.type_v = GGML_TYPE_F32
-        self.ptr = ll.llama_init_from_model(model.ptr, cp)
-        if not self.ptr:
-            raise ValueError("failed to create context")
-        self.mem = ll.llama_get_memory(self.ptr)
-
-    @property
-    def n_out(self) -> int:
-        """Floats per signal row of the heads the context runs."""
-        return self.lib.llama_otter_n_out(self.ptr)
-
-    def set_heads(self, adapters) -> int:
-        """llama_set_adapters_otter with ``adapters`` (llama_adapter_otter * values): its return code;
-        the memory handle is fetched again (the call re-creates it)."""
-        arr = (ctypes.c_void_p * max(1, len(adapters)))(*adapters)
-        rc = self.lib.llama_set_adapters_otter(self.ptr, arr, len(adapters))
-        self.mem = self.ll.llama_get_memory(self.ptr)
-        return rc
-
-    def close(self):
-        if self.ptr:
-            self.ll.llama_free(self.ptr)
-            self.ptr = None
-
-    def decode(self, tokens, pos0=0, seq=0, logits="all", seqs=None, positions=None):
-        """Decode one batch. tokens: list[int]; seqs/positions override per token.
-        logits: "all", "last" or a list of bools."""
-        ll = self.ll
-        n = len(tokens)
-        b = ll.llama_batch_init(n, 0, 1)
-        try:
-            for i, t in enumerate(tokens):
-                b.token[i] = int(t)
-                b.pos[i] = positions[i] if positions is not None else pos0 + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seqs[i] if seqs is not None else seq
-                if logits == "all":
-                    b.logits[i] = 1
-                elif logits == "last":
-                    b.logits[i] = 1 if i == n - 1 else 0
-                else:
-                    b.logits[i] = 1 if logits[i] else 0
-            b.n_tokens = n
-            rc = ll.llama_decode(self.ptr, b)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc}")
-        finally:
-            ll.llama_batch_free(b)
-
-    def batched_logits(self, tokens, batch) -> np.ndarray:
-        """Decode ``tokens`` (positions 0..) in batches of ``batch``: the logits of every token [n, V]."""
-        rows = []
-        for s in range(0, len(tokens), batch):
-            self.decode(tokens[s:s + batch], pos0=s)
-            rows += [self.logits_ith(i) for i in range(len(tokens[s:s + batch]))]
-        return np.stack(rows)
-
-    def logits_ith(self, i) -> np.ndarray:
-        p = self.ll.llama_get_logits_ith(self.ptr, i)
-        assert p
-        return np.ctypeslib.as_array(p, shape=(self.model.n_vocab,)).copy()
-
-    def signals_ith(self, i):
-        p = self.lib.llama_get_otter_signals_ith(self.ptr, i)
-        if not p:
-            return None
-        return np.ctypeslib.as_array(p, shape=(self.n_out,)).copy()
-
-    def signals_pos(self, i):
-        p = self.lib.llama_get_otter_signals_pos(self.ptr, i)
-        if not p:
-            return None
-        return np.ctypeslib.as_array(p, shape=(self.n_out,)).copy()
-
-    def seq_rm(self, seq, p0, p1=-1):
-        return self.ll.llama_memory_seq_rm(self.mem, seq, p0, p1)
-
-    def clear(self):
-        self.ll.llama_memory_clear(self.mem, True)
-
-    def state_save(self) -> bytes:
-        ll = self.ll
-        n = ll.llama_state_get_size(self.ptr)
-        buf = (ctypes.c_uint8 * n)()
-        w = ll.llama_state_get_data(self.ptr, buf, n)
-        return bytes(buf[:w])
-
-    def state_load(self, data: bytes):
-        ll = self.ll
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        r = ll.llama_state_set_data(self.ptr, buf, len(data))
-        assert r == len(data), (r, len(data))
+    def __init__(self, model: Model, *, kv_f32=True, **kw):
+        super().__init__(model, kv_f32=kv_f32, **kw)
+        self.ll, self.lib = model.ll, model.lib
 
 
 def rel_err(a, b) -> float:

@@ -355,108 +355,30 @@ def warm_page_cache(paths: Sequence[Path]) -> None:
 _MODELS: Dict[str, Any] = {}
 
 
-def _load_model(L, path: str):
-    """One llama_model per file and process (the contexts of the configurations share it)."""
+def _engine(path: str, *, n_ctx: int, n_batch: int, n_seq: int, threads: int, embeddings: bool = False,
+            otter: Optional[bool] = None, cb_eval: Any = None):
+    """A context (:class:`otter_gguf.runtime.session.Context`) on the model of ``path``: one model per
+    file and process, shared by the contexts of the configurations. ``otter``: run the model's own head
+    (True) or pause it (False); None: a model without one."""
+    from otter_gguf.runtime.session import Model
+
     if path not in _MODELS:
-        m = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
-        if not m:
-            raise RuntimeError(f"failed to load {path}")
-        _MODELS[path] = m
-    return _MODELS[path]
+        _MODELS[path] = Model(path)
+    model = _MODELS[path]
+    ctx = model.context(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq, n_threads=threads, embeddings=embeddings,
+                        cb_eval=cb_eval, no_perf=False)
+    if otter is not None:
+        if not model.has_otter:
+            raise RuntimeError(f"{path} has no Otter head")
+        ctx.set_otter(bool(otter))
+    return ctx
 
 
-class _Engine:
-    """A model + context + batch through llama.cpp's C API (llama-cpp-python's ctypes bindings)."""
-
-    def __init__(self, L, path: str, *, n_ctx: int, n_batch: int, n_seq: int, threads: int,
-                 embeddings: bool = False, otter: Optional[bool] = None, cb_eval: Any = None):
-        self.L = L
-        self.model = _load_model(L, path)
-        cp = L.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = n_batch
-        cp.n_ubatch = n_batch
-        cp.n_seq_max = n_seq
-        cp.kv_unified = n_seq > 1
-        cp.n_threads = threads
-        cp.n_threads_batch = threads
-        cp.no_perf = False
-        if cb_eval is not None:
-            cp.cb_eval = cb_eval
-        if embeddings:
-            cp.embeddings = True
-            cp.pooling_type = L.LLAMA_POOLING_TYPE_NONE
-        self.ctx = L.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            raise RuntimeError(f"failed to create a context for {path}")
-        self.mem = L.llama_get_memory(self.ctx)
-        self.batch = L.llama_batch_init(n_batch, 0, n_seq)
-        self.n_batch = n_batch
-        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-        self.n_embd = L.llama_model_n_embd(self.model)
-        self.embeddings = embeddings
-        self.api = None
-        if otter is not None:
-            from otter_gguf.runtime import capi as _lib
-
-            self.api = _lib.load()
-            if not self.api.llama_model_has_otter(self.model):
-                raise RuntimeError(f"{path} has no Otter head")
-            self.api.llama_set_otter(self.ctx, bool(otter))
-            self.n_out = int(self.api.llama_model_otter_n_out(self.model))
-
-    def decode(self, tokens: Sequence[int], pos0: int, *, seqs: Optional[Sequence[int]] = None,
-               same_pos: bool = False, out: str = "last") -> None:
-        b = self.batch
-        n = len(tokens)
-        b.n_tokens = n
-        for i, t in enumerate(tokens):
-            b.token[i] = int(t)
-            b.pos[i] = pos0 if same_pos else pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0 if seqs is None else int(seqs[i])
-            b.logits[i] = out == "all" or (out == "last" and i == n - 1)
-        rc = self.L.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-
-    def prefill(self, tokens: Sequence[int], pos0: int = 0) -> None:
-        """Prompt processing in n_batch chunks; only the last token is an output row. A reward model
-        (embeddings context) outputs every token in embeddings mode, so its prompt minus the last
-        token is decoded with embeddings off (no output rows), as a reward model would."""
-        L = self.L
-        tokens = list(tokens)
-        if self.embeddings and len(tokens) > 1:
-            L.llama_set_embeddings(self.ctx, False)
-            try:
-                for i in range(0, len(tokens) - 1, self.n_batch):
-                    chunk = tokens[i: min(i + self.n_batch, len(tokens) - 1)]
-                    self.decode(chunk, pos0 + i, out="none")
-            finally:
-                L.llama_set_embeddings(self.ctx, True)
-            self.decode(tokens[-1:], pos0 + len(tokens) - 1)
-            return
-        for i in range(0, len(tokens), self.n_batch):
-            chunk = tokens[i: i + self.n_batch]
-            self.decode(chunk, pos0 + i, out="last" if i + len(chunk) == len(tokens) else "none")
-
-    def logits(self, i: int = -1) -> np.ndarray:
-        return np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
-
-    def hidden(self, i: int = -1) -> np.ndarray:
-        return np.ctypeslib.as_array(self.L.llama_get_embeddings_ith(self.ctx, i), shape=(self.n_embd,))
-
-    def signals(self, i: int = -1) -> np.ndarray:
-        ptr = self.api.llama_get_otter_signals_ith(self.ctx, i)
-        if not ptr:
-            raise RuntimeError("no Otter signals")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_out,))
-
-    def clear(self) -> None:
-        self.L.llama_memory_clear(self.mem, True)
-
-    def seq_rm_from(self, pos: int) -> None:
-        self.L.llama_memory_seq_rm(self.mem, -1, pos, -1)
+def _signals(ctx, i: int = -1) -> np.ndarray:
+    row = ctx.signals_ith(i)
+    if row is None:
+        raise RuntimeError(f"no Otter signals for batch index {i}")
+    return row
 
 
 class _GGMLTensor(ctypes.Structure):
@@ -557,7 +479,7 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
 class _Runner:
     """The per-step loops of the configurations (greedy; ARGS weight 1)."""
 
-    def __init__(self, L, spec: dict, cb_eval: Any = None):
+    def __init__(self, spec: dict, cb_eval: Any = None):
         self.spec = spec
         cfg = spec["config"]
         self.cfg = cfg
@@ -566,20 +488,20 @@ class _Runner:
         n_ctx = int(spec["n_ctx"])
         nb = int(spec.get("n_batch", 512))
         seqs = self.k + 1 if cfg in ("d_rm", "d_scalar") else 1
-        self.main: _Engine
-        self.rm: Optional[_Engine] = None
+        self.main: Any
+        self.rm: Optional[Any] = None
         if cfg == "a":
-            self.main = _Engine(L, spec["otter"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr, cb_eval=cb_eval, otter=False)
+            self.main = _engine(spec["otter"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr, cb_eval=cb_eval, otter=False)
         elif cfg == "a0":
-            self.main = _Engine(L, spec["base"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr, cb_eval=cb_eval)
+            self.main = _engine(spec["base"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr, cb_eval=cb_eval)
         elif cfg in ("b", "d_scalar"):
-            self.main = _Engine(L, spec["otter"], n_ctx=n_ctx, n_batch=nb, n_seq=seqs, threads=thr, cb_eval=cb_eval, otter=True)
+            self.main = _engine(spec["otter"], n_ctx=n_ctx, n_batch=nb, n_seq=seqs, threads=thr, cb_eval=cb_eval, otter=True)
         elif cfg == "d_tok":
-            self.main = _Engine(L, spec["otter_token"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr, cb_eval=cb_eval, otter=True)
+            self.main = _engine(spec["otter_token"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr, cb_eval=cb_eval, otter=True)
         elif cfg in ("c", "d_rm"):
-            self.main = _Engine(L, spec["base"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr)
-            self.rm = _Engine(L, spec["rm"], n_ctx=n_ctx, n_batch=nb, n_seq=seqs, threads=thr, embeddings=True)
-            self.rm_w = (np.random.default_rng(7).standard_normal(self.rm.n_embd) * 0.02).astype(np.float32)
+            self.main = _engine(spec["base"], n_ctx=n_ctx, n_batch=nb, n_seq=1, threads=thr)
+            self.rm = _engine(spec["rm"], n_ctx=n_ctx, n_batch=nb, n_seq=seqs, threads=thr, embeddings=True)
+            self.rm_w = (np.random.default_rng(7).standard_normal(self.rm.model.n_embd) * 0.02).astype(np.float32)
         else:
             raise ValueError(f"unknown configuration {cfg!r}")
         self.n = 0            # tokens in the context (sequence 0)
@@ -591,17 +513,17 @@ class _Runner:
         self.main.prefill(tokens, self.n)
         if self.rm is not None:
             self.rm.prefill(tokens, self.n)
-            self.rewards.append(float(self.rm.hidden(-1) @ self.rm_w))
+            self.rewards.append(float(self.rm.hidden_ith(-1) @ self.rm_w))
         elif self.cfg in ("b", "d_scalar"):
-            self.rewards.append(float(self.main.signals(-1)[0]))
+            self.rewards.append(float(_signals(self.main)[0]))
         self.n += len(tokens)
-        self.cur = self.main.logits(-1).copy()
+        self.cur = self.main.logits_ith(-1)
 
     def step(self) -> int:
         cfg, n = self.cfg, self.n
         if cfg in ("a", "a0", "b", "c", "d_tok"):
             if cfg == "d_tok":
-                row = self.main.signals(-1)
+                row = _signals(self.main)
                 ids = _top_k(self.cur, self.k)
                 tok = int(ids[np.argmax(self.cur[ids] + row[ids])])
                 self.rewards.append(float(row[tok]))
@@ -609,22 +531,23 @@ class _Runner:
                 tok = int(np.argmax(self.cur))
             self.main.decode([tok], n)
             if cfg == "b":
-                self.rewards.append(float(self.main.signals(-1)[0]))
+                self.rewards.append(float(_signals(self.main)[0]))
             elif cfg == "c":
                 self.rm.decode([tok], n)
-                self.rewards.append(float(self.rm.hidden(-1) @ self.rm_w))
-            self.cur = self.main.logits(-1).copy()
+                self.rewards.append(float(self.rm.hidden_ith(-1) @ self.rm_w))
+            self.cur = self.main.logits_ith(-1)
         else:
-            L = self.main.L
+            from llama_cpp import llama_cpp as L
+
             ids = _top_k(self.cur, self.k)
             eng = self.rm if cfg == "d_rm" else self.main
             for s in range(1, len(ids) + 1):
                 L.llama_memory_seq_cp(eng.mem, 0, s, -1, -1)
-            eng.decode(ids.tolist(), n, seqs=list(range(1, len(ids) + 1)), same_pos=True, out="all")
+            eng.decode(ids.tolist(), seqs=list(range(1, len(ids) + 1)), positions=[n] * len(ids), logits="all")
             if cfg == "d_rm":
-                r = np.stack([eng.hidden(j) for j in range(len(ids))]) @ self.rm_w
+                r = np.stack([eng.hidden_ith(j) for j in range(len(ids))]) @ self.rm_w
             else:
-                r = np.array([eng.signals(j)[0] for j in range(len(ids))], dtype=np.float32)
+                r = np.array([_signals(eng, j)[0] for j in range(len(ids))], dtype=np.float32)
             j = int(np.argmax(self.cur[ids] + r))
             tok = int(ids[j])
             L.llama_memory_seq_cp(eng.mem, j + 1, 0, n, n + 1)
@@ -632,9 +555,9 @@ class _Runner:
             self.rewards.append(float(r[j]))
             if cfg == "d_rm":
                 self.main.decode([tok], n)
-                self.cur = self.main.logits(-1).copy()
+                self.cur = self.main.logits_ith(-1)
             else:
-                self.cur = self.main.logits(j).copy()
+                self.cur = self.main.logits_ith(j)
         self.n = n + 1
         return tok
 
@@ -646,9 +569,9 @@ class _Runner:
         self.rewards = []
 
     def truncate(self, n: int) -> None:
-        self.main.seq_rm_from(n)
+        self.main.seq_rm(-1, n)
         if self.rm is not None:
-            self.rm.seq_rm_from(n)
+            self.rm.seq_rm(-1, n)
         self.n = n
 
 
@@ -685,10 +608,10 @@ def _run_worker(spec: dict) -> dict:
     if spec.get("mode") == "session":
         return _run_session(L, spec)
     prof = _NodeProfiler(L, spec) if spec.get("mode") == "profile" else None
-    r = _Runner(L, spec, cb_eval=prof.callback if prof else None)
+    r = _Runner(spec, cb_eval=prof.callback if prof else None)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(int(spec.get("seed", 0)))
-    V = r.main.n_vocab
+    V = r.main.model.n_vocab
     lo = min(3, V - 1)
     mode = spec.get("mode", "main")
     res: Dict[str, Any] = {"config": spec["config"], "spec": spec, "load_s": load_s,
@@ -744,10 +667,10 @@ def _run_session(L, spec: dict) -> dict:
     t0 = time.perf_counter()
     runners = {}
     for name, rs in runs.items():
-        runners[name] = _Runner(L, dict(spec, **rs))
+        runners[name] = _Runner(dict(spec, **rs))
     load_s = time.perf_counter() - t0
     names = list(runners)
-    V = min(r.main.n_vocab for r in runners.values())
+    V = min(r.main.model.n_vocab for r in runners.values())
     lo = min(3, V - 1)
     for r in runners.values():  # warm-up: graphs, thread pools
         r.prefill(rng.integers(lo, V, size=8).tolist())
