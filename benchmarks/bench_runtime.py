@@ -17,11 +17,11 @@ decode(side-on) >= 0.95 * decode(base) / (1 + otter_bytes/base_bytes).
 
 The models are those of ``otter-gguf bench`` (otter_gguf.tools.bench.SHAPES):
 the base GGUF is written with gguf-py by
-otter_gguf_converter.llamacpp.write_random_base (random weights, a
+otter_gguf.io.random_base.write_random_base (random weights, a
 SentencePiece-style vocabulary), the adapter by
 otter_gguf.tools.bench.write_random_adapter; the adapter is converted at f16
 with otter_gguf_converter.convert and both files are quantized by llama.cpp's
-quantizer (otter_gguf_converter.llamacpp.quantize). ``--model tiny`` is the
+quantizer (otter_gguf.io.llama_quantize.quantize). ``--model tiny`` is the
 seconds-long smoke run.
 """
 
@@ -39,9 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
+from otter_gguf.io.llama_log import llama_logs
+from otter_gguf.io.llama_quantize import quantize
+from otter_gguf.io.random_base import write_random_base
 from otter_gguf.tools.bench import SHAPES, write_random_adapter
 from otter_gguf_converter import convert
-from otter_gguf_converter.llamacpp import llama_logs, quantize, write_random_base
 
 QTYPE = "q4_k_m"
 

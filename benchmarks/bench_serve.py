@@ -26,7 +26,7 @@ base_bytes / (base_bytes + otter_bytes).
 Models: ``otter_gguf.tools.bench.prepare_random`` (cached under ~/.cache/otter-gguf/bench). Build
 llama-server once (several minutes on 2 cores)::
 
-    SRC=$(python -c "from otter_gguf_converter.llamacpp import pinned_llama_cpp_source as s; print(s())")
+    SRC=$(python -c "from otter_gguf.io.llama_source import pinned_llama_cpp_source as s; print(s())")
     cmake -S $SRC -B build/llama-server-bld -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_WEBUI=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF <the runtime's ISA flags>

@@ -11,9 +11,9 @@ See docs/FORMAT.md for the file layout and the output types.
 """
 
 from otter_gguf.format.constants import gguf_tensor_name
+from otter_gguf.io.gguf_read import vocab_hash_tokens
 from otter_gguf_converter.convert import convert, rope_permute, rope_unpermute
 from otter_gguf_converter.errors import ConvertError
-from otter_gguf_converter.gguf_io import vocab_hash_tokens
 from otter_gguf_converter.hf_base import BASE_OUTTYPES, convert_hf_base
 from otter_gguf_converter.inspect import inspect_gguf
 from otter_gguf_converter.qtypes import HEAD_TYPES, OUTTYPES

@@ -9,15 +9,12 @@ failure (KeyboardInterrupt included).
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -28,9 +25,12 @@ from otter_gguf.format.constants import (
     ADAPTER_TYPE_OTTER, GENERAL_TYPE_ADAPTER, KEY_PREFIX, NORM_TENSORS, NORM_WEIGHT_OFFSET, OTTER_FORMAT_VERSION, Keys,
     OtterTensor, SidecarKeys, gguf_name, parse_hf_name,
 )
-from otter_gguf_converter import gguf_io, qtypes
+from otter_gguf.io import gguf_read
+from otter_gguf.io.ggml_quant import encode
+from otter_gguf.io.gguf_write import OutTensor, base_tensors, copy_kvs, write_gguf
+from otter_gguf.io.outputs import atomic_outputs, check_output
+from otter_gguf_converter import qtypes
 from otter_gguf_converter.errors import ConvertError
-from otter_gguf_converter.ggml_quant import encode
 from otter_gguf_converter.hf_base import convert_hf_base, hf_architecture, hf_hparams, parse_base_outtype
 
 
@@ -121,7 +121,7 @@ def plan_tensors(adapter, cfg, arch: str, outtype: str, head_type: str | None):
     return plan, fallbacks
 
 
-def _otter_metadata(writer, cfg, info: gguf_io.BaseInfo) -> None:
+def _otter_metadata(writer, cfg, info: gguf_read.BaseInfo) -> None:
     u32 = GGUFValueType.UINT32
     kv = writer.add_key_value
     kv(Keys.VERSION, OTTER_FORMAT_VERSION, u32)
@@ -143,19 +143,11 @@ def _otter_metadata(writer, cfg, info: gguf_io.BaseInfo) -> None:
     kv(Keys.Base.VOCAB_SIZE, info.vocab_size, u32)
     kv(Keys.Base.VOCAB_HASH, info.vocab_hash, GGUFValueType.UINT64)
     for key, value in info.arch_fingerprint.items():
-        vt = gguf_io.ARCH_FINGERPRINT_TYPES[key]
+        vt = gguf_read.ARCH_FINGERPRINT_TYPES[key]
         if isinstance(vt, tuple):
             kv(key, value, vt[0], sub_type=vt[1])
         else:
             kv(key, value, vt)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _warn(msg: str) -> None:
@@ -174,7 +166,7 @@ def _open_adapter(adapter_dir):
     return open_adapter(p)
 
 
-def _check_base(cfg, info: gguf_io.BaseInfo) -> None:
+def _check_base(cfg, info: gguf_read.BaseInfo) -> None:
     from otter_gguf.format.adapter import check_against_base
 
     check_against_base(cfg, info.hparams())
@@ -245,16 +237,16 @@ def convert(
             base_gguf = convert_hf_base(base_path, work_dir / "base.gguf", base_outtype)
         else:
             base_gguf = base_path
-        reader = gguf_io.open_gguf(base_gguf, "base")
-        info = gguf_io.base_info(reader, str(base_path))
-        already = [k for k in gguf_io.kv_keys(reader) if k.startswith(KEY_PREFIX)]
-        already_t = [t.name for t in reader.tensors if gguf_io.is_otter_tensor(t.name)]
+        reader = gguf_read.open_gguf(base_gguf, "base")
+        info = gguf_read.base_info(reader, str(base_path))
+        already = [k for k in gguf_read.kv_keys(reader) if k.startswith(KEY_PREFIX)]
+        already_t = [t.name for t in reader.tensors if gguf_read.is_otter_tensor(t.name)]
         if already or already_t:
             raise ConvertError(
                 f"base {base_path} already contains an Otter head ({(already + already_t)[0]} ...); "
                 f"convert from the plain base model GGUF"
             )
-        if gguf_io.field_value(reader, SidecarKeys.GENERAL_TYPE) == GENERAL_TYPE_ADAPTER:
+        if gguf_read.field_value(reader, SidecarKeys.GENERAL_TYPE) == GENERAL_TYPE_ADAPTER:
             raise ConvertError(f"base {base_path} is an adapter GGUF, not a base model")
         _check_base(cfg, info)
         plan, fallbacks = plan_tensors(adapter, cfg, info.architecture, outtype, head_type)
@@ -263,7 +255,7 @@ def convert(
                 f"{fb.name} (ne0 {fb.ne0}) {qtypes.type_name(fb.wanted)} -> {qtypes.type_name(fb.used)}"
                 for fb in fallbacks))
         if any(t.qtype not in (QT.F32, QT.F16, QT.BF16) for t in plan):
-            from otter_gguf_converter.ggml_quant import load_ggml_base
+            from otter_gguf.io.ggml_quant import load_ggml_base
 
             load_ggml_base()  # fail before writing if the quantizer is missing
 
@@ -274,99 +266,6 @@ def convert(
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)
     return out
-
-
-def _create_temp(out: Path) -> Path:
-    """An empty temp file next to ``out`` (mode 0666 & ~umask, like ``out`` would get)."""
-    for _ in range(100):
-        p = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
-        try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise ConvertError(f"cannot write to output directory {out.parent}: {e.strerror or e}") from None
-        os.close(fd)
-        return p
-    raise RuntimeError(f"could not create a temporary file in {out.parent}")
-
-
-def check_output(out: Path, force: bool, inputs: Sequence[Path] = ()) -> Path:
-    """``out`` as a Path, or a ConvertError if it cannot be written (a directory, exists without
-    ``force``, a missing directory, or one of the ``inputs``)."""
-    out = Path(out)
-    if out.is_dir():
-        raise ConvertError(f"output {out} is a directory; expected a file path like {out / 'model-otter.gguf'}")
-    for i in inputs:
-        if out.exists() and Path(i).exists() and os.path.samefile(out, i):
-            raise ConvertError(f"output {out} is also an input; write to another file")
-    if out.exists() and not force:
-        raise ConvertError(f"output {out} already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise ConvertError(f"output directory {out.parent} does not exist")
-    return out
-
-
-@contextmanager
-def atomic_outputs(outs: Sequence[Path], force: bool) -> Iterator[list[Path]]:
-    """Temp files next to ``outs``; renamed onto them when the block succeeds, removed otherwise
-    (KeyboardInterrupt included): an output is either complete or untouched."""
-    tmps: list[Path] = []
-    try:
-        for o in outs:
-            tmps.append(_create_temp(o))
-        yield tmps
-        for o in outs:
-            if o.exists() and not force:
-                raise ConvertError(f"output {o} appeared while writing; pass --force to overwrite it")
-        for t, o in zip(tmps, outs):
-            os.replace(t, o)
-        tmps = []
-    finally:
-        for t in tmps:
-            try:
-                t.unlink()
-            except FileNotFoundError:
-                pass
-
-
-@dataclass
-class OutTensor:
-    """One tensor to write: its info and a callable giving its bytes (called once, in file order)."""
-
-    name: str
-    np_shape: tuple[int, ...]
-    qtype: QT
-    nbytes: int
-    data: Callable[[], np.ndarray]
-    label: str = ""
-    after: Callable[[], None] | None = None  # e.g. release the source's pages
-
-
-def base_tensors(reader) -> list[OutTensor]:
-    """The non-Otter tensors of a GGUF, copied raw."""
-    return [OutTensor(t.name, gguf_io.ggml_shape_to_numpy(t.shape), t.tensor_type, int(t.n_bytes),
-                      (lambda t=t: gguf_io.tensor_raw(reader, t)), f"base {t.name}",
-                      (lambda t=t: gguf_io.release_pages(reader, t.data_offset, int(t.n_bytes))))
-            for t in reader.tensors if not gguf_io.is_otter_tensor(t.name)]
-
-
-def otter_tensors_raw(reader) -> list[OutTensor]:
-    """The Otter tensors of a GGUF (one-file or sidecar), copied raw."""
-    return [OutTensor(t.name, gguf_io.ggml_shape_to_numpy(t.shape), t.tensor_type, int(t.n_bytes),
-                      (lambda t=t: gguf_io.tensor_raw(reader, t)), f"{t.name} {qtypes.type_name(t.tensor_type)}")
-            for t in reader.tensors if gguf_io.is_otter_tensor(t.name)]
-
-
-def copy_kvs(reader, keep: Callable[[str], bool]) -> Callable:
-    """A KV writer that copies ``reader``'s keys for which ``keep(key)`` holds, as raw bytes, in file order."""
-    keys = [k for k in gguf_io.kv_keys(reader) if keep(k)]
-
-    def add(writer) -> None:
-        for key in keys:
-            writer.add_raw_value(key, gguf_io.raw_kv_value(reader, key))
-
-    return add
 
 
 def sidecar_kvs(arch: str, alignment: int, name: str | None) -> Callable:
@@ -382,44 +281,6 @@ def sidecar_kvs(arch: str, alignment: int, name: str | None) -> Callable:
             writer.add_key_value(SidecarKeys.ALIGNMENT, alignment, GGUFValueType.UINT32)
 
     return add
-
-
-def write_gguf(path: Path, arch: str, alignment: int, kv_writers: Sequence[Callable],
-               tensors: Sequence[OutTensor], progress: bool) -> None:
-    """Write one GGUF: the KVs of ``kv_writers`` in order, then ``tensors`` in order; fsync'd."""
-    writer = gguf_io.OtterGGUFWriter(path, arch)
-    try:
-        writer.kv_data = [{}]  # no implicit general.architecture: the KV writers add every key
-        writer.data_alignment = int(alignment)
-        for add in kv_writers:
-            add(writer)
-        for t in tensors:
-            # element shape (not a uint8 byte shape), the type given explicitly
-            writer.add_tensor_info(t.name, t.np_shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-
-        bar = _progress_bar(sum(t.nbytes for t in tensors), len(tensors), progress)
-        try:
-            for t in tensors:
-                bar(t.label or t.name, t.nbytes, pre=True)
-                data = t.data()
-                if data.nbytes != t.nbytes:
-                    raise RuntimeError(f"{t.name}: {data.nbytes} bytes, planned {t.nbytes}")
-                writer.write_tensor_data(data)
-                del data
-                if t.after is not None:
-                    t.after()
-                bar(None, t.nbytes)
-        finally:
-            bar(None, 0, close=True)
-        for fout in writer.fout or []:
-            fout.flush()
-            os.fsync(fout.fileno())
-    finally:
-        writer.close()
 
 
 def _encoded(adapter, p: PlannedTensor) -> Callable[[], np.ndarray]:
@@ -450,22 +311,3 @@ def _write(reader, info, cfg, plan, tmp_path: Path, adapter, progress: bool, sid
                    base_tensors(reader) + otter, progress)
 
 
-def _progress_bar(total_bytes: int, n_tensors: int, enabled: bool) -> Callable:
-    """A tqdm bar over bytes written (stderr); returns an update callback."""
-    if not enabled:
-        return lambda *a, **k: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-               desc=f"writing {n_tensors} tensors", dynamic_ncols=True, leave=True)
-
-    def update(label, nbytes, pre=False, close=False):
-        if close:
-            bar.close()
-            return
-        if label is not None:
-            bar.set_postfix_str(f"{label} ({_human(nbytes)})", refresh=False)
-        if not pre:
-            bar.update(nbytes)
-
-    return update

@@ -1,7 +1,8 @@
-"""Errors raised by the converter."""
+"""Errors raised by the converter: bad input is :class:`otter_gguf.io.errors.InputError`, the same class
+under the converter's public name (the GGUF reader of the bottom layer raises it too)."""
 
 from __future__ import annotations
 
+from otter_gguf.io.errors import InputError as ConvertError
 
-class ConvertError(ValueError):
-    """A user error: bad input, bad option, mismatched base. The CLI exits 2."""
+__all__ = ["ConvertError"]

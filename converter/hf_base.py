@@ -4,7 +4,7 @@ The conversion is llama.cpp's ``convert_hf_to_gguf.py`` from the pinned
 llama.cpp source (run as a subprocess with this interpreter, with the pinned
 ``gguf-py`` it puts on its own path), nothing re-implemented. Types it cannot
 write directly are produced afterwards by llama.cpp's quantizer
-(``llama_cpp.llama_model_quantize`` through :func:`otter_gguf_converter.llamacpp.quantize`),
+(``llama_cpp.llama_model_quantize`` through :func:`otter_gguf.io.llama_quantize.quantize`),
 exactly as ``llama-quantize`` would.
 """
 
@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 from otter_gguf.format.constants import HF_ARCHITECTURES
+from otter_gguf.io.llama_quantize import LLAMA_FTYPES, quantize
+from otter_gguf.io.llama_source import LlamaCppSourceError, pinned_llama_cpp_source
 from otter_gguf_converter.errors import ConvertError
-from otter_gguf_converter.llamacpp import LLAMA_FTYPES, LlamaCppSourceError, pinned_llama_cpp_source, quantize
 
 #: HF ``architectures[0]`` -> the llama.cpp architecture it converts to
 SUPPORTED_HF_ARCHITECTURES = {hf: arch for arch, (hf, _) in HF_ARCHITECTURES.items()}
@@ -28,7 +29,7 @@ SUPPORTED_HF_ARCHITECTURES = {hf: arch for arch, (hf, _) in HF_ARCHITECTURES.ite
 #: types convert_hf_to_gguf.py writes itself
 DIRECT_BASE_TYPES = ("f32", "f16", "bf16", "q8_0")
 
-#: types made by llama_model_quantize afterwards (llamacpp.LLAMA_FTYPES: like llama-quantize,
+#: types made by llama_model_quantize afterwards (otter_gguf.io.llama_quantize.LLAMA_FTYPES: like llama-quantize,
 #: q3_k / q4_k / q5_k are aliases of the _m mixes)
 QUANTIZED_BASE_TYPES = tuple(t for t in LLAMA_FTYPES if t not in DIRECT_BASE_TYPES)
 

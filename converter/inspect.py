@@ -6,12 +6,12 @@ import os
 from typing import Any
 
 from otter_gguf.format.constants import FINGERPRINT_KEYS, GENERAL_TYPE_ADAPTER, KEY_PREFIX, Keys, SidecarKeys
-from otter_gguf_converter import gguf_io, sidecar
+from otter_gguf.io import gguf_read, otter_read
 from otter_gguf_converter.errors import ConvertError
 
 
 def _opt_int(reader, key):
-    v = gguf_io.field_value(reader, key)
+    v = gguf_read.field_value(reader, key)
     if isinstance(v, list):
         v = v[0] if v and all(x == v[0] for x in v) else v
     return v
@@ -20,27 +20,27 @@ def _opt_int(reader, key):
 def inspect_gguf(path) -> dict[str, Any]:
     """Summarise a GGUF file; raises ConvertError if it is not a readable GGUF."""
     p = os.fspath(path)
-    reader = gguf_io.open_gguf(p, "file")
-    if gguf_io.field_value(reader, SidecarKeys.GENERAL_TYPE) == GENERAL_TYPE_ADAPTER:
+    reader = gguf_read.open_gguf(p, "file")
+    if gguf_read.field_value(reader, SidecarKeys.GENERAL_TYPE) == GENERAL_TYPE_ADAPTER:
         return _inspect_sidecar(p, reader)  # an Otter adapter, or refused with what it is
-    arch = gguf_io.field_value(reader, "general.architecture")
+    arch = gguf_read.field_value(reader, "general.architecture")
     a = arch if isinstance(arch, str) else "?"
-    toks = gguf_io.token_bytes(reader)
+    toks = gguf_read.token_bytes(reader)
     d = _opt_int(reader, f"{a}.embedding_length")
     h = _opt_int(reader, f"{a}.attention.head_count")
     hd = _opt_int(reader, f"{a}.attention.key_length")
     if hd is None and isinstance(d, int) and isinstance(h, int) and h:
         hd = d // h
-    base_tensors = [t for t in reader.tensors if not gguf_io.is_otter_tensor(t.name)]
-    otter_tensors = [t for t in reader.tensors if gguf_io.is_otter_tensor(t.name)]
+    base_tensors = [t for t in reader.tensors if not gguf_read.is_otter_tensor(t.name)]
+    otter_tensors = [t for t in reader.tensors if gguf_read.is_otter_tensor(t.name)]
     mix: dict[str, int] = {}
     for t in base_tensors:
-        k = gguf_io.qtype_name(t.tensor_type)
+        k = gguf_read.qtype_name(t.tensor_type)
         mix[k] = mix.get(k, 0) + 1
     base_bytes = sum(int(t.n_bytes) for t in base_tensors)
     base = {
         "architecture": arch,
-        "name": gguf_io.field_value(reader, "general.name"),
+        "name": gguf_read.field_value(reader, "general.name"),
         "embedding_length": d,
         "block_count": _opt_int(reader, f"{a}.block_count"),
         "head_count": h,
@@ -48,13 +48,13 @@ def inspect_gguf(path) -> dict[str, Any]:
         "key_length": hd,
         "feed_forward_length": _opt_int(reader, f"{a}.feed_forward_length"),
         "vocab_size": len(toks) if toks else None,
-        "vocab_hash": gguf_io.vocab_hash_tokens(toks) if toks else None,
-        "file_type": gguf_io.field_value(reader, "general.file_type"),
+        "vocab_hash": gguf_read.vocab_hash_tokens(toks) if toks else None,
+        "file_type": gguf_read.field_value(reader, "general.file_type"),
         "n_tensors": len(base_tensors),
         "bytes": base_bytes,
         "quant_mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])),
     }
-    otter_keys = [k for k in gguf_io.kv_keys(reader) if k.startswith(KEY_PREFIX)]
+    otter_keys = [k for k in gguf_read.kv_keys(reader) if k.startswith(KEY_PREFIX)]
     result: dict[str, Any] = {
         "file": p,
         "kind": "model",
@@ -66,7 +66,7 @@ def inspect_gguf(path) -> dict[str, Any]:
     }
     if not otter_keys and not otter_tensors:
         return result
-    meta = {k: gguf_io.field_value(reader, k) for k in otter_keys}
+    meta = {k: gguf_read.field_value(reader, k) for k in otter_keys}
     tensors = _otter_tensors(reader)
     otter_bytes = sum(x["bytes"] for x in tensors)
     mismatches = []
@@ -92,16 +92,16 @@ def _otter_tensors(reader) -> list[dict[str, Any]]:
         {
             "name": t.name,
             "shape": [int(x) for x in t.shape],  # ggml order: ne0 first
-            "type": gguf_io.qtype_name(t.tensor_type),
+            "type": gguf_read.qtype_name(t.tensor_type),
             "bytes": int(t.n_bytes),
         }
-        for t in reader.tensors if gguf_io.is_otter_tensor(t.name)
+        for t in reader.tensors if gguf_read.is_otter_tensor(t.name)
     ]
 
 
 def _inspect_sidecar(p: str, reader) -> dict[str, Any]:
     """An Otter adapter GGUF: its head, and the base it was made for (its fingerprint)."""
-    sc = sidecar.read_sidecar(p, "file")
+    sc = otter_read.read_sidecar(p, "file")
     tensors = _otter_tensors(reader)
     return {
         "file": p,

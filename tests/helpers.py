@@ -82,7 +82,7 @@ class Models:
             import torch
             from safetensors.torch import save_file
 
-            from otter_gguf_converter.llamacpp import pinned_llama_cpp_source
+            from otter_gguf.io.llama_source import pinned_llama_cpp_source
 
             hf = Path(self._request.getfixturevalue("tiny_llama_dir"))
             d = self._root / "lora"
@@ -183,8 +183,9 @@ def pristine_lib_dir() -> Path:
     import hashlib
     import subprocess
 
+    from otter_gguf.io.cache import cache_dir
+    from otter_gguf.io.llama_source import LLAMA_CPP_PYTHON_VERSION, pinned_llama_cpp_source
     from otter_gguf.runtime import build as rb
-    from otter_gguf_converter.llamacpp import LLAMA_CPP_PYTHON_VERSION, cache_dir, pinned_llama_cpp_source
 
     args = [a for a in rb.default_cmake_args(portable=PORTABLE) if a.startswith("-DGGML_")]
     key = hashlib.sha256(" ".join([LLAMA_CPP_PYTHON_VERSION, *args]).encode()).hexdigest()[:16]

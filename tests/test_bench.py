@@ -244,8 +244,8 @@ TINY_QWEN3 = dict(name="tq3", arch="qwen3", d=64, L=2, h=4, h_kv=2, hd=32, f=128
 def test_issue14_random_qwen3_base_and_adapter_convert(tmp_path):
     """The random qwen3 base (q/k norms, tied LM head, key length) and its random adapter convert (f16)."""
     from otter_gguf.format.adapter import load_adapter
+    from otter_gguf.io.random_base import write_random_base
     from otter_gguf_converter import convert, inspect_gguf
-    from otter_gguf_converter.llamacpp import write_random_base
 
     s = TINY_QWEN3
     base = write_random_base(tmp_path / "base.gguf", s)

@@ -323,7 +323,7 @@ def test_the_hf_architecture_table_is_llama_cpps():
     model_arch = gguf.MODEL_ARCH.<ARCH>)."""
     import re
 
-    from otter_gguf_converter.llamacpp import pinned_llama_cpp_source
+    from otter_gguf.io.llama_source import pinned_llama_cpp_source
 
     assert tuple(C.HF_ARCHITECTURES) == C.SUPPORTED_ARCHITECTURES
     conv = pinned_llama_cpp_source() / "conversion"

@@ -23,12 +23,13 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
 
-from otter_gguf.format.adapter import open_adapter
 from otter_gguf.cli import main as cli_main
+from otter_gguf.format.adapter import open_adapter
 from otter_gguf.format.constants import BIAS, HeadKind, Keys, gguf_name, hf_name
 from otter_gguf.format.constants import OtterTensor as T
+from otter_gguf.io.llama_quantize import quantize
+from otter_gguf.io.llama_source import pinned_llama_cpp_source
 from otter_gguf_converter import OUTTYPES, convert, gguf_tensor_name
-from otter_gguf_converter.llamacpp import pinned_llama_cpp_source, quantize
 
 # quantized outtypes use ggml's quantizer from the runtime's libggml-base
 pytestmark = pytest.mark.runtime

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from otter_gguf.tools import eval as ev
-from otter_gguf_converter.llamacpp import quantize
 from otter_gguf.cli import main
+from otter_gguf.io.llama_quantize import quantize
+from otter_gguf.tools import eval as ev
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,7 @@
 """The package's layers import only downwards (CONTRIBUTING.md "Layout").
 
-format <- converter <- reference, runtime <- tools <- cli; click only in cli;
+format <- io <- converter <- reference, runtime <- tools <- cli; click only in cli; llama_cpp in the
+bottom layer (otter_gguf.io) only where it wraps libggml / libllama on purpose;
 ``import otter_gguf`` / ``from otter_gguf import OtterLlama`` without torch.
 """
 
@@ -20,14 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # layer -> the project modules it may import (prefixes); its own package always allowed
 ALLOWED = {
     "otter_gguf.format": ("otter_gguf.format",),
-    "otter_gguf_converter": ("otter_gguf.format", "otter_gguf_converter"),
-    "otter_gguf.reference": ("otter_gguf.format", "otter_gguf_converter", "otter_gguf.reference"),
-    "otter_gguf.runtime": ("otter_gguf.format", "otter_gguf_converter", "otter_gguf.runtime"),
-    "otter_gguf.tools": ("otter_gguf.format", "otter_gguf_converter", "otter_gguf.reference", "otter_gguf.runtime",
-                         "otter_gguf.tools", "otter_gguf.demo"),
-    "otter_gguf.demo": ("otter_gguf.format", "otter_gguf_converter", "otter_gguf.reference", "otter_gguf.runtime",
-                        "otter_gguf.demo"),
-    "otter_gguf.server": ("otter_gguf.format", "otter_gguf_converter", "otter_gguf.runtime", "otter_gguf.server"),
+    "otter_gguf.io": ("otter_gguf.format", "otter_gguf.io"),
+    "otter_gguf_converter": ("otter_gguf.format", "otter_gguf.io", "otter_gguf_converter"),
+    "otter_gguf.reference": ("otter_gguf.format", "otter_gguf.io", "otter_gguf_converter", "otter_gguf.reference"),
+    "otter_gguf.runtime": ("otter_gguf.format", "otter_gguf.io", "otter_gguf.runtime"),
+    "otter_gguf.tools": ("otter_gguf.format", "otter_gguf.io", "otter_gguf_converter", "otter_gguf.reference",
+                         "otter_gguf.runtime", "otter_gguf.tools", "otter_gguf.demo"),
+    "otter_gguf.demo": ("otter_gguf.format", "otter_gguf.io", "otter_gguf_converter", "otter_gguf.reference",
+                        "otter_gguf.runtime", "otter_gguf.demo"),
+    "otter_gguf.server": ("otter_gguf.format", "otter_gguf.io", "otter_gguf.runtime", "otter_gguf.server"),
     "otter_gguf.cli": ("otter_gguf", "otter_gguf_converter"),
 }
 
@@ -94,6 +96,32 @@ def test_layers_import_only_downwards() -> None:
     assert not bad, "\n".join(bad)
 
 
+# the bottom layer's modules that wrap libggml / libllama on purpose (ctypes over the runtime's libraries)
+LLAMA_WRAPPERS = {"otter_gguf.io.ggml_quant", "otter_gguf.io.llama_log", "otter_gguf.io.llama_quantize"}
+
+
+def test_bottom_layer_imports_llama_cpp_only_where_it_wraps_it() -> None:
+    io_modules = [(m, p) for m, p in _modules() if _layer(m) == "otter_gguf.io"]
+    assert {"otter_gguf.io.gguf_read", "otter_gguf.io.gguf_write", "otter_gguf.io.cache"} <= {m for m, _ in io_modules}
+    bad = [m for m, p in io_modules if m not in LLAMA_WRAPPERS
+           and any(n == "llama_cpp" or n.startswith("llama_cpp.") for n in _imports(p, m))]
+    assert not bad, f"llama_cpp imported in the bottom layer outside its wrappers: {bad}"
+    # the wrappers do import it (else the list is stale) -- ggml_quant loads libggml-base by path instead
+    assert all(any(n == "llama_cpp" or n.startswith("llama_cpp.") for n in _imports(p, m))
+               for m, p in io_modules if m in LLAMA_WRAPPERS - {"otter_gguf.io.ggml_quant"})
+
+
+def test_converter_keeps_conversion_only() -> None:
+    """GGUF reading / writing, the cache, llama.cpp's log and quantizer and the model fetch live in
+    otter_gguf.io; nothing outside the converter imports a converter module for them."""
+    moved = ("gguf_io", "llamacpp", "ggml_quant", "pypi_models")
+    assert not [m for m in moved if (ROOT / "converter" / f"{m}.py").exists()]
+    bad = [f"{p.relative_to(ROOT)} imports {n}" for m, p in _modules() if _layer(m) in
+           ("otter_gguf.runtime", "otter_gguf.server", "otter_gguf.io")
+           for n in _imports(p, m) if n.startswith("otter_gguf_converter")]
+    assert not bad, bad
+
+
 def test_only_cli_imports_click() -> None:
     bad = [str(path.relative_to(ROOT)) for module, path in _modules()
            if _layer(module) != "otter_gguf.cli" and any(n == "click" or n.startswith("click.")
@@ -114,7 +142,7 @@ _NO_TORCH = "import sys; sys.modules['torch'] = None\n"
 
 
 @pytest.mark.parametrize("code", [
-    "import otter_gguf, otter_gguf.format, otter_gguf_converter, otter_gguf.cli",
+    "import otter_gguf, otter_gguf.format, otter_gguf.io, otter_gguf_converter, otter_gguf.cli",
     "from otter_gguf import Guidance; Guidance(weight=1.0)",
 ])
 def test_imports_without_torch(code: str) -> None:

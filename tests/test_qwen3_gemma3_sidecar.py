@@ -21,8 +21,9 @@ from otter_gguf.format.constants import (
     is_otter_tensor, parse_gguf_name,
 )
 from otter_gguf.format.constants import OtterTensor as T
+from otter_gguf.io.otter_read import read_sidecar
 from otter_gguf_converter import ConvertError, convert
-from otter_gguf_converter.sidecar import merge, read_sidecar
+from otter_gguf_converter.sidecar import merge
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from otter_gguf_converter.llamacpp import quantize
+from otter_gguf.io.llama_quantize import quantize
 from helpers import Model, rel_err
 
 torch = pytest.importorskip("torch")

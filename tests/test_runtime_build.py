@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from otter_gguf.io.llama_source import pinned_llama_cpp_source
 from otter_gguf.runtime import build as rb
-from otter_gguf_converter.llamacpp import pinned_llama_cpp_source
 
 pytestmark = pytest.mark.unit
 
@@ -183,7 +183,7 @@ def test_relevant_lines_are_the_errors_not_the_whole_log() -> None:
 
 def _scratch_cache(tmp_path: Path) -> dict[str, str]:
     """An empty otter-gguf cache holding only the pinned sdist (no runtime wheel): a build in it is cold."""
-    from otter_gguf_converter.llamacpp import fetch_sdist
+    from otter_gguf.io.llama_source import fetch_sdist
 
     cache = tmp_path / "cache"
     (cache / "sdist").mkdir(parents=True)

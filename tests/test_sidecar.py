@@ -22,8 +22,8 @@ from otter_gguf.format.constants import (
     ADAPTER_TYPE_OTTER, ALL_KEYS, GENERAL_TYPE_ADAPTER, Keys, SidecarKeys, gguf_name, is_otter_tensor,
 )
 from otter_gguf.format.constants import OtterTensor as T
+from otter_gguf.io.otter_read import read_sidecar
 from otter_gguf_converter import ConvertError, convert
-from otter_gguf_converter.sidecar import read_sidecar
 
 pytestmark = pytest.mark.unit
 
@@ -210,7 +210,7 @@ def test_rewritten_sidecar_still_reads(made, tmp_path):
 @pytest.mark.runtime
 def test_split_of_a_llama_quantized_model(base, adapter_reward1_dir, tmp_path):
     """llama-quantize writes a one-output head ({d+d2, 1}) as a 1-D tensor; split and merge take it."""
-    from otter_gguf_converter.llamacpp import quantize
+    from otter_gguf.io.llama_quantize import quantize
 
     f16 = convert(adapter_reward1_dir, base, tmp_path / "one-f16.gguf", outtype="f16", progress=False)
     q = quantize(f16, tmp_path / "one-q4_k_m.gguf", "q4_k_m")

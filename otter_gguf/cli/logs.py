@@ -15,7 +15,7 @@ import sys
 
 import click
 
-LOGGER_NAME = "otter_gguf.llama_cpp"  # = otter_gguf_converter.llamacpp.LOGGER_NAME (imported lazily)
+LOGGER_NAME = "otter_gguf.llama_cpp"  # = otter_gguf.io.llama_log.LOGGER_NAME (imported lazily)
 _META = "otter_gguf.verbose"
 
 
@@ -51,7 +51,7 @@ def route_llama_logs() -> None:
     ctx = click.get_current_context(silent=True)
     if ctx is None or ctx.meta.get(_META + ".routed"):
         return
-    from otter_gguf_converter.llamacpp import llama_logs
+    from otter_gguf.io.llama_log import llama_logs
 
     # collect no lines (level above CRITICAL); every line to the logger, which filters
     ctx.with_resource(llama_logs(level=logging.CRITICAL + 1, log_level=logging.DEBUG))

@@ -28,8 +28,8 @@ DEFAULT_CTX = 4096
 
 def _default_ctx(model: str) -> int:
     """DEFAULT_CTX, or the model's training context (GGUF ``<arch>.context_length``) when smaller."""
+    from otter_gguf.io.gguf_read import field_value, open_gguf
     from otter_gguf_converter.errors import ConvertError
-    from otter_gguf_converter.gguf_io import field_value, open_gguf
 
     try:
         reader = open_gguf(model, "model")

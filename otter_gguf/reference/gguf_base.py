@@ -27,18 +27,11 @@ from otter_gguf.format.config import OtterConfig
 from otter_gguf.format.constants import (
     HF_ARCHITECTURES, NORM_TENSORS, NORM_WEIGHT_OFFSET, Keys, OtterTensor, hf_tensor_name, parse_gguf_name,
 )
+from otter_gguf.io.errors import InputError
+from otter_gguf.io.gguf_read import base_info, field_value, ggml_shape_to_numpy, is_otter_tensor, open_gguf
+from otter_gguf.io.gguf_write import OutTensor, copy_kvs, write_gguf
 from otter_gguf.reference.model import BaseConfig, BaseModel, OtterModel, ReferenceError
-from otter_gguf_converter import ConvertError, rope_unpermute
-from otter_gguf_converter.gguf_io import (
-    OtterGGUFWriter,
-    base_info,
-    field_value,
-    ggml_shape_to_numpy,
-    is_otter_tensor,
-    kv_keys,
-    open_gguf,
-    raw_kv_value,
-)
+from otter_gguf_converter import rope_unpermute
 
 __all__ = ["base_config_from_gguf", "dequantize_gguf", "gguf_tensor_to_hf", "load_base_gguf", "load_otter_gguf"]
 
@@ -97,7 +90,7 @@ def _read(path: str | os.PathLike):
     try:
         reader = open_gguf(path, "base")
         info = base_info(reader, os.fspath(path))
-    except ConvertError as e:
+    except InputError as e:
         raise ReferenceError(str(e)) from None
     return reader, info
 
@@ -150,7 +143,7 @@ def base_config_from_gguf(path: str | os.PathLike, _reader=None) -> BaseConfig:
 def _gemma3_hparams(info, meta) -> dict:
     """gemma3's own settings as llama.cpp reads them (src/models/gemma3.cpp), in HF's Gemma3TextConfig terms:
     the window and which layers slide, the RoPE base of each kind of layer (the fingerprint's values,
-    gguf_io.arch_fingerprint), the attention scale 1/sqrt(hd) (1/sqrt(d/h) for the 62-layer 27B), tanh-GELU,
+    gguf_read.arch_fingerprint), the attention scale 1/sqrt(hd) (1/sqrt(d/h) for the 62-layer 27B), tanh-GELU,
     the final logit soft-capping if the file has one; the embedding scale sqrt(d) is the architecture's."""
     fp = info.arch_fingerprint
     pattern = fp[Keys.Base.SLIDING_WINDOW_PATTERN]
@@ -246,24 +239,11 @@ def dequantize_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
     s, d = Path(src), Path(dst)
     reader, info = _read(s)
-    w = OtterGGUFWriter(d, info.architecture)
-    try:
-        w.kv_data = [{}]
-        w.data_alignment = int(reader.alignment)
-        for key in kv_keys(reader):
-            if key == "general.file_type":
-                w.add_key_value(key, 0, GGUFValueType.UINT32)
-            else:
-                w.add_raw_value(key, raw_kv_value(reader, key))
-        for t in reader.tensors:
-            shape = ggml_shape_to_numpy(t.shape)
-            w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4,
-                              raw_dtype=GGMLQuantizationType.F32)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in reader.tensors:
-            w.write_tensor_data(_dequantized(s, t))
-    finally:
-        w.close()
+    tensors = []
+    for t in reader.tensors:
+        shape = ggml_shape_to_numpy(t.shape)
+        tensors.append(OutTensor(t.name, shape, GGMLQuantizationType.F32, int(np.prod(shape)) * 4,
+                                 lambda t=t: _dequantized(s, t)))
+    kvs = copy_kvs(reader, replace={"general.file_type": (0, GGUFValueType.UINT32)})
+    write_gguf(d, info.architecture, int(reader.alignment), [kvs], tensors)
     return d

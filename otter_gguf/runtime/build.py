@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # the pinned source and the cache live with the converter's llama.cpp helper (the converter uses them too)
-from otter_gguf_converter.llamacpp import (LLAMA_CPP_PYTHON_VERSION, SDIST_NAME, LlamaCppSourceError, cache_dir,
-                                           extract_sdist, fetch_sdist, pinned_llama_cpp_source)
+from otter_gguf.io.cache import cache_dir
+from otter_gguf.io.llama_source import LLAMA_CPP_PYTHON_VERSION, SDIST_NAME, LlamaCppSourceError, extract_sdist, fetch_sdist, pinned_llama_cpp_source
 
 SERIES_PREFIX = "otter-gguf/"
 

@@ -183,20 +183,20 @@ class OtterLlama(Llama):
         the signal source activates them on the context."""
         if not self._otter_head_paths:
             return
-        from otter_gguf_converter import gguf_io
-        from otter_gguf_converter.errors import ConvertError
-        from otter_gguf_converter.sidecar import read_sidecar
+        from otter_gguf.io import gguf_read
+        from otter_gguf.io.errors import InputError
+        from otter_gguf.io.otter_read import read_sidecar
 
         capi.require("llama_adapter_otter_init", "llama_adapter_otter_name")
         try:
-            base = gguf_io.base_info(gguf_io.open_gguf(self.model_path, "model"), self.model_path,
+            base = gguf_read.base_info(gguf_read.open_gguf(self.model_path, "model"), self.model_path,
                                      require_supported=False)
-        except ConvertError as e:
+        except InputError as e:
             raise ValueError(f"otter_heads: cannot read the base model: {e}") from None
         for name, path in self._otter_head_paths:
             try:
                 read_sidecar(path).check_base(base)  # named errors: malformed file, another base
-            except ConvertError as e:
+            except InputError as e:
                 raise ValueError(f"otter_heads: {e}") from None
             ad = capi.llama_adapter_otter_init(self._model.model, os.fsencode(path))
             if not ad:

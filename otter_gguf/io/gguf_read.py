@@ -1,4 +1,5 @@
-"""Reading a base GGUF (fingerprint, vocab hash, raw metadata) and writing GGUF.
+"""Reading a GGUF: a clear error for a file that is not one, metadata values and their raw bytes,
+the base's fingerprint and vocab hash, tensors as raw bytes (the writer is :mod:`otter_gguf.io.gguf_write`).
 
 The base is read with ``gguf.GGUFReader`` (memory-mapped); metadata is carried
 over as the exact bytes of each key/value pair, so every type (arrays, nested
@@ -13,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from otter_gguf.format.constants import ARCH_FINGERPRINT_KEYS, SUPPORTED_ARCHITECTURES, Keys, is_otter_tensor
-from otter_gguf_converter.errors import ConvertError
+from otter_gguf.io.errors import InputError
 
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
@@ -30,25 +31,25 @@ def _not_utf8(e: UnicodeDecodeError) -> str:
 
 
 def open_gguf(path: str | os.PathLike, what: str = "base") -> GGUFReader:
-    """GGUFReader over ``path`` (mmap); a clear ConvertError if it is not a GGUF file."""
+    """GGUFReader over ``path`` (mmap); a clear InputError if it is not a GGUF file."""
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise ConvertError(f"{what} {p}: no such file or directory (expected a GGUF file or an HF model directory)")
+        raise InputError(f"{what} {p}: no such file or directory (expected a GGUF file or an HF model directory)")
     if os.path.isdir(p):
-        raise ConvertError(f"{what} {p} is a directory, expected a GGUF file")
+        raise InputError(f"{what} {p} is a directory, expected a GGUF file")
     try:
         with open(p, "rb") as fh:
             magic = fh.read(4)
     except OSError as e:
-        raise ConvertError(f"{what} {p}: cannot read: {e.strerror or e}") from None
+        raise InputError(f"{what} {p}: cannot read: {e.strerror or e}") from None
     if magic != b"GGUF":
-        raise ConvertError(f"{what} {p} is not a GGUF file (it does not start with the GGUF magic)")
+        raise InputError(f"{what} {p} is not a GGUF file (it does not start with the GGUF magic)")
     try:
         reader = GGUFReader(p, "r")
     except UnicodeDecodeError as e:  # the reader decodes key and tensor names
-        raise ConvertError(f"{what} {p}: a metadata key or tensor name {_not_utf8(e)}") from None
+        raise InputError(f"{what} {p}: a metadata key or tensor name {_not_utf8(e)}") from None
     except Exception as e:  # ValueError, IndexError, reshape errors from a truncated/garbled file
-        raise ConvertError(
+        raise InputError(
             f"{what} {p} is not a readable GGUF file: truncated or corrupt ({type(e).__name__}: {e})"
         ) from None
     reader.otter_source = f"{what} {p}"  # names the file in field_value's errors
@@ -56,17 +57,17 @@ def open_gguf(path: str | os.PathLike, what: str = "base") -> GGUFReader:
         if f.types == [GGUFValueType.STRING]:
             field_value(reader, key)
     if reader.byte_order != "I":
-        raise ConvertError(f"{what} {p} is a big-endian GGUF; only little-endian GGUF files are supported")
+        raise InputError(f"{what} {p} is a big-endian GGUF; only little-endian GGUF files are supported")
     n_split = reader.fields.get("split.count")
     if n_split is not None and int(n_split.contents()) > 1:
-        raise ConvertError(
+        raise InputError(
             f"{what} {p} is one shard of a split GGUF ({int(n_split.contents())} files); merge it first "
             f"(llama-gguf-split --merge) and pass the merged file"
         )
     end = len(reader.data)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > end:
-            raise ConvertError(
+            raise InputError(
                 f"{what} {p} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
                 f"file has {end} bytes"
             )
@@ -74,7 +75,7 @@ def open_gguf(path: str | os.PathLike, what: str = "base") -> GGUFReader:
 
 
 def field_value(reader: GGUFReader, key: str) -> Any:
-    """A metadata value (None if the key is absent); ConvertError if a string in it is not UTF-8."""
+    """A metadata value (None if the key is absent); InputError if a string in it is not UTF-8."""
     f = reader.fields.get(key)
     if f is None:
         return None
@@ -82,7 +83,7 @@ def field_value(reader: GGUFReader, key: str) -> Any:
         return f.contents()
     except UnicodeDecodeError as e:
         where = getattr(reader, "otter_source", "GGUF file")
-        raise ConvertError(f"{where}: the value of metadata key {key} {_not_utf8(e)}") from None
+        raise InputError(f"{where}: the value of metadata key {key} {_not_utf8(e)}") from None
 
 
 def raw_kv_value(reader: GGUFReader, key: str) -> bytes:
@@ -119,14 +120,14 @@ def _scalar(reader: GGUFReader, key: str, *, required: bool = True, path: str = 
     v = field_value(reader, key)
     if v is None:
         if required:
-            raise ConvertError(f"base {path}: metadata key {key} is missing (needed for the Otter fingerprint)")
+            raise InputError(f"base {path}: metadata key {key} is missing (needed for the Otter fingerprint)")
         return None
     if isinstance(v, list):  # per-layer arrays (some archs): must be uniform
         if not v or any(x != v[0] for x in v):
-            raise ConvertError(f"base {path}: {key} varies per layer ({v}); Otter needs a uniform value")
+            raise InputError(f"base {path}: {key} varies per layer ({v}); Otter needs a uniform value")
         v = v[0]
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConvertError(f"base {path}: metadata key {key} = {v!r}, expected an integer")
+        raise InputError(f"base {path}: metadata key {key} = {v!r}, expected an integer")
     return v
 
 
@@ -165,9 +166,9 @@ class BaseInfo:
 def base_info(reader: GGUFReader, path: str = "", *, require_supported: bool = True) -> BaseInfo:
     arch = field_value(reader, "general.architecture")
     if not isinstance(arch, str):
-        raise ConvertError(f"base {path}: general.architecture is missing; is this a llama.cpp model GGUF?")
+        raise InputError(f"base {path}: general.architecture is missing; is this a llama.cpp model GGUF?")
     if require_supported and arch not in SUPPORTED_ARCHITECTURES:
-        raise ConvertError(
+        raise InputError(
             f"base {path}: architecture {arch!r} is not supported; supported base architectures: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
@@ -179,7 +180,7 @@ def base_info(reader: GGUFReader, path: str = "", *, require_supported: bool = T
     f = _scalar(reader, f"{arch}.feed_forward_length", path=path)
     toks = token_bytes(reader)
     if not toks:
-        raise ConvertError(f"base {path}: tokenizer.ggml.tokens is missing (needed for the vocab fingerprint)")
+        raise InputError(f"base {path}: tokenizer.ggml.tokens is missing (needed for the vocab fingerprint)")
     mix: dict[str, int] = {}
     nbytes = 0
     n = 0
@@ -214,7 +215,7 @@ def _swa_pattern(reader: GGUFReader, arch: str, n_layer: int, n_swa: int, path: 
     v = field_value(reader, key)
     if isinstance(v, list):
         if len(v) != n_layer or any(not isinstance(x, (bool, int)) for x in v):
-            raise ConvertError(f"base {path}: {key} must have one boolean per layer ({n_layer}), found {v!r}")
+            raise InputError(f"base {path}: {key} must have one boolean per layer ({n_layer}), found {v!r}")
         return [bool(x) for x in v]
     n = _SWA_PERIOD[arch] if v is None else _scalar(reader, key, path=path)
     return [n == 0 or i % n < n - 1 for i in range(n_layer)]
@@ -238,39 +239,6 @@ def arch_fingerprint(reader: GGUFReader, arch: str, n_layer: int, path: str = ""
     }
     assert list(out) == list(ARCH_FINGERPRINT_KEYS[arch])
     return out
-
-
-class _RawValue(bytes):
-    """A metadata value already encoded as GGUF bytes (type tag + payload)."""
-
-
-class OtterGGUFWriter(GGUFWriter):
-    """GGUFWriter that can also write raw (copied) metadata values and empty arrays."""
-
-    def add_raw_value(self, key: str, raw: bytes) -> None:
-        self.kv_data[0][key] = _GV(_RawValue(raw))
-
-    def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
-        if isinstance(val, _RawValue):
-            assert add_vtype
-            return bytes(val)
-        if vtype == GGUFValueType.ARRAY and isinstance(val, (list, tuple)) and len(val) == 0:
-            if sub_type is None:
-                raise ValueError("an empty GGUF array needs an explicit element type")
-            out = bytearray()
-            if add_vtype:
-                out += self._pack("I", vtype)
-            out += self._pack("I", sub_type)
-            out += self._pack("Q", 0)
-            return bytes(out)
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
-
-
-def _GV(raw: _RawValue):
-    from gguf.gguf_writer import GGUFValue
-
-    # the type is ignored by OtterGGUFWriter._pack_val for raw values
-    return GGUFValue(value=raw, type=GGUFValueType.ARRAY)
 
 
 def ggml_shape_to_numpy(ne: Sequence[int]) -> tuple[int, ...]:

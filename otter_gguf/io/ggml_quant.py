@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 
-from otter_gguf_converter.errors import ConvertError
+from otter_gguf.io.errors import InputError
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -68,7 +68,7 @@ def load_ggml_base() -> ctypes.CDLL:
                 continue
             break
         else:
-            raise ConvertError(
+            raise InputError(
                 "quantized output needs ggml's quantizer from the runtime's libggml-base, "
                 f"which was not found (looked for {', '.join(tried) or 'llama_cpp/lib: llama_cpp is not installed'}). "
                 "Install the runtime with `otter-gguf build-runtime`, point LLAMA_CPP_LIB_PATH at a directory "
@@ -125,7 +125,7 @@ def encode(arr: np.ndarray, qtype: QT, threads: int | None = None) -> np.ndarray
     if int(lib.ggml_row_size(int(qtype), n_per_row)) != rsize:
         raise RuntimeError(f"gguf-py and libggml disagree on the row size of {qtype.name}")
     if lib.ggml_quantize_requires_imatrix(int(qtype)):
-        raise ConvertError(f"{qtype.name} needs an importance matrix, which otter-gguf does not support")
+        raise InputError(f"{qtype.name} needs an importance matrix, which otter-gguf does not support")
     with _lock:
         if int(qtype) not in _initialised:
             lib.ggml_quantize_init(int(qtype))
