@@ -17,6 +17,8 @@ from otter_gguf.cli import main
 from otter_gguf.io.llama_quantize import quantize
 from otter_gguf.tools import eval as ev
 
+import eval_regression as reg
+
 pytestmark = pytest.mark.unit
 
 PROMPTS = [
@@ -124,27 +126,27 @@ def _fake_report(mean=0.001, mx=0.005, rank=1.0, kld=1e-4):
 
 def test_compare_with_baseline_and_targets():
     base = _fake_report()
-    assert ev.compare_with_baseline(base, base) == []
-    rank_slack = ev.REGRESSION_TOLERANCES["rank_agreement"][1]
+    assert reg.compare_with_baseline(base, base) == []
+    rank_slack = reg.REGRESSION_TOLERANCES["rank_agreement"][1]
     worse = _fake_report(mean=0.003, rank=1.0 - 2 * rank_slack, kld=1e-3)
-    fails = ev.compare_with_baseline(worse, base)
+    fails = reg.compare_with_baseline(worse, base)
     assert any("mean_abs_rel" in f for f in fails)
     assert any("rank_agreement" in f for f in fails)
     assert any("kld_mean" in f for f in fails)
     # within tolerance: 20% worse mean error, half the slack less agreement
-    assert ev.compare_with_baseline(_fake_report(mean=0.0012, rank=1.0 - rank_slack / 2), base) == []
+    assert reg.compare_with_baseline(_fake_report(mean=0.0012, rank=1.0 - rank_slack / 2), base) == []
     # sizes must match exactly
     other = _fake_report()
     other["types"]["q8_0"]["sizes"]["otter_bytes"] = 51
-    assert any("otter_bytes" in f for f in ev.compare_with_baseline(other, base))
+    assert any("otter_bytes" in f for f in reg.compare_with_baseline(other, base))
     missing = {"reference": {}, "types": {}}
-    assert any("missing" in f for f in ev.compare_with_baseline(missing, base))
+    assert any("missing" in f for f in reg.compare_with_baseline(missing, base))
     # absolute targets
-    assert ev.check_targets(base, {"q8_0": ev.TARGETS["q8_0"]}) == []
-    fails = ev.check_targets(_fake_report(mx=0.02, kld=2e-3), {"q8_0": ev.TARGETS["q8_0"]})
+    assert reg.check_targets(base, {"q8_0": reg.TARGETS["q8_0"]}) == []
+    fails = reg.check_targets(_fake_report(mx=0.02, kld=2e-3), {"q8_0": reg.TARGETS["q8_0"]})
     assert len(fails) == 2 and "max_abs_rel" in fails[0] and "kld_mean" in fails[1]
-    assert ev.check_targets(base) == ["q4_k_m: not evaluated (targets: "
-                                      f"{ev.TARGETS['q4_k_m']})"]
+    assert reg.check_targets(base) == ["q4_k_m: not evaluated (targets: "
+                                      f"{reg.TARGETS['q4_k_m']})"]
 
 
 # ---------------------------------------------------------------------------

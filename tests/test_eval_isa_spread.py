@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from otter_gguf.tools import eval as ev
+import eval_regression as reg
 
 pytestmark = pytest.mark.unit
 
@@ -58,7 +58,7 @@ def test_each_class_passes_the_committed_baseline(cls, name):
     report = _report(cls, name)
     assert not _same_inputs(report, baseline), \
         f"{cls}/{name} was measured on other inputs than the baseline: re-measure the ISA spread (CONTRIBUTING.md)"
-    fails = ev.compare_with_baseline(report, baseline)
+    fails = reg.compare_with_baseline(report, baseline)
     assert not fails, f"{cls}:\n" + "\n".join(fails)
 
 
@@ -66,10 +66,10 @@ def test_each_class_passes_the_committed_baseline(cls, name):
 def test_tolerances_are_twice_the_spread_between_classes(name):
     """Any class's report as the baseline, any other's as the run, within half the
     tolerances: a tolerance tightened below twice the measured spread fails here."""
-    half = {k: (rel / MARGIN, ab / MARGIN) for k, (rel, ab) in ev.REGRESSION_TOLERANCES.items()}
+    half = {k: (rel / MARGIN, ab / MARGIN) for k, (rel, ab) in reg.REGRESSION_TOLERANCES.items()}
     fails = []
     for a, b in itertools.permutations(sorted(RUNS["classes"]), 2):
-        fails += [f"baseline {a}, run {b}: {f}" for f in ev.compare_with_baseline(_report(b, name), _report(a, name),
+        fails += [f"baseline {a}, run {b}: {f}" for f in reg.compare_with_baseline(_report(b, name), _report(a, name),
                                                                                  tolerances=half)]
     assert not fails, "\n".join(fails)
 
@@ -77,6 +77,6 @@ def test_tolerances_are_twice_the_spread_between_classes(name):
 def test_the_spread_is_real():
     """The classes' runtime rows do differ (a copied report would make the tests above vacuous)."""
     a, b = (_report(c, REPORTS[0]) for c in sorted(RUNS["classes"])[:2])
-    diffs = [abs(ev._metrics_of(a["types"][t])[k] - ev._metrics_of(b["types"][t])[k])
+    diffs = [abs(reg._metrics_of(a["types"][t])[k] - reg._metrics_of(b["types"][t])[k])
              for t in a["types"] for k in ("rank_agreement", "mean_abs_rel")]
     assert max(diffs) > 1e-4

@@ -165,7 +165,8 @@ def test_reference_without_torch_names_the_fix() -> None:
 
 
 def test_test_modules_import_no_other_test_module() -> None:
-    """Shared test code lives in tests/helpers.py (functions) and tests/conftest.py (fixtures)."""
+    """Shared test code lives in tests/helpers.py (functions), tests/eval_regression.py (the eval regression
+    rules) and tests/conftest.py (fixtures)."""
     tests = ROOT / "tests"
     own = {p.stem for p in tests.glob("test_*.py")}
     bad = [f"{p.name} imports {n}" for p in sorted(tests.glob("*.py"))

@@ -22,6 +22,8 @@ from helpers import keep_eval_report
 from otter_gguf.demo import smollm2 as demo
 from otter_gguf.tools import eval as ev
 
+import eval_regression as reg
+
 pytestmark = pytest.mark.slow
 
 BASELINE = Path(__file__).resolve().parent / "baselines" / "smollm2_eval_baseline.json"
@@ -54,14 +56,14 @@ def report(tmp_path_factory, otter_runtime):
 
 
 def test_real_head_meets_its_targets(report):
-    fails = ev.check_targets(report, TARGETS)
+    fails = reg.check_targets(report, TARGETS)
     assert not fails, "\n".join(fails) + "\n" + ev.format_table(report)
 
 
 def test_real_head_matches_the_baseline(report):
     baseline = json.loads(BASELINE.read_text())
     assert report["head_sha256"] == baseline["head_sha256"], "the demo head changed: regenerate the baseline"
-    fails = ev.compare_with_baseline(report, baseline)
+    fails = reg.compare_with_baseline(report, baseline)
     assert not fails, "\n".join(fails) + "\nmeasured:\n" + ev.format_table(report) + \
         "\nbaseline:\n" + ev.format_table(baseline)
 

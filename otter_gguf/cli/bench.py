@@ -73,5 +73,5 @@ def bench_command(quick, models, types, repeats, json_out, sections, configs, th
     click.echo(text)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(bench._portable(json.dumps(report, indent=1, default=str)) + "\n")
+        json_out.write_text(bench.portable(json.dumps(report, indent=1, default=str)) + "\n")
         click.echo(f"JSON: {json_out}", err=True)
