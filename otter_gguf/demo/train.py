@@ -104,11 +104,10 @@ def train_otter(base_dir: Path, adapter_dir: Path, data, steps: int, log) -> dic
     seqs = [ids for ids, _ in data]
     labels = [lab for _, lab in data]
     t0 = time.time()
-    chunk = max(1, steps // 8)
-    for k in range(0, steps, chunk):
-        hist = train_head(model, seqs, labels, loss="mse", steps=min(chunk, steps - k),
-                          lr=OTTER_LR, seed=SEED + k, batch_size=8)
-        log(f"otter step {k + chunk:4d}/{steps} loss {np.mean(hist[-10:]):.4f} ({time.time() - t0:.0f}s)")
+    hist = train_head(model, seqs, labels, loss="mse", steps=steps, lr=OTTER_LR, seed=SEED, batch_size=8)
+    for k in range(0, steps, max(1, steps // 8)):
+        log(f"otter step {k + 1:4d}/{steps} loss {np.mean(hist[k:k + 10]):.4f}")
+    log(f"otter trained in {time.time() - t0:.0f}s")
     save_adapter(adapter_dir, config, model.tensors, dtype="bfloat16")
     return {}
 

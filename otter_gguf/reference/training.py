@@ -6,8 +6,8 @@
   sequence regression, next-token for ``token_reward`` heads), padded
   batches, a warm-up/cosine schedule, seeded data order, resumable
   checkpoints, a tqdm bar and the held-out metrics of :func:`evaluate`.
-- :func:`train_head` is the small helper the tests and the tiny demo use:
-  plain Adam on CPU over token lists already in memory.
+- :func:`train_head` is its front for token lists already in memory (the tests and
+  the tiny demo): the same loop at a constant learning rate, on the CPU.
 """
 
 from __future__ import annotations
@@ -50,15 +50,6 @@ def _draw(data: Sequence, batch_size: int, order: list[int], rng: random.Random)
     return batch
 
 
-def _groups(batch: list) -> list[list]:
-    """Split a batch into groups of equal-length examples, each run as one
-    [B, T] forward (for pairs: chosen and rejected must also match)."""
-    groups: dict = {}
-    for ex in batch:
-        groups.setdefault((ex[0].shape[0], ex[1].shape[0]), []).append(ex)
-    return list(groups.values())
-
-
 def train_head(
     model: OtterModel,
     sequences: Sequence,
@@ -71,19 +62,20 @@ def train_head(
     signal_index: int = 0,
     batch_size: int = 1,
 ) -> list[float]:
-    """Fit ``model``'s Otter tensors (side weights + head); the base stays frozen.
+    """Fit ``model``'s Otter tensors (side weights + head) on token lists already in memory; the base
+    stays frozen. A front of :func:`fit` (the one training loop) with a constant learning rate, no
+    gradient clipping, on the CPU and without a progress bar.
 
     - ``loss="mse"``: ``sequences`` are token lists, ``labels`` per-token
-      scalar targets of the same lengths; the loss is the mean squared error
-      of ``signals[:, signal_index]``.
+      scalar targets of the same lengths (fit's ``token_regression``: the mean squared error of
+      ``signals[:, signal_index]`` over every labelled token of the batch).
     - ``loss="bradley_terry"``: ``sequences`` are ``(chosen, rejected)``
-      token-list pairs (``labels`` unused); the reward is
+      token-list pairs (``labels`` unused; fit's ``pairwise``): the reward is
       ``signals[-1, signal_index]`` (final token) and the loss is
       ``-log sigmoid(r_chosen - r_rejected)``.
 
     Each step averages the loss over ``batch_size`` examples drawn (seeded,
-    without replacement within an epoch); equal-length examples run as one
-    batched forward. Returns the loss of every step. ``model.tensors`` are
+    without replacement within an epoch). Returns the loss of every step. ``model.tensors`` are
     updated in place.
 
     Keep ``lr`` small (~1e-4): the side stream is normalised by the *main*
@@ -94,59 +86,24 @@ def train_head(
         raise ValueError(f"loss must be 'mse' or 'bradley_terry', found {loss!r}")
     if not 0 <= signal_index < model.n_out:
         raise ValueError(f"signal_index {signal_index} out of range [0, {model.n_out})")
+    examples: list[Example] = []
     if loss == "mse":
         if labels is None or len(labels) != len(sequences):
             raise ValueError("mse needs one label sequence per token sequence")
-        data = []
-        for s, y in zip(sequences, labels):
+        for i, (s, y) in enumerate(zip(sequences, labels)):
             s = _as_long(s)
-            y = torch.as_tensor(y, dtype=model.dtype)
+            y = torch.as_tensor(y, dtype=torch.float32)
             if y.shape != s.shape:
                 raise ValueError(f"labels shape {list(y.shape)} != sequence shape {list(s.shape)}")
-            data.append((s, y))
+            examples.append(Example(i, s.tolist(), targets=y.tolist()))
     else:
-        data = [(_as_long(c), _as_long(r)) for c, r in sequences]
-    if not data:
+        examples = [Example(i, _as_long(c).tolist(), rejected=_as_long(r).tolist())
+                    for i, (c, r) in enumerate(sequences)]
+    if not examples:
         raise ValueError("no training data")
-
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    params = model.parameters()
-    for p in params:
-        p.requires_grad_(True)
-    for w in model.base.weights.values():
-        w.requires_grad_(False)
-    opt = torch.optim.Adam(params, lr=lr)
-    history: list[float] = []
-    order: list[int] = []
-    try:
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            batch = _draw(data, batch_size, order, rng)
-            total = 0.0
-            for group in _groups(batch):
-                a = torch.stack([x for x, _ in group])
-                b = torch.stack([y for _, y in group])
-                if loss == "mse":
-                    sig = model(a).signals[..., signal_index]
-                    ell = F.mse_loss(sig, b, reduction="none").mean(dim=1)
-                elif a.shape[1] == b.shape[1]:
-                    n = len(group)
-                    r = model(torch.cat([a, b])).signals[:, -1, signal_index]
-                    ell = -F.logsigmoid(r[:n] - r[n:])
-                else:
-                    rc = model(a).signals[:, -1, signal_index]
-                    rr = model(b).signals[:, -1, signal_index]
-                    ell = -F.logsigmoid(rc - rr)
-                (ell.sum() / len(batch)).backward()
-                total += float(ell.detach().sum()) / len(batch)
-            opt.step()
-            history.append(total)
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-    return history
+    objective = "token_regression" if loss == "mse" else "pairwise"
+    return fit(model, objective, examples, steps=steps, lr=lr, batch_size=batch_size, seed=seed, warmup=0.0,
+               clip=0.0, schedule="constant", signal_index=signal_index, progress=False, device="cpu").history
 
 
 # --------------------------------------------------------------------------
@@ -303,9 +260,11 @@ def evaluate(model: OtterModel, objective: str, examples: Sequence[Example], *,
             "spearman": _pearson(_ranks(pred), _ranks(true)), "mse": float(np.mean((pred - true) ** 2))}
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+def _lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str = "cosine") -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
     t = (step - warmup) / max(1, steps - warmup)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
@@ -357,6 +316,7 @@ def fit(
     seed: int = 0,
     warmup: float = 0.05,
     clip: float = 1.0,
+    schedule: str = "cosine",
     signal_index: int = 0,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
@@ -370,8 +330,8 @@ def fit(
 
     Batches of ``batch_size`` examples are drawn in a seeded random order (a new
     permutation every epoch), right-padded (:func:`pad_batch`), and optimised
-    with Adam (linear warm-up over ``warmup`` of the steps, cosine decay to
-    10%, gradient-norm clipping at ``clip``). With ``checkpoint`` the full
+    with Adam (linear warm-up over ``warmup`` of the steps, then ``schedule``: ``"cosine"`` decay to
+    10% or ``"constant"``; gradient-norm clipping at ``clip``, 0: none). With ``checkpoint`` the full
     state (tensors, optimiser, data order, RNG) is written every
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from
     it, giving the same result as an uninterrupted run. ``device``: ``None``
@@ -392,6 +352,8 @@ def fit(
         raise ValueError("no training examples")
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', found {schedule!r}")
     dev = torch.device(device or default_device())
     say = log or (lambda msg: None)
     ckpt = Path(checkpoint) if checkpoint is not None else None
@@ -446,7 +408,7 @@ def fit(
             for step in range(start, steps):
                 batch = _draw(train, batch_size, order, rng)
                 for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, steps, lr, n_warm)
+                    g["lr"] = _lr_at(step, steps, lr, n_warm, schedule)
                 opt.zero_grad(set_to_none=True)
                 with _without_lm_head(model):
                     loss, ntok, _ = _batch_loss(model, objective, batch, signal_index, dev)
