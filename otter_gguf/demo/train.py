@@ -9,6 +9,13 @@ base frozen (copy initialisation, d2=256, h2=4, h2_kv=1, f2=256) and fit the
 head to the per-token sentiment label (MSE). Writes `base/` (HF checkpoint,
 bf16 safetensors), `adapter/` (Otter adapter, bf16) and `metrics.json`
 (held-out correlation of the reward with the true label).
+
+The committed `adapter/` and `metrics.json` (0.9727) were trained by an earlier version of this
+script that fitted the head in 8 runs of 60 steps, each with a fresh Adam state; the eval
+baselines (tests/baselines/) are measured on them, so they stay. The head is now fitted in one
+run of the training loop: `python -m otter_gguf.demo.train /tmp/demo_out --reuse-base` (the
+committed base copied to /tmp/demo_out/base) gave a held-out correlation of 0.9841 in 43 s on the
+2-core AMD EPYC machine.
 """
 
 from __future__ import annotations
