@@ -115,3 +115,76 @@ def test_no_callback_names_and_no_environment_variable():
     assert graph_cb is None  # cb() itself is not patched
     assert not [ln for ln in lines if "getenv" in ln]
     assert not [ln for ln in lines if re.search(r"\bLLAMA_OTTER\b", ln)]
+
+
+# the Otter source files and the upstream owner whose members each one defines (docs/RUNTIME.md)
+OTTER_FILES = {
+    "src/llama-otter.cpp": None,                        # loading, validation, adapters, model getters
+    "src/llama-context-otter.cpp": "llama_context::",   # the heads of a context, signal outputs
+    "src/llama-graph-otter.cpp": "llm_graph_context::",  # hooks and side layers
+}
+
+
+def test_otter_code_sits_with_its_owner():
+    """Each Otter source file defines the members of one owner only: loading has no context or graph
+    member, the context file no graph member, the graph file no context member; each is listed in
+    src/CMakeLists.txt beside its owner's file."""
+    added = _added_by_file(otter_only=True)
+    assert set(OTTER_FILES) <= set(added), sorted(added)
+    owners = [o for o in OTTER_FILES.values() if o]
+    for path, owner in OTTER_FILES.items():
+        defined = {m for ln in added[path] for m in re.findall(r"^\S.*?\b(\w+::)\w+\(", ln)}
+        assert (defined & set(owners)) == ({owner} if owner else set()), (path, defined)
+    cmake = added["src/CMakeLists.txt"]
+    assert [ln.strip() for ln in cmake if "otter" in ln and ln.strip().endswith(".cpp")] == \
+        ["llama-otter.cpp", "llama-context-otter.cpp", "llama-graph-otter.cpp"]
+    # beside the owner: the context-otter line follows llama-context.cpp (the patch's context line)
+    for p in PATCHES:
+        text = p.read_text()
+        for f, owner_file in (("llama-context-otter.cpp", "llama-context.cpp"), ("llama-graph-otter.cpp", "llama-graph.cpp")):
+            if f"+    {f}\n" in text:
+                assert f"     {owner_file}\n+    {f}\n" in text, (p.name, f)
+
+
+def test_architecture_variants_are_parameters_of_the_builders():
+    """Shared Otter code has no per-architecture branch: the loader's list of supported bases is its only
+    LLM_ARCH_ name, Q/K and sandwich norms follow the base layer's tensors, and what the tensors do not
+    show (gemma3's embedding scale and GELU) the gemma3 builder passes to build_otter_inp()."""
+    added = _added_by_file(otter_only=True)
+    for path in OTTER_FILES:
+        arch_lines = [ln for ln in added[path] if "LLM_ARCH_" in ln]
+        if path == "src/llama-otter.cpp":
+            # the supported-base list (0003: llama, qwen2; 0005 adds qwen3, gemma3), nothing else
+            assert arch_lines and all(re.fullmatch(r"\s*if \((model\.arch != LLM_ARCH_\w+( && )?)+\) \{", ln)
+                                      for ln in arch_lines), arch_lines
+            assert all(f"LLM_ARCH_{a.upper()}" in arch_lines[-1] for a in C.RUNTIME_ARCHITECTURES), arch_lines
+        else:
+            assert not arch_lines, (path, arch_lines)
+    for f in ("src/llama-graph.cpp", "src/llama-context.cpp", "src/llama-kv-cache.cpp", "src/llama-kv-cache-iswa.cpp"):
+        assert not [ln for ln in added.get(f, []) if "LLM_ARCH_" in ln], f
+    inp = {a: [ln.strip() for ln in added[f"src/models/{a}.cpp"] if "build_otter_inp(" in ln] for a in C.RUNTIME_ARCHITECTURES}
+    assert inp["gemma3"] == ["build_otter_inp(model, inp_pos, inp_attn, inp_out_ids, { sqrtf(float(n_embd)), LLM_FFN_GELU });"]
+    for a in set(C.RUNTIME_ARCHITECTURES) - {"gemma3"}:
+        assert inp[a] == ["build_otter_inp(model, inp_pos, inp_attn, inp_out_ids);"], (a, inp[a])
+    graph_h = "\n".join(added["src/llama-graph.h"])
+    assert re.search(r"struct llm_graph_otter_arch \{\s*float\s+embd_scale = 1\.0f;.*?llm_ffn_op_type ffn_op\s+= LLM_FFN_SILU;", graph_h, re.S)
+
+
+def test_the_series_check_script_imports_and_names_existing_tests():
+    """`.ci/check-series` (make series-check) loads (its imports resolve in this layout) and every test
+    file it runs for a prefix exists, so a moved module or test file cannot silently break it."""
+    import importlib.machinery
+    import importlib.util
+
+    path = Path(__file__).parents[1] / ".ci" / "check-series"
+    loader = importlib.machinery.SourceFileLoader("check_series", str(path))
+    spec = importlib.util.spec_from_loader("check_series", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    assert callable(mod.pinned_llama_cpp_source) and callable(mod.rb.apply_series)
+    assert set(mod.TESTS) == {4, 5, 6} and max(mod.TESTS) == len(PATCHES) - 1
+    for k, args in mod.TESTS.items():
+        files = [a for a in args if a.endswith(".py")]
+        assert files, k
+        for f in files:
+            assert (Path(__file__).parents[1] / f).is_file(), (k, f)
