@@ -25,7 +25,7 @@ import numpy as np
 from otter_gguf.runtime.guidance import ResolvedGuidance
 from otter_gguf.runtime.signals import MIXED, SignalStore
 
-__all__ = ["CompletionRun", "CompletionAssembler", "record"]
+__all__ = ["CompletionRun", "CompletionAssembler", "kept_evaluated", "record"]
 
 
 @dataclass
@@ -66,6 +66,23 @@ def record(inner: Iterator[int], run: CompletionRun):
         return
     finally:
         inner.close()
+
+
+def kept_evaluated(run: CompletionRun, fed: Sequence[int]) -> int:
+    """How many positions from 0 hold the signal rows of the prompt and the *kept* tokens.
+
+    ``fed`` is what the context evaluated (its ids up to ``n_tokens``). Under speculative decoding
+    (``draft_model``) it also holds drafts that were evaluated in the same batch but not (yet) kept:
+    a row there is the signal of the draft token, not of the token the sampler chose. The count
+    stops at the first position whose fed id is not the generated token of that position, and at the
+    last generated token."""
+    n = len(fed)
+    if run.prompt_len < 0 or n <= run.prompt_len:
+        return n
+    m = min(len(run.generated), n - run.prompt_len)
+    differs = np.flatnonzero(np.asarray(fed[run.prompt_len: run.prompt_len + m], dtype=np.int64)
+                             != np.asarray(run.generated[:m], dtype=np.int64))
+    return run.prompt_len + (int(differs[0]) if differs.size else m)
 
 
 def _floats(row: Optional[np.ndarray]) -> Optional[List[Optional[float]]]:

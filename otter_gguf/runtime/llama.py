@@ -42,7 +42,7 @@ from llama_cpp.llama import LogitsProcessorList
 from otter_gguf.runtime import capi, guided
 from otter_gguf.runtime import score as scoring
 from otter_gguf.runtime.capi import otter_runtime_available
-from otter_gguf.runtime.completion import CompletionAssembler, CompletionRun, record
+from otter_gguf.runtime.completion import CompletionAssembler, CompletionRun, kept_evaluated, record
 from otter_gguf.runtime.guidance import Guidance, ResolvedGuidance
 from otter_gguf.runtime.score import OtterScore
 from otter_gguf.runtime.signals import RuntimeSignalSource, SignalSource, SignalStore
@@ -457,7 +457,7 @@ class OtterLlama(Llama):
         inner = super()._create_completion(*args, **kwargs)
         step, finish = partial(self._otter_next, inner, run), partial(self._otter_finish, run)
         if bound.arguments["stream"]:
-            return self._otter_blocks.stream(run, inner, step, finish, lambda: self.n_tokens)
+            return self._otter_blocks.stream(run, inner, step, finish, lambda: kept_evaluated(run, self._input_ids))
         return self._otter_blocks.single(run, inner, step, finish)
 
     def _otter_next(self, inner, run: CompletionRun):
@@ -469,14 +469,23 @@ class OtterLlama(Llama):
             self._otter_run = prev
 
     def _otter_finish(self, run: CompletionRun) -> None:
-        """One extra decode so the last generated token has its signal."""
+        """Make the last completion token's signal the kept token's: one extra decode of it when it
+        was never fed, or when a draft sits at its position (speculative decoding: the draft's row
+        was computed, the sampler chose another token, and generation stopped before the rejection
+        rolled the context back). The rows of the tokens before it are already the kept ones."""
         toks = self._otter_blocks.completion_tokens(run)
         if not toks or run.prompt_len < 0:
             return
         p = run.prompt_len + len(toks) - 1
-        if (self._otter_store.get(p) is None and self.n_tokens == p and p < self._n_ctx
-                and self._input_ids.tolist()[run.prompt_len:] == toks[:-1]):
-            self.eval([toks[-1]])
+        if p >= self._n_ctx:
+            return
+        kept = kept_evaluated(run, self._input_ids)
+        if kept < p or (kept > p and self._otter_store.get(p) is not None):
+            return
+        if self.n_tokens > p:  # drop the draft at p and what follows, as generate() does on a rejection
+            self._ctx.kv_cache_seq_rm(-1, p, -1)
+            self.n_tokens = p
+        self.eval([toks[-1]])
 
     # ------------------------------------------------------------------
     # scoring

