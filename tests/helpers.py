@@ -347,7 +347,7 @@ def fake_source_factory(fn: Callable[[Sequence[int]], np.ndarray] = fake_signals
     return lambda llm: FakeSignalSource()
 
 
-# --- the PyTorch reference, loaded once per process (tests/test_reference*.py, tests/test_qwen3_gemma3_*.py)
+# --- the PyTorch reference, loaded once per process (tests/test_reference.py, tests/test_gguf_base.py, and others)
 _REFERENCE_CACHE: dict = {}
 
 

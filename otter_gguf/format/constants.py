@@ -32,7 +32,7 @@ HF_ARCHITECTURES: dict[str, tuple[str, str]] = {
 }
 
 # the base architectures the patched llama.cpp runtime (patches/) runs an Otter head on (qwen3, gemma3: the
-# side stream of docs/OTTER.md §7 in their graphs, tests/test_qwen3_gemma3_runtime.py)
+# side stream of docs/OTTER.md §7 in their graphs, tests/test_runtime.py)
 RUNTIME_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 KEY_PREFIX = "otter."      # every Otter metadata key starts with this
