@@ -304,6 +304,14 @@ def test_load_otter_and_bad_tokens(tiny_llama_dir, adapter_reward1_dir):
 
 
 # ----------------------------------------------------------------- insert
+def _assert_side_copies_main(base, cfg, tensors, d2: int, n_tokens: int) -> None:
+    """A copy-initialised head: the base logits are untouched and the side stream is the main stream's
+    first d2 dims."""
+    out = OtterModel(base, cfg, tensors)(toks := rand_tokens(n_tokens, seed=12), return_hidden=True)
+    assert torch.equal(out.logits, base(toks))
+    assert (out.side_hidden - out.hidden[:, :d2]).abs().max().item() <= 1e-4
+
+
 def test_insert_otter_copy_init(tiny_qwen2_dir):
     base = cached_base(tiny_qwen2_dir)
     before = {k: v.clone() for k, v in base.weights.items()}
@@ -340,11 +348,7 @@ def test_insert_otter_copy_init(tiny_qwen2_dir):
     for k, v in base.weights.items():
         assert torch.equal(v, before[k]), k
     # behaviour: the side stream is a copy of the main stream's first d2 dims
-    m = OtterModel(base, cfg, t)
-    toks = rand_tokens(9, seed=12)
-    out = m(toks, return_hidden=True)
-    assert torch.equal(out.logits, base(toks))
-    assert (out.side_hidden - out.hidden[:, :d2]).abs().max().item() <= 1e-4
+    _assert_side_copies_main(base, cfg, t, d2, n_tokens=9)
     # and insert_otter is deterministic in its seed
     _, t2 = insert_otter(base, d2=d2, h2=h2, h2_kv=h2kv, f2=f2, n_out=2, signal_names=["a", "b"],
                          init="copy", seed=5)
@@ -514,11 +518,7 @@ def test_insert_otter_copy_init_qk_and_sandwich_norms(arch, tiny_qwen3_dir, tiny
     for k, v in W.items():
         assert torch.equal(v, before[k]), k
     # the side stream is a copy of the main stream's first d2 dims (sandwich norms and embedding scale too)
-    m = OtterModel(base, cfg, t)
-    toks = rand_tokens(20, seed=12)
-    out = m(toks, return_hidden=True)
-    assert torch.equal(out.logits, base(toks))
-    assert (out.side_hidden - out.hidden[:, :d2]).abs().max().item() <= 1e-4
+    _assert_side_copies_main(base, cfg, t, d2, n_tokens=20)
     # and adapters of these architectures round-trip through the format
     ad = save_adapter(Path(str(path) + f"-copy-{arch}"), cfg, t)
     cfg2, t2 = load_adapter(ad)
