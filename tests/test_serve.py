@@ -335,7 +335,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"weight": "big", "signal": "honesty"}}}, "weight"),
     ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"top_k": 0, "signal": "honesty"}}}, "top_k"),
     ("/v1/completions", {"prompt": "x", "otter": {"guidance": {"colour": 1}}}, "unknown guidance option"),
-    ("/v1/completions", {"prompt": "x", "otter": {"heads": 1}}, "otter.heads: Extra inputs are not permitted"),
+    ("/v1/completions", {"prompt": "x", "otter": {"colour": 1}}, "otter.colour: Extra inputs are not permitted"),
+    ("/v1/completions", {"prompt": "x", "otter": {"heads": 1}}, "otter.heads: Input should be a valid list"),
+    ("/v1/completions", {"prompt": "x", "otter": {"heads": ["nope"]}}, "otter.heads: unknown head 'nope'"),
     ("/v1/completions", {"prompt": "x", "otter": {"side_stream": False, "guidance": {"signal": "honesty",
                                                                                      "top_k": 2}}}, "side stream"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
@@ -368,9 +370,29 @@ def test_bad_requests_are_400_with_a_message(server, path, body, msg):
     assert msg in err["message"] and err["type"] == "invalid_request_error" and err["code"] == 400
 
 
+def test_any_model_name_is_answered_by_the_served_model(server):
+    """The openai client always sends a model name and apps hard-code theirs: a one-model server
+    answers any name with its model (llama-server, llama-cpp-python's server); responses and
+    /v1/models name the real id."""
+    c = _client(server)
+    want = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=4, **SAME).model_dump()
+    for name in ("gpt-4o-mini", "llama3:8b", "other"):
+        r = c.completions.create(model=name, prompt=PROMPT, max_tokens=4, **SAME).model_dump()
+        assert r["model"] == server.cfg.name and r["choices"][0]["text"] == want["choices"][0]["text"]
+        assert r["choices"][0]["otter"]["tokens"] == want["choices"][0]["otter"]["tokens"]
+        ch = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert ch.model == server.cfg.name
+    assert [m.id for m in c.models.list().data] == [server.cfg.name]
+    # one head: naming it is the same request; another name is a 400 naming the head there is
+    (head,) = c.models.list().model_dump()["data"][0]["otter"]["heads"]
+    r = c.completions.create(model=f"{server.cfg.name}:{head['name']}", prompt=PROMPT, max_tokens=4, **SAME)
+    assert r.model_dump()["choices"][0]["otter"] == want["choices"][0]["otter"]
+    st, _, out = _http(server, "POST", "/v1/completions", {"model": f"{server.cfg.name}:x", "prompt": "x"})
+    assert st == 400 and json.loads(out)["error"]["message"] == (
+        f"model: unknown head 'x'; the heads of this server are: {head['name']}")
+
+
 def test_bad_requests_other_codes(server):
-    st, _, out = _http(server, "POST", "/v1/completions", {"model": "other", "prompt": "x"})
-    assert st == 404 and "not served here" in json.loads(out)["error"]["message"]
     big = {"prompt": "x" * (server.cfg.max_request_bytes + 10)}
     st, _, out = _http(server, "POST", "/v1/completions", big)
     assert st == 413 and "--max-request-bytes" in json.loads(out)["error"]["message"]
@@ -561,5 +583,37 @@ def test_sidecar_heads_served(gguf_models, tmp_path, adapter_reward1_dir, adapte
             np.testing.assert_allclose(o["signals"], ref["signals"], **TOL)
         st, _, body = _http(s, "POST", "/v1/otter/score", {"text": PROMPT})
         np.testing.assert_allclose(json.loads(body)["signals"], ref_llm.score(PROMPT).signals, **TOL)
+        _check_head_choice(s, cfg, names)
     finally:
         s.stop()
+
+
+def _check_head_choice(s, cfg, names):
+    """Per-request heads on the r1 + r3 server: ``otter.heads`` and the ``name:head`` model id give
+    the all-heads answer less the other head's columns; guidance uses only the chosen heads."""
+    c = _client(s)
+    assert [m.id for m in c.models.list().data] == [cfg.name, f"{cfg.name}:r1", f"{cfg.name}:r3"]
+    full = c.completions.create(model=cfg.name, prompt=PROMPT, max_tokens=5, **SAME).model_dump()["choices"][0]
+    r3 = [k for k, n in enumerate(names) if n.startswith("r3/")]
+    for kw in (dict(model=cfg.name, extra_body={"repeat_penalty": 1.0, "otter": {"heads": ["r3"]}}),
+               dict(model=f"{cfg.name}:r3", extra_body={"repeat_penalty": 1.0})):
+        r = c.completions.create(prompt=PROMPT, max_tokens=5, temperature=0, **kw).model_dump()
+        o = r["choices"][0]["otter"]
+        assert r["model"] == kw["model"] and o["heads"] == ["r3"] and o["tokens"] == full["otter"]["tokens"]
+        assert o["signal_names"] == [names[k] for k in r3]
+        assert o["signals"] == [[row[k] for k in r3] for row in full["otter"]["signals"]]
+        assert [list(d) for d in o["rewards"]] == [o["signal_names"]] * 5
+    # guidance with one chosen one-signal head needs no signal name; another head's signal is a 400
+    g = {"top_k": 3, "weight": 4.0}
+    a = c.completions.create(model=f"{cfg.name}:r1", prompt=PROMPT, max_tokens=5, temperature=0,
+                             extra_body={"repeat_penalty": 1.0, "otter": {"guidance": g}}).model_dump()
+    b = c.completions.create(model=cfg.name, prompt=PROMPT, max_tokens=5, temperature=0,
+                             extra_body={"repeat_penalty": 1.0,
+                                         "otter": {"guidance": {**g, "signal": "r1/reward"}}}).model_dump()
+    assert a["choices"][0]["otter"]["tokens"] == b["choices"][0]["otter"]["tokens"]
+    for body, msg in (({"model": f"{cfg.name}:r1", "otter": {"guidance": {"signal": "r3/honesty", "top_k": 2}}},
+                       "otter.guidance: signal 'r3/honesty' is not a signal of the request's heads (r1)"),
+                      ({"model": f"{cfg.name}:r1", "otter": {"heads": ["r3"]}}, "give one of them"),
+                      ({"model": f"{cfg.name}:r1,r9"}, "model: unknown head 'r9'; the heads of this server are: r1, r3")):
+        st, _, out = _http(s, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, **body})
+        assert st == 400 and msg in json.loads(out)["error"]["message"], out

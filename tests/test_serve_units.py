@@ -77,3 +77,44 @@ def test_metrics_text_format():
     assert 'otter_latency_seconds_bucket{le="0.25"} 0' in lines and 'otter_latency_seconds_bucket{le="0.5"} 1' in lines
     assert 'otter_latency_seconds_bucket{le="+Inf"} 1' in lines and "otter_latency_seconds_count 1" in lines
     assert "otter_queue_depth 2" in lines and "# TYPE otter_tokens_total counter" in lines
+
+
+def _heads():
+    from otter_gguf.runtime.signals import OtterHead
+
+    return [OtterHead("tr", 4, "token_reward", [], 0), OtterHead("r3", 3, "reward", ["a", "b", "c"], 4),
+            OtterHead("r1", 1, "reward", ["reward"], 7)]
+
+
+def test_model_id_names_heads_only_in_the_served_name_form():
+    from otter_gguf.server.heads import model_heads
+
+    served = ["m.gguf", "/models/m.gguf"]
+    assert model_heads("m.gguf:r1", served) == ["r1"]
+    assert model_heads("/models/m.gguf:r1,tr", served) == ["r1", "tr"]
+    for other in (None, "", "gpt-4o", "llama3:8b", "m.gguf", "m.gguf:"):
+        assert model_heads(other, served) is None, other
+
+
+def test_head_selection_filters_the_block_and_checks_guidance():
+    from otter_gguf.server.heads import select
+
+    heads = _heads()
+    with pytest.raises(ValueError, match="unknown head 'nope'; the heads of this server are: tr, r3, r1"):
+        select(heads, ["nope"])
+    assert select(heads, None).all and select(heads, ["r1", "tr", "r3"]).all
+    sel = select(heads, ["r1", "tr"])
+    assert sel.chosen == ["tr", "r1"] and sel.signal_names == ["tr/token_reward", "r1/reward"]
+    names = ["tr/token_reward", "r3/a", "r3/b", "r3/c", "r1/reward"]
+    block = {"tokens": [5, 6], "signal_names": names, "signals": [[0.1, 1, 2, 3, 4], None],
+             "rewards": [dict(zip(names, [0.1, 1, 2, 3, 4])), None],
+             "signal_rows": [list(range(8)), None]}
+    got = sel.block(block)
+    assert got["signal_names"] == ["tr/token_reward", "r1/reward"] and got["heads"] == ["tr", "r1"]
+    assert got["signals"] == [[0.1, 4], None] and got["rewards"] == [{"tr/token_reward": 0.1, "r1/reward": 4}, None]
+    assert got["signal_rows"] == [[0, 1, 2, 3, 7], None] and got["tokens"] == [5, 6]
+    assert block["signal_names"] == names  # the engine's block is left as it was
+    assert select(heads, ["r1"]).guidance({"top_k": 2}) == {"top_k": 2, "signal": "r1/reward"}
+    with pytest.raises(ValueError, match="'r3/a' is not a signal of the request's heads"):
+        sel.guidance({"signal": {"r1/reward": 1.0, "r3/a": 1.0}})
+    assert sel.guidance({"signal": "tr/token_reward"}) == {"signal": "tr/token_reward"}

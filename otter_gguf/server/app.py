@@ -9,8 +9,10 @@ batching :class:`~otter_gguf.server.engine.Engine`; the handler awaits the
 job's events (a streamed response relays them as server-sent events).
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``
-with 400 (malformed request), 401 (API key), 404, 413 (body too large), 503
-(queue full, with ``Retry-After``).
+with 400 (malformed request), 401 (API key), 404 (unknown path), 413 (body too
+large), 503 (queue full, with ``Retry-After``). A request's ``model`` may be any
+name (the one model is served, as llama-server and llama-cpp-python's server
+do); ``<served name>:<head>`` chooses heads (:mod:`otter_gguf.server.heads`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from otter_gguf.runtime import guided
 from otter_gguf.runtime.guidance import Guidance
 from otter_gguf.runtime.score import OtterScore, check_tokens
 from otter_gguf.server.engine import Delta, Done, Engine, Failed, Job, QueueFull, Sampling
+from otter_gguf.server.heads import HeadSelection, model_heads, select
 from otter_gguf.server.metrics import Metrics
 from otter_gguf.server.model import ServeConfig
 from otter_gguf.server.protocol import (
@@ -128,14 +131,36 @@ class Server:
     # ------------------------------------------------------------------
     # requests -> jobs
     # ------------------------------------------------------------------
-    def _check_model(self, model: Optional[str]) -> None:
-        if model is not None and model not in (self.name, self.cfg.model):
-            raise RequestError(f"model {model!r} is not served here (this server serves {self.name!r})",
-                               status=404, param="model", type="not_found_error")
+    def served_names(self) -> List[str]:
+        """The names a model id may start with: the alias (or file name), then the path given."""
+        return list(dict.fromkeys([self.name, self.cfg.model]))
 
-    def _otter(self, opts: Optional[OtterOptions]):
+    def model_id(self, model: Optional[str]) -> str:
+        """The model id a response names: the served name, or the ``name:heads`` id the request used."""
+        return model if model_heads(model, self.served_names()) is not None else self.name
+
+    def _heads(self, model: Optional[str], opts: OtterOptions) -> Optional[HeadSelection]:
+        """The heads a request chose (model id ``name:heads`` or ``otter.heads``), None for all."""
+        by_id = model_heads(model, self.served_names())
+        asked = opts.heads
+        if by_id is None and asked is None:
+            return None
+        param = "otter.heads" if asked is not None else "model"
+        if by_id is not None and asked is not None and sorted(by_id) != sorted(asked):
+            raise RequestError(f"the model id {model!r} names the heads {', '.join(by_id)} but otter.heads names "
+                               f"{', '.join(asked)}: give one of them", param="otter.heads")
+        if not self.llm.has_otter:
+            raise RequestError(f"{param}: the model {self.name} has no Otter head", param=param)
+        try:
+            sel = select(self.llm.otter_heads, asked if asked is not None else by_id)
+        except ValueError as e:
+            raise RequestError(f"{param}: {e}", param=param) from None
+        return None if sel.all else sel
+
+    def _otter(self, model: Optional[str], opts: Optional[OtterOptions]):
         opts = opts or OtterOptions()
         llm = self.llm
+        heads = self._heads(model, opts)
         guidance = None
         if opts.guidance is not None:
             if not llm.has_otter:
@@ -144,7 +169,8 @@ class Server:
                 raise RequestError("otter.guidance needs the side stream (otter.side_stream must not be false)",
                                    param="otter.side_stream")
             try:
-                g = Guidance.coerce(opts.guidance)
+                spec = opts.guidance if heads is None else heads.guidance(opts.guidance)
+                g = Guidance.coerce(spec)
                 guidance = guided.resolve(g, llm)
             except ValueError as e:
                 raise RequestError(f"otter.guidance: {e}", param="otter.guidance") from None
@@ -156,7 +182,7 @@ class Server:
             if not llm.has_otter:
                 raise RequestError(f"otter.full_signals: the model {self.name} has no Otter head",
                                    param="otter.full_signals")
-        return guidance, bool(opts.full_signals), bool(opts.side_stream and llm.has_otter)
+        return guidance, bool(opts.full_signals), bool(opts.side_stream and llm.has_otter), heads
 
     def _tokens(self, prompt: Any) -> List[int]:
         """A completion prompt's tokens, as ``Llama._create_completion`` makes them."""
@@ -192,7 +218,7 @@ class Server:
 
     def completion_job(self, req: Any, tokens: List[int], stops: List[str], sink, echo: str = "") -> Job:
         check_sampling(req, max_tokens_limit=self.cfg.max_tokens_limit)
-        guidance, full, side = self._otter(req.otter)
+        guidance, full, side, heads = self._otter(req.model, req.otter)
         if req.grammar:
             # llama-cpp-python parses a grammar only when its sampler is made (NULL on error, which
             # would crash the chain): try it here
@@ -209,7 +235,7 @@ class Server:
         return Job(kind="completion", prompt_tokens=tokens, sink=sink,
                    max_tokens=self._max_tokens(req.max_tokens, len(tokens)),
                    stop=[s.encode("utf-8") for s in stops], stream=req.stream, sampling=sp, guidance=guidance,
-                   full_signals=full, side_stream=side, echo_prefix=echo)
+                   full_signals=full, side_stream=side, echo_prefix=echo, heads=heads)
 
     def chat_prompt(self, req: ChatRequest):
         if self.formatter is None:
@@ -257,15 +283,21 @@ class Server:
         return body
 
     def models(self) -> dict:
+        """``GET /v1/models``: the served model, and with several heads one ``name:head`` id per head."""
         llm = self.llm
         info: Dict[str, Any] = {"object": "model", "id": self.name, "owned_by": "otter-gguf", "permissions": [],
                                 "created": 0}
+        data = [info]
         if llm.has_otter:
             heads = [{"name": h.name, "head_kind": h.head_kind, "n_out": h.n_out, "signal_names": list(h.signal_names)}
                      for h in llm.otter_heads]  # the model's own head, then the --head adapters
             info["otter"] = {"head_kind": llm.head_kind, "n_out": llm.n_out, "signal_names": llm.signal_names,
                              "heads": heads}
-        return {"object": "list", "data": [info]}
+            if len(heads) > 1:
+                data += [{"object": "model", "id": f"{self.name}:{h['name']}", "owned_by": "otter-gguf",
+                          "permissions": [], "created": 0, "parent": self.name, "otter": {"heads": [h]}}
+                         for h in heads]
+        return {"object": "list", "data": data}
 
 
 def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
@@ -390,7 +422,7 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
             choice["otter"] = block
         return choice
 
-    async def run(request: Request, job: Job, q: asyncio.Queue, endpoint: str, chat: bool):
+    async def run(request: Request, job: Job, q: asyncio.Queue, endpoint: str, chat: bool, model: str):
         t0 = time.monotonic()
         submit(job, endpoint)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4()}"
@@ -407,7 +439,7 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
             choice = ({"index": 0, "message": {"role": "assistant", "content": ev.text}, "logprobs": None,
                        "finish_reason": ev.finish_reason} if chat else
                       {"text": ev.text, "index": 0, "logprobs": None, "finish_reason": ev.finish_reason})
-            return JSONResponse({"id": cid, "object": obj, "created": created, "model": srv.name,
+            return JSONResponse({"id": cid, "object": obj, "created": created, "model": model,
                                  "choices": [with_otter(choice, ev.otter, job)], "usage": usage(ev)})
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -418,7 +450,7 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
                 c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
             else:
                 c = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": reason}
-            return json.dumps({"id": cid, "object": chunk_obj, "created": created, "model": srv.name,
+            return json.dumps({"id": cid, "object": chunk_obj, "created": created, "model": model,
                                "choices": [with_otter(c, block, job)]})
 
         async def events() -> AsyncIterator[dict]:
@@ -448,7 +480,6 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(request: Request, body: CompletionRequest):
-        srv._check_model(body.model)
         if body.suffix is not None:
             raise RequestError("suffix is not supported", param="suffix")
         if body.echo and body.stream:
@@ -461,19 +492,17 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
                 srv.llm.detokenize(tokens).decode("utf-8", errors="ignore"))
         q, sink = channel()
         job = srv.completion_job(body, tokens, stop_list(body.stop), sink, echo=echo)
-        return await run(request, job, q, "/v1/completions", chat=False)
+        return await run(request, job, q, "/v1/completions", chat=False, model=srv.model_id(body.model))
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(request: Request, body: ChatRequest):
-        srv._check_model(body.model)
         tokens, stops = srv.chat_prompt(body)
         q, sink = channel()
         job = srv.completion_job(body, tokens, stops, sink)
-        return await run(request, job, q, "/v1/chat/completions", chat=True)
+        return await run(request, job, q, "/v1/chat/completions", chat=True, model=srv.model_id(body.model))
 
     @app.post("/v1/otter/score", dependencies=v1)
     async def score(request: Request, body: ScoreRequest):
-        srv._check_model(body.model)
         t0 = time.monotonic()
         q, sink = channel()
         job = srv.score_job(body, sink)

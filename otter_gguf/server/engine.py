@@ -94,6 +94,7 @@ class Job:
     full_signals: bool = False
     side_stream: bool = True  # compute (and return) the Otter signals
     echo_prefix: str = ""  # echo: the prompt text, prepended to the result text and offsets
+    heads: Any = None  # a HeadSelection (server.heads): the heads the otter blocks show; None: all
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
 
@@ -572,7 +573,8 @@ class Engine:
     def _block(self, s: _Slot, start: int, count: int) -> Optional[dict]:
         if s.blocks is None:
             return None
-        return s.blocks.block(s.run, start, count)
+        block = s.blocks.block(s.run, start, count)
+        return block if s.job.heads is None else s.job.heads.block(block)
 
     def _stream(self, s: _Slot) -> None:
         if not s.job.stream:

@@ -6,7 +6,7 @@ The completion and chat requests are llama-cpp-python's server request models
 Otter options an OpenAI client sends through ``extra_body``::
 
     {"otter": {"guidance": {"weight": 1.5, "top_k": 4, "signal": "helpfulness"},
-               "full_signals": false, "side_stream": true}}
+               "full_signals": false, "side_stream": true, "heads": ["harmless"]}}
 
 Every problem is a :class:`RequestError` (HTTP 400 unless said otherwise)
 with a message naming the field.
@@ -45,6 +45,8 @@ class OtterOptions(BaseModel):
     full_signals: Optional[bool] = Field(
         default=None, description="token_reward heads: the full signal row (n_vocab floats) of every token")
     side_stream: bool = Field(default=True, description="false: no Otter signals for this request (no otter field)")
+    heads: Optional[List[str]] = Field(
+        default=None, description="the loaded heads this request's otter block and guidance use (default: all)")
 
 
 class CompletionRequest(CreateCompletionRequest):
