@@ -345,7 +345,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, "exceeds this server's limit"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n must be 1"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs are not supported"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 10 ** 6}, "logprobs=1000000 exceeds the vocabulary"),
     ("/v1/completions", {"prompt": ""}, "prompt is empty"),
     ("/v1/completions", {"prompt": [1, 2, 99999]}, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "word " * 400}, "context per request is 256"),
@@ -617,3 +617,89 @@ def _check_head_choice(s, cfg, names):
                       ({"model": f"{cfg.name}:r1,r9"}, "model: unknown head 'r9'; the heads of this server are: r1, r3")):
         st, _, out = _http(s, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, **body})
         assert st == 400 and msg in json.loads(out)["error"]["message"], out
+
+
+# ---------------------------------------------------------------------------
+# logprobs: llama-cpp-python's values, side by side
+# ---------------------------------------------------------------------------
+LP_TOL = dict(rtol=0, atol=1e-4)  # the server's decode shapes (n_ctx, batch) differ from the reference's
+
+
+@pytest.fixture(scope="module")
+def lcp(gguf_models):
+    """llama-cpp-python's Llama (logits_all, as its server loads models) on the served file."""
+    import llama_cpp
+
+    return llama_cpp.Llama(str(gguf_models.otter("reward3")), logits_all=True, **LLAMA_KW)
+
+
+def _assert_logprobs(got, want, n):
+    """Completion-shaped logprobs equal on the first ``n`` tokens (keys, offsets, values)."""
+    for k in ("tokens", "text_offset"):
+        assert got[k][:n] == want[k][:n], k
+    a, b = got["token_logprobs"][:n], want["token_logprobs"][:n]
+    assert [x is None for x in a] == [x is None for x in b]
+    np.testing.assert_allclose([x for x in a if x is not None], [x for x in b if x is not None], **LP_TOL)
+    for ga, wa in zip(got["top_logprobs"][:n], want["top_logprobs"][:n]):
+        assert (ga is None) == (wa is None)
+        if ga is not None:
+            assert sorted(ga) == sorted(wa)
+            np.testing.assert_allclose([ga[k] for k in sorted(ga)], [wa[k] for k in sorted(ga)], **LP_TOL)
+
+
+def test_completion_logprobs_equal_llama_cpp_python(server, lcp):
+    c = _client(server)
+    want = lcp.create_completion(PROMPT, max_tokens=8, temperature=0, logprobs=3)["choices"][0]
+    r = c.completions.create(model="any", prompt=PROMPT, max_tokens=8, logprobs=3, **SAME).model_dump()["choices"][0]
+    lp, o = r["logprobs"], r["otter"]
+    n = min(len(lp["tokens"]), len(want["logprobs"]["tokens"]))
+    assert n >= 4 and len(lp["tokens"]) == len(o["tokens"]) == 8  # aligned with the otter block
+    _assert_logprobs(lp, want["logprobs"], n)
+    assert lp["text_offset"][0] == len(PROMPT)
+    # top 3 plus the chosen token, keyed by text as llama-cpp-python keys them (pieces may coincide)
+    assert all(1 <= len(t) <= 4 for t in lp["top_logprobs"])
+    # a greedy choice is the top logprob
+    assert all(v == max(t.values()) for v, t in zip(lp["token_logprobs"], lp["top_logprobs"]))
+    # streamed chunks concatenate to the same lists
+    got = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+    for ch in c.completions.create(model="any", prompt=PROMPT, max_tokens=8, logprobs=3, stream=True, **SAME):
+        d = ch.model_dump()["choices"][0]
+        if d["logprobs"]:
+            for k in got:
+                got[k] += d["logprobs"][k]
+            assert len(d["logprobs"]["tokens"]) == len(d["otter"]["tokens"])
+    assert got == lp
+    # echo: the prompt's tokens first (the first without a value), as llama-cpp-python gives them
+    want = lcp.create_completion(PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True)["choices"][0]
+    r = c.completions.create(model="any", prompt=PROMPT, max_tokens=3, logprobs=2, echo=True,
+                             **SAME).model_dump()["choices"][0]
+    n_prompt = len(lcp.tokenize(PROMPT.encode(), add_bos=False))
+    assert r["logprobs"]["token_logprobs"][0] is None and r["logprobs"]["text_offset"][0] == 0
+    _assert_logprobs(r["logprobs"], want["logprobs"], n_prompt + 1)
+    # logprobs=0: the chosen token's only
+    r = c.completions.create(model="any", prompt=PROMPT, max_tokens=2, logprobs=0, **SAME).model_dump()["choices"][0]
+    assert [list(t.values()) for t in r["logprobs"]["top_logprobs"]] == [[v] for v in r["logprobs"]["token_logprobs"]]
+
+
+def test_chat_logprobs_equal_llama_cpp_python(server, lcp):
+    msgs = [{"role": "user", "content": "hello there"}]
+    want = lcp.create_chat_completion(msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
+                                      repeat_penalty=1.0)["choices"][0]["logprobs"]["content"]
+    c = _client(server)
+    r = c.chat.completions.create(model="any", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=2,
+                                  **SAME).model_dump()["choices"][0]
+    got = r["logprobs"]["content"]
+    n = min(len(got), len(want))
+    assert n >= 3 and len(got) == len(r["otter"]["tokens"])
+    assert [x["token"] for x in got[:n]] == [x["token"] for x in want[:n]]
+    np.testing.assert_allclose([x["logprob"] for x in got[:n]], [x["logprob"] for x in want[:n]], **LP_TOL)
+    for g, w in zip(got[:n], want[:n]):
+        assert {t["token"] for t in g["top_logprobs"]} == {t["token"] for t in w["top_logprobs"]}
+    streamed = []
+    for ch in c.chat.completions.create(model="any", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=2,
+                                        stream=True, **SAME):
+        d = ch.model_dump()["choices"][0]
+        streamed += (d["logprobs"] or {}).get("content") or []
+    assert streamed == got
+    r = c.chat.completions.create(model="any", messages=msgs, max_tokens=2, **SAME).model_dump()["choices"][0]
+    assert r["logprobs"] is None

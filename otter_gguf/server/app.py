@@ -36,6 +36,7 @@ from otter_gguf.runtime.guidance import Guidance
 from otter_gguf.runtime.score import OtterScore, check_tokens
 from otter_gguf.server.engine import Delta, Done, Engine, Failed, Job, QueueFull, Sampling
 from otter_gguf.server.heads import HeadSelection, model_heads, select
+from otter_gguf.server.logprobs import to_chat
 from otter_gguf.server.metrics import Metrics
 from otter_gguf.server.model import ServeConfig
 from otter_gguf.server.protocol import (
@@ -46,6 +47,7 @@ from otter_gguf.server.protocol import (
     ScoreRequest,
     check_sampling,
     logit_bias,
+    logprobs_n,
     stop_list,
 )
 
@@ -216,7 +218,8 @@ class Server:
             requested = min(self.cfg.max_tokens_limit, ctx - n_prompt)
         return requested if requested + n_prompt < ctx else ctx - n_prompt
 
-    def completion_job(self, req: Any, tokens: List[int], stops: List[str], sink, echo: str = "") -> Job:
+    def completion_job(self, req: Any, tokens: List[int], stops: List[str], sink, echo: str = "",
+                       prompt_text: str = "") -> Job:
         check_sampling(req, max_tokens_limit=self.cfg.max_tokens_limit)
         guidance, full, side, heads = self._otter(req.model, req.otter)
         if req.grammar:
@@ -235,7 +238,8 @@ class Server:
         return Job(kind="completion", prompt_tokens=tokens, sink=sink,
                    max_tokens=self._max_tokens(req.max_tokens, len(tokens)),
                    stop=[s.encode("utf-8") for s in stops], stream=req.stream, sampling=sp, guidance=guidance,
-                   full_signals=full, side_stream=side, echo_prefix=echo, heads=heads)
+                   full_signals=full, side_stream=side, echo_prefix=echo, heads=heads,
+                   logprobs=logprobs_n(req, self.llm._n_vocab), text_base=len(prompt_text))
 
     def chat_prompt(self, req: ChatRequest):
         if self.formatter is None:
@@ -252,7 +256,7 @@ class Server:
             raise RequestError(f"messages: the chat template failed: {e}", param="messages") from None
         toks = self.llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
         stops = stop_list(req.stop) + stop_list(res.stop)
-        return toks, stops
+        return toks, stops, res.prompt
 
     def score_job(self, req: ScoreRequest, sink) -> Job:
         llm = self.llm
@@ -436,20 +440,20 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
             if isinstance(ev, Failed):
                 return _error(ev.status, ev.message, type="server_error" if ev.status >= 500 else
                               "invalid_request_error")
-            choice = ({"index": 0, "message": {"role": "assistant", "content": ev.text}, "logprobs": None,
-                       "finish_reason": ev.finish_reason} if chat else
-                      {"text": ev.text, "index": 0, "logprobs": None, "finish_reason": ev.finish_reason})
+            choice = ({"index": 0, "message": {"role": "assistant", "content": ev.text},
+                       "logprobs": to_chat(ev.logprobs), "finish_reason": ev.finish_reason} if chat else
+                      {"text": ev.text, "index": 0, "logprobs": ev.logprobs, "finish_reason": ev.finish_reason})
             return JSONResponse({"id": cid, "object": obj, "created": created, "model": model,
                                  "choices": [with_otter(choice, ev.otter, job)], "usage": usage(ev)})
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: Optional[str], block, reason, role: bool = False) -> str:
+        def chunk(text: Optional[str], block, reason, role: bool = False, lp: Optional[dict] = None) -> str:
             if chat:
                 delta = {"role": "assistant"} if role else ({"content": text} if text else {})
-                c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                c = {"index": 0, "delta": delta, "logprobs": to_chat(lp), "finish_reason": reason}
             else:
-                c = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": reason}
+                c = {"text": text or "", "index": 0, "logprobs": lp, "finish_reason": reason}
             return json.dumps({"id": cid, "object": chunk_obj, "created": created, "model": model,
                                "choices": [with_otter(c, block, job)]})
 
@@ -461,9 +465,9 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
                 while True:
                     ev = await q.get()
                     if isinstance(ev, Delta):
-                        yield {"data": chunk(ev.text, ev.otter, None)}
+                        yield {"data": chunk(ev.text, ev.otter, None, lp=ev.logprobs)}
                     elif isinstance(ev, Done):
-                        yield {"data": chunk(ev.text, ev.otter, ev.finish_reason)}
+                        yield {"data": chunk(ev.text, ev.otter, ev.finish_reason, lp=ev.logprobs)}
                         yield {"data": "[DONE]"}
                         return
                     else:
@@ -485,20 +489,19 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
         if body.echo and body.stream:
             raise RequestError("echo is not supported with stream", param="echo")
         tokens = srv._tokens(body.prompt)
-        echo = ""
-        if body.echo:
-            echo = body.prompt if isinstance(body.prompt, str) else (
-                body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else
-                srv.llm.detokenize(tokens).decode("utf-8", errors="ignore"))
         q, sink = channel()
-        job = srv.completion_job(body, tokens, stop_list(body.stop), sink, echo=echo)
+        text = body.prompt if isinstance(body.prompt, str) else (
+            body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else
+            srv.llm.detokenize(tokens).decode("utf-8", errors="ignore"))
+        job = srv.completion_job(body, tokens, stop_list(body.stop), sink, echo=text if body.echo else "",
+                                 prompt_text=text)
         return await run(request, job, q, "/v1/completions", chat=False, model=srv.model_id(body.model))
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(request: Request, body: ChatRequest):
-        tokens, stops = srv.chat_prompt(body)
+        tokens, stops, text = srv.chat_prompt(body)
         q, sink = channel()
-        job = srv.completion_job(body, tokens, stops, sink)
+        job = srv.completion_job(body, tokens, stops, sink, prompt_text=text)
         return await run(request, job, q, "/v1/chat/completions", chat=True, model=srv.model_id(body.model))
 
     @app.post("/v1/otter/score", dependencies=v1)

@@ -49,6 +49,7 @@ from otter_gguf.runtime import guided
 from otter_gguf.runtime.completion import CompletionAssembler, CompletionRun
 from otter_gguf.runtime.guidance import ResolvedGuidance, top_k_ids
 from otter_gguf.runtime.signals import SignalStore
+from otter_gguf.server.logprobs import TokenLogprobs, entry
 from otter_gguf.server.text import CompletionText
 
 __all__ = ["Engine", "Job", "Sampling", "Delta", "Done", "Failed", "QueueFull"]
@@ -95,6 +96,8 @@ class Job:
     side_stream: bool = True  # compute (and return) the Otter signals
     echo_prefix: str = ""  # echo: the prompt text, prepended to the result text and offsets
     heads: Any = None  # a HeadSelection (server.heads): the heads the otter blocks show; None: all
+    logprobs: Optional[int] = None  # log-probabilities of the tokens and the top N (server.logprobs); None: none
+    text_base: int = 0  # logprobs' text_offset of the first completion character (the prompt text's length)
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
 
@@ -114,6 +117,7 @@ class Delta:
     text: str
     otter: Optional[dict]
     finish_reason: Optional[str] = None
+    logprobs: Optional[dict] = None  # completion-shaped logprobs of the tokens it carries
 
 
 @dataclass
@@ -129,6 +133,7 @@ class Done:
     completion_tokens: int = 0
     score: Optional[dict] = None
     first_token_s: Optional[float] = None
+    logprobs: Optional[dict] = None
 
 
 @dataclass
@@ -162,6 +167,8 @@ class _Slot:
         self.cand: Optional[np.ndarray] = None  # scalar guidance: this step's candidates
         self.cand_array: Any = None  # scalar guidance with a sampler chain: its token data array
         self.cur: Optional[np.ndarray] = None  # ... and the processed logits they came from
+        self.lp: Optional[TokenLogprobs] = None  # logprobs: the entries of (echoed prompt and) completion tokens
+        self.lp0 = 0  # entries of echoed prompt tokens before the completion's
 
     @property
     def prefill(self) -> bool:
@@ -305,6 +312,13 @@ class Engine:
             s.score_rows = np.empty((len(job.prompt_tokens), llm.n_out), dtype=np.float32)
             return s
         s.text = CompletionText(llm.detokenize, job.prompt_tokens, job.stop)
+        if job.logprobs is not None:
+            echo = bool(job.echo_prefix)
+            s.lp = TokenLogprobs(llm.detokenize, job.logprobs, 0 if echo else job.text_base,
+                                 bos=llm.token_bos() if echo else None)
+            if echo:  # the prompt's tokens first; the first has no value (nor a BOS after it, as in OpenAI's API)
+                s.lp.add(job.prompt_tokens[0], None)
+                s.lp0 = len(job.prompt_tokens)
         if s.store is not None:
             s.run = CompletionRun(guidance=job.guidance, prompt=job.echo_prefix or None,
                                   echo=bool(job.echo_prefix), full_signals=job.full_signals)
@@ -418,8 +432,9 @@ class Engine:
             count = min(len(toks) - s.n_past, self.n_batch - n)
             last = s.n_past + count == len(toks)
             plan.append((s, "prompt", n, count))
+            every = s.lp0 > 0  # echo with logprobs: the logits of every prompt position
             for j in range(count):
-                put(toks[s.n_past + j], s.n_past + j, s.seq, last and j == count - 1 or
+                put(toks[s.n_past + j], s.n_past + j, s.seq, last and j == count - 1 or every or
                     (s.job.kind == "score" and j == count - 1))
             scoring |= s.job.kind == "score"
             need_signals |= s.store is not None
@@ -476,6 +491,8 @@ class Engine:
                 self._finish(s, Done(score={"tokens": list(job.prompt_tokens), "signals": s.score_rows},
                                      prompt_tokens=len(job.prompt_tokens)))
             return
+        if s.lp0:
+            self._prompt_logprobs(s, p0, i0, count)
         if s.prefill:
             return
         last = i0 + count - 1
@@ -488,20 +505,35 @@ class Engine:
             return
         self._sample(s, last)
 
+    def _logits(self, i: int) -> np.ndarray:
+        """The raw logits of output row ``i`` of the last decode (a view)."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(self.n_vocab,))
+
+    def _prompt_logprobs(self, s: _Slot, p0: int, i0: int, count: int) -> None:
+        """Echo with logprobs: the entries of the prompt tokens after rows ``i0 ..`` (positions ``p0 ..``)."""
+        toks = s.job.prompt_tokens
+        for j in range(count):
+            if p0 + j + 1 < len(toks):
+                t = toks[p0 + j + 1]
+                s.lp.add(t, None if p0 + j == 0 and toks[0] == s.lp.bos else entry(self._logits(i0 + j), t, s.lp.n))
+
     def _sample(self, s: _Slot, i: int) -> None:
         if s.job.max_tokens <= 0:
             return self._complete(s, "length")
         tok = int(s.sampler.sample(self._ctx, i))
         if s.run is not None and s.run.error is not None:
             raise s.run.error
-        self._accept(s, tok)
+        self._accept(s, tok, self._logits(i) if s.lp is not None else None)
 
-    def _accept(self, s: _Slot, tok: int) -> None:
-        """A new token was chosen for position ``s.n_past`` (plain decoding: still to be fed)."""
+    def _accept(self, s: _Slot, tok: int, logits: Optional[np.ndarray] = None) -> None:
+        """A new token was chosen for position ``s.n_past`` (plain decoding: still to be fed) from
+        the raw ``logits`` (for its logprobs)."""
         if s.first_token_s is None:
             s.first_token_s = time.monotonic() - s.job.submitted
         if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
             return self._complete(s, "stop")
+        if s.lp is not None:
+            s.lp.add(tok, entry(logits, tok, s.lp.n))
         if s.store is not None:
             s.store.note_token(s.n_past, tok)
         if s.run is not None:
@@ -549,8 +581,8 @@ class Engine:
         j = guided.pick_candidate(g, ids, s.cur[ids], rewards, s.job.sampling.temperature, s.rng,
                                   s.run.trace if g.spec.trace else None)
         tok = int(ids[j])
-        s.logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, i0 + j),
-                                         shape=(self.n_vocab,)).copy()
+        step_logits = s.logits
+        s.logits = self._logits(i0 + j).copy()
         llama_cpp.llama_memory_seq_cp(self._mem, s.helpers[j], s.seq, n, n + 1)
         for h in s.helpers:
             llama_cpp.llama_memory_seq_rm(self._mem, h, -1, -1)
@@ -559,7 +591,7 @@ class Engine:
         if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
             return self._complete(s, "stop")
         s.store.put(n, sig[j])
-        self._accept(s, tok)
+        self._accept(s, tok, step_logits)
         s.pending = None
         s.n_past = n + 1
         s.n_fed = len(s.text.tokens)
@@ -576,21 +608,31 @@ class Engine:
         block = s.blocks.block(s.run, start, count)
         return block if s.job.heads is None else s.job.heads.block(block)
 
+    def _logprobs(self, s: _Slot, start: int, count: int) -> Optional[dict]:
+        """Completion tokens ``start ..``: their logprobs (with echo, the prompt's come before token 0)."""
+        if s.lp is None:
+            return None
+        if start == 0 and s.lp0:
+            return s.lp.completion(0, s.lp0 + count)
+        return s.lp.completion(s.lp0 + start, count)
+
     def _stream(self, s: _Slot) -> None:
         if not s.job.stream:
             return
         delta, start, count = s.text.release(s.n_fed)
         if delta:
-            s.job.sink(Delta(delta, self._block(s, start, count)))
+            s.job.sink(Delta(delta, self._block(s, start, count), logprobs=self._logprobs(s, start, count)))
 
     def _complete(self, s: _Slot, reason: str) -> None:
         t = s.text
         n_tok = len(t.tokens)
         if s.job.stream:
             delta, start, count = t.release(n_tok, final=True)
-            done = Done(text=delta, otter=self._block(s, start, count), finish_reason=reason)
+            done = Done(text=delta, otter=self._block(s, start, count), finish_reason=reason,
+                        logprobs=self._logprobs(s, start, count))
         else:
-            done = Done(text=s.job.echo_prefix + t.text, otter=self._block(s, 0, n_tok), finish_reason=reason)
+            done = Done(text=s.job.echo_prefix + t.text, otter=self._block(s, 0, n_tok), finish_reason=reason,
+                        logprobs=self._logprobs(s, 0, n_tok))
         done.prompt_tokens = len(s.job.prompt_tokens)
         done.completion_tokens = n_tok
         done.first_token_s = s.first_token_s

@@ -21,7 +21,7 @@ from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletion
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["RequestError", "OtterOptions", "CompletionRequest", "ChatRequest", "ScoreRequest",
-           "check_sampling"]
+           "check_sampling", "logprobs_n", "logit_bias", "stop_list"]
 
 
 class RequestError(ValueError):
@@ -95,13 +95,22 @@ def check_sampling(req: Union[CompletionRequest, ChatRequest], *, max_tokens_lim
         raise RequestError("best_of must be 1", param="best_of")
     if req.min_tokens:
         raise RequestError("min_tokens is not supported", param="min_tokens")
-    if req.logprobs:
-        raise RequestError("logprobs are not supported by otter-gguf serve (the otter field carries the "
-                           "per-token signals)", param="logprobs")
     if req.logit_bias_type not in (None, "tokens"):
         raise RequestError("logit_bias_type must be 'tokens'", param="logit_bias_type")
     if req.seed is not None and not 0 <= req.seed < 2 ** 32:
         raise RequestError(f"seed must be in [0, 2**32), got {req.seed}", param="seed")
+
+
+def logprobs_n(req: Union[CompletionRequest, ChatRequest], n_vocab: int) -> Optional[int]:
+    """How many top log-probabilities a request asks for per token (None: no logprobs):
+    completions' ``logprobs=N``; chat's ``top_logprobs`` when ``logprobs`` is true (0 without it)."""
+    if isinstance(req, ChatRequest):
+        n, name = ((req.top_logprobs or 0) if req.logprobs else None), "top_logprobs"
+    else:
+        n, name = req.logprobs, "logprobs"
+    if n is not None and n > n_vocab:
+        raise RequestError(f"{name}={n} exceeds the vocabulary ({n_vocab} tokens)", param=name)
+    return n
 
 
 def logit_bias(req: Union[CompletionRequest, ChatRequest], n_vocab: int) -> Optional[Dict[int, float]]:
