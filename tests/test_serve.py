@@ -703,3 +703,76 @@ def test_chat_logprobs_equal_llama_cpp_python(server, lcp):
     assert streamed == got
     r = c.chat.completions.create(model="any", messages=msgs, max_tokens=2, **SAME).model_dump()["choices"][0]
     assert r["logprobs"] is None
+
+
+# ---------------------------------------------------------------------------
+# structured output: response_format through llama-cpp-python's JSON-schema grammar
+# ---------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "mood": {"enum": ["calm", "angry"]}},
+          "required": ["ok", "mood"], "additionalProperties": False}
+CHAT = [{"role": "user", "content": "Reply in JSON."}]
+
+
+def _json_schema(schema):
+    return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+
+
+def test_response_format_json_schema_with_rewards(server, py3):
+    """OpenAI's json_schema form and llama-cpp-python's json_object + schema give the text
+    OtterLlama gives with that response_format; every token of the constrained output has its
+    rewards; streamed = not."""
+    c = _client(server)
+    ref = py3.create_chat_completion(messages=CHAT, max_tokens=60, temperature=0,
+                                     response_format={"type": "json_object", "schema": SCHEMA})["choices"][0]
+    out = json.loads(ref["message"]["content"])  # the Python API's answer obeys the schema ...
+    assert set(out) == {"ok", "mood"} and isinstance(out["ok"], bool) and out["mood"] in ("calm", "angry")
+    for rf in (_json_schema(SCHEMA), {"type": "json_object", "schema": SCHEMA}):
+        r = c.chat.completions.create(model="any", messages=CHAT, max_tokens=60, response_format=rf,
+                                      **SAME).model_dump()["choices"][0]
+        assert r["message"]["content"] == ref["message"]["content"] and r["finish_reason"] == "stop"
+        o = r["otter"]
+        assert o["tokens"] == ref["otter"]["tokens"] and len(o["rewards"]) == len(o["tokens"])
+        assert np.isfinite(np.array(o["signals"], dtype=float)).all()
+        np.testing.assert_allclose(o["signals"], ref["otter"]["signals"], **TOL)
+    chunks = [x.model_dump()["choices"][0] for x in
+              c.chat.completions.create(model="any", messages=CHAT, max_tokens=60, stream=True,
+                                        response_format=_json_schema(SCHEMA), **SAME)]
+    assert "".join(x["delta"].get("content") or "" for x in chunks) == ref["message"]["content"]
+    # plain JSON mode: a JSON value, or (cut at max_tokens) the start of one
+    r = c.chat.completions.create(model="any", messages=CHAT, max_tokens=12, response_format={"type": "json_object"},
+                                  **SAME).model_dump()["choices"][0]
+    assert r["message"]["content"].lstrip()[:1] in ("{", "[", '"', "-", "t", "f", "n") or \
+        r["message"]["content"].lstrip()[:1].isdigit()
+
+
+def test_guidance_with_a_grammar_chooses_among_allowed_tokens(server, py3, token_server, py_token):
+    """Reward guidance and a grammar together: the candidates are the grammar's allowed tokens
+    (scalar ARGS with k candidate sequences, token_reward ARGS and DExperts), the output obeys
+    the schema, and the tokens are OtterLlama's for the same request."""
+    rf = _json_schema(SCHEMA)
+    cases = ((server, py3, {"weight": 2.0, "top_k": 3, "signal": "honesty"}),
+             (token_server, py_token, {"weight": 3.0, "top_k": 3}),
+             (token_server, py_token, {"weight": 2.0, "mode": "dexperts"}))
+    for srv, ref_llm, g in cases:
+        r = _client(srv).chat.completions.create(model="any", messages=CHAT, max_tokens=60, response_format=rf,
+                                                 temperature=0, extra_body={"repeat_penalty": 1.0,
+                                                                            "otter": {"guidance": g}})
+        ch = r.model_dump()["choices"][0]
+        out = json.loads(ch["message"]["content"])
+        assert set(out) == {"ok", "mood"} and out["mood"] in ("calm", "angry"), g
+        ref = ref_llm.create_chat_completion(messages=CHAT, max_tokens=60, temperature=0, guidance=g,
+                                             response_format={"type": "json_object", "schema": SCHEMA})["choices"][0]
+        assert ch["otter"]["tokens"] == ref["otter"]["tokens"] and ch["message"]["content"] == ref["message"]["content"]
+
+
+@pytest.mark.parametrize("body,msg", [
+    ({"response_format": {"type": "xml"}}, "response_format.type must be 'text', 'json_object' or 'json_schema'"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 'type "json_schema" needs a schema'),
+    ({"response_format": {"type": "json_object"}, "grammar": "root ::= \"a\""}, "give one of grammar and response_format"),
+    ({"response_format": {"type": "json_object", "schema": {"$ref": "#/definitions/nope"}}},
+     "this JSON schema cannot be turned into a grammar"),
+    ({"response_format": {"type": "json_object", "schema": [1]}}, "the schema must be a JSON object"),
+])
+def test_bad_response_format_is_a_400(server, body, msg):
+    st, _, out = _http(server, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, **body})
+    assert st == 400 and msg in json.loads(out)["error"]["message"], out

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from otter_gguf.runtime.guidance import (
 )
 from otter_gguf.runtime.signals import SignalLayout, SignalStore
 
-__all__ = ["token_processor", "prepare_prompt", "generate_batched", "HeadsGuidance", "resolve_heads", "resolve",
+__all__ = ["GrammarMask", "token_processor", "prepare_prompt", "generate_batched", "HeadsGuidance", "resolve_heads", "resolve",
            "constrained_logits", "candidate_rewards", "pick_candidate"]
 
 
@@ -158,11 +158,39 @@ def _candidate_row(g: ResolvedGuidance, row: np.ndarray) -> np.ndarray:
     return g.token_vector(row) if isinstance(g, HeadsGuidance) else row
 
 
+class GrammarMask:
+    """The tokens a grammar allows next, for guidance that must choose among them: its own
+    llama.cpp grammar sampler, advanced over ``generated`` (the completion's tokens so far)
+    before each use. (llama-cpp-python's chain applies logits processors before the grammar,
+    so guidance alone would rank candidates the grammar then rejects.)"""
+
+    def __init__(self, model: Any, grammar: Any):
+        import llama_cpp._internals as internals
+
+        self._chain = internals.LlamaSampler()
+        self._chain.add_grammar(model, grammar)
+        self._cand: Any = None
+        self._accepted = 0
+
+    def __call__(self, generated: Sequence[int], scores: np.ndarray) -> np.ndarray:
+        import llama_cpp
+        import llama_cpp._internals as internals
+
+        for t in generated[self._accepted:]:
+            llama_cpp.llama_sampler_accept(self._chain.sampler, int(t))
+        self._accepted = len(generated)
+        if self._cand is None:
+            self._cand = internals.LlamaTokenDataArray(n_vocab=int(scores.shape[0]))
+        return constrained_logits(np.asarray(scores, dtype=np.float32), None, self._chain, self._cand)
+
+
 def token_processor(g: ResolvedGuidance, run: CompletionRun, store: SignalStore,
-                    position: Callable[[], int]):
+                    position: Callable[[], int], grammar_mask: Optional[GrammarMask] = None):
     """The llama-cpp-python logits processor of token_reward guidance: re-ranks
     (``args``) or shifts (``dexperts``) the logits with the signal row of the
-    last fed position (``position()``, i.e. ``n_tokens - 1``) in ``store``."""
+    last fed position (``position()``, i.e. ``n_tokens - 1``) in ``store``;
+    with a ``grammar_mask``, among the tokens the grammar allows (``run.generated``
+    must hold the completion's tokens so far)."""
     trace = run.trace if g.spec.trace else None
 
     def otter_guidance(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -172,6 +200,11 @@ def token_processor(g: ResolvedGuidance, run: CompletionRun, store: SignalStore,
             # exceptions do not cross the ctypes sampler callback: report after sampling
             run.error = RuntimeError(f"no Otter signal row for position {p} while guiding")
             return scores
+        if grammar_mask is not None:
+            scores = grammar_mask(run.generated, scores)
+            if not np.isfinite(scores).any():
+                run.error = RuntimeError("guidance: the grammar allows no token here")
+                return scores
         row = _candidate_row(g, row)
         if g.mode == "dexperts":
             return dexperts_logits(scores, row, g.weight)

@@ -379,7 +379,8 @@ class OtterLlama(Llama):
             if g is not None:
                 kw["logits_processor"] = LogitsProcessorList(
                     [*(logits_processor or []),
-                     guided.token_processor(g, run, self._otter_store, lambda: self.n_tokens - 1)])
+                     guided.token_processor(g, run, self._otter_store, lambda: self.n_tokens - 1,
+                                            guided.GrammarMask(self._model, grammar) if grammar else None)])
             self._otter_refresh_last_row(tokens)
             inner = super().generate(tokens, **kw)
         return record(inner, run)

@@ -46,6 +46,7 @@ from otter_gguf.server.protocol import (
     RequestError,
     ScoreRequest,
     check_sampling,
+    grammar,
     logit_bias,
     logprobs_n,
     stop_list,
@@ -222,19 +223,21 @@ class Server:
                        prompt_text: str = "") -> Job:
         check_sampling(req, max_tokens_limit=self.cfg.max_tokens_limit)
         guidance, full, side, heads = self._otter(req.model, req.otter)
-        if req.grammar:
+        gbnf = grammar(req)
+        if gbnf:
             # llama-cpp-python parses a grammar only when its sampler is made (NULL on error, which
             # would crash the chain): try it here
-            smpl = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, req.grammar.encode("utf-8"), b"root")
+            smpl = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, gbnf.encode("utf-8"), b"root")
             if not smpl:
-                raise RequestError("grammar: llama.cpp cannot parse this GBNF grammar (rule 'root')", param="grammar")
+                param = "grammar" if req.grammar else "response_format"
+                raise RequestError(f"{param}: llama.cpp cannot parse this GBNF grammar (rule 'root')", param=param)
             llama_cpp.llama_sampler_free(smpl)
         sp = Sampling(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
                       repeat_penalty=req.repeat_penalty, frequency_penalty=req.frequency_penalty or 0.0,
                       presence_penalty=req.presence_penalty or 0.0, mirostat_mode=req.mirostat_mode,
                       mirostat_tau=req.mirostat_tau, mirostat_eta=req.mirostat_eta,
                       seed=req.seed if req.seed is not None else self.cfg.seed,
-                      grammar=req.grammar, logit_bias=logit_bias(req, self.llm._n_vocab))
+                      grammar=gbnf, logit_bias=logit_bias(req, self.llm._n_vocab))
         return Job(kind="completion", prompt_tokens=tokens, sink=sink,
                    max_tokens=self._max_tokens(req.max_tokens, len(tokens)),
                    stop=[s.encode("utf-8") for s in stops], stream=req.stream, sampling=sp, guidance=guidance,
@@ -245,7 +248,7 @@ class Server:
         if self.formatter is None:
             raise RequestError(f"the model {self.name} has no chat template (tokenizer.chat_template); "
                                f"use /v1/completions", param="messages")
-        for name in ("functions", "function_call", "tools", "tool_choice", "response_format"):
+        for name in ("functions", "function_call", "tools", "tool_choice"):
             if getattr(req, name) is not None:
                 raise RequestError(f"{name} is not supported by otter-gguf serve", param=name)
         if not req.messages:

@@ -355,7 +355,8 @@ class Engine:
                     s.chain.add_grammar(llm._model, grammar)
             return s
         if g is not None:
-            procs.append(guided.token_processor(g, s.run, s.store, lambda: s.n_past - 1))
+            procs.append(guided.token_processor(g, s.run, s.store, lambda: s.n_past - 1,
+                                                guided.GrammarMask(llm._model, grammar) if grammar else None))
         # llama-cpp-python's own sampler chain, exactly as Llama.generate builds it
         shim = types.SimpleNamespace(_input_ids=np.zeros(0, dtype=np.intc), _n_vocab=self.n_vocab,
                                      last_n_tokens_size=llm.last_n_tokens_size, _model=llm._model, _seed=seed)

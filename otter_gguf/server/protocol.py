@@ -14,6 +14,7 @@ with a message naming the field.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Dict, List, Optional, Union
 
@@ -21,7 +22,7 @@ from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletion
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["RequestError", "OtterOptions", "CompletionRequest", "ChatRequest", "ScoreRequest",
-           "check_sampling", "logprobs_n", "logit_bias", "stop_list"]
+           "check_sampling", "grammar", "logprobs_n", "logit_bias", "stop_list"]
 
 
 class RequestError(ValueError):
@@ -49,13 +50,20 @@ class OtterOptions(BaseModel):
         default=None, description="the loaded heads this request's otter block and guidance use (default: all)")
 
 
+RESPONSE_FORMAT = Field(
+    default=None, description='{"type": "text" | "json_object" | "json_schema"}: OpenAI\'s json_schema form '
+                              '({"json_schema": {"name", "schema", "strict"}}) or a "schema" beside the type')
+
+
 class CompletionRequest(CreateCompletionRequest):
     prompt: Union[str, List[int], List[str]] = Field(
         default="", description="The prompt: a string, or token ids (no BOS is added to token ids).")
+    response_format: Optional[Dict[str, Any]] = RESPONSE_FORMAT
     otter: Optional[OtterOptions] = None
 
 
 class ChatRequest(CreateChatCompletionRequest):
+    response_format: Optional[Dict[str, Any]] = RESPONSE_FORMAT
     otter: Optional[OtterOptions] = None
 
 
@@ -111,6 +119,40 @@ def logprobs_n(req: Union[CompletionRequest, ChatRequest], n_vocab: int) -> Opti
     if n is not None and n > n_vocab:
         raise RequestError(f"{name}={n} exceeds the vocabulary ({n_vocab} tokens)", param=name)
     return n
+
+
+def grammar(req: Union[CompletionRequest, ChatRequest]) -> Optional[str]:
+    """The GBNF grammar a request constrains its output with: ``grammar`` as given, or the one of
+    ``response_format`` (llama-cpp-python's JSON grammar, its JSON-schema-to-GBNF converter)."""
+    rf = req.response_format
+    if rf is None or rf.get("type") == "text":
+        return req.grammar
+    if req.grammar:
+        raise RequestError("give one of grammar and response_format", param="response_format")
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    kind = rf.get("type")
+    if kind == "json_object":
+        schema = rf.get("schema")
+    elif kind == "json_schema":
+        js = rf.get("json_schema")
+        schema = js.get("schema") if isinstance(js, dict) else rf.get("schema")
+        if schema is None:
+            raise RequestError('response_format: type "json_schema" needs a schema '
+                               '({"json_schema": {"name": ..., "schema": {...}}})', param="response_format")
+    else:
+        raise RequestError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format")
+    if schema is None:
+        return JSON_GBNF
+    if not isinstance(schema, (dict, bool)):
+        raise RequestError(f"response_format: the schema must be a JSON object, got {type(schema).__name__}",
+                           param="response_format")
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # noqa: BLE001 - the converter's own errors (unsupported keywords, bad refs)
+        raise RequestError(f"response_format: this JSON schema cannot be turned into a grammar: "
+                           f"{type(e).__name__}: {e}", param="response_format") from None
 
 
 def logit_bias(req: Union[CompletionRequest, ChatRequest], n_vocab: int) -> Optional[Dict[int, float]]:
