@@ -344,7 +344,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "temperature": 7}, "temperature must be in [0, 2]"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, "exceeds this server's limit"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, "n must be 1"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n must be >= 1"),
+    ("/v1/completions", {"prompt": "x", "n": 65}, "n=65 choices exceed this server's queue of 64"),
     ("/v1/completions", {"prompt": "x", "logprobs": 10 ** 6}, "logprobs=1000000 exceeds the vocabulary"),
     ("/v1/completions", {"prompt": ""}, "prompt is empty"),
     ("/v1/completions", {"prompt": [1, 2, 99999]}, "outside the vocabulary"),
@@ -776,3 +777,35 @@ def test_guidance_with_a_grammar_chooses_among_allowed_tokens(server, py3, token
 def test_bad_response_format_is_a_400(server, body, msg):
     st, _, out = _http(server, "POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, **body})
     assert st == 400 and msg in json.loads(out)["error"]["message"], out
+
+
+# ---------------------------------------------------------------------------
+# n > 1: several choices, each its own sequence with its own otter block
+# ---------------------------------------------------------------------------
+def test_n_choices_are_the_single_requests_with_seed_plus_index(server):
+    c = _client(server)
+    kw = dict(model="any", prompt=PROMPT, max_tokens=6, temperature=0.9, seed=40, extra_body={"repeat_penalty": 1.0})
+    r = c.completions.create(n=3, logprobs=1, **kw).model_dump()
+    assert [ch["index"] for ch in r["choices"]] == [0, 1, 2]
+    singles = [c.completions.create(**{**kw, "seed": 40 + i}).model_dump() for i in range(3)]
+    for ch, one in zip(r["choices"], singles):
+        o, want = ch["otter"], one["choices"][0]["otter"]
+        assert ch["text"] == one["choices"][0]["text"] and o["tokens"] == want["tokens"]
+        np.testing.assert_allclose(o["signals"], want["signals"], **TOL)
+        assert len(ch["logprobs"]["tokens"]) == len(o["tokens"])
+    assert len({tuple(ch["otter"]["tokens"]) for ch in r["choices"]}) > 1  # the seeds differ
+    assert r["usage"]["prompt_tokens"] == singles[0]["usage"]["prompt_tokens"]
+    assert r["usage"]["completion_tokens"] == sum(len(ch["otter"]["tokens"]) for ch in r["choices"])
+    # streamed: chunks of every index, each index's text and blocks those of its choice
+    texts, toks, reasons = {}, {}, {}
+    for x in c.completions.create(n=3, stream=True, **kw):
+        d = x.model_dump()["choices"][0]
+        texts[d["index"]] = texts.get(d["index"], "") + d["text"]
+        toks[d["index"]] = toks.get(d["index"], []) + (d["otter"]["tokens"] if d["otter"] else [])
+        if d["finish_reason"]:
+            reasons[d["index"]] = d["finish_reason"]
+    for i, ch in enumerate(r["choices"]):
+        assert texts[i] == ch["text"] and toks[i] == ch["otter"]["tokens"] and reasons[i] == ch["finish_reason"]
+    # chat: n messages
+    ch = c.chat.completions.create(model="any", messages=CHAT, max_tokens=4, n=2, temperature=0.9, seed=5)
+    assert [x.index for x in ch.choices] == [0, 1] and all(x.message.role == "assistant" for x in ch.choices)

@@ -18,6 +18,7 @@ do); ``<served name>:<head>`` chooses heads (:mod:`otter_gguf.server.heads`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -219,6 +220,21 @@ class Server:
             requested = min(self.cfg.max_tokens_limit, ctx - n_prompt)
         return requested if requested + n_prompt < ctx else ctx - n_prompt
 
+    def completion_jobs(self, req: Any, tokens: List[int], stops: List[str], sinks, echo: str = "",
+                        prompt_text: str = "") -> List[Job]:
+        """The jobs of a request's ``n`` choices: each its own sequence of the pool, sampled with
+        seed ``seed + i`` (a random seed each without one)."""
+        if len(sinks) > self.cfg.queue_size:
+            raise RequestError(f"n={len(sinks)} choices exceed this server's queue of {self.cfg.queue_size} "
+                               f"(--queue-size)", param="n")
+        jobs = [self.completion_job(req, tokens, stops, sinks[0], echo=echo, prompt_text=prompt_text)]
+        for i, sink in enumerate(sinks[1:], 1):
+            seed = jobs[0].sampling.seed
+            jobs.append(dataclasses.replace(
+                jobs[0], sink=sink, sampling=dataclasses.replace(
+                    jobs[0].sampling, seed=None if seed is None else (seed + i) % 2 ** 32)))
+        return jobs
+
     def completion_job(self, req: Any, tokens: List[int], stops: List[str], sink, echo: str = "",
                        prompt_text: str = "") -> Job:
         check_sampling(req, max_tokens_limit=self.cfg.max_tokens_limit)
@@ -380,37 +396,50 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
     async def models():
         return srv.models()
 
-    def submit(job: Job, endpoint: str) -> None:
+    def submit(jobs: List[Job], endpoint: str) -> None:
         try:
-            srv.engine.submit(job)
+            srv.engine.submit(*jobs)
         except QueueFull as e:
             raise RequestError(f"server busy: {e}; retry later", status=503, type="server_busy") from None
         except ValueError as e:
             raise RequestError(str(e)) from None
 
-    def channel():
+    def channel(n: int = 1):
+        """A queue of ``(choice index, event)`` and one sink per choice."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
-        def sink(ev):
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, ev)
-            except RuntimeError:  # the loop is gone (shutdown)
-                pass
+        def sink_of(i: int):
+            def sink(ev):
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, (i, ev))
+                except RuntimeError:  # the loop is gone (shutdown)
+                    pass
+            return sink
 
-        return q, sink
+        return q, [sink_of(i) for i in range(n)]
 
-    async def wait_done(request: Request, job: Job, q: asyncio.Queue):
-        while True:
+    def cancel(jobs: List[Job]) -> None:
+        for j in jobs:
+            j.cancel()
+
+    async def wait_done(request: Request, jobs: List[Job], q: asyncio.Queue) -> Optional[List[Any]]:
+        """The last event of every job (None: the client went away); a failure ends the wait."""
+        done: List[Any] = [None] * len(jobs)
+        while any(d is None for d in done):
             try:
-                ev = await asyncio.wait_for(q.get(), 0.25)
+                i, ev = await asyncio.wait_for(q.get(), 0.25)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    job.cancel()
+                    cancel(jobs)
                     return None
                 continue
-            if isinstance(ev, (Done, Failed)):
-                return ev
+            if isinstance(ev, Failed):
+                cancel(jobs)
+                return [ev]
+            if isinstance(ev, Done):
+                done[i] = ev
+        return done
 
     def finish(endpoint: str, t0: float, ev: Any) -> None:
         status = "200" if isinstance(ev, Done) else str(ev.status) if isinstance(ev, Failed) else "499"
@@ -420,68 +449,77 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
             if ev.first_token_s is not None:
                 m.observe("time_to_first_token_seconds", "submit to first generated token", ev.first_token_s)
 
-    def usage(ev: Done) -> dict:
-        return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+    def usage(evs: List[Done]) -> dict:
+        """The request's usage: the prompt once, the tokens of every choice."""
+        p, c = evs[0].prompt_tokens, sum(e.completion_tokens for e in evs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def with_otter(choice: dict, block: Optional[dict], job: Job) -> dict:
         if job.side_stream:
             choice["otter"] = block
         return choice
 
-    async def run(request: Request, job: Job, q: asyncio.Queue, endpoint: str, chat: bool, model: str):
+    def failed(ev: Failed) -> JSONResponse:
+        return _error(ev.status, ev.message, type="server_error" if ev.status >= 500 else "invalid_request_error")
+
+    async def run(request: Request, jobs: List[Job], q: asyncio.Queue, endpoint: str, chat: bool, model: str):
         t0 = time.monotonic()
-        submit(job, endpoint)
+        submit(jobs, endpoint)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4()}"
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        if not job.stream:
-            ev = await wait_done(request, job, q)
-            finish(endpoint, t0, ev)
-            if ev is None:
+        if not jobs[0].stream:
+            evs = await wait_done(request, jobs, q)
+            finish(endpoint, t0, evs[-1] if evs else None)
+            if evs is None:
                 return _error(499, "client closed the request")
-            if isinstance(ev, Failed):
-                return _error(ev.status, ev.message, type="server_error" if ev.status >= 500 else
-                              "invalid_request_error")
-            choice = ({"index": 0, "message": {"role": "assistant", "content": ev.text},
-                       "logprobs": to_chat(ev.logprobs), "finish_reason": ev.finish_reason} if chat else
-                      {"text": ev.text, "index": 0, "logprobs": ev.logprobs, "finish_reason": ev.finish_reason})
+            if isinstance(evs[0], Failed):
+                return failed(evs[0])
+            choices = []
+            for i, (ev, job) in enumerate(zip(evs, jobs)):
+                choice = ({"index": i, "message": {"role": "assistant", "content": ev.text},
+                           "logprobs": to_chat(ev.logprobs), "finish_reason": ev.finish_reason} if chat else
+                          {"text": ev.text, "index": i, "logprobs": ev.logprobs, "finish_reason": ev.finish_reason})
+                choices.append(with_otter(choice, ev.otter, job))
             return JSONResponse({"id": cid, "object": obj, "created": created, "model": model,
-                                 "choices": [with_otter(choice, ev.otter, job)], "usage": usage(ev)})
+                                 "choices": choices, "usage": usage(evs)})
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: Optional[str], block, reason, role: bool = False, lp: Optional[dict] = None) -> str:
+        def chunk(i: int, text: Optional[str], block, reason, role: bool = False, lp: Optional[dict] = None) -> str:
             if chat:
                 delta = {"role": "assistant"} if role else ({"content": text} if text else {})
-                c = {"index": 0, "delta": delta, "logprobs": to_chat(lp), "finish_reason": reason}
+                c = {"index": i, "delta": delta, "logprobs": to_chat(lp), "finish_reason": reason}
             else:
-                c = {"text": text or "", "index": 0, "logprobs": lp, "finish_reason": reason}
+                c = {"text": text or "", "index": i, "logprobs": lp, "finish_reason": reason}
             return json.dumps({"id": cid, "object": chunk_obj, "created": created, "model": model,
-                               "choices": [with_otter(c, block, job)]})
+                               "choices": [with_otter(c, block, jobs[i])]})
 
         async def events() -> AsyncIterator[dict]:
-            ev: Any = None
+            last: Any = None
+            left = len(jobs)
             try:
                 if chat:
-                    yield {"data": chunk(None, None, None, role=True)}
-                while True:
-                    ev = await q.get()
+                    for i in range(len(jobs)):
+                        yield {"data": chunk(i, None, None, None, role=True)}
+                while left:
+                    i, ev = await q.get()
                     if isinstance(ev, Delta):
-                        yield {"data": chunk(ev.text, ev.otter, None, lp=ev.logprobs)}
+                        yield {"data": chunk(i, ev.text, ev.otter, None, lp=ev.logprobs)}
                     elif isinstance(ev, Done):
-                        yield {"data": chunk(ev.text, ev.otter, ev.finish_reason, lp=ev.logprobs)}
-                        yield {"data": "[DONE]"}
-                        return
+                        yield {"data": chunk(i, ev.text, ev.otter, ev.finish_reason, lp=ev.logprobs)}
+                        left -= 1
+                        last = ev
                     else:
+                        last = ev
                         yield {"data": json.dumps({"error": {"message": ev.message, "type": "server_error",
                                                              "param": None, "code": ev.status}})}
-                        yield {"data": "[DONE]"}
-                        return
+                        break
+                yield {"data": "[DONE]"}
             finally:
-                if not isinstance(ev, (Done, Failed)):
-                    job.cancel()  # client gone mid-stream: free the sequence at the next step
-                finish(endpoint, t0, ev if isinstance(ev, (Done, Failed)) else None)
+                if left:
+                    cancel(jobs)  # client gone mid-stream (or a choice failed): free the sequences at the next step
+                finish(endpoint, t0, last if (isinstance(last, Failed) or not left) else None)
 
         return EventSourceResponse(events(), sep="\n", ping=600)
 
@@ -492,28 +530,29 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
         if body.echo and body.stream:
             raise RequestError("echo is not supported with stream", param="echo")
         tokens = srv._tokens(body.prompt)
-        q, sink = channel()
+        q, sinks = channel(body.n or 1)
         text = body.prompt if isinstance(body.prompt, str) else (
             body.prompt[0] if body.prompt and isinstance(body.prompt[0], str) else
             srv.llm.detokenize(tokens).decode("utf-8", errors="ignore"))
-        job = srv.completion_job(body, tokens, stop_list(body.stop), sink, echo=text if body.echo else "",
-                                 prompt_text=text)
-        return await run(request, job, q, "/v1/completions", chat=False, model=srv.model_id(body.model))
+        jobs = srv.completion_jobs(body, tokens, stop_list(body.stop), sinks, echo=text if body.echo else "",
+                                   prompt_text=text)
+        return await run(request, jobs, q, "/v1/completions", chat=False, model=srv.model_id(body.model))
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(request: Request, body: ChatRequest):
         tokens, stops, text = srv.chat_prompt(body)
-        q, sink = channel()
-        job = srv.completion_job(body, tokens, stops, sink, prompt_text=text)
-        return await run(request, job, q, "/v1/chat/completions", chat=True, model=srv.model_id(body.model))
+        q, sinks = channel(body.n or 1)
+        jobs = srv.completion_jobs(body, tokens, stops, sinks, prompt_text=text)
+        return await run(request, jobs, q, "/v1/chat/completions", chat=True, model=srv.model_id(body.model))
 
     @app.post("/v1/otter/score", dependencies=v1)
     async def score(request: Request, body: ScoreRequest):
         t0 = time.monotonic()
-        q, sink = channel()
+        q, (sink,) = channel()
         job = srv.score_job(body, sink)
-        submit(job, "/v1/otter/score")
-        ev = await wait_done(request, job, q)
+        submit([job], "/v1/otter/score")
+        evs = await wait_done(request, [job], q)
+        ev = evs[0] if evs else None
         finish("/v1/otter/score", t0, ev)
         if ev is None:
             return _error(499, "client closed the request")

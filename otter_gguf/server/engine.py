@@ -233,14 +233,17 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; :class:`QueueFull` when the wait queue is at its bound."""
-        if job.n_seqs > self.parallel:
-            raise ValueError(f"this request needs {job.n_seqs} parallel sequences, the server has {self.parallel}")
+    def submit(self, *jobs: Job) -> None:
+        """Queue ``jobs`` (the choices of one request: all or none); :class:`QueueFull` when the
+        wait queue would pass its bound."""
+        for job in jobs:
+            if job.n_seqs > self.parallel:
+                raise ValueError(f"this request needs {job.n_seqs} parallel sequences, the server has "
+                                 f"{self.parallel}")
         with self._cv:
-            if len(self._waiting) >= self.queue_size:
+            if len(self._waiting) + len(jobs) > self.queue_size:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (queue bound {self.queue_size})")
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._cv.notify_all()
 
     @property

@@ -97,8 +97,8 @@ def check_sampling(req: Union[CompletionRequest, ChatRequest], *, max_tokens_lim
         if req.max_tokens > max_tokens_limit:
             raise RequestError(f"max_tokens={req.max_tokens} exceeds this server's limit of {max_tokens_limit} "
                                f"(--max-tokens-limit)", param="max_tokens")
-    if (req.n or 1) != 1:
-        raise RequestError("n must be 1 (one choice per request)", param="n")
+    if req.n is not None and req.n < 1:
+        raise RequestError(f"n must be >= 1, got {req.n}", param="n")
     if getattr(req, "best_of", 1) not in (None, 1):
         raise RequestError("best_of must be 1", param="best_of")
     if req.min_tokens:
