@@ -140,10 +140,11 @@ def test_completion_equals_python_api_and_rewards_equal_score(server, py3):
     assert r.usage.prompt_tokens == len(prompt_toks)
 
 
-def test_stream_chunks_concatenate_to_the_result(server):
-    c = _client(server)
-    full = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=12, stop=["Q"], **SAME)
-    chunks = [x.model_dump() for x in c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=12,
+def test_stream_chunks_concatenate_to_the_result(exact_server):
+    """(On the server without the prompt cache: the same decode shapes, so the same values.)"""
+    c = _client(exact_server)
+    full = c.completions.create(model="any", prompt=PROMPT, max_tokens=12, stop=["Q"], **SAME)
+    chunks = [x.model_dump() for x in c.completions.create(model="any", prompt=PROMPT, max_tokens=12,
                                                            stop=["Q"], stream=True, **SAME)]
     ch = full.model_dump()["choices"][0]
     assert "".join(x["choices"][0]["text"] for x in chunks) == ch["text"]
@@ -258,14 +259,26 @@ def test_token_reward_head_guidance_and_full_signals(token_server, py_token):
     np.testing.assert_allclose(rows, sc.signals[-5:], **TOL)
 
 
-def test_side_stream_off_for_one_request(server):
-    c = _client(server)
-    on = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=6, **SAME).model_dump()
-    off = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=6, temperature=0,
+def test_side_stream_off_for_one_request(server, exact_server):
+    c = _client(exact_server)
+    on = c.completions.create(model="any", prompt=PROMPT, max_tokens=6, **SAME).model_dump()
+    off = c.completions.create(model="any", prompt=PROMPT, max_tokens=6, temperature=0,
                                extra_body={"repeat_penalty": 1.0, "otter": {"side_stream": False}}).model_dump()
     assert "otter" not in off["choices"][0] and off["choices"][0]["text"] == on["choices"][0]["text"]
-    again = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=6, **SAME).model_dump()
+    again = c.completions.create(model="any", prompt=PROMPT, max_tokens=6, **SAME).model_dump()
     assert again["choices"][0]["otter"] == on["choices"][0]["otter"]  # the next request is unaffected
+    # the prompt cache never reuses cells decoded with the side stream off for a request with signals
+    c = _client(server)
+    nocache = {"repeat_penalty": 1.0, "cache_prompt": False}
+    p2 = "Zebra crossings at midnight are"
+    off = c.completions.create(model="any", prompt=p2, max_tokens=4, temperature=0,
+                               extra_body={"repeat_penalty": 1.0, "otter": {"side_stream": False}}).model_dump()
+    on = c.completions.create(model="any", prompt=p2, max_tokens=4, **SAME).model_dump()
+    assert on["usage"]["prompt_tokens_details"]["cached_tokens"] <= 1  # (a BOS another sequence holds)
+    ref = c.completions.create(model="any", prompt=p2, max_tokens=4, temperature=0, extra_body=nocache).model_dump()
+    np.testing.assert_allclose(on["choices"][0]["otter"]["signals"], ref["choices"][0]["otter"]["signals"], **TOL)
+    again = c.completions.create(model="any", prompt=p2 + " very", max_tokens=4, **SAME).model_dump()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == on["usage"]["prompt_tokens"]
 
 
 def test_score_endpoint_equals_score(server, py3):
@@ -624,6 +637,18 @@ def _check_head_choice(s, cfg, names):
 # logprobs: llama-cpp-python's values, side by side
 # ---------------------------------------------------------------------------
 LP_TOL = dict(rtol=0, atol=1e-4)  # the server's decode shapes (n_ctx, batch) differ from the reference's
+# the whole prompt in one decode, as the reference decodes it (a reused prefix changes the batch shape)
+LP_SAME = dict(temperature=0, extra_body={"repeat_penalty": 1.0, "cache_prompt": False})
+
+
+@pytest.fixture(scope="module")
+def exact_server(gguf_models):
+    """A server without the prompt cache (--no-cache-prompt): every request decodes its whole prompt in one
+    batch over an otherwise empty KV cache, as the reference does (held cells change the attention's shapes)."""
+    cfg, s = _serve(gguf_models.otter("reward3"), cache_prompt=False)
+    s.cfg = cfg
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -648,10 +673,10 @@ def _assert_logprobs(got, want, n):
             np.testing.assert_allclose([ga[k] for k in sorted(ga)], [wa[k] for k in sorted(ga)], **LP_TOL)
 
 
-def test_completion_logprobs_equal_llama_cpp_python(server, lcp):
-    c = _client(server)
+def test_completion_logprobs_equal_llama_cpp_python(exact_server, lcp):
+    c = _client(exact_server)
     want = lcp.create_completion(PROMPT, max_tokens=8, temperature=0, logprobs=3)["choices"][0]
-    r = c.completions.create(model="any", prompt=PROMPT, max_tokens=8, logprobs=3, **SAME).model_dump()["choices"][0]
+    r = c.completions.create(model="any", prompt=PROMPT, max_tokens=8, logprobs=3, **LP_SAME).model_dump()["choices"][0]
     lp, o = r["logprobs"], r["otter"]
     n = min(len(lp["tokens"]), len(want["logprobs"]["tokens"]))
     assert n >= 4 and len(lp["tokens"]) == len(o["tokens"]) == 8  # aligned with the otter block
@@ -663,7 +688,7 @@ def test_completion_logprobs_equal_llama_cpp_python(server, lcp):
     assert all(v == max(t.values()) for v, t in zip(lp["token_logprobs"], lp["top_logprobs"]))
     # streamed chunks concatenate to the same lists
     got = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
-    for ch in c.completions.create(model="any", prompt=PROMPT, max_tokens=8, logprobs=3, stream=True, **SAME):
+    for ch in c.completions.create(model="any", prompt=PROMPT, max_tokens=8, logprobs=3, stream=True, **LP_SAME):
         d = ch.model_dump()["choices"][0]
         if d["logprobs"]:
             for k in got:
@@ -673,22 +698,22 @@ def test_completion_logprobs_equal_llama_cpp_python(server, lcp):
     # echo: the prompt's tokens first (the first without a value), as llama-cpp-python gives them
     want = lcp.create_completion(PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True)["choices"][0]
     r = c.completions.create(model="any", prompt=PROMPT, max_tokens=3, logprobs=2, echo=True,
-                             **SAME).model_dump()["choices"][0]
+                             **LP_SAME).model_dump()["choices"][0]
     n_prompt = len(lcp.tokenize(PROMPT.encode(), add_bos=False))
     assert r["logprobs"]["token_logprobs"][0] is None and r["logprobs"]["text_offset"][0] == 0
     _assert_logprobs(r["logprobs"], want["logprobs"], n_prompt + 1)
     # logprobs=0: the chosen token's only
-    r = c.completions.create(model="any", prompt=PROMPT, max_tokens=2, logprobs=0, **SAME).model_dump()["choices"][0]
+    r = c.completions.create(model="any", prompt=PROMPT, max_tokens=2, logprobs=0, **LP_SAME).model_dump()["choices"][0]
     assert [list(t.values()) for t in r["logprobs"]["top_logprobs"]] == [[v] for v in r["logprobs"]["token_logprobs"]]
 
 
-def test_chat_logprobs_equal_llama_cpp_python(server, lcp):
+def test_chat_logprobs_equal_llama_cpp_python(exact_server, lcp):
     msgs = [{"role": "user", "content": "hello there"}]
     want = lcp.create_chat_completion(msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
                                       repeat_penalty=1.0)["choices"][0]["logprobs"]["content"]
-    c = _client(server)
+    c = _client(exact_server)
     r = c.chat.completions.create(model="any", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=2,
-                                  **SAME).model_dump()["choices"][0]
+                                  **LP_SAME).model_dump()["choices"][0]
     got = r["logprobs"]["content"]
     n = min(len(got), len(want))
     assert n >= 3 and len(got) == len(r["otter"]["tokens"])
@@ -698,11 +723,11 @@ def test_chat_logprobs_equal_llama_cpp_python(server, lcp):
         assert {t["token"] for t in g["top_logprobs"]} == {t["token"] for t in w["top_logprobs"]}
     streamed = []
     for ch in c.chat.completions.create(model="any", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=2,
-                                        stream=True, **SAME):
+                                        stream=True, **LP_SAME):
         d = ch.model_dump()["choices"][0]
         streamed += (d["logprobs"] or {}).get("content") or []
     assert streamed == got
-    r = c.chat.completions.create(model="any", messages=msgs, max_tokens=2, **SAME).model_dump()["choices"][0]
+    r = c.chat.completions.create(model="any", messages=msgs, max_tokens=2, **LP_SAME).model_dump()["choices"][0]
     assert r["logprobs"] is None
 
 
@@ -809,3 +834,53 @@ def test_n_choices_are_the_single_requests_with_seed_plus_index(server):
     # chat: n messages
     ch = c.chat.completions.create(model="any", messages=CHAT, max_tokens=4, n=2, temperature=0.9, seed=5)
     assert [x.index for x in ch.choices] == [0, 1] and all(x.message.role == "assistant" for x in ch.choices)
+
+
+# ---------------------------------------------------------------------------
+# the prompt cache
+# ---------------------------------------------------------------------------
+def test_prompt_cache_reuses_prefixes_with_the_rewards_of_a_whole_decode(gguf_models, exact_server):
+    """A chat's next turn and a longer prompt reuse the prefix a sequence holds (its side K/V
+    included): ``usage.prompt_tokens_details.cached_tokens`` says how many tokens; the rewards and
+    tokens are those of the whole-prompt decode (exact_server) at the batch-shape tolerance; the
+    cache is LRU over the pool and never holds more than the pool's sequences."""
+    cfg, s = _serve(gguf_models.otter("reward3"), parallel=2)
+    try:
+        c, ref = _client(s), _client(exact_server)
+        msgs = [{"role": "user", "content": "Tell me about otters."}]
+        diffs = []
+
+        def both(**kw):
+            a = c.chat.completions.create(model="any", **kw, **SAME).model_dump()
+            b = ref.chat.completions.create(model="any", **kw, **SAME).model_dump()
+            oa, ob = a["choices"][0]["otter"], b["choices"][0]["otter"]
+            assert oa["tokens"] == ob["tokens"] and a["choices"][0]["message"] == b["choices"][0]["message"]
+            np.testing.assert_allclose(oa["signals"], ob["signals"], **TOL)
+            diffs.append(float(np.max(np.abs(np.array(oa["signals"]) - np.array(ob["signals"])))))
+            assert b["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+            return a
+
+        r1 = both(messages=msgs, max_tokens=6)
+        msgs2 = msgs + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
+                        {"role": "user", "content": "And their food?"}]
+        r2 = both(messages=msgs2, max_tokens=6)
+        cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert r1["usage"]["prompt_tokens"] // 2 < cached < r2["usage"]["prompt_tokens"]
+        # LRU: two other prompts take both sequences; the chat's turn then finds nothing to reuse
+        # but a token or two at the start, a repeated prompt its own tokens but the last
+        for p in ("Numbers: 1 2 3 4", "Zebras run across"):
+            c.completions.create(model="any", prompt=p, max_tokens=3, **SAME)
+        r3 = c.chat.completions.create(model="any", messages=msgs2, max_tokens=6, **SAME).model_dump()
+        assert r3["usage"]["prompt_tokens_details"]["cached_tokens"] <= 2 < cached
+        assert r3["choices"][0]["otter"]["tokens"] == r2["choices"][0]["otter"]["tokens"]
+        r4 = c.completions.create(model="any", prompt="Zebras run across", max_tokens=3, **SAME).model_dump()
+        assert r4["usage"]["prompt_tokens_details"]["cached_tokens"] == r4["usage"]["prompt_tokens"] - 1
+        # cache_prompt=false: the whole prompt is decoded
+        r5 = c.completions.create(model="any", prompt="Zebras run across", max_tokens=3, temperature=0,
+                                  extra_body={"repeat_penalty": 1.0, "cache_prompt": False}).model_dump()
+        assert r5["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        eng = s.server.config.app.state.server.engine
+        assert len(eng._held) <= 2 and eng.cached_tokens >= cached
+        print(f"prompt cache: largest signal difference to a whole decode {max(diffs):.2e}")
+    finally:
+        s.stop()

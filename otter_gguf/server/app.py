@@ -103,7 +103,7 @@ class Server:
         self.name = cfg.name
         self.metrics = Metrics()
         self.engine = Engine(llm, parallel=cfg.parallel, ctx_per_seq=cfg.ctx_size, queue_size=cfg.queue_size,
-                             on_step=self._on_step)
+                             on_step=self._on_step, cache_prompt=cfg.cache_prompt)
         self.formatter = self._chat_formatter()
         m, e = self.metrics, self.engine
         m.gauge("queue_depth", "requests waiting for a sequence", lambda: e.queue_depth)
@@ -113,6 +113,8 @@ class Server:
         m.gauge("prompt_tokens_total", "prompt tokens decoded", lambda: e.prompt_tokens, kind="counter")
         m.gauge("generated_tokens_total", "tokens generated", lambda: e.generated_tokens, kind="counter")
         m.gauge("batch_tokens_total", "tokens decoded in batches (candidates included)", lambda: e.tokens_decoded,
+                kind="counter")
+        m.gauge("prompt_cache_tokens_total", "prompt tokens reused from the prompt cache", lambda: e.cached_tokens,
                 kind="counter")
         m.gauge("decode_steps_total", "llama_decode calls", lambda: e.steps, kind="counter")
         m.gauge("batch_sequences_peak", "most requests decoded in one step since the start", lambda: e.peak_sequences)
@@ -258,7 +260,8 @@ class Server:
                    max_tokens=self._max_tokens(req.max_tokens, len(tokens)),
                    stop=[s.encode("utf-8") for s in stops], stream=req.stream, sampling=sp, guidance=guidance,
                    full_signals=full, side_stream=side, echo_prefix=echo, heads=heads,
-                   logprobs=logprobs_n(req, self.llm._n_vocab), text_base=len(prompt_text))
+                   logprobs=logprobs_n(req, self.llm._n_vocab), text_base=len(prompt_text),
+                   cache_prompt=req.cache_prompt)
 
     def chat_prompt(self, req: ChatRequest):
         if self.formatter is None:
@@ -452,7 +455,8 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
     def usage(evs: List[Done]) -> dict:
         """The request's usage: the prompt once, the tokens of every choice."""
         p, c = evs[0].prompt_tokens, sum(e.completion_tokens for e in evs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": evs[0].cached_tokens}}
 
     def with_otter(choice: dict, block: Optional[dict], job: Job) -> dict:
         if job.side_stream:

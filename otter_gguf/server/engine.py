@@ -97,6 +97,7 @@ class Job:
     echo_prefix: str = ""  # echo: the prompt text, prepended to the result text and offsets
     heads: Any = None  # a HeadSelection (server.heads): the heads the otter blocks show; None: all
     logprobs: Optional[int] = None  # log-probabilities of the tokens and the top N (server.logprobs); None: none
+    cache_prompt: bool = True  # reuse a prompt prefix another sequence holds (llama-server's cache_prompt)
     text_base: int = 0  # logprobs' text_offset of the first completion character (the prompt text's length)
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
@@ -134,6 +135,7 @@ class Done:
     score: Optional[dict] = None
     first_token_s: Optional[float] = None
     logprobs: Optional[dict] = None
+    cached_tokens: int = 0  # prompt tokens reused from the prompt cache
 
 
 @dataclass
@@ -150,6 +152,8 @@ class _Slot:
         self.seq = seqs[0]
         self.helpers = seqs[1:]
         self.n_past = 0  # tokens of this sequence in the KV cache
+        self.cached = 0  # of them, prompt tokens reused from the prompt cache
+        self.side_ok = True  # every cell of the sequence has its side-stream K/V (no step ran with it off)
         self.pending: Optional[int] = None  # sampled, to be fed (plain decoding)
         self.finishing: Optional[str] = None  # finish reason once decided, last token still to feed
         self.logits: Optional[np.ndarray] = None  # scalar guidance: distribution of the next step
@@ -184,7 +188,7 @@ class Engine:
     """
 
     def __init__(self, llm: Any, *, parallel: int, ctx_per_seq: int, queue_size: int = 64,
-                 on_step: Optional[Callable[[int, float], None]] = None):
+                 on_step: Optional[Callable[[int, float], None]] = None, cache_prompt: bool = True):
         if llm.n_seq_max < parallel:
             raise ValueError(f"the context has n_seq_max={llm.n_seq_max} < parallel={parallel}")
         if llm.n_batch < parallel:
@@ -202,6 +206,15 @@ class Engine:
         self._mem = llm._ctx.memory
         self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self._free: List[int] = list(range(parallel))
+        # the prompt cache: what a free sequence still holds (its tokens, whether their side K/V was
+        # computed) and when it was last used (LRU: the least recently used free sequence is taken
+        # first by a job that reuses nothing)
+        self._held: Dict[int, tuple] = {}
+        self._used: Dict[int, int] = {q: 0 for q in range(parallel)}
+        self._clock = 0
+        self._swa = int(llama_cpp.llama_model_n_swa(llm._model.model)) > 0
+        self.cache_prompt = cache_prompt
+        self.cached_tokens = 0  # prompt tokens reused, since the start
         self._waiting: Deque[Job] = collections.deque()
         self._slots: List[_Slot] = []
         self._cv = threading.Condition()
@@ -296,12 +309,87 @@ class Engine:
             if job.n_seqs > len(self._free):
                 return
             self._waiting.popleft()
-            seqs = [self._free.pop(0) for _ in range(job.n_seqs)]
+            seqs, *reuse = self._take(job)
             try:
-                self._slots.append(self._open(job, seqs))
+                slot = self._open(job, seqs)
             except Exception as e:  # noqa: BLE001 - a bad grammar etc.: that request fails
-                self._free.extend(seqs)
+                for q in seqs:
+                    llama_cpp.llama_memory_seq_rm(self._mem, q, -1, -1)
+                with self._cv:
+                    self._free.extend(seqs)
+                    self._free.sort()
                 job.sink(Failed(400, str(e)))
+                continue
+            self._reuse(slot, *reuse)
+            self._slots.append(slot)
+
+    # ------------------------------------------------------------------
+    # the prompt cache
+    # ------------------------------------------------------------------
+    def _sources(self):
+        """(seq, tokens held, side K/V computed, free) of every sequence holding tokens."""
+        for q, (toks, side) in self._held.items():
+            yield q, toks, side, True
+        for s in self._slots:
+            if s.job.kind == "completion" and s.text is not None:
+                yield s.seq, (s.job.prompt_tokens + s.text.tokens)[: s.n_past], s.side_ok, False
+            else:
+                yield s.seq, s.job.prompt_tokens[: s.n_past], s.side_ok, False
+
+    def _usable(self, q: int) -> bool:
+        """A sequence's cells can be extended from any position: no sliding-window layer dropped any."""
+        return not self._swa or int(llama_cpp.llama_memory_seq_pos_min(self._mem, q)) <= 0
+
+    def _take(self, job: Job):
+        """The sequences of a newly admitted job, with the prompt tokens it reuses and whether their
+        side-stream K/V was computed: ``(seqs, n, side)``.
+        The longest prefix of its prompt any sequence holds (free or active) is reused; the job takes
+        over that sequence when it is free and the prefix is at least half of what it holds (the job
+        continues it, as a chat's next turn does), else it takes the least recently used free sequence
+        and the prefix's cells are shared into it (``llama_memory_seq_cp``: no copy of the data)."""
+        toks = job.prompt_tokens
+        best, src = 0, None  # src: (seq, free, side K/V computed, tokens held)
+        if job.cache_prompt and self.cache_prompt and job.kind == "completion" and \
+                not (job.echo_prefix and job.logprobs is not None):
+            limit = len(toks) - 1  # the last prompt token is always decoded: its logits and signal row
+            for q, held, side, free in self._sources():
+                if job.side_stream and self.has_otter and not side:
+                    continue
+                n = 0
+                for a, b in zip(held[:limit], toks):
+                    if a != b:
+                        break
+                    n += 1
+                if n > best and self._usable(q):
+                    best, src = n, (q, free, side, len(held))
+        with self._cv:
+            if src is not None and src[1] and 2 * best >= src[3]:
+                main = src[0]
+            else:
+                main = min(self._free, key=lambda q: self._used[q])
+            self._free.remove(main)
+            rest = sorted(self._free, key=lambda q: self._used[q])[: job.n_seqs - 1]
+            for q in rest:
+                self._free.remove(q)
+        mem = self._mem
+        if src is not None and src[0] == main:
+            llama_cpp.llama_memory_seq_rm(mem, main, best, -1)  # take it over: keep the prefix
+        else:
+            llama_cpp.llama_memory_seq_rm(mem, main, -1, -1)
+            if src is not None:
+                llama_cpp.llama_memory_seq_cp(mem, src[0], main, 0, best)
+        self._held.pop(main, None)
+        for q in rest:  # (after the copy: the source may be one of them)
+            self._held.pop(q, None)
+            llama_cpp.llama_memory_seq_rm(mem, q, -1, -1)
+        return [main, *rest], best, (src[2] if src else True)
+
+    def _reuse(self, s: _Slot, n: int, side: bool) -> None:
+        """``s`` starts after the ``n`` prompt tokens its sequence got from the prompt cache
+        (``side``: their side-stream K/V was computed)."""
+        s.side_ok = side
+        s.n_past = s.cached = n
+        self.cached_tokens += n
 
     def _open(self, job: Job, seqs: List[int]) -> _Slot:
         s = _Slot(job, seqs)
@@ -376,8 +464,17 @@ class Engine:
             self._release(s)
 
     def _release(self, s: _Slot) -> None:
-        for q in [s.seq, *s.helpers]:
+        for q in s.helpers:
             llama_cpp.llama_memory_seq_rm(self._mem, q, -1, -1)
+        # the job's own sequence keeps its cells for the prompt cache (taken over or cleared when reused)
+        held = ((s.job.prompt_tokens + s.text.tokens) if s.text is not None else s.job.prompt_tokens)[: s.n_past]
+        if held and self.cache_prompt:
+            self._held[s.seq] = (held, s.side_ok)
+        else:
+            llama_cpp.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+        self._clock += 1
+        for q in [s.seq, *s.helpers]:
+            self._used[q] = self._clock
         for obj in (s.sampler, s.chain):
             if obj is not None:
                 obj.close()
@@ -446,6 +543,9 @@ class Engine:
             return 0
         b.n_tokens = n
         self._set_otter(need_signals)
+        if not need_signals and self.has_otter:
+            for s, _, _, _ in plan:  # their new cells have no side-stream K/V
+                s.side_ok = False
         if scoring:
             self._src.set_all_positions(True)
         try:
@@ -638,6 +738,7 @@ class Engine:
             done = Done(text=s.job.echo_prefix + t.text, otter=self._block(s, 0, n_tok), finish_reason=reason,
                         logprobs=self._logprobs(s, 0, n_tok))
         done.prompt_tokens = len(s.job.prompt_tokens)
+        done.cached_tokens = s.cached
         done.completion_tokens = n_tok
         done.first_token_s = s.first_token_s
         self._finish(s, done)

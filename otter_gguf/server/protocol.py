@@ -55,15 +55,21 @@ RESPONSE_FORMAT = Field(
                               '({"json_schema": {"name", "schema", "strict"}}) or a "schema" beside the type')
 
 
+CACHE_PROMPT = Field(default=True, description="reuse the longest prefix of the prompt a sequence of the pool "
+                                              "holds (llama-server's cache_prompt); false: decode the whole prompt")
+
+
 class CompletionRequest(CreateCompletionRequest):
     prompt: Union[str, List[int], List[str]] = Field(
         default="", description="The prompt: a string, or token ids (no BOS is added to token ids).")
     response_format: Optional[Dict[str, Any]] = RESPONSE_FORMAT
+    cache_prompt: bool = CACHE_PROMPT
     otter: Optional[OtterOptions] = None
 
 
 class ChatRequest(CreateChatCompletionRequest):
     response_format: Optional[Dict[str, Any]] = RESPONSE_FORMAT
+    cache_prompt: bool = CACHE_PROMPT
     otter: Optional[OtterOptions] = None
 
 
