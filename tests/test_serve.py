@@ -366,9 +366,6 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "grammar": "root ::= ("}, "grammar: "),
     ("/v1/completions", {"prompt": 5}, "prompt"),
     ("/v1/chat/completions", {"messages": []}, "messages is empty"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-     "tools is not supported"),
     ("/v1/otter/score", {"text": "a", "tokens": [1]}, "exactly one of text and tokens"),
     ("/v1/otter/score", {"tokens": []}, "nothing to score"),
     ("/v1/otter/score", {"tokens": [1, -4]}, "outside the vocabulary"),
@@ -884,3 +881,122 @@ def test_prompt_cache_reuses_prefixes_with_the_rewards_of_a_whole_decode(gguf_mo
         print(f"prompt cache: largest signal difference to a whole decode {max(diffs):.2e}")
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------------
+# tools: tool_calls in the message and in stream deltas, with rewards for the call's tokens
+# ---------------------------------------------------------------------------
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+@pytest.fixture(scope="module")
+def tool_server(gguf_models):
+    """The tiny model's template has no tools: they go to a system message (~700 tokens of this tokenizer)."""
+    cfg, s = _serve(gguf_models.otter("reward3"), parallel=2, ctx_size=1536, n_batch=512)
+    s.cfg = cfg
+    yield s
+    s.stop()
+
+
+def test_tool_choice_named_and_required_give_schema_valid_calls(tool_server):
+    c = _client(tool_server)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model="any", messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=250,
+                                  **SAME).model_dump()["choices"][0]
+    assert r["finish_reason"] == "tool_calls" and r["message"]["content"] is None
+    (call,) = r["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
+    args = json.loads(call["function"]["arguments"])
+    assert set(args) == {"city", "unit"} and isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit")
+    o = r["otter"]  # rewards for every token of the call
+    assert len(o["tokens"]) == len(o["rewards"]) > 10 and np.isfinite(np.array(o["signals"], dtype=float)).all()
+    # streamed: no content delta shows call markup; one delta carries the call; the blocks cover every token
+    chunks = [x.model_dump()["choices"][0] for x in c.chat.completions.create(
+        model="any", messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=250, stream=True, **SAME)]
+    assert "".join(x["delta"].get("content") or "" for x in chunks) == ""
+    deltas = [d for x in chunks for d in (x["delta"].get("tool_calls") or [])]
+    assert [(d["index"], d["function"]["name"], json.loads(d["function"]["arguments"])) for d in deltas] == \
+        [(0, "get_weather", args)]
+    assert chunks[-1]["finish_reason"] == "tool_calls"
+    assert _concat([x["otter"] for x in chunks[1:] if x["otter"]])["tokens"] == o["tokens"]
+    # required: a call of one of the tools
+    r = c.chat.completions.create(model="any", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=250,
+                                  **SAME).model_dump()["choices"][0]
+    assert r["finish_reason"] == "tool_calls"
+    assert r["message"]["tool_calls"][0]["function"]["name"] in ("get_weather", "get_time")
+    # the deprecated functions / function_call form is the same request
+    f = c.chat.completions.create(model="any", messages=ASK, functions=[t["function"] for t in TOOLS],
+                                  function_call={"name": "get_weather"}, max_tokens=250, **SAME).model_dump()
+    assert f["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == call["function"]["arguments"]
+
+
+def test_tool_choice_auto_parses_what_the_model_writes(tool_server):
+    """auto: the model may answer or call; here a grammar makes it write text and a call, which come
+    back as content and tool_calls, streamed (content without markup) and not; then the next turn
+    (the call sent back with content null, and the tool's result) is accepted."""
+    c = _client(tool_server)
+    g = 'root ::= "Checking. <tool_call>\\n{\\"name\\": \\"get_time\\", \\"arguments\\": {}}\\n</tool_call>"'
+    kw = dict(model="any", messages=ASK, tools=TOOLS, max_tokens=150, temperature=0,
+              extra_body={"repeat_penalty": 1.0, "grammar": g})
+    r = c.chat.completions.create(**kw).model_dump()["choices"][0]
+    assert r["message"]["content"] == "Checking." and r["finish_reason"] == "tool_calls"
+    assert [(t["function"]["name"], t["function"]["arguments"]) for t in r["message"]["tool_calls"]] == [("get_time", "{}")]
+    chunks = [x.model_dump()["choices"][0] for x in c.chat.completions.create(stream=True, **kw)]
+    assert "".join(x["delta"].get("content") or "" for x in chunks).strip() == "Checking."
+    assert [d["function"]["name"] for x in chunks for d in (x["delta"].get("tool_calls") or [])] == ["get_time"]
+    # without tools the same text is plain content
+    plain = c.chat.completions.create(model="any", messages=ASK, max_tokens=150, temperature=0,
+                                      extra_body={"repeat_penalty": 1.0, "grammar": g}).model_dump()["choices"][0]
+    assert plain["message"]["content"].startswith("Checking. <tool_call>") and plain["finish_reason"] == "stop"
+    msg = r["message"]
+    turn = ASK + [{"role": "assistant", "content": None, "tool_calls": msg["tool_calls"]},
+                  {"role": "tool", "tool_call_id": msg["tool_calls"][0]["id"], "content": "12:00"}]
+    nxt = c.chat.completions.create(model="any", messages=turn, tools=TOOLS, max_tokens=4, **SAME)
+    assert nxt.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+@pytest.mark.parametrize("body,msg", [
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "names the function 'nope'"),
+    ({"tools": [{"type": "function", "function": {}}]}, "tools[0] must be"),
+    ({"tool_choice": "required"}, "tool_choice 'required' needs tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "grammar": 'root ::= "a"'}, "give one of grammar and tool_choice"),
+    ({"tools": TOOLS, "functions": [TOOLS[0]["function"]]}, "give one of tools and functions"),
+])
+def test_bad_tool_requests_are_400(tool_server, body, msg):
+    st, _, out = _http(tool_server, "POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 2, **body})
+    assert st == 400 and msg in json.loads(out)["error"]["message"], out
+
+
+def test_a_chat_template_that_renders_tools_gets_them(gguf_models):
+    """--chat-template-file with a template that renders ``tools`` (as Qwen's and Hermes' do): the
+    server finds it renders them, passes them on, and a named call still comes back as tool_calls."""
+    tmpl = ("{% if tools %}<|system|>\ntools: {% for t in tools %}{{ t['function']['name'] }} {% endfor %}\n{% endif %}"
+            "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    cfg, s = _serve(gguf_models.otter("reward3"), parallel=2, ctx_size=512, chat_template=tmpl)
+    try:
+        r = _client(s).chat.completions.create(
+            model="any", messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}},
+            max_tokens=120, **SAME).model_dump()
+        srv = s.server.config.app.state.server
+        assert srv._template_tools is True
+        assert r["choices"][0]["message"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
+        # the prompt is the template's own: its tools line, no system message of ours
+        assert r["usage"]["prompt_tokens"] == len(srv.llm.tokenize(
+            srv.chat_prompt(srv_req(ASK, TOOLS)).prompt.encode(), add_bos=False, special=True))
+        prompt = srv.chat_prompt(srv_req(ASK, TOOLS)).prompt
+        assert prompt.startswith("<|system|>\ntools: get_weather get_time ") and "# Tools" not in prompt
+    finally:
+        s.stop()
+
+
+def srv_req(messages, tools):
+    from otter_gguf.server.protocol import ChatRequest
+
+    return ChatRequest(messages=messages, tools=tools)

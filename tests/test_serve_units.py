@@ -118,3 +118,85 @@ def test_head_selection_filters_the_block_and_checks_guidance():
     with pytest.raises(ValueError, match="'r3/a' is not a signal of the request's heads"):
         sel.guidance({"signal": {"r1/reward": 1.0, "r3/a": 1.0}})
     assert sel.guidance({"signal": "tr/token_reward"}) == {"signal": "tr/token_reward"}
+
+
+# ---------------------------------------------------------------------------
+# chat: tools in the prompt, tool calls out of the text
+# ---------------------------------------------------------------------------
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+PLAIN_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TOOL_TEMPLATE = ("{% if tools %}<|system|>\n<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}"
+                 "</tools>\n{% endif %}" + PLAIN_TEMPLATE)
+
+
+def _formatter(template):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    return Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")
+
+
+def test_tools_go_to_a_template_that_renders_them_else_to_a_system_message():
+    from otter_gguf.server import chat
+
+    msgs = chat.normalize([{"role": "user", "content": [{"type": "text", "text": "Weather "},
+                                                        {"type": "text", "text": "in Oslo?"}]}])
+    assert msgs[0]["content"] == "Weather in Oslo?"
+    assert chat.supports_tools(_formatter(TOOL_TEMPLATE)) and not chat.supports_tools(_formatter(PLAIN_TEMPLATE))
+    own = chat.render(_formatter(TOOL_TEMPLATE), msgs, TOOLS)
+    assert own.prompt.startswith("<|system|>\n<tools>get_weather;</tools>") and own.grammar is None
+    sys = chat.render(_formatter(PLAIN_TEMPLATE), msgs, TOOLS)
+    assert sys.prompt.startswith("<|system|>\n# Tools") and '"name": "get_weather"' in sys.prompt
+    assert "<tool_call>" in sys.prompt and sys.tools == chat._tools(TOOLS)
+    none = chat.render(_formatter(PLAIN_TEMPLATE), msgs, TOOLS, "none")
+    assert none.prompt == "<|user|>\nWeather in Oslo?\n<|assistant|>\n" and none.tools == []
+    named = chat.render(_formatter(PLAIN_TEMPLATE), msgs, TOOLS, {"type": "function", "function": {"name": "get_weather"}})
+    assert named.grammar.startswith('root ::= "<tool_call>\\n" call "\\n</tool_call>"')
+    assert chat.render(_formatter(PLAIN_TEMPLATE), msgs, TOOLS, "required").grammar == named.grammar
+    # a conversation with an earlier call (content null, as clients send it back) and its result
+    turn = chat.normalize([msgs[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
+    p = chat.render(_formatter(PLAIN_TEMPLATE), turn, TOOLS).prompt
+    assert '<|assistant|>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in p
+    assert "<|user|>\n<tool_response>\nsunny\n</tool_response>" in p
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda c: c.normalize([]), "messages is empty"),
+    (lambda c: c.normalize([{"role": "robot", "content": "x"}]), "messages[0].role must be one of"),
+    (lambda c: c.normalize([{"role": "user", "content": [{"type": "image_url"}]}]), "only text parts"),
+    (lambda c: c.normalize([{"role": "user"}]), "messages[0].content is missing"),
+    (lambda c: c.render(_formatter(PLAIN_TEMPLATE), [{"role": "user", "content": "x"}], [{"type": "function"}]),
+     "tools[0] must be"),
+    (lambda c: c.render(_formatter(PLAIN_TEMPLATE), [{"role": "user", "content": "x"}], TOOLS,
+                        {"type": "function", "function": {"name": "nope"}}), "names the function 'nope'"),
+    (lambda c: c.render(_formatter(PLAIN_TEMPLATE), [{"role": "user", "content": "x"}], None, "required"),
+     "tool_choice 'required' needs tools"),
+])
+def test_bad_chat_requests_name_the_field(call, msg):
+    from otter_gguf.server import chat
+
+    with pytest.raises(chat.ChatError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        call(chat)
+
+
+def test_tool_calls_are_parsed_and_held_back_from_a_stream():
+    from otter_gguf.server.chat import ToolStream, parse_tool_calls
+
+    text = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    content, calls = parse_tool_calls(text)
+    assert content == "Let me look." and len(calls) == 1 and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert parse_tool_calls("no call <tool_call>not json</tool_call>") == \
+        ("no call <tool_call>not json</tool_call>", [])
+    st = ToolStream()
+    shown = [st.push(text[i: i + 3]) for i in range(0, len(text), 3)]
+    assert "".join(shown) == "Let me look.\n" and "<" not in "".join(shown)
+    rest, calls2 = st.finish()
+    assert rest == "" and [c["function"] for c in calls2] == [calls[0]["function"]]
+    st = ToolStream()
+    assert st.push("a <tool") == "a " and st.push("kit") == "<toolkit"  # held only while it may start a call
+    assert st.finish() == ("", [])

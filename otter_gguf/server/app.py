@@ -36,6 +36,8 @@ from otter_gguf.runtime import guided
 from otter_gguf.runtime.guidance import Guidance
 from otter_gguf.runtime.score import OtterScore, check_tokens
 from otter_gguf.server.engine import Delta, Done, Engine, Failed, Job, QueueFull, Sampling
+from otter_gguf.server import chat
+from otter_gguf.server.chat import ToolStream, parse_tool_calls
 from otter_gguf.server.heads import HeadSelection, model_heads, select
 from otter_gguf.server.logprobs import to_chat
 from otter_gguf.server.metrics import Metrics
@@ -105,6 +107,7 @@ class Server:
         self.engine = Engine(llm, parallel=cfg.parallel, ctx_per_seq=cfg.ctx_size, queue_size=cfg.queue_size,
                              on_step=self._on_step, cache_prompt=cfg.cache_prompt)
         self.formatter = self._chat_formatter()
+        self._template_tools: Optional[bool] = None  # the chat template renders tools (found on first use)
         m, e = self.metrics, self.engine
         m.gauge("queue_depth", "requests waiting for a sequence", lambda: e.queue_depth)
         m.gauge("requests_processing", "requests holding sequences", lambda: e.active)
@@ -125,7 +128,7 @@ class Server:
     def _chat_formatter(self) -> Optional[Jinja2ChatFormatter]:
         """The GGUF's chat template, set up as llama-cpp-python's Llama does."""
         llm = self.llm
-        template = (llm.metadata or {}).get("tokenizer.chat_template")
+        template = self.cfg.chat_template or (llm.metadata or {}).get("tokenizer.chat_template")
         if not template:
             return None
         eos, bos = llm.token_eos(), llm.token_bos()
@@ -223,13 +226,14 @@ class Server:
         return requested if requested + n_prompt < ctx else ctx - n_prompt
 
     def completion_jobs(self, req: Any, tokens: List[int], stops: List[str], sinks, echo: str = "",
-                        prompt_text: str = "") -> List[Job]:
+                        prompt_text: str = "", tool_grammar: Optional[str] = None) -> List[Job]:
         """The jobs of a request's ``n`` choices: each its own sequence of the pool, sampled with
         seed ``seed + i`` (a random seed each without one)."""
         if len(sinks) > self.cfg.queue_size:
             raise RequestError(f"n={len(sinks)} choices exceed this server's queue of {self.cfg.queue_size} "
                                f"(--queue-size)", param="n")
-        jobs = [self.completion_job(req, tokens, stops, sinks[0], echo=echo, prompt_text=prompt_text)]
+        jobs = [self.completion_job(req, tokens, stops, sinks[0], echo=echo, prompt_text=prompt_text,
+                                    tool_grammar=tool_grammar)]
         for i, sink in enumerate(sinks[1:], 1):
             seed = jobs[0].sampling.seed
             jobs.append(dataclasses.replace(
@@ -238,16 +242,16 @@ class Server:
         return jobs
 
     def completion_job(self, req: Any, tokens: List[int], stops: List[str], sink, echo: str = "",
-                       prompt_text: str = "") -> Job:
+                       prompt_text: str = "", tool_grammar: Optional[str] = None) -> Job:
         check_sampling(req, max_tokens_limit=self.cfg.max_tokens_limit)
         guidance, full, side, heads = self._otter(req.model, req.otter)
-        gbnf = grammar(req)
+        gbnf = grammar(req, tool_grammar)
         if gbnf:
             # llama-cpp-python parses a grammar only when its sampler is made (NULL on error, which
             # would crash the chain): try it here
             smpl = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, gbnf.encode("utf-8"), b"root")
             if not smpl:
-                param = "grammar" if req.grammar else "response_format"
+                param = "grammar" if req.grammar else "tools" if tool_grammar else "response_format"
                 raise RequestError(f"{param}: llama.cpp cannot parse this GBNF grammar (rule 'root')", param=param)
             llama_cpp.llama_sampler_free(smpl)
         sp = Sampling(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
@@ -263,22 +267,25 @@ class Server:
                    logprobs=logprobs_n(req, self.llm._n_vocab), text_base=len(prompt_text),
                    cache_prompt=req.cache_prompt)
 
-    def chat_prompt(self, req: ChatRequest):
+    def chat_prompt(self, req: ChatRequest) -> chat.ChatPrompt:
+        """The rendered chat (server.chat: messages checked, tools in the prompt, a required call's grammar)."""
         if self.formatter is None:
             raise RequestError(f"the model {self.name} has no chat template (tokenizer.chat_template); "
-                               f"use /v1/completions", param="messages")
-        for name in ("functions", "function_call", "tools", "tool_choice"):
-            if getattr(req, name) is not None:
-                raise RequestError(f"{name} is not supported by otter-gguf serve", param=name)
-        if not req.messages:
-            raise RequestError("messages is empty", param="messages")
+                               f"use /v1/completions or --chat-template-file", param="messages")
+        tools, choice = req.tools, req.tool_choice
+        if req.functions is not None:  # the deprecated form, as llama-cpp-python converts it
+            if tools is not None:
+                raise RequestError("give one of tools and functions", param="functions")
+            tools = [{"type": "function", "function": f} for f in req.functions]
+            fc = req.function_call
+            choice = fc if isinstance(fc, str) else ({"type": "function", "function": fc} if fc else None)
         try:
-            res = self.formatter(messages=req.messages)
-        except Exception as e:  # noqa: BLE001 - the template's own raise_exception, undefined fields
-            raise RequestError(f"messages: the chat template failed: {e}", param="messages") from None
-        toks = self.llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
-        stops = stop_list(req.stop) + stop_list(res.stop)
-        return toks, stops, res.prompt
+            msgs = chat.normalize(req.messages)
+            if self._template_tools is None:
+                self._template_tools = chat.supports_tools(self.formatter)
+            return chat.render(self.formatter, msgs, tools, choice, template_tools=self._template_tools)
+        except chat.ChatError as e:
+            raise RequestError(str(e), param=e.param) from None
 
     def score_job(self, req: ScoreRequest, sink) -> Job:
         llm = self.llm
@@ -466,7 +473,8 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
     def failed(ev: Failed) -> JSONResponse:
         return _error(ev.status, ev.message, type="server_error" if ev.status >= 500 else "invalid_request_error")
 
-    async def run(request: Request, jobs: List[Job], q: asyncio.Queue, endpoint: str, chat: bool, model: str):
+    async def run(request: Request, jobs: List[Job], q: asyncio.Queue, endpoint: str, chat: bool, model: str,
+                  tools: bool = False):
         t0 = time.monotonic()
         submit(jobs, endpoint)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4()}"
@@ -481,8 +489,14 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
                 return failed(evs[0])
             choices = []
             for i, (ev, job) in enumerate(zip(evs, jobs)):
-                choice = ({"index": i, "message": {"role": "assistant", "content": ev.text},
-                           "logprobs": to_chat(ev.logprobs), "finish_reason": ev.finish_reason} if chat else
+                msg: Dict[str, Any] = {"role": "assistant", "content": ev.text}
+                reason = ev.finish_reason
+                if tools:
+                    msg["content"], calls = parse_tool_calls(ev.text)
+                    if calls:
+                        msg["tool_calls"], reason = calls, "tool_calls"
+                choice = ({"index": i, "message": msg, "logprobs": to_chat(ev.logprobs), "finish_reason": reason}
+                          if chat else
                           {"text": ev.text, "index": i, "logprobs": ev.logprobs, "finish_reason": ev.finish_reason})
                 choices.append(with_otter(choice, ev.otter, job))
             return JSONResponse({"id": cid, "object": obj, "created": created, "model": model,
@@ -490,14 +504,19 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(i: int, text: Optional[str], block, reason, role: bool = False, lp: Optional[dict] = None) -> str:
+        def chunk(i: int, text: Optional[str], block, reason, role: bool = False, lp: Optional[dict] = None,
+                  calls: Optional[list] = None) -> str:
             if chat:
                 delta = {"role": "assistant"} if role else ({"content": text} if text else {})
+                if calls:
+                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
                 c = {"index": i, "delta": delta, "logprobs": to_chat(lp), "finish_reason": reason}
             else:
                 c = {"text": text or "", "index": i, "logprobs": lp, "finish_reason": reason}
             return json.dumps({"id": cid, "object": chunk_obj, "created": created, "model": model,
                                "choices": [with_otter(c, block, jobs[i])]})
+
+        held = [ToolStream() for _ in jobs] if tools else None  # content from a tool call on is held back
 
         async def events() -> AsyncIterator[dict]:
             last: Any = None
@@ -509,9 +528,15 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
                 while left:
                     i, ev = await q.get()
                     if isinstance(ev, Delta):
-                        yield {"data": chunk(i, ev.text, ev.otter, None, lp=ev.logprobs)}
+                        text = held[i].push(ev.text) if held else ev.text
+                        yield {"data": chunk(i, text, ev.otter, None, lp=ev.logprobs)}
                     elif isinstance(ev, Done):
-                        yield {"data": chunk(i, ev.text, ev.otter, ev.finish_reason, lp=ev.logprobs)}
+                        text, calls, reason = ev.text, None, ev.finish_reason
+                        if held:
+                            held[i].push(ev.text)
+                            text, calls = held[i].finish()
+                            reason = "tool_calls" if calls else reason
+                        yield {"data": chunk(i, text, ev.otter, reason, lp=ev.logprobs, calls=calls)}
                         left -= 1
                         last = ev
                     else:
@@ -544,10 +569,13 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(request: Request, body: ChatRequest):
-        tokens, stops, text = srv.chat_prompt(body)
+        cp = srv.chat_prompt(body)
+        tokens = srv.llm.tokenize(cp.prompt.encode("utf-8"), add_bos=not cp.added_special, special=True)
         q, sinks = channel(body.n or 1)
-        jobs = srv.completion_jobs(body, tokens, stops, sinks, prompt_text=text)
-        return await run(request, jobs, q, "/v1/chat/completions", chat=True, model=srv.model_id(body.model))
+        jobs = srv.completion_jobs(body, tokens, stop_list(body.stop) + cp.stop, sinks, prompt_text=cp.prompt,
+                                   tool_grammar=cp.grammar)
+        return await run(request, jobs, q, "/v1/chat/completions", chat=True, model=srv.model_id(body.model),
+                         tools=bool(cp.tools))
 
     @app.post("/v1/otter/score", dependencies=v1)
     async def score(request: Request, body: ScoreRequest):

@@ -28,6 +28,7 @@ class ServeConfig:
     max_tokens_limit: int = 4096
     max_request_bytes: int = 1 << 20
     retry_after_s: int = 1
+    chat_template: Optional[str] = None  # --chat-template-file: a Jinja chat template instead of the GGUF's
     cache_prompt: bool = True  # keep finished sequences' cells and reuse prompt prefixes (--no-cache-prompt: off)
     verbose: bool = False
 

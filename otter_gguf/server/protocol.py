@@ -68,6 +68,14 @@ class CompletionRequest(CreateCompletionRequest):
 
 
 class ChatRequest(CreateChatCompletionRequest):
+    # checked by server.chat.normalize: OpenAI's message forms (content null beside tool_calls, text parts)
+    messages: List[Dict[str, Any]] = Field(default_factory=list, description="the chat, OpenAI's message objects")
+    tools: Optional[List[Dict[str, Any]]] = Field(default=None, description="functions the model may call")
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = Field(
+        default=None, description='"none" | "auto" | "required" | {"type": "function", "function": {"name"}}')
+    functions: Optional[List[Dict[str, Any]]] = Field(default=None, description="deprecated form of tools")
+    function_call: Optional[Union[str, Dict[str, Any]]] = Field(default=None,
+                                                                description="deprecated form of tool_choice")
     response_format: Optional[Dict[str, Any]] = RESPONSE_FORMAT
     cache_prompt: bool = CACHE_PROMPT
     otter: Optional[OtterOptions] = None
@@ -127,14 +135,19 @@ def logprobs_n(req: Union[CompletionRequest, ChatRequest], n_vocab: int) -> Opti
     return n
 
 
-def grammar(req: Union[CompletionRequest, ChatRequest]) -> Optional[str]:
-    """The GBNF grammar a request constrains its output with: ``grammar`` as given, or the one of
-    ``response_format`` (llama-cpp-python's JSON grammar, its JSON-schema-to-GBNF converter)."""
+def grammar(req: Union[CompletionRequest, ChatRequest], tools: Optional[str] = None) -> Optional[str]:
+    """The GBNF grammar a request constrains its output with: ``grammar`` as given, the one of
+    ``response_format`` (llama-cpp-python's JSON grammar, its JSON-schema-to-GBNF converter), or
+    ``tools``, the grammar of a required tool call (server.chat)."""
     rf = req.response_format
+    given = [n for n, v in (("grammar", req.grammar), ("response_format", rf and rf.get("type") != "text"),
+                            ("tool_choice", tools)) if v]
+    if len(given) > 1:
+        raise RequestError(f"give one of {' and '.join(given)}", param=given[-1])
+    if tools:
+        return tools
     if rf is None or rf.get("type") == "text":
         return req.grammar
-    if req.grammar:
-        raise RequestError("give one of grammar and response_format", param="response_format")
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
     kind = rf.get("type")
