@@ -138,3 +138,60 @@ def test_kept_evaluated_stops_at_the_first_draft_not_kept():
     assert kept_evaluated(run, [1, 2, 3, 7, 5, 9]) == 4       # a draft (5) sits where 8 was kept
     assert kept_evaluated(run, [1, 2, 3, 7, 8, 9, 4, 4]) == 6  # drafts past the last kept token
     assert kept_evaluated(CompletionRun(guidance=None), [1, 2]) == 2  # before generation starts
+
+
+# ---------------------------------------------------------------------------
+# guided decoding at speculative speed (token_reward heads)
+# ---------------------------------------------------------------------------
+GUIDES = [({"weight": 3.0, "top_k": 5}, 0, None), ({"weight": 2.0, "mode": "dexperts"}, 0, None),
+          ({"weight": 3.0, "top_k": 5}, 0.8, 11), ({"weight": 2.0, "mode": "dexperts"}, 0.7, 3)]
+
+
+@pytest.fixture(scope="module")
+def guided_reference(gguf_models):
+    """Guided completions of the token_reward head without speculation (greedy and seeded sampling)."""
+    from otter_gguf import OtterLlama
+
+    llm = OtterLlama(str(gguf_models.otter("token_reward")), **LLAMA_KW)
+    out = {}
+    for g, temp, seed in GUIDES:
+        llm.reset()
+        c = llm(PROMPT, max_tokens=N, temperature=temp, seed=seed, guidance=dict(g, trace=True))["choices"][0]
+        out[(g["mode"] if "mode" in g else "args", temp)] = c
+    plain = llm(PROMPT, max_tokens=N, temperature=0)["choices"][0]["otter"]["tokens"]
+    assert out[("args", 0)]["otter"]["tokens"] != plain  # the guidance changes the completion
+    return llm.tokenize(PROMPT.encode()), out
+
+
+@pytest.mark.parametrize("drafter", ["right", "wrong", "half", "prompt_lookup"])
+def test_token_reward_guidance_under_speculation_equals_guidance_without(gguf_models, guided_reference, drafter):
+    """Each verified position's guided distribution comes from the verify pass (its base logits and
+    its own signal row): greedy guided output is the non-speculative one, and seeded sampling too (one
+    draw per kept token, from the same guided distribution); ARGS' trace has one entry per token."""
+    from otter_gguf import OtterLlama
+
+    ptoks, ref = guided_reference
+    for g, temp, seed in GUIDES:
+        want = ref[(g["mode"] if "mode" in g else "args", temp)]
+        full = ptoks + want["otter"]["tokens"]
+        llm = OtterLlama(str(gguf_models.otter("token_reward")), draft_model=_drafters(full, len(ptoks))[drafter],
+                         **LLAMA_KW)
+        got = llm(PROMPT, max_tokens=N, temperature=temp, seed=seed, guidance=dict(g, trace=True))["choices"][0]
+        o, w = got["otter"], want["otter"]
+        assert o["tokens"] == w["tokens"] and got["text"] == want["text"], (drafter, g, temp)
+        np.testing.assert_allclose(np.array(o["token_rewards"], dtype=float), np.array(w["token_rewards"], dtype=float),
+                                   rtol=1e-3, atol=2e-3)
+        if g.get("mode") != "dexperts":  # (ARGS traces its candidates; DExperts shifts every logit)
+            assert len(o["guidance"]) == len(o["tokens"])
+            assert [x["candidates"] for x in o["guidance"]] == [x["candidates"] for x in w["guidance"]]
+
+
+def test_scalar_guidance_with_a_draft_model_is_refused_naming_why(gguf_models):
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    from otter_gguf import OtterLlama
+
+    llm = OtterLlama(str(gguf_models.otter("reward3")), draft_model=LlamaPromptLookupDecoding(), **LLAMA_KW,
+                     n_seq_max=4)
+    with pytest.raises(ValueError, match="scores top_k=3 candidates as parallel sequences.*use a token_reward head"):
+        llm(PROMPT, max_tokens=4, guidance={"top_k": 3, "signal": "honesty"})

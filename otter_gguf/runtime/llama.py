@@ -289,8 +289,11 @@ class OtterLlama(Llama):
             return None
         self._require_otter("guidance")
         r = guided.resolve(g, self)
-        if self.draft_model is not None:
-            raise ValueError("guidance cannot be combined with a draft_model (speculative decoding)")
+        if r.batched and self.draft_model is not None:
+            raise ValueError("guidance on a scalar reward signal cannot run with a draft_model: each step scores "
+                             f"top_k={r.top_k} candidates as parallel sequences, one token each, so there is no "
+                             "single draft to verify; use a token_reward head (its guided distribution comes out "
+                             "of the verify pass) or no draft_model")
         if r.batched:
             need = r.top_k + 1
             have = self.n_seq_max
@@ -306,6 +309,20 @@ class OtterLlama(Llama):
     # ------------------------------------------------------------------
     # decoding hooks
     # ------------------------------------------------------------------
+    def sample(self, *args, idx: Optional[int] = None, **kwargs):
+        """``Llama.sample``; token_reward guidance reads the signal row of the sampled row's position
+        (``idx``: a verified draft's under speculative decoding, else the last fed token's)."""
+        self._otter_sample_idx = idx
+        try:
+            return super().sample(*args, idx=idx, **kwargs)
+        finally:
+            self._otter_sample_idx = None
+
+    def _otter_position(self) -> int:
+        """The position whose signal row guides the token being sampled."""
+        idx = getattr(self, "_otter_sample_idx", None)
+        return idx if idx is not None else self.n_tokens - 1
+
     def reset(self):
         super().reset()
         if self._otter_store is not None:
@@ -379,7 +396,7 @@ class OtterLlama(Llama):
             if g is not None:
                 kw["logits_processor"] = LogitsProcessorList(
                     [*(logits_processor or []),
-                     guided.token_processor(g, run, self._otter_store, lambda: self.n_tokens - 1,
+                     guided.token_processor(g, run, self._otter_store, self._otter_position,
                                             guided.GrammarMask(self._model, grammar) if grammar else None)])
             self._otter_refresh_last_row(tokens)
             inner = super().generate(tokens, **kw)
