@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["OtterLlama", "Guidance", "OtterScore"]
+__all__ = ["OtterLlama", "Guidance", "OtterScore", "DraftLlama"]
 
 
 def __getattr__(name):
@@ -11,6 +11,10 @@ def __getattr__(name):
         from otter_gguf.runtime import llama as _llama
 
         return getattr(_llama, name)
+    if name == "DraftLlama":
+        from otter_gguf.runtime.draft import DraftLlama
+
+        return DraftLlama
     if name == "Guidance":
         from otter_gguf.runtime.guidance import Guidance
 

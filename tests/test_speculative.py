@@ -20,9 +20,12 @@ PROMPT = "The quick brown"
 N = 10
 
 
-def _drafters(full, n_prompt):
-    """name -> a draft model: a callable on the fed ids (np.intc) returning draft ids."""
+def _drafters(full, n_prompt, base=None):
+    """name -> a draft model: a callable on the fed ids (np.intc) returning draft ids; with ``base`` (a GGUF
+    of the same vocabulary) also ``draft_llama``, that model's greedy continuation (otter_gguf.DraftLlama)."""
     from llama_cpp.llama_speculative import LlamaDraftModel, LlamaPromptLookupDecoding
+
+    from otter_gguf import DraftLlama
 
     class Fixed(LlamaDraftModel):
         def __init__(self, fn):
@@ -41,8 +44,11 @@ def _drafters(full, n_prompt):
         nxt = full[n: n + 3]
         return nxt[:1] + [(t + 1) % 64 for t in nxt[1:]]
 
-    return {"right": Fixed(right), "wrong": Fixed(wrong), "half": Fixed(half),
-            "prompt_lookup": LlamaPromptLookupDecoding(num_pred_tokens=3, max_ngram_size=2)}
+    out = {"right": Fixed(right), "wrong": Fixed(wrong), "half": Fixed(half),
+           "prompt_lookup": LlamaPromptLookupDecoding(num_pred_tokens=3, max_ngram_size=2)}
+    if base is not None:
+        out["draft_llama"] = DraftLlama(str(base), num_pred_tokens=3, n_ctx=256, n_threads=1)
+    return out
 
 
 @pytest.fixture(scope="module", params=["reward3", "token_reward"])
@@ -99,14 +105,14 @@ def _run(llm, stream, **kw):
     return toks, sigs, "".join(text), reason
 
 
-@pytest.mark.parametrize("drafter", ["right", "wrong", "half", "prompt_lookup"])
+@pytest.mark.parametrize("drafter", ["right", "wrong", "half", "prompt_lookup", "draft_llama"])
 @pytest.mark.parametrize("stream", [False, True], ids=["single", "stream"])
 def test_speculative_rewards_are_the_kept_tokens(gguf_models, reference, drafter, stream):
     from otter_gguf import OtterLlama
 
     full = reference["ptoks"] + reference["toks"]
-    llm = OtterLlama(str(gguf_models.otter(reference["head"])), draft_model=_drafters(full, len(reference["ptoks"]))[drafter],
-                     **LLAMA_KW)
+    llm = OtterLlama(str(gguf_models.otter(reference["head"])),
+                     draft_model=_drafters(full, len(reference["ptoks"]), gguf_models.base)[drafter], **LLAMA_KW)
     # length: every token including the last; a stop string: the tokens before it
     stop = next(t for t in reference["texts"][3:] if len(t.strip()) >= 2)
     eos = dict(max_tokens=N)  # + a fresh end-of-generation processor per run
@@ -124,7 +130,7 @@ def test_speculative_rewards_are_the_kept_tokens(gguf_models, reference, drafter
     # streamed = not streamed
     if stream:
         llm2 = OtterLlama(str(gguf_models.otter(reference["head"])),
-                          draft_model=_drafters(full, len(reference["ptoks"]))[drafter], **LLAMA_KW)
+                          draft_model=_drafters(full, len(reference["ptoks"]), gguf_models.base)[drafter], **LLAMA_KW)
         assert _run(llm2, False, max_tokens=N)[:3] == _run(llm, True, max_tokens=N)[:3]
 
 
@@ -163,7 +169,7 @@ def guided_reference(gguf_models):
     return llm.tokenize(PROMPT.encode()), out
 
 
-@pytest.mark.parametrize("drafter", ["right", "wrong", "half", "prompt_lookup"])
+@pytest.mark.parametrize("drafter", ["right", "wrong", "half", "prompt_lookup", "draft_llama"])
 def test_token_reward_guidance_under_speculation_equals_guidance_without(gguf_models, guided_reference, drafter):
     """Each verified position's guided distribution comes from the verify pass (its base logits and
     its own signal row): greedy guided output is the non-speculative one, and seeded sampling too (one
@@ -174,8 +180,8 @@ def test_token_reward_guidance_under_speculation_equals_guidance_without(gguf_mo
     for g, temp, seed in GUIDES:
         want = ref[(g["mode"] if "mode" in g else "args", temp)]
         full = ptoks + want["otter"]["tokens"]
-        llm = OtterLlama(str(gguf_models.otter("token_reward")), draft_model=_drafters(full, len(ptoks))[drafter],
-                         **LLAMA_KW)
+        llm = OtterLlama(str(gguf_models.otter("token_reward")),
+                         draft_model=_drafters(full, len(ptoks), gguf_models.base)[drafter], **LLAMA_KW)
         got = llm(PROMPT, max_tokens=N, temperature=temp, seed=seed, guidance=dict(g, trace=True))["choices"][0]
         o, w = got["otter"], want["otter"]
         assert o["tokens"] == w["tokens"] and got["text"] == want["text"], (drafter, g, temp)
@@ -195,3 +201,18 @@ def test_scalar_guidance_with_a_draft_model_is_refused_naming_why(gguf_models):
                      n_seq_max=4)
     with pytest.raises(ValueError, match="scores top_k=3 candidates as parallel sequences.*use a token_reward head"):
         llm(PROMPT, max_tokens=4, guidance={"top_k": 3, "signal": "honesty"})
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused_naming_both(gguf_models, tmp_path):
+    from otter_gguf import DraftLlama, OtterLlama
+    from otter_gguf.io.random_base import write_random_base
+
+    other = write_random_base(tmp_path / "other-vocab.gguf", {"d": 64, "L": 1, "h": 2, "h_kv": 1, "f": 128, "V": 300})
+    base = str(gguf_models.otter("reward3"))
+    with pytest.raises(ValueError) as e:
+        OtterLlama(base, draft_model=DraftLlama(str(other), n_ctx=64), **LLAMA_KW)
+    msg = str(e.value)
+    assert f"draft model {other} has a vocabulary of 300 tokens" in msg and f"but the base {base} has" in msg
+    assert "must share the base's vocabulary" in msg
+    with pytest.raises(ValueError, match="num_pred_tokens must be an integer in 1..64, got 0"):
+        DraftLlama(str(other), num_pred_tokens=0)

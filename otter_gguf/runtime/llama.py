@@ -43,6 +43,7 @@ from otter_gguf.runtime import capi, guided
 from otter_gguf.runtime import score as scoring
 from otter_gguf.runtime.capi import otter_runtime_available
 from otter_gguf.runtime.completion import CompletionAssembler, CompletionRun, kept_evaluated, record
+from otter_gguf.runtime.draft import DraftLlama, check_vocab
 from otter_gguf.runtime.guidance import Guidance, ResolvedGuidance
 from otter_gguf.runtime.score import OtterScore
 from otter_gguf.runtime.signals import RuntimeSignalSource, SignalSource, SignalStore
@@ -130,6 +131,8 @@ class OtterLlama(Llama):
             super().__init__(model_path, **kwargs)
         except ValueError as e:
             raise _explain_load_failure(model_path, e) from None
+        if isinstance(self.draft_model, DraftLlama):  # a draft GGUF: its ids must be the base's
+            check_vocab(self._model, model_path, self.draft_model.model, self.draft_model.model_path)
 
         if _signal_source is not None:
             self._otter_src = _signal_source(self)
