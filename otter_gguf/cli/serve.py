@@ -42,12 +42,19 @@ from otter_gguf.cli.errors import reported
               help="Largest request body (413 above).")
 @click.option("--chat-template-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A Jinja chat template to use instead of the GGUF's tokenizer.chat_template.")
+@click.option("--draft-ngram", type=click.IntRange(1, 32), default=None, metavar="N",
+              help="Speculative decoding by prompt lookup on each request's own context, N draft tokens per step.")
+@click.option("-md", "--model-draft", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Speculative decoding with this small GGUF (the base's vocabulary) as the drafter.")
+@click.option("--draft-max", type=click.IntRange(1, 32), default=4, show_default=True,
+              help="Draft tokens per step of --model-draft.")
 @click.option("--no-cache-prompt", "no_cache_prompt", is_flag=True,
               help="No prompt cache: a finished request's KV cells are cleared and every prompt is decoded whole "
                    "(the same request then gives bit-identical results whatever ran before).")
 @click.option("-v", "--verbose", is_flag=True, help="llama.cpp's log and uvicorn's access log.")
 def serve_command(model, heads, host, port, api_key, alias, parallel, ctx_size, batch_size, threads, flash_attn,
-                  seed, queue_size, max_tokens_limit, max_request_bytes, chat_template_file, no_cache_prompt, verbose):
+                  seed, queue_size, max_tokens_limit, max_request_bytes, chat_template_file, draft_ngram, model_draft,
+                  draft_max, no_cache_prompt, verbose):
     """Serve MODEL over HTTP: /v1/completions, /v1/chat/completions (streaming by SSE),
     /v1/otter/score, /v1/models, /health, /metrics. Every choice and chunk carries the
     `otter` field (tokens, rewards, signals, offsets); concurrent requests are batched."""
@@ -61,8 +68,11 @@ def serve_command(model, heads, host, port, api_key, alias, parallel, ctx_size, 
                       model_alias=alias, parallel=parallel, ctx_size=ctx_size, n_batch=batch_size, threads=threads,
                       flash_attn={"on": True, "off": False}.get(flash_attn, "auto"), queue_size=queue_size,
                       max_tokens_limit=max_tokens_limit, max_request_bytes=max_request_bytes, seed=seed,
-                      cache_prompt=not no_cache_prompt, verbose=verbose,
+                      cache_prompt=not no_cache_prompt, verbose=verbose, draft_ngram=draft_ngram,
+                      model_draft=model_draft, draft_max=draft_max,
                       chat_template=open(chat_template_file, encoding="utf-8").read() if chat_template_file else None)
+    if draft_ngram is not None and model_draft is not None:
+        raise click.UsageError("give one of --draft-ngram and --model-draft")
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"otter-gguf serve: warning: listening on {host} without --api-key", err=True)
     with reported("serve", ValueError):

@@ -41,7 +41,7 @@ from otter_gguf.server.chat import ToolStream, parse_tool_calls
 from otter_gguf.server.heads import HeadSelection, model_heads, select
 from otter_gguf.server.logprobs import to_chat
 from otter_gguf.server.metrics import Metrics
-from otter_gguf.server.model import ServeConfig
+from otter_gguf.server.model import ServeConfig, load_drafter
 from otter_gguf.server.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -49,6 +49,7 @@ from otter_gguf.server.protocol import (
     RequestError,
     ScoreRequest,
     check_sampling,
+    draft_max,
     grammar,
     logit_bias,
     logprobs_n,
@@ -104,8 +105,10 @@ class Server:
         self.llm = llm
         self.name = cfg.name
         self.metrics = Metrics()
+        drafter, n_draft = load_drafter(cfg, llm)
         self.engine = Engine(llm, parallel=cfg.parallel, ctx_per_seq=cfg.ctx_size, queue_size=cfg.queue_size,
-                             on_step=self._on_step, cache_prompt=cfg.cache_prompt)
+                             on_step=self._on_step, cache_prompt=cfg.cache_prompt, drafter=drafter,
+                             draft_max=n_draft)
         self.formatter = self._chat_formatter()
         self._template_tools: Optional[bool] = None  # the chat template renders tools (found on first use)
         m, e = self.metrics, self.engine
@@ -116,6 +119,10 @@ class Server:
         m.gauge("prompt_tokens_total", "prompt tokens decoded", lambda: e.prompt_tokens, kind="counter")
         m.gauge("generated_tokens_total", "tokens generated", lambda: e.generated_tokens, kind="counter")
         m.gauge("batch_tokens_total", "tokens decoded in batches (candidates included)", lambda: e.tokens_decoded,
+                kind="counter")
+        m.gauge("draft_tokens_total", "draft tokens verified (speculative decoding)", lambda: e.drafted_tokens,
+                kind="counter")
+        m.gauge("draft_accepted_total", "draft tokens kept (speculative decoding)", lambda: e.accepted_tokens,
                 kind="counter")
         m.gauge("prompt_cache_tokens_total", "prompt tokens reused from the prompt cache", lambda: e.cached_tokens,
                 kind="counter")
@@ -140,6 +147,17 @@ class Server:
     # ------------------------------------------------------------------
     # requests -> jobs
     # ------------------------------------------------------------------
+    def _draft_max(self, req: Any, guidance: Any) -> Optional[int]:
+        n = draft_max(req, self.engine.draft_max)
+        if guidance is not None and guidance.batched:
+            if req.speculative is not None and req.speculative is not False and n != 0:
+                raise RequestError(f"speculative: guidance on a scalar reward signal scores top_k={guidance.top_k} "
+                                   f"candidates as parallel sequences each step, so there is no single draft to "
+                                   f"verify; use a token_reward head's signal, or speculative: false",
+                                   param="speculative")
+            return 0
+        return n
+
     def served_names(self) -> List[str]:
         """The names a model id may start with: the alias (or file name), then the path given."""
         return list(dict.fromkeys([self.name, self.cfg.model]))
@@ -265,7 +283,7 @@ class Server:
                    stop=[s.encode("utf-8") for s in stops], stream=req.stream, sampling=sp, guidance=guidance,
                    full_signals=full, side_stream=side, echo_prefix=echo, heads=heads,
                    logprobs=logprobs_n(req, self.llm._n_vocab), text_base=len(prompt_text),
-                   cache_prompt=req.cache_prompt)
+                   cache_prompt=req.cache_prompt, draft_max=self._draft_max(req, guidance))
 
     def chat_prompt(self, req: ChatRequest) -> chat.ChatPrompt:
         """The rendered chat (server.chat: messages checked, tools in the prompt, a required call's grammar)."""

@@ -98,6 +98,7 @@ class Job:
     heads: Any = None  # a HeadSelection (server.heads): the heads the otter blocks show; None: all
     logprobs: Optional[int] = None  # log-probabilities of the tokens and the top N (server.logprobs); None: none
     cache_prompt: bool = True  # reuse a prompt prefix another sequence holds (llama-server's cache_prompt)
+    draft_max: Optional[int] = None  # speculative decoding: drafts per step (None: the server's; 0: off)
     text_base: int = 0  # logprobs' text_offset of the first completion character (the prompt text's length)
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
@@ -171,6 +172,7 @@ class _Slot:
         self.cand: Optional[np.ndarray] = None  # scalar guidance: this step's candidates
         self.cand_array: Any = None  # scalar guidance with a sampler chain: its token data array
         self.cur: Optional[np.ndarray] = None  # ... and the processed logits they came from
+        self.drafts: List[int] = []  # speculative decoding: the drafts fed after `pending` this step
         self.lp: Optional[TokenLogprobs] = None  # logprobs: the entries of (echoed prompt and) completion tokens
         self.lp0 = 0  # entries of echoed prompt tokens before the completion's
 
@@ -188,7 +190,8 @@ class Engine:
     """
 
     def __init__(self, llm: Any, *, parallel: int, ctx_per_seq: int, queue_size: int = 64,
-                 on_step: Optional[Callable[[int, float], None]] = None, cache_prompt: bool = True):
+                 on_step: Optional[Callable[[int, float], None]] = None, cache_prompt: bool = True,
+                 drafter: Any = None, draft_max: int = 0):
         if llm.n_seq_max < parallel:
             raise ValueError(f"the context has n_seq_max={llm.n_seq_max} < parallel={parallel}")
         if llm.n_batch < parallel:
@@ -214,6 +217,10 @@ class Engine:
         self._clock = 0
         self._swa = int(llama_cpp.llama_model_n_swa(llm._model.model)) > 0
         self.cache_prompt = cache_prompt
+        self.drafter = drafter  # a llama-cpp-python LlamaDraftModel (prompt lookup, runtime.draft.DraftLlama)
+        self.draft_max = draft_max if drafter is not None else 0
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         self.cached_tokens = 0  # prompt tokens reused, since the start
         self._waiting: Deque[Job] = collections.deque()
         self._slots: List[_Slot] = []
@@ -466,6 +473,7 @@ class Engine:
     def _release(self, s: _Slot) -> None:
         for q in s.helpers:
             llama_cpp.llama_memory_seq_rm(self._mem, q, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._mem, s.seq, s.n_past, -1)  # drafts not kept (a stop inside them)
         # the job's own sequence keeps its cells for the prompt cache (taken over or cleared when reused)
         held = ((s.job.prompt_tokens + s.text.tokens) if s.text is not None else s.job.prompt_tokens)[: s.n_past]
         if held and self.cache_prompt:
@@ -508,7 +516,10 @@ class Engine:
             b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0], b.logits[n] = tok, pos, 1, seq, out
             n += 1
 
-        # 1. sequences that are generating: one token each, k candidates for scalar guidance
+        # 1. sequences that are generating: one token each (plus its drafts when speculating), k candidates
+        # for scalar guidance; drafts take what the batch has left after one token per generating sequence
+        spare = self.n_batch - sum((s.job.guidance.top_k if s.logits is not None else 1)
+                                   for s in self._slots if not s.prefill)
         for s in self._slots:
             if s.prefill:
                 continue
@@ -522,8 +533,12 @@ class Engine:
                     llama_cpp.llama_memory_seq_cp(self._mem, s.seq, s.helpers[j], -1, -1)
                     put(t, s.n_past, s.helpers[j], True)
             else:
-                plan.append((s, "feed", n, 1))
+                s.drafts = self._draft(s, max(0, spare))
+                spare -= len(s.drafts)
+                plan.append((s, "feed", n, 1 + len(s.drafts)))
                 put(s.pending, s.n_past, s.seq, True)
+                for j, t in enumerate(s.drafts):
+                    put(t, s.n_past + 1 + j, s.seq, True)
             need_signals |= s.store is not None
         # 2. prompts and scoring: the rest of the batch, first come first served
         for s in self._slots:
@@ -557,7 +572,7 @@ class Engine:
                     continue
                 try:
                     if what == "feed":
-                        self._after_feed(s, i0)
+                        self._after_verify(s, i0) if s.drafts else self._after_feed(s, i0)
                     elif what == "cand":
                         self._after_candidates(s, i0)
                     else:
@@ -661,6 +676,43 @@ class Engine:
             return self._complete(s, s.finishing)
         self._stream(s)
         self._sample(s, i)
+
+    # ------------------------------------------------------------------
+    # speculative decoding
+    # ------------------------------------------------------------------
+    def _draft(self, s: _Slot, room: int) -> List[int]:
+        """Draft tokens to verify after ``s``'s pending token (none: no drafter, the request opted out,
+        its last token, no room in the batch, the context or ``max_tokens``)."""
+        n = s.job.draft_max if s.job.draft_max is not None else self.draft_max
+        if self.drafter is None or n <= 0 or s.finishing is not None or room <= 0:
+            return []
+        n = min(n, room, s.job.max_tokens - len(s.text.tokens), self.ctx_per_seq - s.n_past - 2)
+        if n <= 0:
+            return []
+        hist = np.asarray(s.job.prompt_tokens + s.text.tokens, dtype=np.intc)
+        drafts: List[int] = []
+        for t in np.asarray(self.drafter(hist)).tolist()[:n]:
+            if not 0 <= int(t) < self.n_vocab:  # a drafter's bad id ends its draft
+                break
+            drafts.append(int(t))
+        return drafts
+
+    def _after_verify(self, s: _Slot, i0: int) -> None:
+        """Rows ``i0 ..`` hold ``s``'s pending token and its drafts: each row is sampled as one
+        non-speculative step would sample it (signal read, token chosen from its logits, guidance
+        from its own signal row); a draft is kept while it is the token chosen before it. The cells
+        of the drafts not kept are removed; their rows are never read."""
+        drafts, s.drafts = s.drafts, []
+        kept = 0
+        for j in range(len(drafts) + 1):
+            self._after_feed(s, i0 + j)
+            if s not in self._slots or j == len(drafts) or s.pending != drafts[j]:
+                break
+            kept += 1
+        self.drafted_tokens += len(drafts)
+        self.accepted_tokens += kept
+        if s in self._slots:
+            llama_cpp.llama_memory_seq_rm(self._mem, s.seq, s.n_past, -1)
 
     def _candidates(self, s: _Slot) -> Optional[np.ndarray]:
         """Scalar-head guidance: this step's candidates (top_k by processed logit)."""

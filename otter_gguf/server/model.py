@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-__all__ = ["ServeConfig", "load_model"]
+__all__ = ["ServeConfig", "load_model", "load_drafter"]
 
 @dataclass
 class ServeConfig:
@@ -30,6 +30,9 @@ class ServeConfig:
     retry_after_s: int = 1
     chat_template: Optional[str] = None  # --chat-template-file: a Jinja chat template instead of the GGUF's
     cache_prompt: bool = True  # keep finished sequences' cells and reuse prompt prefixes (--no-cache-prompt: off)
+    draft_ngram: Optional[int] = None  # --draft-ngram N: prompt lookup drafting N tokens per step
+    model_draft: Optional[str] = None  # --model-draft FILE: a small GGUF of the same vocabulary drafts
+    draft_max: int = 4  # --draft-max: the draft model's tokens per step
     verbose: bool = False
 
     @property
@@ -63,3 +66,30 @@ def load_model(cfg: ServeConfig, heads: Sequence[str] = ()) -> Any:
     return OtterLlama(cfg.model, n_seq_max=cfg.parallel, n_ctx=cfg.parallel * cfg.ctx_size, n_batch=n_batch,
                       n_ubatch=n_batch, n_threads=cfg.threads, n_threads_batch=cfg.threads_batch or cfg.threads,
                       flash_attn=cfg.flash_attn, verbose=cfg.verbose, **kwargs)
+
+
+def load_drafter(cfg: ServeConfig, llm: Any):
+    """``(drafter, drafts per step)`` of ``cfg`` for the served ``llm``: prompt lookup
+    (llama-cpp-python's ``LlamaPromptLookupDecoding``) for ``--draft-ngram N``, a
+    :class:`~otter_gguf.runtime.draft.DraftLlama` for ``--model-draft`` (its vocabulary checked
+    against the base's), ``(None, 0)`` for none; ValueError on a bad setting."""
+    from otter_gguf.server.protocol import MAX_DRAFT
+
+    if cfg.draft_ngram is not None and cfg.model_draft is not None:
+        raise ValueError("give one of --draft-ngram and --model-draft")
+    if cfg.draft_ngram is not None:
+        if not 1 <= cfg.draft_ngram <= MAX_DRAFT:
+            raise ValueError(f"--draft-ngram must be in 1..{MAX_DRAFT}, got {cfg.draft_ngram}")
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        return LlamaPromptLookupDecoding(max_ngram_size=2, num_pred_tokens=cfg.draft_ngram), cfg.draft_ngram
+    if cfg.model_draft is not None:
+        if not 1 <= cfg.draft_max <= MAX_DRAFT:
+            raise ValueError(f"--draft-max must be in 1..{MAX_DRAFT}, got {cfg.draft_max}")
+        from otter_gguf.runtime.draft import DraftLlama, check_vocab
+
+        d = DraftLlama(cfg.model_draft, num_pred_tokens=cfg.draft_max, n_ctx=cfg.ctx_size, n_threads=cfg.threads,
+                       verbose=cfg.verbose)
+        check_vocab(llm._model, cfg.model, d.model, cfg.model_draft)
+        return d, cfg.draft_max
+    return None, 0

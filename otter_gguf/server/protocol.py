@@ -55,6 +55,8 @@ RESPONSE_FORMAT = Field(
                               '({"json_schema": {"name", "schema", "strict"}}) or a "schema" beside the type')
 
 
+SPECULATIVE = Field(default=None, description="speculative decoding on a server with a drafter (--draft-ngram, "
+                                             "--model-draft): false to opt out, {\"n_max\": N} drafts per step")
 CACHE_PROMPT = Field(default=True, description="reuse the longest prefix of the prompt a sequence of the pool "
                                               "holds (llama-server's cache_prompt); false: decode the whole prompt")
 
@@ -64,6 +66,7 @@ class CompletionRequest(CreateCompletionRequest):
         default="", description="The prompt: a string, or token ids (no BOS is added to token ids).")
     response_format: Optional[Dict[str, Any]] = RESPONSE_FORMAT
     cache_prompt: bool = CACHE_PROMPT
+    speculative: Optional[Union[bool, Dict[str, Any]]] = SPECULATIVE
     otter: Optional[OtterOptions] = None
 
 
@@ -78,6 +81,7 @@ class ChatRequest(CreateChatCompletionRequest):
                                                                 description="deprecated form of tool_choice")
     response_format: Optional[Dict[str, Any]] = RESPONSE_FORMAT
     cache_prompt: bool = CACHE_PROMPT
+    speculative: Optional[Union[bool, Dict[str, Any]]] = SPECULATIVE
     otter: Optional[OtterOptions] = None
 
 
@@ -172,6 +176,29 @@ def grammar(req: Union[CompletionRequest, ChatRequest], tools: Optional[str] = N
     except Exception as e:  # noqa: BLE001 - the converter's own errors (unsupported keywords, bad refs)
         raise RequestError(f"response_format: this JSON schema cannot be turned into a grammar: "
                            f"{type(e).__name__}: {e}", param="response_format") from None
+
+
+MAX_DRAFT = 32  # drafts per step: --draft-ngram, --draft-max, a request's speculative.n_max
+
+
+def draft_max(req: Union[CompletionRequest, ChatRequest], served: int) -> Optional[int]:
+    """A request's drafts per step: None for the server's (``served``), 0 for none."""
+    sp = req.speculative
+    if sp is None or sp is True:
+        return None
+    if sp is False:
+        return 0
+    unknown = sorted(set(sp) - {"n_max"})
+    if unknown:
+        raise RequestError(f"speculative: unknown option(s) {', '.join(map(repr, unknown))}; expected: n_max",
+                           param="speculative")
+    n = sp.get("n_max")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_DRAFT:
+        raise RequestError(f"speculative.n_max must be an integer in 0..{MAX_DRAFT}, got {n!r}", param="speculative")
+    if n and not served:
+        raise RequestError("speculative.n_max: this server has no drafter (--draft-ngram N or --model-draft FILE)",
+                           param="speculative")
+    return n
 
 
 def logit_bias(req: Union[CompletionRequest, ChatRequest], n_vocab: int) -> Optional[Dict[int, float]]:
