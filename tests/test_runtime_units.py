@@ -175,6 +175,26 @@ def test_signal_store_sparse_keeps_only_the_latest_row_before_keep_from():
     assert [st.token_reward(p) for p in (4, 5, 6)] == [5.0, 42.0, 52.0]
 
 
+def test_signal_store_sparse_holds_the_rows_of_the_last_decode():
+    """Speculative decoding samples the rows of one decode (a token and its drafts) one by one, and
+    token_reward guidance reads each: with ``hold_from`` (OtterLlama.eval sets it to the decode's first
+    position) the rows from there on stay until the next decode."""
+    from otter_gguf.runtime.signals import SignalStore
+
+    st = SignalStore(16, 3, token_head=True, dense=False)
+    st.hold_from = 0
+    for p in range(3):  # the prompt's decode
+        st.put(p, _row(p, p + 1, p + 2))
+    assert sorted(st.rows) == [0, 1, 2]
+    st.hold_from = 3  # a decode of a token and three drafts
+    for p in range(3, 7):
+        st.put(p, _row(p, p, p))
+    assert sorted(st.rows) == [3, 4, 5, 6] and st.get(4)[0] == 4.0
+    st.hold_from = None
+    st.put(7, _row(7, 7, 7))
+    assert sorted(st.rows) == [7]
+
+
 @pytest.mark.parametrize("dense", [True, False])
 def test_signal_store_snapshot_restore(dense):
     from otter_gguf.runtime.signals import SignalStore

@@ -9,6 +9,8 @@ one whose drafts are always kept, one that is right for a while and then wrong; 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -216,3 +218,104 @@ def test_a_draft_model_of_another_vocabulary_is_refused_naming_both(gguf_models,
     assert "must share the base's vocabulary" in msg
     with pytest.raises(ValueError, match="num_pred_tokens must be an integer in 1..64, got 0"):
         DraftLlama(str(other), num_pred_tokens=0)
+
+
+# ---------------------------------------------------------------------------
+# the real model: SmolLM2-135M Q4_1 with the demo head, prompt lookup on a copy-heavy prompt
+# ---------------------------------------------------------------------------
+COPY = ("Repeat this code with the typo fixed.\n\ndef greet(name):\n    print(\"Helo, \" + name)\n"
+        "    return name.upper()\n\nFixed:\n\ndef greet(name):\n")
+
+
+# the base logits' own spread between one-token and batched decodes on this model, measured by
+# tests/test_batch_shapes.py (1.17 on the 2-core AMD EPYC), with room for other kernels
+LOGIT_SPREAD = 2.0
+
+
+def _divergence(a, b):
+    """The first index where token lists differ (None when one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def _margin(path, context, chosen, other) -> float:
+    """logit[chosen] - logit[other] after ``context``, decoded one token at a time (the plain decode's shapes)."""
+    import llama_cpp
+
+    ll = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=2, verbose=False, logits_all=True)
+    ll.eval(context[:-1])
+    ll.eval(context[-1:])
+    row = np.array(ll.scores[len(context) - 1])
+    ll.close()
+    return float(row[chosen] - row[other])
+
+
+def _stream_concat(chunks):
+    toks, sigs, text, reason = [], [], "", None
+    for ch in chunks:
+        c = ch["choices"][0]
+        toks += c["otter"]["tokens"]
+        sigs += _rewards(c["otter"])
+        text += c["text"]
+        reason = c["finish_reason"] or reason
+    return toks, sigs, text, reason
+
+
+@pytest.mark.slow
+def test_real_model_speculation_keeps_every_reward_and_guidance(otter_runtime, tmp_path):
+    """Prompt lookup on SmolLM2: the text of non-speculative decoding, every reward (the last one too) equal
+    to score() at the batch-shape bound of tests/test_batch_shapes.py, at length and at a stop string,
+    streamed = not; token_reward guidance (a 2-step next_token head) under speculation = without."""
+    import subprocess
+    import sys
+
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    from otter_gguf import OtterLlama
+    from otter_gguf.demo import smollm2 as demo
+    from otter_gguf_converter import convert
+    from test_batch_shapes import REAL_TOL
+
+    base = demo.model_path(quiet=True)
+    path = convert(demo.ADAPTER_DIR, base, tmp_path / "smol.gguf", outtype="q8_0", progress=False)
+    kw = dict(n_ctx=1024, n_threads=2, verbose=False)
+    plain = OtterLlama(str(path), **kw)
+    spec = OtterLlama(str(path), draft_model=LlamaPromptLookupDecoding(num_pred_tokens=4), **kw)
+    ptoks = plain.tokenize(COPY.encode())
+    want = plain(COPY, max_tokens=32, temperature=0)["choices"][0]
+    stop = next(t for t in want["otter"]["token_texts"][12:] if len(t.strip()) >= 3)
+    for args in (dict(max_tokens=32), dict(max_tokens=32, stop=[stop])):
+        plain.reset()
+        ref = plain(COPY, temperature=0, **args)["choices"][0]
+        spec.reset()
+        got = spec(COPY, temperature=0, **args)["choices"][0]
+        o = got["otter"]
+        div = _divergence(o["tokens"], ref["otter"]["tokens"])
+        if div is None:
+            assert got["text"] == ref["text"] and got["finish_reason"] == ref["finish_reason"], args
+        else:  # only where the base model is within its own batch-shape rounding of a tie
+            margin = _margin(path, ptoks + ref["otter"]["tokens"][:div], ref["otter"]["tokens"][div], o["tokens"][div])
+            print(f"real model {args}: speculative text leaves the plain one at token {div}, plain logit margin {margin:.3f}")
+            assert 0 <= margin <= LOGIT_SPREAD, (args, div, margin)
+        assert len(o["signals"]) == len(o["tokens"])
+        sc = plain.score(tokens=ptoks + o["tokens"]).signals[len(ptoks):]
+        assert np.max(np.abs(np.array(o["signals"], dtype=float) - sc)) <= REAL_TOL, args
+        spec.reset()
+        st = _stream_concat(spec(COPY, temperature=0, stream=True, **args))
+        assert st[0] == o["tokens"] and st[2] == got["text"] and st[3] == got["finish_reason"]
+        np.testing.assert_allclose(np.array(st[1], dtype=float), np.array(o["signals"], dtype=float), atol=1e-6)
+    # guided decoding with a token_reward head at speculative speed
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in (COPY, "The cat sat on the mat.\n") * 4))
+    subprocess.run([sys.executable, "-m", "otter_gguf.cli", "train", str(base), str(data), "-o", str(tmp_path / "tr"),
+                    "--objective", "next_token", "--d2", "32", "--h2", "1", "--h2-kv", "1", "--f2", "32",
+                    "--steps", "2", "--batch-size", "2", "-t", "2", "--force"], check=True, capture_output=True)
+    tr = convert(tmp_path / "tr", base, tmp_path / "tr.gguf", outtype="q8_0", progress=False)
+    g = {"weight": 1.0, "top_k": 5}
+    gp = OtterLlama(str(tr), **kw)
+    gs = OtterLlama(str(tr), draft_model=LlamaPromptLookupDecoding(num_pred_tokens=4), **kw)
+    a = gp(COPY, max_tokens=24, temperature=0, guidance=g)["choices"][0]
+    b = gs(COPY, max_tokens=24, temperature=0, guidance=g)["choices"][0]
+    assert b["otter"]["tokens"] == a["otter"]["tokens"] and b["text"] == a["text"]
+    plain_tr = gp(COPY, max_tokens=24, temperature=0)["choices"][0]["otter"]["tokens"]
+    print(f"real model: guided tokens differ from unguided at {sum(x != y for x, y in zip(plain_tr, a['otter']['tokens']))}"
+          f" of 24 positions")

@@ -346,6 +346,7 @@ class OtterLlama(Llama):
             super().eval(chunk)
             rows = range(len(chunk)) if self._logits_all else (len(chunk) - 1,)
             st.note_token(n_past, chunk[0])
+            st.hold_from = n_past  # every row of this decode (a draft's is sampled after the rows before it)
             for r in rows:
                 p = n_past + r
                 st.put(p, self._otter_src.read_row(r, lambda p=p: self.input_ids[: p + 1].tolist()))

@@ -229,8 +229,9 @@ class SignalStore:
     """Signals per context position (NaN / absent where not computed).
 
     Dense ``[n_ctx, n_out]`` when that is small; otherwise (token_reward heads
-    of big vocabularies) only the rows at positions ``>= keep_from`` and the
-    latest row are kept. For token_reward heads ``token_reward[p]`` is
+    of big vocabularies) only the rows at positions ``>= keep_from``, and the
+    latest row or, with ``hold_from`` set, the rows from ``hold_from`` on (the
+    rows of the last decode, which speculative decoding samples one by one). For token_reward heads ``token_reward[p]`` is
     ``row[p - 1][token at p]``: what the head said, one step earlier, about
     the token that was then fed at ``p``.
 
@@ -249,6 +250,7 @@ class SignalStore:
         self.layout = layout
         self.dense = (n_ctx * n_out <= self.DENSE_LIMIT) if dense is None else dense
         self.keep_from: Optional[int] = None
+        self.hold_from: Optional[int] = None
         self.hi = 0  # 1 + highest position ever written since the last truncate
         if self.dense:
             self.arr = np.full((n_ctx, n_out), np.nan, dtype=np.float32)
@@ -290,10 +292,12 @@ class SignalStore:
         if self.dense:
             self.arr[p] = row
         else:
-            latest = max(self.rows) if self.rows else -1
             self.rows[p] = np.asarray(row, dtype=np.float32)
-            if p > latest and latest >= 0 and (self.keep_from is None or latest < self.keep_from):
-                del self.rows[latest]
+            lo = p if self.hold_from is None else min(p, self.hold_from)  # rows below lo go ...
+            if self.keep_from is not None:
+                lo = min(lo, self.keep_from)  # ... unless kept from keep_from on
+            for q in [q for q in self.rows if q < lo]:
+                del self.rows[q]
         if self.vals is not None:
             self.vals[p, self.layout.scalar] = np.asarray(row, dtype=np.float32)[self.layout.scalar_cols]
         self.hi = max(self.hi, p + 1)
