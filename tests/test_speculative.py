@@ -319,3 +319,22 @@ def test_real_model_speculation_keeps_every_reward_and_guidance(otter_runtime, t
     plain_tr = gp(COPY, max_tokens=24, temperature=0)["choices"][0]["otter"]["tokens"]
     print(f"real model: guided tokens differ from unguided at {sum(x != y for x, y in zip(plain_tr, a['otter']['tokens']))}"
           f" of 24 positions")
+
+
+def test_speculation_past_n_batch_tokens(gguf_models):
+    """llama-cpp-python sizes its logits store from the logits_all argument (n_batch rows) although a draft
+    model turns logits_all on, so a context past n_batch tokens failed in eval; OtterLlama asks for
+    logits_all itself when given a draft model."""
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    from otter_gguf import OtterLlama
+
+    prompt = " ".join(["one two three four"] * 10)
+    path = str(gguf_models.otter("reward3"))
+    plain = OtterLlama(path, **LLAMA_KW)
+    spec = OtterLlama(path, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3), **LLAMA_KW)
+    assert len(spec.tokenize(prompt.encode())) > LLAMA_KW["n_batch"] + 20
+    want = plain(prompt, max_tokens=12, temperature=0)["choices"][0]
+    got = spec(prompt, max_tokens=12, temperature=0)["choices"][0]
+    assert got["otter"]["tokens"] == want["otter"]["tokens"]
+    np.testing.assert_allclose(got["otter"]["signals"], want["otter"]["signals"], rtol=1e-3, atol=2e-3)

@@ -94,6 +94,10 @@ class OtterLlama(Llama):
         **kwargs: Any,
     ):
         default_guidance = Guidance.coerce(guidance)
+        if kwargs.get("draft_model") is not None:
+            # llama-cpp-python turns logits_all on for a draft model but sizes `scores` from the argument
+            # (n_batch rows), so a context past n_batch tokens fails in eval; ask for it outright
+            kwargs["logits_all"] = True
         want_seq = 1 if n_seq_max is None else n_seq_max
         if isinstance(want_seq, bool) or not isinstance(want_seq, int) or want_seq < 1:
             raise ValueError(f"n_seq_max must be an integer >= 1, got {n_seq_max!r}")
