@@ -303,6 +303,15 @@ def test_real_model_speculation_keeps_every_reward_and_guidance(otter_runtime, t
         st = _stream_concat(spec(COPY, temperature=0, stream=True, **args))
         assert st[0] == o["tokens"] and st[2] == got["text"] and st[3] == got["finish_reason"]
         np.testing.assert_allclose(np.array(st[1], dtype=float), np.array(o["signals"], dtype=float), atol=1e-6)
+    # a draft model: DraftLlama on SmolLM2 itself (the smallest of its family; every greedy draft is the
+    # model's own choice up to the batch-shape rounding), rewards of the kept tokens
+    from otter_gguf import DraftLlama
+
+    dm = OtterLlama(str(path), draft_model=DraftLlama(str(base), num_pred_tokens=4, n_ctx=1024, n_threads=2), **kw)
+    d = dm(COPY, max_tokens=24, temperature=0)["choices"][0]["otter"]
+    sc = plain.score(tokens=ptoks + d["tokens"]).signals[len(ptoks):]
+    assert len(d["signals"]) == len(d["tokens"]) == 24
+    assert np.max(np.abs(np.array(d["signals"], dtype=float) - sc)) <= REAL_TOL
     # guided decoding with a token_reward head at speculative speed
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in (COPY, "The cat sat on the mat.\n") * 4))
