@@ -950,6 +950,14 @@ def test_tool_choice_auto_parses_what_the_model_writes(tool_server):
     chunks = [x.model_dump()["choices"][0] for x in c.chat.completions.create(stream=True, **kw)]
     assert "".join(x["delta"].get("content") or "" for x in chunks).strip() == "Checking."
     assert [d["function"]["name"] for x in chunks for d in (x["delta"].get("tool_calls") or [])] == ["get_time"]
+    # with tools and no call, a stream's text is all content, its end included (here the last chunk's own
+    # text: "</" may start the template's stop string "</s>", so it comes only with the end)
+    text = "Just text, no <tools> here </"
+    kw2 = dict(kw, extra_body={"repeat_penalty": 1.0, "grammar": 'root ::= "' + text + '"'})
+    chunks = [x.model_dump()["choices"][0] for x in c.chat.completions.create(stream=True, **kw2)]
+    assert "".join(x["delta"].get("content") or "" for x in chunks) == text
+    assert chunks[-1]["finish_reason"] == "stop"
+    assert c.chat.completions.create(**kw2).choices[0].message.content == text
     # without tools the same text is plain content
     plain = c.chat.completions.create(model="any", messages=ASK, max_tokens=150, temperature=0,
                                       extra_body={"repeat_penalty": 1.0, "grammar": g}).model_dump()["choices"][0]

@@ -200,3 +200,5 @@ def test_tool_calls_are_parsed_and_held_back_from_a_stream():
     st = ToolStream()
     assert st.push("a <tool") == "a " and st.push("kit") == "<toolkit"  # held only while it may start a call
     assert st.finish() == ("", [])
+    st = ToolStream()  # the stream's end: what push shows now and what finish gives are both shown
+    assert st.push("plain") + st.push(" end <tool")  == "plain end " and st.finish() == ("<tool", [])

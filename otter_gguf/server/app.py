@@ -551,8 +551,9 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
                     elif isinstance(ev, Done):
                         text, calls, reason = ev.text, None, ev.finish_reason
                         if held:
-                            held[i].push(ev.text)
-                            text, calls = held[i].finish()
+                            shown = held[i].push(ev.text)
+                            rest, calls = held[i].finish()
+                            text = shown + rest
                             reason = "tool_calls" if calls else reason
                         yield {"data": chunk(i, text, ev.otter, reason, lp=ev.logprobs, calls=calls)}
                         left -= 1
