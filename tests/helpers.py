@@ -20,6 +20,7 @@ library it loaded is not the patched runtime of patches/ (run ``make runtime``).
 from __future__ import annotations
 
 import ctypes
+import http.client
 import json
 import os
 import shutil
@@ -518,3 +519,55 @@ def wide_forward(base, config, ot, tokens):
     if hf_name(OT.HEAD, suffix=BIAS) in ot:
         signals = signals + ot[hf_name(OT.HEAD, suffix=BIAS)]
     return logits, signals
+
+
+# ---------------------------------------------------------------------------
+# otter-gguf serve on the tiny models (tests/test_serve*.py)
+# ---------------------------------------------------------------------------
+# the Python API's sampling defaults differ from the server request's (repeat_penalty 1.0 vs 1.1)
+SERVE_SAME = dict(temperature=0, extra_body={"repeat_penalty": 1.0})
+# signals of the same tokens from differently shaped decodes (batch, prefix reuse) round differently:
+# the tolerance of tests/test_api.py
+SERVE_TOL = dict(rtol=1e-3, atol=2e-3)
+
+
+def serve_tiny(path, **kw):
+    """(ServeConfig, started BackgroundServer) of ``otter-gguf serve`` on ``path`` (a small pool by default)."""
+    from otter_gguf.server import ServeConfig, create_app
+    from otter_gguf.server.background import BackgroundServer
+
+    cfg = ServeConfig(model=str(path), **{**dict(parallel=4, ctx_size=256, n_batch=64, threads=1), **kw})
+    return cfg, BackgroundServer(create_app(cfg)).start()
+
+
+def openai_client(s, key="unused"):
+    """The official openai client on a BackgroundServer."""
+    import openai
+
+    return openai.OpenAI(base_url=s.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def http_request(s, method, path, body=None, headers=None, raw=None):
+    """(status, headers, body bytes) of one raw HTTP request."""
+    conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    out = r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    conn.close()
+    return out
+
+
+def concat_blocks(blocks):
+    """The otter blocks of a stream joined (token lists concatenated)."""
+    keys = ("tokens", "token_texts", "text_offset", "signals", "rewards", "token_rewards")
+    out = {k: [] for k in keys if blocks and blocks[0].get(k) is not None}
+    for b in blocks:
+        for k in out:
+            out[k] += b[k]
+    return out
+
+
+#: the largest |completion reward - score() reward| on SmolLM2 Q4_1 + the demo head at q8_0 that the tests
+#: allow (measured 0.049 on the 2-core AMD EPYC by tests/test_batch_shapes.py; room for other kernels)
+REAL_REWARD_TOL = 0.1

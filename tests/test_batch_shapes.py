@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import LLAMA_KW
+from helpers import LLAMA_KW, REAL_REWARD_TOL
 
 PROMPTS = ["def add(a, b):\n    return", "The movie was", "Write a short review of a restaurant:"]
 # the largest |completion reward - score() reward| allowed; measured (2-core AMD EPYC, AVX2): synthetic
 # 2.8e-4 (reward3; base logits 1.5e-3), real 0.049 (base logits 1.17); the bounds leave room for other
 # kernels (AVX-512, other thread counts)
 SYNTHETIC_TOL = 2e-3
-REAL_TOL = 0.1
+REAL_TOL = REAL_REWARD_TOL
 
 
 def _logit_spread(path, toks) -> float:

@@ -3,30 +3,22 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 
 import numpy as np
 import pytest
 
 from helpers import LLAMA_KW
+from helpers import SERVE_SAME as SAME
+from helpers import SERVE_TOL as TOL
+from helpers import concat_blocks as _concat
+from helpers import http_request as _http
+from helpers import openai_client as _client
+from helpers import serve_tiny as _serve
 
 pytestmark = pytest.mark.runtime
 
 PROMPT = "The quick brown"
-# the Python API's sampling defaults differ from the server request's (repeat_penalty 1.0 vs 1.1)
-SAME = dict(temperature=0, extra_body={"repeat_penalty": 1.0})
-# signals of the same tokens from differently shaped decodes (batch, prefix reuse) round differently:
-# the tolerance of tests/test_api.py
-TOL = dict(rtol=1e-3, atol=2e-3)
-
-
-def _serve(path, **kw):
-    from otter_gguf.server import ServeConfig, create_app
-    from otter_gguf.server.background import BackgroundServer
-
-    cfg = ServeConfig(model=str(path), **{**dict(parallel=4, ctx_size=256, n_batch=64, threads=1), **kw})
-    return cfg, BackgroundServer(create_app(cfg)).start()
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +58,6 @@ def _python_api_path(path, **kw):
     return OtterLlama(str(path), **kw, **LLAMA_KW)
 
 
-def _client(s, key="unused"):
-    import openai
-
-    return openai.OpenAI(base_url=s.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
 def _capped(ref, max_tokens):
     """The Python API's choice as the server answers it. ``llama_cpp.Llama`` (and so OtterLlama, its drop-in)
     generates past ``max_tokens`` while the text ends inside a UTF-8 character; the server stops at
@@ -93,27 +79,6 @@ def _text(choice):
 def _assert_text(got, ref):
     """The served text is the reference's, or (reference run past max_tokens) the start of it."""
     assert _text(ref).startswith(_text(got)) if ref.get("prefix") else _text(got) == _text(ref)
-
-
-def _http(s, method, path, body=None, headers=None, raw=None):
-    """(status, headers, body bytes) of one raw HTTP request."""
-    conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    r = conn.getresponse()
-    out = r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    conn.close()
-    return out
-
-
-def _concat(blocks):
-    """The otter blocks of a stream joined (token lists concatenated)."""
-    keys = ("tokens", "token_texts", "text_offset", "signals", "rewards", "token_rewards")
-    out = {k: [] for k in keys if blocks and blocks[0].get(k) is not None}
-    for b in blocks:
-        for k in out:
-            out[k] += b[k]
-    return out
 
 
 # ---------------------------------------------------------------------------

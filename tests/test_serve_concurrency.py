@@ -1,8 +1,8 @@
 """otter-gguf serve under load: 8 clients x 25 mixed requests (streamed, non-streamed,
 guided, chat, scoring, mid-stream disconnects) against --parallel 4. Every answer must
-be the answer its request gets alone on a fresh server (no mixing; prompt prefixes are
-reused from the prompt cache), no 5xx, every sequence freed afterwards (the KV cache
-holding only what the prompt cache records), later answers unchanged, RSS flat."""
+be the answer its request gets alone on a fresh server (no mixing), no 5xx, every
+sequence freed afterwards, later answers unchanged, RSS flat (--no-cache-prompt: the
+prompt cache under concurrency is tests/test_serve_speculative.py's)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,10 @@ def test_eight_clients_mixed_requests_parallel_4(gguf_models):
     from otter_gguf.server import ServeConfig, create_app
     from otter_gguf.server.background import BackgroundServer
 
-    cfg = ServeConfig(model=str(gguf_models.otter("reward3")), parallel=4, ctx_size=256, n_batch=64, threads=1)
+    # no prompt cache: seeded sampling compares exact tokens, and reused prefixes change the decode shapes (and
+    # so the rounding) more; the cache under concurrency: tests/test_serve_speculative.py (greedy)
+    cfg = ServeConfig(model=str(gguf_models.otter("reward3")), parallel=4, ctx_size=256, n_batch=64, threads=1,
+                      cache_prompt=False)
     app = create_app(cfg)
     engine = app.state.server.engine
     with BackgroundServer(app) as s:
@@ -172,17 +175,14 @@ def test_eight_clients_mixed_requests_parallel_4(gguf_models):
                 break
             time.sleep(0.05)
         assert engine.active == 0 and engine.free_sequences == 4 and engine.queue_depth == 0
-        # the KV cache holds the prompt cache only: each free sequence exactly the tokens the engine
-        # records for it (what a later prompt may reuse), nothing of the guidance helpers
+        # the KV cache holds nothing
         mem = llama_cpp.llama_get_memory(app.state.server.llm._ctx.ctx)
-        held = {q: len(t) for q, (t, _) in engine._held.items()}
-        assert [llama_cpp.llama_memory_seq_pos_max(mem, q) + 1 for q in range(4)] == [held.get(q, 0) for q in range(4)]
-        assert all(llama_cpp.llama_memory_seq_pos_min(mem, q) in (0, -1) for q in range(4))
-        assert engine.cached_tokens > 0  # prompts did reuse prefixes under load
+        assert [llama_cpp.llama_memory_seq_pos_max(mem, q) for q in range(4)] == [-1] * 4
+        assert not engine._held and engine.cached_tokens == 0
         # later answers are those of the fresh server
         for name, (kind, body) in REQS.items():
             st, res = _call(s, kind, body)
-            assert st == 200 and _same(res, want[name], TOL), (name, res, want[name])
+            assert st == 200 and _same(res, want[name], dict(rtol=0, atol=1e-5)), (name, res, want[name])
         rss1 = _rss_mib()
         assert rss1 <= rss0 * 1.05, (rss0, rss1)
         print(f"200 requests in {elapsed:.1f} s, RSS {rss0:.0f} -> {rss1:.0f} MiB")

@@ -12,7 +12,12 @@ import threading
 import numpy as np
 import pytest
 
-from test_serve import SAME, TOL, _client, _concat, _http, _serve
+from helpers import SERVE_SAME as SAME
+from helpers import SERVE_TOL as TOL
+from helpers import concat_blocks as _concat
+from helpers import http_request as _http
+from helpers import openai_client as _client
+from helpers import serve_tiny as _serve
 
 pytestmark = pytest.mark.runtime
 

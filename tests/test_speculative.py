@@ -273,7 +273,7 @@ def test_real_model_speculation_keeps_every_reward_and_guidance(otter_runtime, t
     from otter_gguf import OtterLlama
     from otter_gguf.demo import smollm2 as demo
     from otter_gguf_converter import convert
-    from test_batch_shapes import REAL_TOL
+    from helpers import REAL_REWARD_TOL as REAL_TOL
 
     base = demo.model_path(quiet=True)
     path = convert(demo.ADAPTER_DIR, base, tmp_path / "smol.gguf", outtype="q8_0", progress=False)
