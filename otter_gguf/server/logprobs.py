@@ -22,7 +22,7 @@ non-streamed answer, and they stay aligned with the ``otter`` block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from llama_cpp import Llama
@@ -103,8 +103,3 @@ class TokenLogprobs:
 def to_chat(lp: Optional[dict]) -> Optional[dict]:
     """Chat-shaped logprobs of completion-shaped ones (llama-cpp-python's conversion)."""
     return _convert_text_completion_logprobs_to_chat(lp) if lp is not None else None
-
-
-def prompt_entries(rows: Sequence[np.ndarray], tokens: Sequence[int], n: int) -> List[Entry]:
-    """Entries of ``tokens[1:]`` from the logits ``rows`` of positions ``0 .. len(tokens) - 2``."""
-    return [entry(rows[j], tokens[j + 1], n) for j in range(len(tokens) - 1)]
