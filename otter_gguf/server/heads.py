@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
-from otter_gguf.runtime.signals import TOKEN_REWARD_SIGNAL, OtterHead
+from otter_gguf.runtime.signals import OtterHead, head_signal_names
 
 __all__ = ["HeadSelection", "model_heads", "select"]
 
@@ -51,10 +51,7 @@ class HeadSelection:
     @property
     def signal_names(self) -> List[str]:
         """The chosen heads' names in the served naming (``head/signal`` with several heads)."""
-        if len(self.heads) == 1:
-            return list(self.heads[0].signal_names) if self.heads[0].head_kind != TOKEN_REWARD_SIGNAL else []
-        return [f"{h.name}/{n}" for h in self.heads if h.name in self.chosen
-                for n in ([TOKEN_REWARD_SIGNAL] if h.head_kind == TOKEN_REWARD_SIGNAL else h.signal_names)]
+        return [n for n in head_signal_names(self.heads) if self.owns(n)]
 
     def owns(self, signal: str) -> bool:
         """True when the served signal name ``signal`` belongs to a chosen head."""
