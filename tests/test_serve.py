@@ -346,10 +346,11 @@ def test_bad_requests_are_400_with_a_message(server, path, body, msg):
     assert msg in err["message"] and err["type"] == "invalid_request_error" and err["code"] == 400
 
 
-def test_any_model_name_is_answered_by_the_served_model(server):
+def test_any_model_name_is_answered_by_the_served_model(exact_server):
     """The openai client always sends a model name and apps hard-code theirs: a one-model server
     answers any name with its model (llama-server, llama-cpp-python's server); responses and
-    /v1/models name the real id."""
+    /v1/models name the real id. (The server without the prompt cache: the same shapes, the same values.)"""
+    server = exact_server
     c = _client(server)
     want = c.completions.create(model=server.cfg.name, prompt=PROMPT, max_tokens=4, **SAME).model_dump()
     for name in ("gpt-4o-mini", "llama3:8b", "other"):
