@@ -248,8 +248,9 @@ def test_portable_plan_is_x86_64_v3_whatever_this_cpu_has(monkeypatch: pytest.Mo
     args = a.cmake_args
     assert args[:6] == rb._BASE_CMAKE_ARGS and args[6] == "-DGGML_NATIVE=OFF"
     assert sorted(args[7:7 + 13]) == sorted(_V3_ON + _V3_OFF)
-    # CMAKE_ARGS (Metal/CUDA/BLAS) still come after ours, the series last
-    assert args[20:] == ["-DGGML_BLAS=ON", "-DGGML_BLAS_VENDOR=OpenBLAS", f"-DLLAMA_OTTER_SERIES={rb.series_id()}"]
+    # the default backends' options (the RPC backend), then CMAKE_ARGS (Metal/CUDA/BLAS) after ours, the series last
+    assert args[20:] == ["-DGGML_RPC=ON", "-DGGML_BLAS=ON", "-DGGML_BLAS_VENDOR=OpenBLAS",
+                         f"-DLLAMA_OTTER_SERIES={rb.series_id()}"]
     # a native plan on an AVX-512 machine differs (and so does its cache key)
     native = rb.plan_build()
     assert "-DGGML_AVX512=ON" in native.cmake_args and native.key != a.key and not native.portable
@@ -331,11 +332,57 @@ def test_build_skips_the_common_library_the_package_never_loads(tmp_path: Path,
     text = (tmp_path / "CMakeLists.txt").read_text()
     assert 'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "Build llama.cpp common library" FORCE)' in text
     assert "LLAMA_BUILD_COMMON ON" not in text
+    # the RPC server (tools/rpc, ggml only) is built and installed beside the libraries when GGML_RPC is on
+    assert text.index("add_subdirectory(vendor/llama.cpp/tools/rpc") > text.index("add_subdirectory(vendor/llama.cpp)\n")
+    assert "llama_cpp_python_install_target(ggml-rpc-server)" in text
     with pytest.raises(rb.RuntimeBuildInputError, match="not the llama-cpp-python 0.3.36 sdist"):
         rb.edit_sdist(tmp_path)
     key = rb.plan_build("").key
     monkeypatch.setattr(rb, "_SDIST_EDITS", ())
     assert rb.plan_build("").key != key
+
+
+def test_backends_choose_the_cmake_options_and_the_cache_key() -> None:
+    default = rb.plan_build("")
+    assert default.backends == ("cpu", "rpc") and "-DGGML_RPC=ON" in default.cmake_args
+    cpu = rb.plan_build("", backends=["cpu"])
+    assert cpu.backends == ("cpu",) and not any("GGML_RPC" in a for a in cpu.cmake_args) and cpu.key != default.key
+    vk = rb.plan_build("", backends=["vulkan", "rpc"])  # the CPU always in, the order fixed
+    assert vk.backends == ("cpu", "rpc", "vulkan") and "-DGGML_VULKAN=ON" in vk.cmake_args
+    assert vk.key not in (default.key, cpu.key)
+    assert rb.plan_build("", backends=["rpc", "vulkan"]).key == vk.key
+    assert "-DGGML_CUDA=ON" in rb.plan_build("", backends=["cuda"]).cmake_args
+    assert "-DGGML_METAL=ON" in rb.plan_build("", backends=["metal"]).cmake_args
+    with pytest.raises(rb.RuntimeBuildInputError, match="unknown backend 'opencl': expected one or more of cpu, rpc"):
+        rb.plan_build("", backends=["opencl"])
+
+
+def test_cli_unknown_backend_exits_2() -> None:
+    res = subprocess.run([sys.executable, "-m", "otter_gguf.cli", "build-runtime", "--backend", "cpu,opencl",
+                          "--no-install"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown backend 'opencl'" in res.stderr, res.stderr
+
+
+def test_vulkan_build_guards_the_layer_settings_block(tmp_path: Path) -> None:
+    """With --backend vulkan the vk::LayerSettingEXT lines of ggml-vulkan.cpp (Vulkan headers 1.3.261+) compile
+    only where the headers declare VK_EXT_layer_settings, with a plain InstanceCreateInfo otherwise."""
+    sdist_root = pinned_llama_cpp_source().parents[1]
+    shutil.copy(sdist_root / "CMakeLists.txt", tmp_path / "CMakeLists.txt")
+    vk = tmp_path / rb._VULKAN_SOURCE
+    vk.parent.mkdir(parents=True)
+    original = (sdist_root / rb._VULKAN_SOURCE).read_text()
+    vk.write_text(original)
+    rb.edit_sdist(tmp_path, ("cpu",))
+    assert vk.read_text() == original  # not touched without the Vulkan backend
+    shutil.copy(sdist_root / "CMakeLists.txt", tmp_path / "CMakeLists.txt")
+    rb.edit_sdist(tmp_path, ("cpu", "vulkan"))
+    text = vk.read_text()
+    guarded = text[text.index("#if defined(VK_EXT_layer_settings)"):]
+    guarded = guarded[:guarded.index("#endif") + len("#endif")]
+    assert "vk::LayerSettingEXT" in guarded and "#else" in guarded
+    assert "vk::LayerSettingEXT" not in text.replace(guarded, "")
+    assert rb._VULKAN_INSTANCE_INFO_PLAIN in guarded
+    assert rb.plan_build("", backends=["vulkan"]).key != rb.plan_build("", backends=["cpu", "rpc"]).key
 
 
 def test_progress_names_the_file_of_each_step() -> None:

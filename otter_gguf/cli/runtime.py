@@ -18,6 +18,10 @@ from otter_gguf.runtime import build as rb
 @click.option("--portable", is_flag=True,
               help="Build for a baseline ISA (x86-64-v3: AVX2/FMA/F16C/BMI2, no AVX-512) instead of this "
                    "machine's, so the wheel runs on any such machine.")
+@click.option("--backend", "backends", multiple=True, metavar="NAME",
+              help=f"A ggml backend to build, repeatable or comma-separated: {', '.join(rb.BACKENDS)} "
+                   f"(default: {','.join(rb.DEFAULT_BACKENDS)}; the CPU backend is always built). "
+                   "Part of the cache key.")
 @click.option("--wheel-out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also copy the built wheel to this directory (to install it on other machines).")
 @click.option("--no-install", is_flag=True, help="Build (or take from the cache) the wheel but do not install it.")
@@ -25,7 +29,8 @@ from otter_gguf.runtime import build as rb
               help="Instead of building: lay out the pristine source with the series applied "
                    "as git commits in this directory (see CONTRIBUTING.md).")
 def build_runtime_command(check: bool, force: bool, cmake_args: str | None, portable: bool,
-                          wheel_out: Path | None, no_install: bool, dev_source: Path | None) -> None:
+                          backends: tuple[str, ...], wheel_out: Path | None, no_install: bool,
+                          dev_source: Path | None) -> None:
     """Build the patched llama.cpp runtime (llama-cpp-python) and install it here.
 
     The wheel is cached (see `otter-gguf doctor` for where); progress goes to
@@ -48,8 +53,9 @@ def build_runtime_command(check: bool, force: bool, cmake_args: str | None, port
                        f"this package's patch series ({rb.patches_dir()}) is {want}; "
                        "run `otter-gguf build-runtime`")
             raise SystemExit(1)
+        chosen = [name.strip() for value in backends for name in value.split(",") if name.strip()]
         rb.build_runtime(cmake_args, force=force, portable=portable, wheel_out=wheel_out,
-                         install=not no_install)
+                         install=not no_install, backends=chosen or None)
     except rb.RuntimeBuildInputError as e:
         click.echo(f"Error: {e}", err=True)
         raise SystemExit(2) from None

@@ -50,7 +50,36 @@ _BASE_CMAKE_ARGS = [
 # steps (chat parsers, argument parser, downloader) are skipped by turning that line off in the
 # extracted sdist before the build. Part of the cache key.
 _SDIST_COMMON_LINE = 'set(LLAMA_BUILD_COMMON ON CACHE BOOL "Build llama.cpp common library" FORCE)'
-_SDIST_EDITS = ("llama-common off",)
+# llama.cpp builds its RPC server (tools/rpc, links ggml only) with the other tools, which need the common
+# library; the sdist edit adds that one directory after llama.cpp's and installs the server beside the
+# libraries (llama_cpp/lib/ggml-rpc-server), when GGML_RPC is on.
+_SDIST_ANCHOR_LINE = "add_subdirectory(vendor/llama.cpp)\n"
+_SDIST_RPC_SERVER = """
+# otter-gguf: the RPC backend's server, built from the same patched source, beside the libraries
+if (GGML_RPC)
+    add_subdirectory(vendor/llama.cpp/tools/rpc ${CMAKE_BINARY_DIR}/otter-gguf-rpc-server)
+    llama_cpp_python_install_target(ggml-rpc-server)
+endif()
+"""
+_SDIST_EDITS = ("llama-common off", "rpc-server installed")
+
+# ggml-vulkan.cpp creates its instance with vk::LayerSettingEXT (VK_EXT_layer_settings, Vulkan headers
+# 1.3.261+); Debian 12's vulkan.hpp is 1.3.239. With --backend vulkan that block is compiled only where
+# the headers declare the extension (the layer settings only tune the validation layer).
+_VULKAN_SOURCE = Path("vendor/llama.cpp/ggml/src/ggml-vulkan/ggml-vulkan.cpp")
+_VULKAN_EDITS = ("layer settings guarded by VK_EXT_layer_settings",)
+
+#: ``--backend`` names -> the CMake options that turn them on (the CPU backend is always built)
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "cpu": (),
+    "rpc": ("-DGGML_RPC=ON",),
+    "vulkan": ("-DGGML_VULKAN=ON",),
+    "cuda": ("-DGGML_CUDA=ON",),
+    "metal": ("-DGGML_METAL=ON",),
+}
+#: what ``build-runtime`` builds without ``--backend``: the CPU backend and the RPC client and server
+#: (a small one-file backend, so a model splits over machines and ``make test`` checks that)
+DEFAULT_BACKENDS = ("cpu", "rpc")
 
 # x86 flags we map from /proc/cpuinfo to ggml's CMake options. AMX is never
 # enabled: with AMX, K-quant prompt processing segfaults (llama.cpp #20824).
@@ -178,6 +207,22 @@ def _is_x86_64() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def backend_cmake_args(backends: tuple[str, ...] | list[str]) -> list[str]:
+    """The CMake options of ``backends`` (names of :data:`BACKENDS`), in a fixed order."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise RuntimeBuildInputError(f"unknown backend {', '.join(map(repr, unknown))}: expected one or more of "
+                                     f"{', '.join(BACKENDS)}")
+    return [opt for name, opts in BACKENDS.items() if name in backends for opt in opts]
+
+
+def normalize_backends(backends: tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """``backends`` (None: :data:`DEFAULT_BACKENDS`) in :data:`BACKENDS` order, the CPU always in."""
+    chosen = set(DEFAULT_BACKENDS if not backends else backends) | {"cpu"}
+    backend_cmake_args(tuple(chosen))  # names checked
+    return tuple(name for name in BACKENDS if name in chosen)
+
+
 def default_cmake_args(portable: bool = False) -> list[str]:
     """Flags that are safe on this machine (``portable``: on any x86-64-v3
     machine): explicit ISA options, ``GGML_NATIVE=OFF``, never AMX."""
@@ -207,47 +252,76 @@ class BuildPlan:
     cmake_args: list[str]
     key: str
     portable: bool = False
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
 
     @property
     def marker(self) -> str:
         return SERIES_PREFIX + self.series
 
 
-def plan_build(user_cmake_args: str | None = None, portable: bool = False) -> BuildPlan:
-    """The build for this machine (``portable``: for any x86-64-v3 machine).
+def plan_build(user_cmake_args: str | None = None, portable: bool = False,
+               backends: tuple[str, ...] | list[str] | None = None) -> BuildPlan:
+    """The build for this machine (``portable``: for any x86-64-v3 machine) with
+    ``backends`` (default :data:`DEFAULT_BACKENDS`).
 
     On a CPU whose flags are exactly the x86-64-v3 set the native options are the
     portable ones: the two plans are one (same key, ``portable`` true), so one
     cached wheel serves both and ``--wheel-out`` writes that wheel either way."""
     series = series_id()
+    backends = normalize_backends(backends)
     user = user_cmake_args if user_cmake_args is not None else os.environ.get("CMAKE_ARGS", "")
     ours = default_cmake_args(portable)
     portable = portable or (_is_x86_64() and ours == default_cmake_args(portable=True))
     # ours first: a user's -D option given later overrides ours in CMake
-    args = ours + user.split() + [f"-DLLAMA_OTTER_SERIES={series}"]
+    args = ours + backend_cmake_args(backends) + user.split() + [f"-DLLAMA_OTTER_SERIES={series}"]
     ident = {
         "llama-cpp-python": LLAMA_CPP_PYTHON_VERSION,
         "series": series,
         "cmake_args": args,
         "python": f"cp{sys.version_info.major}{sys.version_info.minor}",
         "machine": f"{sys.platform}-{platform.machine()}",
-        "sdist_edits": list(_SDIST_EDITS),
+        "sdist_edits": list(_SDIST_EDITS) + (list(_VULKAN_EDITS) if "vulkan" in backends else []),
     }
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    return BuildPlan(series=series, cmake_args=args, key=key, portable=portable)
+    return BuildPlan(series=series, cmake_args=args, key=key, portable=portable, backends=backends)
 
 
 # -- build / install ----------------------------------------------------------
 
 
-def edit_sdist(sdist_root: Path) -> None:
-    """Build only what llama-cpp-python loads: turn the forced common library off (:data:`_SDIST_EDITS`)."""
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    if text.count(old) != 1:
+        raise RuntimeBuildInputError(f"{path} has no single {old.strip()!r}: this is not the "
+                                     f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist the build expects")
+    path.write_text(text.replace(old, new))
+
+
+# the instance-creation lines of ggml-vulkan.cpp that use vk::LayerSettingEXT (see _VULKAN_EDITS)
+_VULKAN_LAYER_SETTINGS_START = "    std::vector<vk::LayerSettingEXT> settings = {"
+_VULKAN_INSTANCE_INFO = ("    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, "
+                         "extensions, &layer_setting_info);\n")
+_VULKAN_INSTANCE_INFO_PLAIN = ("    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, "
+                               "extensions);\n")
+
+
+def edit_sdist(sdist_root: Path, backends: tuple[str, ...] = DEFAULT_BACKENDS) -> None:
+    """Build only what llama-cpp-python loads, plus the RPC server (:data:`_SDIST_EDITS`);
+    with the Vulkan backend, guard its use of newer Vulkan headers (:data:`_VULKAN_EDITS`)."""
     cmake = sdist_root / "CMakeLists.txt"
-    text = cmake.read_text()
-    if _SDIST_COMMON_LINE not in text:
-        raise RuntimeBuildInputError(f"{cmake} has no line {_SDIST_COMMON_LINE!r}: this is not the "
-                                f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist the build expects")
-    cmake.write_text(text.replace(_SDIST_COMMON_LINE, _SDIST_COMMON_LINE.replace(" ON ", " OFF ")))
+    _edit(cmake, _SDIST_COMMON_LINE, _SDIST_COMMON_LINE.replace(" ON ", " OFF "))
+    _edit(cmake, _SDIST_ANCHOR_LINE, _SDIST_ANCHOR_LINE + _SDIST_RPC_SERVER)
+    if "vulkan" in backends:
+        vk = sdist_root / _VULKAN_SOURCE
+        text = vk.read_text()
+        start = text.find(_VULKAN_LAYER_SETTINGS_START)
+        end = text.find(_VULKAN_INSTANCE_INFO, start)
+        if start < 0 or end < 0:
+            raise RuntimeBuildInputError(f"{vk} has no vk::LayerSettingEXT block: this is not the "
+                                         f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist the build expects")
+        end += len(_VULKAN_INSTANCE_INFO)
+        vk.write_text(text[:start] + "#if defined(VK_EXT_layer_settings)\n" + text[start:end] + "#else\n"
+                      + "    (void) enable_best_practice;\n" + _VULKAN_INSTANCE_INFO_PLAIN + "#endif\n" + text[end:])
 
 
 def _check_toolchain() -> None:
@@ -424,7 +498,7 @@ def build_wheel(plan: BuildPlan, stream=None) -> Path:
             src = extract_sdist(sdist, Path(tmp) / SDIST_NAME)
         progress.say(f"applying {len(patches)} patch(es) from {patches[0].parent}")
         apply_series(src / "vendor" / "llama.cpp", patches)
-        edit_sdist(src)
+        edit_sdist(src, plan.backends)
         out = Path(tmp) / "dist"
         env = dict(os.environ)
         env["CMAKE_ARGS"] = " ".join(plan.cmake_args)
@@ -449,7 +523,8 @@ def build_wheel(plan: BuildPlan, stream=None) -> Path:
         final = wheel_dir / wheels[0].name
         os.replace(tmp_wheel, final)
         (wheel_dir / "build.json").write_text(json.dumps(
-            {"series": plan.series, "cmake_args": plan.cmake_args, "portable": plan.portable}, indent=1))
+            {"series": plan.series, "cmake_args": plan.cmake_args, "portable": plan.portable,
+             "backends": list(plan.backends)}, indent=1))
         progress.say(f"built {final.name} in {took}")
     return final
 
@@ -482,7 +557,7 @@ def install_wheel(wheel: Path, plan: BuildPlan) -> None:
     stamp = _stamp_path()
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps({"key": plan.key, "series": plan.series, "wheel": wheel.name,
-                                 "portable": plan.portable}))
+                                 "portable": plan.portable, "backends": list(plan.backends)}))
 
 
 def keep_wheel(wheel: Path, out_dir: Path) -> Path:
@@ -495,10 +570,12 @@ def keep_wheel(wheel: Path, out_dir: Path) -> Path:
 
 
 def build_runtime(user_cmake_args: str | None = None, force: bool = False, portable: bool = False,
-                  wheel_out: Path | None = None, install: bool = True) -> BuildPlan:
-    """Build (or take from the cache) the runtime wheel; install it unless ``install`` is False;
-    copy it to ``wheel_out`` when given."""
-    plan = plan_build(user_cmake_args, portable=portable)
+                  wheel_out: Path | None = None, install: bool = True,
+                  backends: tuple[str, ...] | list[str] | None = None) -> BuildPlan:
+    """Build (or take from the cache) the runtime wheel with ``backends`` (default
+    :data:`DEFAULT_BACKENDS`); install it unless ``install`` is False; copy it to
+    ``wheel_out`` when given."""
+    plan = plan_build(user_cmake_args, portable=portable, backends=backends)
     stamp = _stamp_path()
     if install and wheel_out is None and not force and stamp.is_file():
         try:
