@@ -13,6 +13,7 @@ from otter_gguf.cli.bench import bench_command
 from otter_gguf.cli.convert import convert_command, inspect_command, merge_command, split_command
 from otter_gguf.cli.doctor import doctor_command
 from otter_gguf.cli.eval import eval_command
+from otter_gguf.cli.rpc import rpc_server_command
 from otter_gguf.cli.run import run_command, score_command
 from otter_gguf.cli.runtime import build_runtime_command
 from otter_gguf.cli.serve import serve_command
@@ -31,7 +32,8 @@ def main(verbose: bool) -> None:
 
 
 for _command in (build_runtime_command, convert_command, inspect_command, run_command, score_command,
-                 eval_command, bench_command, train_command, split_command, merge_command, serve_command):
+                 eval_command, bench_command, train_command, split_command, merge_command, serve_command,
+                 rpc_server_command):
     main.add_command(_command)
 main.add_command(doctor_command)
 

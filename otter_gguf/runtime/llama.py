@@ -26,6 +26,7 @@ docs/API.md. This class wires llama-cpp-python's hooks (``eval``, ``generate``,
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import os
 import weakref
@@ -39,7 +40,7 @@ import llama_cpp.llama_cpp as llama_cpp_lib
 from llama_cpp import Llama
 from llama_cpp.llama import LogitsProcessorList
 
-from otter_gguf.runtime import capi, guided
+from otter_gguf.runtime import backends, capi, guided
 from otter_gguf.runtime import score as scoring
 from otter_gguf.runtime.capi import otter_runtime_available
 from otter_gguf.runtime.completion import CompletionAssembler, CompletionRun, kept_evaluated, record
@@ -90,6 +91,7 @@ class OtterLlama(Llama):
         guidance: Union[Guidance, dict, None] = None,
         otter_full_signals: Optional[bool] = None,
         otter_heads: Union[Sequence[Union[str, "os.PathLike[str]"]], Dict[str, Any], None] = None,
+        rpc_servers: Union[str, Sequence[str], None] = None,
         _signal_source: Optional[Callable[["OtterLlama"], SignalSource]] = None,
         **kwargs: Any,
     ):
@@ -118,6 +120,11 @@ class OtterLlama(Llama):
             if fa.lower() == "auto":
                 overrides["flash_attn_type"] = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         self._otter_ctx_overrides = overrides
+        self.rpc_servers = backends.parse_rpc_servers(rpc_servers)
+        self._otter_devices = None  # NULL-terminated ggml_backend_dev_t array of the model (rpc_servers)
+        if self.rpc_servers:
+            devs = backends.rpc_model_devices(self.rpc_servers)  # ValueError naming an unreachable server
+            self._otter_devices = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
         self._otter_head_paths = _head_paths(otter_heads)
         self._otter_adapters: List[Any] = []  # (name, llama_adapter_otter *) loaded for the model
         self._otter_requested = bool(otter)
@@ -184,6 +191,19 @@ class OtterLlama(Llama):
     @context_params.setter
     def context_params(self, value) -> None:
         self.__dict__["_otter_cparams"] = value
+
+    # -- model parameter hook: the devices of rpc_servers (llama-cpp-python leaves `devices` NULL)
+    @property
+    def model_params(self):
+        mp = self.__dict__["_otter_mparams"]
+        devs = self.__dict__.get("_otter_devices")
+        if devs is not None:
+            mp.devices = ctypes.cast(devs, ctypes.c_void_p)
+        return mp
+
+    @model_params.setter
+    def model_params(self, value) -> None:
+        self.__dict__["_otter_mparams"] = value
 
     def _otter_load_heads(self) -> None:
         """Load the ``otter_heads`` adapter GGUFs for the model (checked against the base first);
@@ -546,6 +566,7 @@ class OtterLlama(Llama):
     def __getstate__(self):
         d = super().__getstate__()
         d.update(otter=self._otter_requested, n_seq_max=self._otter_n_seq_max_arg,
+                 rpc_servers=",".join(self.rpc_servers) or None,
                  otter_heads={n: p for (n, _), (_, p) in zip(self._otter_adapters, self._otter_head_paths)} or None,
                  guidance=self._otter_guidance_arg, otter_full_signals=self.otter_full_signals)
         fa = self._otter_ctx_overrides.get("flash_attn_type")

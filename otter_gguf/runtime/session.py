@@ -39,18 +39,24 @@ def _ll():
 
 
 class Model:
-    """A ``llama_model`` loaded from ``path`` (default model parameters unless ``params``).
+    """A ``llama_model`` loaded from ``path`` (default model parameters unless ``params``; the
+    offload keywords of :func:`otter_gguf.runtime.backends.model_params` set them otherwise).
 
     ``has_otter`` / ``n_out``: the model's own Otter head (a one-file Otter GGUF), if any.
     A ValueError if llama.cpp refuses the file (its error log says why)."""
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"], *, params: Any = None, verbose: bool = False):
+    def __init__(self, path: Union[str, "os.PathLike[str]"], *, params: Any = None, verbose: bool = False,
+                 **offload: Any):
         from llama_cpp import _internals
+
+        from otter_gguf.runtime.backends import model_params
 
         ll = _ll()
         self.path = os.fspath(path)
-        self._model = _internals.LlamaModel(path_model=self.path, params=params or ll.llama_model_default_params(),
-                                            verbose=verbose)
+        if params is None:
+            params = model_params(**offload)  # n_gpu_layers, split_mode, main_gpu, tensor_split, rpc_servers
+        self._params = params
+        self._model = _internals.LlamaModel(path_model=self.path, params=params, verbose=verbose)
         self.ptr = self._model.model
         self.vocab = self._model.vocab
         self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))

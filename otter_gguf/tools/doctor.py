@@ -39,17 +39,13 @@ out["series"] = series().decode() if series else None
 m.llama_backend_init()
 info = fn("llama_print_system_info", ctypes.c_char_p)
 out["system_info"] = info().decode() if info else ""
-regs, devs = [], []
-count, get, name = (fn("ggml_backend_reg_count", ctypes.c_size_t), fn("ggml_backend_reg_get", ctypes.c_void_p,
-                    ctypes.c_size_t), fn("ggml_backend_reg_name", ctypes.c_char_p, ctypes.c_void_p))
-if count and get and name:
-    regs = [name(get(i)).decode() for i in range(count())]
-count, get = fn("ggml_backend_dev_count", ctypes.c_size_t), fn("ggml_backend_dev_get", ctypes.c_void_p, ctypes.c_size_t)
-name, desc = (fn("ggml_backend_dev_name", ctypes.c_char_p, ctypes.c_void_p),
-              fn("ggml_backend_dev_description", ctypes.c_char_p, ctypes.c_void_p))
-if count and get and name and desc:
-    devs = [f"{name(get(i)).decode()} ({desc(get(i)).decode()})" for i in range(count())]
-out["backends"], out["devices"] = regs, devs
+from otter_gguf.runtime import backends
+out["backends"] = backends.backend_names()
+out["devices"] = [f"{d.name} ({d.description}, {d.type}, {d.memory_total // 2**20} MiB)" for d in backends.devices()]
+try:
+    out["rpc_server"] = str(backends.rpc_server_binary())
+except FileNotFoundError:
+    out["rpc_server"] = None
 print(json.dumps(out))
 """
 
@@ -203,11 +199,14 @@ def format_report(r: Report) -> str:
         lines.append(f"  {'library':17} {r.runtime['library']}")
         lines.append(f"  {'ggml backends':17} {', '.join(r.runtime.get('backends') or []) or '-'}")
         lines.append(f"  {'devices':17} {', '.join(r.runtime.get('devices') or []) or '-'}")
+        lines.append(f"  {'rpc-server':17} {r.runtime.get('rpc_server') or '- (build with --backend rpc)'}")
         lines.append(f"  {'CPU features':17} {' '.join(r.cpu_features) or '-'}")
     else:
         lines.append(f"  {'runtime series':17} - ({r.runtime_error})")
     if r.stamp:
         kind = "portable (x86-64-v3)" if r.stamp.get("portable") else "this machine's ISA"
+        if r.stamp.get("backends"):
+            kind += ", --backend " + ",".join(r.stamp["backends"])
         lines.append(f"  {'installed wheel':17} {r.stamp.get('wheel')} ({kind}, build key {r.stamp.get('key')})")
     lines.append("cache:")
     lines.append(f"  {'location':17} {r.cache}")
