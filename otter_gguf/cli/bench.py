@@ -9,6 +9,7 @@ from typing import List
 import click
 
 from otter_gguf.cli.errors import UserError
+from otter_gguf.cli.offload import offload_options, pop_offload
 from otter_gguf.tools import bench
 
 
@@ -39,8 +40,9 @@ def _csv(s: str) -> List[str]:
 @click.option("--sweep-repeats", type=int, default=None, help="repeats of the sweeps [default: --repeats]")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=bench.DEFAULT_CACHE,
               show_default=True, help="where the generated models are kept (never in the repository)")
+@offload_options
 def bench_command(quick, models, types, repeats, json_out, sections, configs, threads, n_prompt, n_decode, top_k,
-                  ctx_lengths, ctx_decode, d2_values, sweep_type, sweep_repeats, cache_dir):
+                  ctx_lengths, ctx_decode, d2_values, sweep_type, sweep_repeats, cache_dir, **offload):
     """Benchmark Otter against base-only and a separate reward model (speed, RSS, bytes)."""
     models_l = _csv(models) if models else (["tiny"] if quick else ["1b", "demo"])
     for m in models_l:
@@ -66,7 +68,7 @@ def bench_command(quick, models, types, repeats, json_out, sections, configs, th
             top_k=top_k, ctx_lengths=[int(x) for x in _csv(ctx_lengths)] if ctx_lengths else
             ([32, 64] if quick else [256, 512, 1024, 2048, 4096]), ctx_decode=ctx_decode or (4 if quick else 16),
             d2_values=[int(x) for x in _csv(d2_values)] if d2_values else None, sweep_type=sweep_type,
-            sweep_repeats=sweep_repeats)
+            sweep_repeats=sweep_repeats, offload=pop_offload(offload))
     except bench.BenchError as e:
         raise UserError(str(e)) from None
     text = bench.format_report(report)

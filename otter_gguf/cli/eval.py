@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from otter_gguf.cli.errors import UserError, reported
+from otter_gguf.cli.offload import offload_options, pop_offload
 from otter_gguf.tools import eval as ev
 
 
@@ -30,9 +31,10 @@ from otter_gguf.tools import eval as ev
               help="KV cache type of every runtime model (f32 isolates the weight quantization).")
 @click.option("--keep-gguf", is_flag=True, help="Keep the per-type GGUFs in OUT/gguf/.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@offload_options
 def eval_command(model: Path, adapter_dir: Path, base_dir: Path, types: str, prompts: Path | None,
                  out_dir: Path, threads: int | None, kv_type: str, keep_gguf: bool,
-                 no_progress: bool) -> None:
+                 no_progress: bool, **offload) -> None:
     """Signal error and main-logit KLD of MODEL.gguf's quantizations.
 
     MODEL.gguf is the unquantized (f32, or f16/bf16) GGUF of the base, plain
@@ -50,9 +52,10 @@ def eval_command(model: Path, adapter_dir: Path, base_dir: Path, types: str, pro
         type_list = ev.parse_types(types)
     except ev.EvalError as e:
         raise click.BadParameter(str(e), param_hint="--types") from None
+    offload_kw = pop_offload(offload)
     with reported("eval", ev.EvalError, ConvertError, AdapterError, RefError):
         report = ev.evaluate(model, adapter_dir, base_dir, types=type_list, prompts=prompts,
-                             threads=threads, kv_type=kv_type,
+                             threads=threads, kv_type=kv_type, offload=offload_kw,
                              keep_dir=(out_dir / "gguf") if keep_gguf else None,
                              progress=not no_progress)
     try:

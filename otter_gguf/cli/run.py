@@ -2,7 +2,7 @@
 
 Context flags are named as llama.cpp's tools name them (--ctx-size,
 --threads, --batch-size, --flash-attn, --cache-type-k, --cache-type-v,
---seed). Bad use exits with status 2 and a one-line reason. llama_cpp is
+--seed; the offload flags -ngl, -sm, -mg, -ts, --rpc: cli/offload.py). Bad use exits with status 2 and a one-line reason. llama_cpp is
 imported only when a command runs.
 """
 
@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Sequence
 
 import click
 
+from otter_gguf.cli.offload import offload_options, pop_offload
 from otter_gguf.format.constants import HeadKind
 
 # KV cache types llama.cpp accepts for --cache-type-k/-v (ggml_type ids)
@@ -59,7 +60,7 @@ def _context_options(f):
     ]
     for o in reversed(opts):
         f = o(f)
-    return f
+    return offload_options(f)
 
 
 _head_option = click.option(
@@ -69,7 +70,7 @@ _head_option = click.option(
 
 
 def _load(model: str, *, ctx_size, threads, batch_size, flash_attn, cache_type_k, cache_type_v, seed,
-          guidance=None, otter: bool = True, heads: Sequence[str] = ()):
+          guidance=None, otter: bool = True, heads: Sequence[str] = (), offload: Optional[dict] = None):
     from otter_gguf.cli import logs
     from otter_gguf.runtime.llama import OtterLlama
 
@@ -78,7 +79,7 @@ def _load(model: str, *, ctx_size, threads, batch_size, flash_attn, cache_type_k
         ctx_size = _default_ctx(model)
     kw: dict[str, Any] = dict(n_ctx=ctx_size, n_batch=batch_size, flash_attn=flash_attn,
                               type_k=CACHE_TYPES[cache_type_k], type_v=CACHE_TYPES[cache_type_v],
-                              verbose=logs.verbose(), otter=otter)
+                              verbose=logs.verbose(), otter=otter, **(offload or {}))
     if heads:
         kw["otter_heads"] = list(heads)
     if threads is not None:
@@ -183,7 +184,7 @@ def _summary_lines(values: dict, n_tokens: int, elapsed: float) -> List[str]:
 @_context_options
 def run_command(model, prompt, n_predict, temp, guidance_weight, guidance_top_k, guidance_mode,
                 guidance_signal, display, as_json, heads, ctx_size, threads, batch_size, flash_attn,
-                cache_type_k, cache_type_v, seed):
+                cache_type_k, cache_type_v, seed, **offload):
     """Generate from PROMPT with MODEL, showing each token's Otter reward."""
     from otter_gguf.runtime.guidance import Guidance
 
@@ -198,7 +199,8 @@ def run_command(model, prompt, n_predict, temp, guidance_weight, guidance_top_k,
         except ValueError as e:
             raise click.UsageError(str(e)) from None
     llm = _load(model, ctx_size=ctx_size, threads=threads, batch_size=batch_size, flash_attn=flash_attn,
-                cache_type_k=cache_type_k, cache_type_v=cache_type_v, seed=seed, guidance=g, heads=heads)
+                cache_type_k=cache_type_k, cache_type_v=cache_type_v, seed=seed, guidance=g, heads=heads,
+                offload=pop_offload(offload))
     kw: dict[str, Any] = dict(max_tokens=n_predict, temperature=temp)
     if seed is not None:
         kw["seed"] = seed
@@ -296,13 +298,14 @@ def _parse_tokens(s: str) -> List[int]:
 @_head_option
 @_context_options
 def score_command(model, text, tokens_s, as_json, heads, ctx_size, threads, batch_size, flash_attn,
-                  cache_type_k, cache_type_v, seed):
+                  cache_type_k, cache_type_v, seed, **offload):
     """Per-token Otter signals of --text or --tokens (no sampling)."""
     if (text is None) == (tokens_s is None):
         raise click.UsageError("give exactly one of --text or --tokens")
     toks = _parse_tokens(tokens_s) if tokens_s is not None else None
     llm = _load(model, ctx_size=ctx_size, threads=threads, batch_size=batch_size, flash_attn=flash_attn,
-                cache_type_k=cache_type_k, cache_type_v=cache_type_v, seed=seed, heads=heads)
+                cache_type_k=cache_type_k, cache_type_v=cache_type_v, seed=seed, heads=heads,
+                offload=pop_offload(offload))
     if not llm.has_otter:
         raise click.UsageError(f"{model} has no Otter head (a plain GGUF): nothing to score")
     if toks is not None:

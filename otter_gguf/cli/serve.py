@@ -2,7 +2,8 @@
 
 Flags are named as llama.cpp's llama-server names them (--host, --port,
 --api-key, -np/--parallel, -c/--ctx-size, -b/--batch-size, -t/--threads,
--fa/--flash-attn, -a/--alias). Bad use exits with status 2.
+-fa/--flash-attn, -a/--alias; -ngl, -sm, -mg, -ts, --rpc: cli/offload.py). Bad use exits
+with status 2.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import click
 
 from otter_gguf.cli.errors import reported
+from otter_gguf.cli.offload import offload_options, pop_offload
 
 
 @click.command("serve")
@@ -51,10 +53,11 @@ from otter_gguf.cli.errors import reported
 @click.option("--no-cache-prompt", "no_cache_prompt", is_flag=True,
               help="No prompt cache: a finished request's KV cells are cleared and every prompt is decoded whole "
                    "(the same request then gives bit-identical results whatever ran before).")
+@offload_options
 @click.option("-v", "--verbose", is_flag=True, help="llama.cpp's log and uvicorn's access log.")
 def serve_command(model, heads, host, port, api_key, alias, parallel, ctx_size, batch_size, threads, flash_attn,
                   seed, queue_size, max_tokens_limit, max_request_bytes, chat_template_file, draft_ngram, model_draft,
-                  draft_max, no_cache_prompt, verbose):
+                  draft_max, no_cache_prompt, verbose, **offload):
     """Serve MODEL over HTTP: /v1/completions, /v1/chat/completions (streaming by SSE),
     /v1/otter/score, /v1/models, /health, /metrics. Every choice and chunk carries the
     `otter` field (tokens, rewards, signals, offsets); concurrent requests are batched."""
@@ -69,7 +72,7 @@ def serve_command(model, heads, host, port, api_key, alias, parallel, ctx_size, 
                       flash_attn={"on": True, "off": False}.get(flash_attn, "auto"), queue_size=queue_size,
                       max_tokens_limit=max_tokens_limit, max_request_bytes=max_request_bytes, seed=seed,
                       cache_prompt=not no_cache_prompt, verbose=verbose, draft_ngram=draft_ngram,
-                      model_draft=model_draft, draft_max=draft_max,
+                      model_draft=model_draft, draft_max=draft_max, offload=pop_offload(offload),
                       chat_template=open(chat_template_file, encoding="utf-8").read() if chat_template_file else None)
     if draft_ngram is not None and model_draft is not None:
         raise click.UsageError("give one of --draft-ngram and --model-draft")

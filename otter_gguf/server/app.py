@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
+import sys
 import time
 import uuid
 from typing import Any, AsyncIterator, Dict, List, Optional
@@ -32,7 +34,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from otter_gguf.runtime import guided
+from otter_gguf.runtime import backends, guided
 from otter_gguf.runtime.guidance import Guidance
 from otter_gguf.runtime.score import OtterScore, check_tokens
 from otter_gguf.server.engine import Delta, Done, Engine, Failed, Job, QueueFull, Sampling
@@ -97,8 +99,30 @@ class _BodyLimit:
             await too_big(scope, receive, send)
 
 
+#: how long a request answered by :meth:`Server.report_aborts` has to reach its client before the process ends
+ABORT_FLUSH_S = 1.0
+
+
 class Server:
     """One served model: the engine, its chat template, metrics and the request -> job logic."""
+
+    def report_aborts(self) -> None:
+        """When ggml aborts the process (with ``--rpc``: an RPC server that crashed or closed the
+        connection, ``Remote RPC server crashed or returned malformed response``), answer every
+        request in flight with a 502 naming the RPC servers and ggml's message, log it, and give
+        the answers :data:`ABORT_FLUSH_S` to leave before the process ends (llama.cpp cannot go
+        on without the server: its RPC client aborts)."""
+        servers = self.cfg.offload.get("rpc_servers", "")
+
+        def hook(message: str) -> None:
+            why = re.sub(r"^\S+:\d+: ", "", message.strip())  # ggml's message without its source file:line
+            text = (f"llama.cpp aborted ({why}); the RPC servers of this model are --rpc {servers}: "
+                    "one of them crashed or closed the connection, and otter-gguf serve exits")
+            print(f"otter-gguf serve: error: {text}", file=sys.stderr, flush=True)
+            self.engine.fail_all(502, text)
+            time.sleep(ABORT_FLUSH_S)
+
+        backends.on_abort(hook)
 
     def __init__(self, cfg: ServeConfig, llm: Any):
         self.cfg = cfg
@@ -365,9 +389,13 @@ def create_app(cfg: ServeConfig, llm: Any = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         srv.engine.start()
+        if cfg.offload.get("rpc_servers"):
+            srv.report_aborts()
         try:
             yield
         finally:
+            if cfg.offload.get("rpc_servers"):
+                backends.on_abort(None)
             srv.engine.stop()
 
     app = FastAPI(title="otter-gguf serve", version="1", lifespan=lifespan)

@@ -266,6 +266,15 @@ class Engine:
             self._waiting.extend(jobs)
             self._cv.notify_all()
 
+    def fail_all(self, status: int, message: str) -> None:
+        """Answer every admitted and waiting job with ``Failed(status, message)`` now, from any
+        thread, without touching the context: for a process about to end (ggml aborting on a lost
+        RPC server, while the scheduler thread waits inside llama_decode)."""
+        for s in list(self._slots):
+            s.job.sink(Failed(status, message))
+        for job in list(self._waiting):
+            job.sink(Failed(status, message))
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)

@@ -33,6 +33,9 @@ class ServeConfig:
     draft_ngram: Optional[int] = None  # --draft-ngram N: prompt lookup drafting N tokens per step
     model_draft: Optional[str] = None  # --model-draft FILE: a small GGUF of the same vocabulary drafts
     draft_max: int = 4  # --draft-max: the draft model's tokens per step
+    # -ngl/-sm/-mg/-ts/--rpc as OtterLlama arguments (n_gpu_layers, split_mode, main_gpu, tensor_split,
+    # rpc_servers: cli/offload.py); the draft model stays on the CPU
+    offload: dict = field(default_factory=dict)
     verbose: bool = False
 
     @property
@@ -65,7 +68,7 @@ def load_model(cfg: ServeConfig, heads: Sequence[str] = ()) -> Any:
     n_batch = max(cfg.n_batch, cfg.parallel)
     return OtterLlama(cfg.model, n_seq_max=cfg.parallel, n_ctx=cfg.parallel * cfg.ctx_size, n_batch=n_batch,
                       n_ubatch=n_batch, n_threads=cfg.threads, n_threads_batch=cfg.threads_batch or cfg.threads,
-                      flash_attn=cfg.flash_attn, verbose=cfg.verbose, **kwargs)
+                      flash_attn=cfg.flash_attn, verbose=cfg.verbose, **cfg.offload, **kwargs)
 
 
 def load_drafter(cfg: ServeConfig, llm: Any):

@@ -19,14 +19,21 @@ def run_bench(*, quick: bool = False, models: Sequence[str] = ("1b",), types: Se
               configs: Sequence[str] = CONFIGS, n_prompt: int = 128, n_decode: int = 32, top_k: int = 10,
               ctx_lengths: Sequence[int] = (256, 512, 1024, 2048, 4096), ctx_decode: int = 16,
               d2_values: Optional[Sequence[int]] = None, sweep_type: Optional[str] = None,
-              sweep_repeats: Optional[int] = None) -> dict:
+              sweep_repeats: Optional[int] = None, offload: Optional[Dict[str, Any]] = None) -> dict:
+    """The benchmark report; ``offload``: OtterLlama's offload arguments (n_gpu_layers, split_mode, main_gpu,
+    tensor_split, rpc_servers) for every model of every worker, the same for Otter and base."""
+    from otter_gguf.tools.bench import worker
+
+    worker.OFFLOAD.clear()
+    worker.OFFLOAD.update(offload or {})
     cache_dir = Path(cache_dir)
     check_models(models, types, configs)
     report: Dict[str, Any] = {"meta": machine_meta(threads), "main": [], "ctx": [], "d2": [], "profile": []}
     report["meta"]["options"] = dict(quick=quick, models=list(models), types=list(types), repeats=repeats,
                                      sections=list(sections), configs=list(configs), n_prompt=n_prompt,
                                      n_decode=n_decode, top_k=top_k, ctx_lengths=list(ctx_lengths),
-                                     ctx_decode=ctx_decode, d2_values=list(d2_values or []))
+                                     ctx_decode=ctx_decode, d2_values=list(d2_values or []),
+                                     offload=dict(offload or {}))
     sweep_type = sweep_type or types[0]
     sweep_repeats = sweep_repeats or repeats
     for name in models:

@@ -20,6 +20,10 @@ from otter_gguf.tools.bench.stats import load_average
 # the worker: one configuration in one process
 # ---------------------------------------------------------------------------
 _MODELS: Dict[str, Any] = {}
+#: the offload arguments of this worker's models (``spec["offload"]``: -ngl/-sm/-mg/-ts/--rpc of `bench`)
+_OFFLOAD: Dict[str, Any] = {}
+#: what run_in_subprocess adds to every spec (run_bench sets it: `otter-gguf bench -ngl/--rpc`)
+OFFLOAD: Dict[str, Any] = {}
 
 
 def _engine(path: str, *, n_ctx: int, n_batch: int, n_seq: int, threads: int, embeddings: bool = False,
@@ -30,7 +34,7 @@ def _engine(path: str, *, n_ctx: int, n_batch: int, n_seq: int, threads: int, em
     from otter_gguf.runtime.session import Model
 
     if path not in _MODELS:
-        _MODELS[path] = Model(path)
+        _MODELS[path] = Model(path, **_OFFLOAD)
     model = _MODELS[path]
     ctx = model.context(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq, n_threads=threads, embeddings=embeddings,
                         cb_eval=cb_eval, no_perf=False)
@@ -380,6 +384,8 @@ def _run_session(L, spec: dict) -> dict:
 
 
 def run_in_subprocess(spec: dict, timeout: float = 3600) -> dict:
+    if OFFLOAD:
+        spec = dict(spec, offload=OFFLOAD)
     cmd = [sys.executable, "-m", "otter_gguf.tools.bench.worker", json.dumps(spec)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
@@ -389,6 +395,7 @@ def run_in_subprocess(spec: dict, timeout: float = 3600) -> dict:
 
 def _worker_main(argv: List[str]) -> int:
     spec = json.loads(argv[0])
+    _OFFLOAD.update(spec.get("offload") or {})
     res = run_worker(spec)
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()

@@ -73,7 +73,7 @@ KV_TYPES = {"f16": 1, "f32": 0, "bf16": 30}
 
 
 @contextlib.contextmanager
-def _llama(path: Path, n_ctx: int, threads: int, kv_type: str = "f16"):
+def _llama(path: Path, n_ctx: int, threads: int, kv_type: str = "f16", offload: dict | None = None):
     from otter_gguf.io.llama_log import llama_logs
     from otter_gguf.runtime.llama import OtterLlama
 
@@ -81,7 +81,7 @@ def _llama(path: Path, n_ctx: int, threads: int, kv_type: str = "f16"):
         try:
             llm = OtterLlama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                              n_threads=threads, n_threads_batch=threads, verbose=False,
-                             type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
+                             type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], **(offload or {}))
         except ValueError as e:
             raise RuntimeError(f"cannot load {path}: {e}\n" + "\n".join(kept[-10:])) from None
     try:
@@ -92,7 +92,7 @@ def _llama(path: Path, n_ctx: int, threads: int, kv_type: str = "f16"):
 
 
 def _run_gguf(path: Path, token_lists, n_ctx: int, threads: int, tick, *, signals: bool,
-              kv_type: str = "f16"):
+              kv_type: str = "f16", offload: dict | None = None):
     """(logits per prompt [T, V], signals per prompt [T, n_out] or None).
 
     One decode per prompt with ``logits_all=True``: the main logits of every
@@ -100,7 +100,7 @@ def _run_gguf(path: Path, token_lists, n_ctx: int, threads: int, tick, *, signal
     every output row (``OtterLlama.signals``) come from the same pass.
     """
     logits, sigs = [], []
-    with _llama(path, n_ctx, threads, kv_type) as llm:
+    with _llama(path, n_ctx, threads, kv_type, offload) as llm:
         if signals and not llm.has_otter:
             raise RuntimeError(f"{path.name}: the runtime loaded it without an Otter head")
         for toks in token_lists:

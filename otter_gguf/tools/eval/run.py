@@ -58,13 +58,15 @@ def evaluate(
     keep_dir: str | os.PathLike | None = None,
     kv_type: str = "f16",
     progress: bool = True,
+    offload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the eval and return the report (the JSON document, docs/EVAL.md).
 
     ``prompts``: a file path, a list of texts, or None for the default set.
     ``keep_dir``: keep the per-type GGUFs there (default: a temporary directory,
     removed at the end). ``kv_type``: KV cache type of every runtime model
-    (f16, llama.cpp's default; f32 isolates the weight quantization). Raises :class:`EvalError` (and the converter's /
+    (f16, llama.cpp's default; f32 isolates the weight quantization). ``offload``: OtterLlama's offload
+    arguments (n_gpu_layers, split_mode, main_gpu, tensor_split, rpc_servers) of every runtime model. Raises :class:`EvalError` (and the converter's /
     adapter's own ``ValueError`` subclasses) for bad input.
     """
     from otter_gguf.runtime.llama import otter_runtime_available
@@ -145,7 +147,7 @@ def evaluate(
 
             bar.set_description_str(f"{model_gguf.name} (reference)")
             ref_logits, model_sig = _run_gguf(model_gguf, token_lists, n_ctx, threads, tick,
-                                              signals=minfo.is_otter, kv_type=kv_type)
+                                              signals=minfo.is_otter, kv_type=kv_type, offload=offload)
             reference: dict[str, Any] = {
                 "gguf": str(model_gguf),
                 "base_type": minfo.base_type,
@@ -191,7 +193,7 @@ def evaluate(
                 tick()
                 bar.set_description_str(f"{t}: run")
                 logits, sig = _run_gguf(otter_t, token_lists, n_ctx, threads, tick, signals=True,
-                                        kv_type=kv_type)
+                                        kv_type=kv_type, offload=offload)
                 _, cols = _signal_columns(sig, token_lists, cfg.head_kind, cfg.signal_names)
                 per = _signal_metrics(ref_cols, cols, names, stds)
                 bar.set_description_str(f"{t}: PyTorch on its weights")
@@ -230,7 +232,7 @@ def evaluate(
         "signal_std": stds,
         "prompts": {"source": prompt_src, "n": n_p, "n_tokens": int(sum(len(t) for t in token_lists)),
                     "sha256": h},
-        "settings": {"threads": threads, "kv_cache": kv_type, "kld_reference": "MODEL.gguf",
+        "settings": {"threads": threads, "kv_cache": kv_type, "offload": dict(offload or {}), "kld_reference": "MODEL.gguf",
                      "signal_reference": "PyTorch float32"},
         "runtime": {"llama_cpp_python": getattr(llama_cpp, "__version__", "?"), "series": _series()},
         "reference": reference,
