@@ -7,15 +7,19 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup runtime demo test test-unit test-fast test-portable llama-src series-check clean help
+.PHONY: setup runtime demo test test-unit test-fast test-portable test-gpu test-vulkan parity-cuda llama-src series-check clean help
 
 help:
 	@echo "make demo       run the demo (sets up first)"
-	@echo "make test       run the test suite, all tiers (sets up first)"
+	@echo "make test       run the test suite, all tiers but vulkan (sets up first)"
 	@echo "make test-unit  the unit tier only (no runtime build needed)"
 	@echo "make test-fast  all but the slow tier"
 	@echo "make test-portable  the suite on the portable (x86-64-v3, no AVX-512) runtime build:"
 	@echo "                 run it on an AVX-512 machine before changing a numerical baseline"
+	@echo "make test-vulkan  the gpu tier: every layer on Vulkan (Mesa's llvmpipe), on a cached"
+	@echo "                 --backend cpu,vulkan build (needs libvulkan-dev glslc spirv-headers mesa-vulkan-drivers)"
+	@echo "make test-gpu BACKEND=cuda|metal  the same tier on that GPU backend's build"
+	@echo "make parity-cuda  on a CUDA machine: the gpu tier and Otter/base decode speed, all layers offloaded"
 	@echo "make setup      create $(VENV) with torch, otter-gguf and the patched runtime"
 	@echo "make runtime    (re)build the patched llama.cpp runtime (cached)"
 	@echo "make llama-src  lay out build/llama-src: pinned llama.cpp + patches/ as git commits"
@@ -56,6 +60,27 @@ test-portable: setup
 	$(VENV)/bin/otter-gguf build-runtime --portable --no-install --wheel-out $(PORTABLE)/wheel
 	$(PY) -m zipfile -e $(PORTABLE)/wheel/llama_cpp_python-*.whl $(PORTABLE)/site
 	OTTER_TEST_PORTABLE=1 LLAMA_CPP_LIB_PATH=$(abspath $(PORTABLE))/site/llama_cpp/lib $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the gpu tier on a --backend cpu,$(BACKEND) build's libraries (the installed runtime stays as it is);
+# test-vulkan: on Mesa's llvmpipe with llama.cpp's own CI settings (.github/workflows/build-vulkan.yml,
+# ubuntu-llvmpipe); parity-cuda: the gpu tier and the Otter/base decode speed on a CUDA machine
+BACKEND ?= vulkan
+GPU_ENV ?=
+GPUDIR = build/gpu-$(BACKEND)
+test-gpu: setup
+	rm -rf $(GPUDIR)/site
+	$(VENV)/bin/otter-gguf build-runtime --backend cpu,$(BACKEND) --no-install --wheel-out $(GPUDIR)/wheel
+	$(PY) -m zipfile -e $(GPUDIR)/wheel/llama_cpp_python-*.whl $(GPUDIR)/site
+	OTTER_TEST_GPU=$(BACKEND) $(GPU_ENV) LLAMA_CPP_LIB_PATH=$(abspath $(GPUDIR))/site/llama_cpp/lib \
+	  $(PY) -m pytest -q -m gpu -s -p no:cacheprovider $(PYTEST_ARGS)
+
+test-vulkan:
+	$(MAKE) test-gpu BACKEND=vulkan GPU_ENV="GGML_VK_VISIBLE_DEVICES=0 GGML_VK_DISABLE_F16=1 GGML_VK_DISABLE_COOPMAT=1"
+
+parity-cuda:
+	$(MAKE) test-gpu BACKEND=cuda
+	LLAMA_CPP_LIB_PATH=$(abspath build/gpu-cuda)/site/llama_cpp/lib $(PY) benchmarks/bench_backends.py \
+	  -ngl all --json benchmarks/results/backends-cuda.json
 
 llama-src: $(VENV)/.stamp-python
 	$(VENV)/bin/otter-gguf build-runtime --dev-source build/llama-src

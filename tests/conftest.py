@@ -2,8 +2,9 @@
 GGUFs, the patched runtime) and the test tiers.
 
 Every test carries exactly one tier marker (pyproject.toml): ``unit`` (no
-llama_cpp), ``runtime`` (the patched library) or ``slow`` (pristine build,
-demo model at many types, > ~20 s). Tests import no fixtures: they are all
+llama_cpp), ``runtime`` (the patched library), ``slow`` (pristine build,
+demo model at many types, > ~20 s) or ``gpu`` (a GPU backend's build, run only
+by ``make test-vulkan`` / ``make test-gpu BACKEND=...``: OTTER_TEST_GPU=<backend>). Tests import no fixtures: they are all
 here; plain helpers are in tests/helpers.py (``from helpers import ...``).
 The names below are used across the test suite; keep them stable.
 """
@@ -19,7 +20,10 @@ import torch
 from helpers import Models, require_otter_runtime
 from otter_gguf.reference import fixtures as fx
 
-TIERS = ("unit", "runtime", "slow")
+TIERS = ("unit", "runtime", "slow", "gpu")
+#: `make test-vulkan` / `make test-gpu BACKEND=...` set it (and that build's LLAMA_CPP_LIB_PATH): the gpu tier runs
+#: only then
+GPU = os.environ.get("OTTER_TEST_GPU", "")
 
 # The test machines are small and shared: torch's intra-op threads spin-wait
 # and slow tiny matmuls down by 10x or more when cores are oversubscribed.
@@ -50,6 +54,12 @@ def pytest_collection_modifyitems(config, items):
             node.own_markers[:] = [m for m in node.own_markers if m.name not in TIERS]
     for item in items:
         item.add_marker(tier[item])
+    # the gpu tier needs its own runtime build: collected always, run only by `make test-vulkan` / `test-gpu`
+    if not GPU:
+        dropped = [item for item in items if tier[item] == "gpu"]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if tier[item] != "gpu"]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -57,7 +67,7 @@ def pytest_runtest_setup(item):
     """A ``runtime`` test first passes the runtime check (before its fixtures):
     it fails, never skips, on a missing or stale runtime (``slow`` tests that
     need the runtime request the ``otter_runtime`` fixture)."""
-    if item.get_closest_marker("runtime") is not None:
+    if item.get_closest_marker("runtime") is not None or item.get_closest_marker("gpu") is not None:
         require_otter_runtime()
 
 

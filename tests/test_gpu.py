@@ -1,0 +1,138 @@
+"""The GPU tier: every layer offloaded to a GPU backend (`make test-vulkan` on Mesa's software driver llvmpipe;
+`make test-gpu BACKEND=cuda` / `BACKEND=metal` on a machine with that GPU: the same tests, one code path).
+
+Runs only with OTTER_TEST_GPU=<backend> (gpu, cuda, metal) and that build's libraries (LLAMA_CPP_LIB_PATH):
+the make targets build them (`build-runtime --backend cpu,<backend>`, cached like the CPU build); on llvmpipe
+with llama.cpp's CI settings (GGML_VK_VISIBLE_DEVICES=0 GGML_VK_DISABLE_F16=1 GGML_VK_DISABLE_COOPMAT=1).
+
+A backend's error against the reference is a property of its kernels, not assumed: each test measures the base
+logits' own GPU-vs-reference error on the same tokens and holds the signals to GPU_SIGNAL_FACTOR times it
+(the error itself to GPU_BASE_MAX, so a broken base cannot widen the bound); the base logits of an Otter model
+are bit-identical to the base GGUF's under the same offload, and a sidecar head equals the one-file head.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from helpers import LLAMA_KW, cached_otter, rel_err
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+#: OTTER_TEST_GPU -> the ggml registry of the backend
+REGISTRY = {"vulkan": "Vulkan", "cuda": "CUDA", "metal": "MTL"}
+BACKEND = os.environ.get("OTTER_TEST_GPU", "")
+
+#: the base logits' GPU-vs-reference error may not pass this (relative to max |logit|; tiny f32 llama on
+#: llvmpipe: measured 8.2e-4)
+GPU_BASE_MAX = 1e-2
+#: the same for SmolLM2 Q4_1 against the CPU build (llvmpipe: measured 0.071; its rewards 0.132, 1.9 x)
+GPU_REAL_BASE_MAX = 0.15
+#: signals vs the reference: at most this times the base logits' own error, or SIGNAL_FLOOR
+GPU_SIGNAL_FACTOR = 4.0
+SIGNAL_FLOOR = 1e-4
+TOKS = [1] + [int(t) for t in np.random.RandomState(1).randint(3, 512, size=39)]
+
+
+@pytest.fixture(scope="module")
+def gpu(otter_runtime):
+    from otter_gguf.runtime import backends
+
+    assert BACKEND in REGISTRY, f"OTTER_TEST_GPU={BACKEND!r}: expected one of {', '.join(REGISTRY)}"
+    devs = [d for d in backends.devices() if d.backend.lower().startswith(REGISTRY[BACKEND].lower())]
+    assert devs, (f"the runtime has no {REGISTRY[BACKEND]} device (backends {backends.backend_names()}): "
+                  f"run `make test-gpu BACKEND={BACKEND}` (it builds --backend cpu,{BACKEND} and points "
+                  "LLAMA_CPP_LIB_PATH at it)")
+    print(f"{BACKEND} devices: {devs}")
+    return devs
+
+
+def test_the_device(gpu):
+    if BACKEND == "vulkan" and os.environ.get("GGML_VK_VISIBLE_DEVICES") == "0":  # make test-vulkan: llvmpipe
+        assert len(gpu) == 1 and "llvmpipe" in gpu[0].description.lower(), gpu
+    assert all(d.type in ("gpu", "igpu") for d in gpu), gpu
+
+
+def _decode(path, toks, **offload):
+    """(signals [T, n_out] or None, logits [T, V]) of one decode of toks, every row, f32 KV cache."""
+    from otter_gguf.runtime.session import Model
+
+    m = Model(path, **offload)
+    try:
+        c = m.context(n_ctx=128, n_batch=64, kv_f32=True, n_threads=2)
+        try:
+            c.decode(toks)
+            lg = np.stack([c.logits_ith(i) for i in range(len(toks))])
+            sg = np.stack([c.signals_ith(i) for i in range(len(toks))]) if m.has_otter else None
+            return sg, lg
+        finally:
+            c.close()
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("kind", ["reward3", "token_reward"])
+def test_oracle_and_bit_exact_base_every_layer_offloaded(gpu, gguf_models, tiny_llama_dir, request, kind):
+    adapter = request.getfixturevalue({"reward3": "adapter_reward3_dir", "token_reward": "adapter_token_reward_dir"}[kind])
+    otter, base = gguf_models.otter(kind), gguf_models.base
+    sig, logits = _decode(otter, TOKS, n_gpu_layers=-1)
+    _, base_logits = _decode(base, TOKS, n_gpu_layers=-1)
+    assert np.array_equal(logits, base_logits), f"base logits of the Otter model differ from the base GGUF's on {BACKEND}"
+    with torch.no_grad():
+        o = cached_otter(tiny_llama_dir, adapter)(torch.tensor(TOKS))
+    err_b, err_s = rel_err(logits, o.logits.numpy()), rel_err(sig, o.signals.numpy())
+    print(f"{BACKEND} {kind}: base logits vs reference {err_b:.3g}, signals {err_s:.3g}")
+    assert err_b <= GPU_BASE_MAX, f"{BACKEND} base logits vs reference: {err_b:.3g}"
+    assert err_s <= max(GPU_SIGNAL_FACTOR * err_b, SIGNAL_FLOOR), \
+        f"{BACKEND} signals vs reference {err_s:.3g} > {GPU_SIGNAL_FACTOR} x the base logits' {err_b:.3g}"
+
+
+def test_sidecar_and_two_heads_every_layer_offloaded(gpu, gguf_models, tmp_path, adapter_token_reward_dir,
+                                                     adapter_reward1_dir):
+    from otter_gguf import OtterLlama
+    from otter_gguf_converter import convert
+
+    base = gguf_models.base
+    tr = convert(adapter_token_reward_dir, base, tmp_path / "tr.gguf", sidecar=True, name="tr", progress=False)
+    h1 = convert(adapter_reward1_dir, base, tmp_path / "h1.gguf", sidecar=True, name="h1", progress=False)
+    kw = {**LLAMA_KW, "n_gpu_layers": -1, "logits_all": True}
+
+    def run(path, heads=None, n_seq_max=None):
+        llm = OtterLlama(str(path), otter_heads=heads, n_seq_max=n_seq_max, **kw)
+        try:
+            llm.eval(TOKS)
+            return np.array(llm.signals[: len(TOKS)]), np.array(llm.scores[: len(TOKS)])
+        finally:
+            llm.close()
+
+    one_file, one_logits = run(gguf_models.otter("token_reward"))
+    side, side_logits = run(base, [tr])
+    both, both_logits = run(base, {"tr": tr, "h1": h1}, n_seq_max=2)
+    alone_h1, _ = run(base, [h1])
+    assert np.array_equal(side, one_file) and np.array_equal(side_logits, one_logits)
+    assert np.array_equal(both_logits, one_logits)
+    assert np.array_equal(both[:, :512], side) and np.array_equal(both[:, 512:], alone_h1)
+
+
+def test_real_smollm2_with_its_head_every_layer_offloaded(gpu, tmp_path):
+    """SmolLM2-135M with the demo head: base logits bit-identical to the base GGUF on the GPU; the rewards
+    against the CPU run within GPU_SIGNAL_FACTOR times the base logits' own GPU-vs-CPU error."""
+    from otter_gguf.demo import smollm2 as demo
+    from otter_gguf_converter import convert
+
+    base = demo.model_path(quiet=True)
+    otter = convert(demo.ADAPTER_DIR, base, tmp_path / "smol.gguf", outtype="q8_0", progress=False)
+    toks = [1] + [int(t) for t in np.random.RandomState(3).randint(100, 40000, size=23)]
+    sig_vk, lg_vk = _decode(otter, toks, n_gpu_layers=-1)
+    _, base_vk = _decode(base, toks, n_gpu_layers=-1)
+    sig_cpu, lg_cpu = _decode(otter, toks)
+    assert np.array_equal(lg_vk, base_vk)
+    err_b, err_s = rel_err(lg_vk, lg_cpu), rel_err(sig_vk, sig_cpu)
+    print(f"{BACKEND} SmolLM2: base logits vs CPU {err_b:.3g}, rewards {err_s:.3g}")
+    assert err_b <= GPU_REAL_BASE_MAX
+    assert err_s <= max(GPU_SIGNAL_FACTOR * err_b, SIGNAL_FLOOR), (err_s, err_b)
