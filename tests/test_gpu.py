@@ -92,6 +92,58 @@ def test_oracle_and_bit_exact_base_every_layer_offloaded(gpu, gguf_models, tiny_
         f"{BACKEND} signals vs reference {err_s:.3g} > {GPU_SIGNAL_FACTOR} x the base logits' {err_b:.3g}"
 
 
+def test_token_by_token_every_layer_offloaded(gpu, gguf_models, tiny_llama_dir, adapter_reward3_dir):
+    """One token per decode: every step reads the side K/V the earlier steps left on the device."""
+    from otter_gguf.runtime.session import Model
+
+    m = Model(gguf_models.otter("reward3"), n_gpu_layers=-1)
+    try:
+        c = m.context(n_ctx=128, n_batch=64, kv_f32=True, n_threads=2)
+        try:
+            rows, logits = [], []
+            for i, t in enumerate(TOKS[:24]):
+                c.decode([t], pos0=i)
+                rows.append(c.signals_ith(-1))
+                logits.append(c.logits_ith(-1))
+        finally:
+            c.close()
+    finally:
+        m.close()
+    with torch.no_grad():
+        o = cached_otter(tiny_llama_dir, adapter_reward3_dir)(torch.tensor(TOKS[:24]))
+    err_b, err_s = rel_err(np.stack(logits), o.logits.numpy()), rel_err(np.stack(rows), o.signals.numpy())
+    print(f"{BACKEND} token by token: base logits vs reference {err_b:.3g}, signals {err_s:.3g}")
+    assert err_b <= GPU_BASE_MAX
+    assert err_s <= max(GPU_SIGNAL_FACTOR * err_b, SIGNAL_FLOOR), (err_s, err_b)
+
+
+@pytest.mark.parametrize("base_outtype", ["f32", "q8_0", "q4_k_m"])
+def test_main_logits_bit_identical_every_layer_offloaded(gpu, tmp_path, tiny_llama_dir, adapter_reward3_dir,
+                                                        base_outtype):
+    """The base logits of the Otter model equal the base GGUF's on the GPU, bit for bit, at each base type,
+    decoded in batches of 64 and token by token (the runtime tests' bit-exact case)."""
+    from otter_gguf.runtime.session import Model
+    from otter_gguf_converter import convert, convert_hf_base
+
+    base = convert_hf_base(tiny_llama_dir, tmp_path / "base.gguf", base_outtype)
+    otter = convert(adapter_reward3_dir, base, tmp_path / "otter.gguf", outtype="f32", progress=False)
+    toks = [1] + [int(t) for t in np.random.RandomState(12).randint(3, 512, size=69)]
+    res = {}
+    for name, path in (("base", base), ("otter", otter)):
+        m = Model(path, n_gpu_layers=-1)
+        try:
+            for batch in (64, 1):
+                c = m.context(n_ctx=128, n_batch=64, n_threads=2)
+                try:
+                    res[name, batch] = c.batched_logits(toks, batch)
+                finally:
+                    c.close()
+        finally:
+            m.close()
+    for batch in (64, 1):
+        assert np.array_equal(res["base", batch], res["otter", batch]), f"batch {batch}: base logits differ"
+
+
 def test_sidecar_and_two_heads_every_layer_offloaded(gpu, gguf_models, tmp_path, adapter_token_reward_dir,
                                                      adapter_reward1_dir):
     from otter_gguf import OtterLlama

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -159,7 +160,11 @@ def test_installed_package_builds_checks_and_scores_without_a_checkout(kind, dis
     # a healthy install
     r = cli("doctor")
     assert r.returncode == 0 and r.stdout.endswith("no problems found\n"), r.stdout + r.stderr
-    assert f"  runtime series    {plan.marker}\n" in r.stdout and "  ggml backends     CPU" in r.stdout
+    assert f"  runtime series    {plan.marker}\n" in r.stdout
+    # the default build's backends (CPU and the RPC client) and its rpc-server beside the libraries
+    assert re.search(r"^  ggml backends     (.*, )?RPC(, .*)?$", r.stdout, re.M), r.stdout
+    assert re.search(r"^  ggml backends     (.*, )?CPU(, .*)?$", r.stdout, re.M), r.stdout
+    assert re.search(r"^  rpc-server        \S+/llama_cpp/lib/ggml-rpc-server$", r.stdout, re.M), r.stdout
     assert f"  library           {site / 'llama_cpp' / 'lib'}" in r.stdout
     assert "  llama-cpp-python  0.3.36\n" in r.stdout
     # and the package it ran is the installed one, not this checkout
@@ -201,7 +206,7 @@ def test_doctor_names_each_problem_and_its_fix(monkeypatch: pytest.MonkeyPatch) 
     r = doctor.diagnose()
     assert r.ok and r.cpu_features == ["AVX", "AVX2", "AVX512", "AVX512_VNNI"]
     text = doctor.format_report(r)
-    assert f"runtime series    {want}" in text and "ggml backends     CPU" in text
+    assert f"runtime series    {want}" in text and re.search(r"ggml backends     (.*, )?CPU", text)
     assert "torch             not installed (optional" in text and text.endswith("no problems found")
     # a wheel built on an AVX-512 machine, run on a CPU without it
     monkeypatch.setattr(rb, "_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c", "bmi2"})
