@@ -245,3 +245,14 @@ def test_server_with_rpc_and_a_lost_server(otter_runtime, files):
                 proc.kill()
                 proc.wait()
             proc.stderr.close()
+
+
+def test_rpc_server_command_runs_the_runtimes_server(otter_runtime):
+    """`otter-gguf rpc-server` runs the ggml-rpc-server built with the runtime, with its own options."""
+    from otter_gguf.runtime.backends import rpc_server_binary
+
+    assert rpc_server_binary().name == "ggml-rpc-server"
+    r = subprocess.run([sys.executable, "-m", "otter_gguf.cli", "rpc-server", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert "-p, --port PORT" in out and "-H, --host HOST" in out, out
