@@ -98,6 +98,26 @@ def test_one_file_split_base_logits_bit_identical_signals_equal_cpu(servers, fil
     assert len(set(v for v in kv.values())) == 2  # both servers hold layers
 
 
+def test_split_mode_none_puts_everything_on_main_gpu(servers, files):
+    """-sm none -mg 1: the whole model, side layers and side K/V included, on the second server."""
+    from otter_gguf.io.llama_log import llama_logs
+
+    base, otter, _, _ = files
+    kw = dict(rpc_servers=servers.spec, n_gpu_layers=-1, split_mode=0, main_gpu=1)
+    base_rpc, _ = _eval(base, **kw)
+    with llama_logs(log_level=None) as log:
+        otter_rpc, sig_rpc = _eval(otter, **kw)
+    _, sig_cpu = _eval(otter)
+    assert np.array_equal(otter_rpc, base_rpc)
+    np.testing.assert_allclose(sig_rpc, sig_cpu, **RPC_TOL)
+    text = "\n".join(log)
+    kv = dict(re.findall(r"llama_kv_cache: layer +(\d+): dev = (\S+)", text))
+    from otter_gguf.runtime import backends
+
+    second = {backends._device(d).name for d in backends.rpc_model_devices(servers.endpoints[1])}
+    assert len(kv) == 8 and len(second) == 1 and set(kv.values()) == second, (kv, second)
+
+
 def test_two_adapter_heads_split_equal_cpu(servers, files):
     base, _, tr, h1 = files
     heads = {"tr": str(tr), "harmless": str(h1)}
