@@ -144,6 +144,40 @@ def test_main_logits_bit_identical_every_layer_offloaded(gpu, tmp_path, tiny_lla
         assert np.array_equal(res["base", batch], res["otter", batch]), f"batch {batch}: base logits differ"
 
 
+def test_every_side_stream_op_runs_on_the_device(gpu, gguf_models):
+    """No node of the graph (side stream or base) is one the GPU device lacks: nothing falls back to the CPU."""
+    from llama_cpp import llama_cpp as L
+
+    from otter_gguf.runtime.backends import unsupported_ops
+    from otter_gguf.runtime.session import Model
+    from otter_gguf.tools.bench.worker import _GGMLTensor
+
+    for kind in ("reward3", "token_reward"):
+        nodes: dict = {}
+
+        def cb(t, ask, ud):
+            if ask:
+                nodes.setdefault(t, _GGMLTensor.from_address(t).name.decode("utf-8", "replace"))
+            return False
+
+        cbf = L.ggml_backend_sched_eval_callback(cb)
+        m = Model(gguf_models.otter(kind), n_gpu_layers=-1)
+        try:
+            c = m.context(n_ctx=64, n_batch=64, n_threads=2, cb_eval=cbf)
+            try:
+                for toks, pos in (([1, 20, 30, 40], 0), ([50], 4)):
+                    c.decode(toks, pos0=pos)
+                    assert c.signals_ith(-1) is not None
+                side = [t for t, name in nodes.items() if "otter" in name]
+                assert len(side) > 20, sorted(set(nodes.values()))[:20]
+                bad = unsupported_ops(gpu[0].name, list(nodes))
+                assert not bad, [nodes[t] for t in bad]
+            finally:
+                c.close()
+        finally:
+            m.close()
+
+
 def test_sidecar_and_two_heads_every_layer_offloaded(gpu, gguf_models, tmp_path, adapter_token_reward_dir,
                                                      adapter_reward1_dir):
     from otter_gguf import OtterLlama

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
 
 __all__ = ["Device", "devices", "backend_names", "parse_rpc_servers", "rpc_model_devices",
-           "rpc_server_binary", "on_abort", "model_params", "RPC_CONNECT_TIMEOUT_S"]
+           "rpc_server_binary", "on_abort", "model_params", "unsupported_ops", "RPC_CONNECT_TIMEOUT_S"]
 
 #: how long an RPC endpoint may take to accept a TCP connection before it counts as unreachable
 RPC_CONNECT_TIMEOUT_S = 5.0
@@ -56,6 +56,7 @@ _SIGNATURES: Dict[str, Any] = {
     "ggml_backend_reg_dev_get": ([_c.c_void_p, _c.c_size_t], _c.c_void_p),
     "ggml_backend_reg_get_proc_address": ([_c.c_void_p, _c.c_char_p], _c.c_void_p),
     "ggml_set_abort_callback": ([_c.c_void_p], _c.c_void_p),
+    "ggml_backend_dev_supports_op": ([_c.c_void_p, _c.c_void_p], _c.c_bool),
 }
 _bound: Dict[str, Any] = {}
 # ggml_backend_reg_t (*)(const char * endpoint), from the RPC registry's proc address
@@ -114,6 +115,16 @@ def _device_ptrs() -> List[int]:
 def devices() -> List[Device]:
     """The devices registered in the runtime (llama.cpp's ``--list-devices`` plus the CPU)."""
     return [_device(d) for d in _device_ptrs()]
+
+
+def unsupported_ops(device: str, nodes: Sequence[int]) -> List[int]:
+    """The graph nodes (``ggml_tensor *``, e.g. from an eval callback) that the device named
+    ``device`` cannot compute (``ggml_backend_dev_supports_op``): ggml's scheduler would run those
+    on another backend (the CPU)."""
+    dev = next((d for d in _device_ptrs() if _text(_fn("ggml_backend_dev_name")(d)) == device), None)
+    if dev is None:
+        raise ValueError(f"no device named {device!r}; the runtime has {[d.name for d in devices()]}")
+    return [t for t in nodes if not _fn("ggml_backend_dev_supports_op")(dev, t)]
 
 
 def backend_names() -> List[str]:
