@@ -80,6 +80,11 @@ class OtterLlama(Llama):
         ``head/signal`` and concatenated head by head; a token_reward head among several
         contributes its per-candidate row and the one name ``head/token_reward`` (its reward
         of each fed token), and ``head_kind`` is then ``"mixed"`` (docs/API.md).
+    rpc_servers: llama.cpp RPC servers (``"HOST:PORT,HOST:PORT"`` or a list; ``--rpc``) whose
+        devices the model offloads to, before the local GPUs, with ``Llama``'s ``n_gpu_layers``,
+        ``split_mode``, ``main_gpu`` and ``tensor_split``; the Otter layers and their side K/V go
+        with their base layers (docs/RUNTIME.md "Backends"). A server that cannot be reached is a
+        ValueError naming it.
     """
 
     def __init__(

@@ -106,24 +106,6 @@ ABORT_FLUSH_S = 1.0
 class Server:
     """One served model: the engine, its chat template, metrics and the request -> job logic."""
 
-    def report_aborts(self) -> None:
-        """When ggml aborts the process (with ``--rpc``: an RPC server that crashed or closed the
-        connection, ``Remote RPC server crashed or returned malformed response``), answer every
-        request in flight with a 502 naming the RPC servers and ggml's message, log it, and give
-        the answers :data:`ABORT_FLUSH_S` to leave before the process ends (llama.cpp cannot go
-        on without the server: its RPC client aborts)."""
-        servers = self.cfg.offload.get("rpc_servers", "")
-
-        def hook(message: str) -> None:
-            why = re.sub(r"^\S+:\d+: ", "", message.strip())  # ggml's message without its source file:line
-            text = (f"llama.cpp aborted ({why}); the RPC servers of this model are --rpc {servers}: "
-                    "one of them crashed or closed the connection, and otter-gguf serve exits")
-            print(f"otter-gguf serve: error: {text}", file=sys.stderr, flush=True)
-            self.engine.fail_all(502, text)
-            time.sleep(ABORT_FLUSH_S)
-
-        backends.on_abort(hook)
-
     def __init__(self, cfg: ServeConfig, llm: Any):
         self.cfg = cfg
         self.llm = llm
@@ -152,6 +134,24 @@ class Server:
                 kind="counter")
         m.gauge("decode_steps_total", "llama_decode calls", lambda: e.steps, kind="counter")
         m.gauge("batch_sequences_peak", "most requests decoded in one step since the start", lambda: e.peak_sequences)
+
+    def report_aborts(self) -> None:
+        """When ggml aborts the process (with ``--rpc``: an RPC server that crashed or closed the
+        connection, ``Remote RPC server crashed or returned malformed response``), answer every
+        request in flight with a 502 naming the RPC servers and ggml's message, log it, and give
+        the answers :data:`ABORT_FLUSH_S` to leave before the process ends (llama.cpp cannot go
+        on without the server: its RPC client aborts)."""
+        servers = self.cfg.offload.get("rpc_servers", "")
+
+        def hook(message: str) -> None:
+            why = re.sub(r"^\S+:\d+: ", "", message.strip())  # ggml's message without its source file:line
+            text = (f"llama.cpp aborted ({why}); the RPC servers of this model are --rpc {servers}: "
+                    "one of them crashed or closed the connection, and otter-gguf serve exits")
+            print(f"otter-gguf serve: error: {text}", file=sys.stderr, flush=True)
+            self.engine.fail_all(502, text)
+            time.sleep(ABORT_FLUSH_S)
+
+        backends.on_abort(hook)
 
     def _on_step(self, n_tokens: int, seconds: float) -> None:
         self.metrics.observe("decode_step_seconds", "duration of one batched decode step", seconds)
