@@ -286,9 +286,7 @@ class LocalRpcServers:
         exe = rpc_server_binary()
         try:
             for _ in range(self.n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
+                port = _fresh_port()
                 proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port), "-t", str(self.threads)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 self.procs.append(proc)
@@ -318,6 +316,21 @@ class LocalRpcServers:
             proc.wait()
             if proc.stderr is not None:
                 proc.stderr.close()
+
+
+#: ports LocalRpcServers used in this process: ggml's RPC client keeps one connection per endpoint for the
+#: life of the process (ggml_backend_rpc_add_server caches it), so an endpoint is never reused for a new server
+_USED_PORTS: set = set()
+
+
+def _fresh_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _USED_PORTS:
+            _USED_PORTS.add(port)
+            return port
 
 
 def _listening(endpoint: str) -> bool:
