@@ -7,7 +7,7 @@ shared fixtures live in tests/conftest.py.
 ``gguf_models`` fixture): ``base`` is the tiny llama as a plain f32 GGUF with
 a chat template added (so ``create_chat_completion`` uses the model's own
 template), ``otter(kind)`` is that base plus the ``reward1`` / ``reward3`` /
-``token_reward`` adapter.
+``token_reward`` adapter, ``sidecars`` the token_reward and reward1 heads as adapter GGUFs beside it.
 
 ``Model`` / ``Context`` are the package's C-API harness (otter_gguf.runtime.session) with the rt
 fixture's signature and an f32 KV cache (tests/test_runtime*.py).
@@ -106,6 +106,19 @@ class Models:
             assert res.returncode == 0 and out.is_file(), res.stderr[-2000:]
             _built["lora"] = out
         return _built["lora"]
+
+    @property
+    def sidecars(self) -> tuple:
+        """(token_reward head "tr", reward1 head "harmless"): adapter GGUFs beside ``base``."""
+        if "sidecars" not in _built:
+            from otter_gguf_converter import convert
+
+            tr = convert(self._request.getfixturevalue("adapter_token_reward_dir"), self.base, self._root / "tr.gguf",
+                         sidecar=True, name="tr", force=True, progress=False)
+            h1 = convert(self._request.getfixturevalue("adapter_reward1_dir"), self.base, self._root / "harmless.gguf",
+                         sidecar=True, name="harmless", force=True, progress=False)
+            _built["sidecars"] = (tr, h1)
+        return _built["sidecars"]
 
     def otter(self, kind: str) -> Path:
         fixture = {"reward1": "adapter_reward1_dir", "reward3": "adapter_reward3_dir",

@@ -178,14 +178,11 @@ def test_every_side_stream_op_runs_on_the_device(gpu, gguf_models):
             m.close()
 
 
-def test_sidecar_and_two_heads_every_layer_offloaded(gpu, gguf_models, tmp_path, adapter_token_reward_dir,
-                                                     adapter_reward1_dir):
+def test_sidecar_and_two_heads_every_layer_offloaded(gpu, gguf_models):
     from otter_gguf import OtterLlama
-    from otter_gguf_converter import convert
 
     base = gguf_models.base
-    tr = convert(adapter_token_reward_dir, base, tmp_path / "tr.gguf", sidecar=True, name="tr", progress=False)
-    h1 = convert(adapter_reward1_dir, base, tmp_path / "h1.gguf", sidecar=True, name="h1", progress=False)
+    tr, h1 = gguf_models.sidecars
     kw = {**LLAMA_KW, "n_gpu_layers": -1, "logits_all": True}
 
     def run(path, heads=None, n_seq_max=None):
@@ -198,7 +195,7 @@ def test_sidecar_and_two_heads_every_layer_offloaded(gpu, gguf_models, tmp_path,
 
     one_file, one_logits = run(gguf_models.otter("token_reward"))
     side, side_logits = run(base, [tr])
-    both, both_logits = run(base, {"tr": tr, "h1": h1}, n_seq_max=2)
+    both, both_logits = run(base, {"tr": tr, "harmless": h1}, n_seq_max=2)
     alone_h1, _ = run(base, [h1])
     assert np.array_equal(side, one_file) and np.array_equal(side_logits, one_logits)
     assert np.array_equal(both_logits, one_logits)

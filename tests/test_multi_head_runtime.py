@@ -22,15 +22,9 @@ NAMES = ["tr/token_reward", "harmless/reward"]
 
 
 @pytest.fixture(scope="module")
-def heads(tmp_path_factory, gguf_models, adapter_token_reward_dir, adapter_reward1_dir):
+def heads(gguf_models):
     """(base, token_reward sidecar, reward1 sidecar)."""
-    from otter_gguf_converter import convert
-
-    d = tmp_path_factory.mktemp("multi-head")
-    base = gguf_models.base
-    tr = convert(adapter_token_reward_dir, base, d / "tr.gguf", sidecar=True, name="tr", progress=False)
-    h1 = convert(adapter_reward1_dir, base, d / "harmless.gguf", sidecar=True, name="harmless", progress=False)
-    return base, tr, h1
+    return (gguf_models.base, *gguf_models.sidecars)
 
 
 def llm(path, heads=None, **kw):

@@ -41,15 +41,9 @@ def servers(otter_runtime):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, gguf_models, adapter_token_reward_dir, adapter_reward1_dir):
+def files(gguf_models):
     """(base GGUF, one-file reward3 Otter GGUF, token_reward sidecar, reward1 sidecar)."""
-    from otter_gguf_converter import convert
-
-    d = tmp_path_factory.mktemp("rpc")
-    base = gguf_models.base
-    tr = convert(adapter_token_reward_dir, base, d / "tr.gguf", sidecar=True, name="tr", progress=False)
-    h1 = convert(adapter_reward1_dir, base, d / "harmless.gguf", sidecar=True, name="harmless", progress=False)
-    return base, gguf_models.otter("reward3"), tr, h1
+    return (gguf_models.base, gguf_models.otter("reward3"), *gguf_models.sidecars)
 
 
 def _load(path, **kw):
