@@ -219,3 +219,55 @@ def test_real_smollm2_with_its_head_every_layer_offloaded(gpu, tmp_path):
     print(f"{BACKEND} SmolLM2: base logits vs CPU {err_b:.3g}, rewards {err_s:.3g}")
     assert err_b <= GPU_REAL_BASE_MAX
     assert err_s <= max(GPU_SIGNAL_FACTOR * err_b, SIGNAL_FLOOR), (err_s, err_b)
+
+
+_PLAIN_LOGITS = r"""
+import sys, numpy as np
+from otter_gguf.runtime.session import Model
+out, paths = sys.argv[1], sys.argv[2:]
+res = {}
+for i, p in enumerate(paths):
+    m = Model(p, n_gpu_layers=-1)
+    toks = [1] + [int(t) for t in np.random.RandomState(12).randint(3, min(m.n_vocab, 30000), size=69)]
+    for batch in (64, 1):
+        c = m.context(n_ctx=128, n_batch=64, n_threads=2)
+        res[f"{i}-{batch}"] = c.batched_logits(toks, batch)
+        c.close()
+    m.close()
+np.savez(out, **res)
+"""
+
+
+def test_plain_gguf_logits_match_pristine_llama_cpp_on_the_device(gpu, gguf_models, tmp_path, monkeypatch):
+    """A plain GGUF (the tiny llama f32, SmolLM2 Q4_1) on the GPU gives the logits of pristine llama.cpp, bit for
+    bit, at batch 64 and 1: the series changes ggml-vulkan's graph optimizer (0007), not what a base computes.
+    Pristine = the pinned source with only the series marker (which applies to it on its own), built as the
+    runtime is (cached)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from otter_gguf.demo import smollm2 as demo
+    from otter_gguf.runtime import build as rb
+
+    patches = sorted(rb.patch_series())
+    marker_only = tmp_path / "marker-only"
+    marker_only.mkdir()
+    (marker_only / patches[-1].name).write_bytes(patches[-1].read_bytes())
+    monkeypatch.setenv("OTTER_GGUF_PATCHES", str(marker_only))
+    plan = rb.build_runtime("", install=False, backends=("cpu", BACKEND), wheel_out=tmp_path / "wheel")
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))) as z:
+        z.extractall(tmp_path / "site")
+    monkeypatch.delenv("OTTER_GGUF_PATCHES")
+    pristine_lib = tmp_path / "site" / "llama_cpp" / "lib"
+    models = [str(gguf_models.base), str(demo.model_path(quiet=True))]
+    got = {}
+    for name, lib in (("pristine", pristine_lib), ("series", os.environ["LLAMA_CPP_LIB_PATH"])):
+        out = tmp_path / f"{name}.npz"
+        r = subprocess.run([sys.executable, "-c", _PLAIN_LOGITS, str(out), *models], capture_output=True, text=True,
+                           env={**os.environ, "LLAMA_CPP_LIB_PATH": str(lib)}, timeout=1200)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[name] = np.load(out)
+    assert plan.marker != rb.SERIES_PREFIX + rb.series_id()  # the pristine build is not the series
+    for key in got["series"].files:
+        assert np.array_equal(got["series"][key], got["pristine"][key]), f"model-batch {key}: logits differ from pristine"
