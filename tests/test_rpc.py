@@ -270,3 +270,30 @@ def test_rpc_server_command_runs_the_runtimes_server(otter_runtime):
                        text=True, timeout=60)
     out = r.stdout + r.stderr
     assert "-p, --port PORT" in out and "-H, --host HOST" in out, out
+
+
+def test_bench_over_rpc_runs_every_worker_on_the_servers(otter_runtime, tmp_path):
+    """`otter-gguf bench --rpc -ngl all`: each worker process offloads to the servers (one client at a time);
+    the report records the offload."""
+    import json
+
+    from click.testing import CliRunner
+
+    from otter_gguf.cli.bench import bench_command
+    from otter_gguf.runtime.backends import LocalRpcServers
+
+    out = tmp_path / "r.json"
+    with LocalRpcServers(2) as s:
+        res = CliRunner().invoke(bench_command, [
+            "--quick", "-t", "1", "--cache-dir", str(tmp_path / "cache"), "--json", str(out), "--sections", "main",
+            "--configs", "a,b", "--rpc", s.spec, "-ngl", "all", "--n-prompt", "8", "--n-decode", "2"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads(out.read_text())
+    assert rep["meta"]["options"]["offload"] == {"n_gpu_layers": -1, "rpc_servers": s.spec}
+    (run,) = rep["main"]
+    for c in ("a", "b"):
+        assert run["configs"][c]["decode_tok_s"]["median"] > 0, c
+    # the servers are gone: a usage error naming them, before any worker starts
+    res = CliRunner().invoke(bench_command, ["--quick", "--cache-dir", str(tmp_path / "cache"), "--rpc", s.spec])
+    assert res.exit_code == 2 and "cannot reach the RPC server" in res.output and s.endpoints[0] in res.output, \
+        res.output

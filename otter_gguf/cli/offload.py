@@ -68,8 +68,8 @@ def offload_options(f):
 def offload_kwargs(n_gpu_layers: int = 0, split_mode: str = "layer", main_gpu: int = 0,
                    tensor_split: Optional[str] = None, rpc: Optional[str] = None) -> Dict[str, Any]:
     """The ``OtterLlama`` keyword arguments of the option values (only those that differ from
-    ``Llama``'s defaults); a bad ``--rpc`` or ``--tensor-split`` is a usage error (exit 2)."""
-    from otter_gguf.runtime.backends import parse_rpc_servers
+    ``Llama``'s defaults); a bad or unreachable ``--rpc`` or a bad ``--tensor-split`` is a usage error (exit 2)."""
+    from otter_gguf.runtime.backends import check_reachable, parse_rpc_servers
 
     kw: Dict[str, Any] = {}
     if n_gpu_layers:
@@ -84,6 +84,8 @@ def offload_kwargs(n_gpu_layers: int = 0, split_mode: str = "layer", main_gpu: i
     if rpc is not None:
         try:
             servers = parse_rpc_servers(rpc)
+            for ep in servers:  # before any model loads (bench and eval load them in other processes)
+                check_reachable(ep)
         except ValueError as e:
             raise click.BadParameter(str(e).removeprefix("rpc_servers: "), param_hint="--rpc") from None
         if not servers:

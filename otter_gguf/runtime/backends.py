@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
 
 __all__ = ["Device", "devices", "backend_names", "parse_rpc_servers", "rpc_model_devices",
-           "rpc_server_binary", "on_abort", "model_params", "unsupported_ops", "RPC_CONNECT_TIMEOUT_S"]
+           "rpc_server_binary", "on_abort", "model_params", "unsupported_ops", "check_reachable",
+           "RPC_CONNECT_TIMEOUT_S"]
 
 #: how long an RPC endpoint may take to accept a TCP connection before it counts as unreachable
 RPC_CONNECT_TIMEOUT_S = 5.0
@@ -156,7 +157,9 @@ def parse_rpc_servers(spec: Union[str, Sequence[str], None]) -> List[str]:
     return out
 
 
-def _reachable(endpoint: str) -> None:
+def check_reachable(endpoint: str) -> None:
+    """ValueError naming ``endpoint`` when nothing accepts a TCP connection there (the connection
+    is closed at once: the server takes the next client)."""
     host, _, port = endpoint.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=RPC_CONNECT_TIMEOUT_S):
@@ -174,7 +177,7 @@ def _rpc_devices(endpoint: str) -> List[int]:
     addr = _fn("ggml_backend_reg_get_proc_address")(reg, b"ggml_backend_rpc_add_server")
     if not addr:
         raise ValueError("rpc_servers: the RPC backend has no ggml_backend_rpc_add_server")
-    _reachable(endpoint)
+    check_reachable(endpoint)
     server = _RPC_ADD_SERVER(addr)(endpoint.encode())
     if not server:
         raise ValueError(f"rpc_servers: the RPC server {endpoint} offers no device")
