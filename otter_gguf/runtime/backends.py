@@ -13,7 +13,11 @@ over them:
   servers' devices first, then the local GPUs, as llama.cpp orders them (``src/llama.cpp``,
   ``llama_prepare_model_devices``). The servers are not added to ggml's global registry, so other
   models of the process keep their own devices;
-- :func:`rpc_server_binary` -- the ``ggml-rpc-server`` built beside the libraries.
+- :func:`rpc_server_binary` -- the ``ggml-rpc-server`` built beside the libraries;
+  :class:`LocalRpcServers` -- some of them on 127.0.0.1 (tests, benchmarks);
+- :func:`model_params` -- ``llama_model_params`` with those offload arguments (the C-API harness);
+- :func:`unsupported_ops` -- graph nodes a device cannot compute (ggml's scheduler would move them);
+- :func:`on_abort` -- a hook for ggml's abort (a lost RPC server ends the process).
 
 An unreachable server is a :class:`ValueError` naming it: ggml's RPC client aborts the process when
 it cannot connect (``ggml-rpc.cpp``: ``GGML_ABORT("Failed to connect to ...")``), so each endpoint
@@ -31,7 +35,7 @@ from typing import Any, Dict, List, Sequence, Union
 
 __all__ = ["Device", "devices", "backend_names", "parse_rpc_servers", "rpc_model_devices",
            "rpc_server_binary", "on_abort", "model_params", "unsupported_ops", "check_reachable",
-           "RPC_CONNECT_TIMEOUT_S"]
+           "LocalRpcServers", "RPC_CONNECT_TIMEOUT_S"]
 
 #: how long an RPC endpoint may take to accept a TCP connection before it counts as unreachable
 RPC_CONNECT_TIMEOUT_S = 5.0
