@@ -39,12 +39,22 @@ def test_generated_records_carry_the_corpus_labels(tmp_path):
 
 
 @pytest.mark.unit
-def test_review_judge_is_the_corpus_lexicon():
+def test_review_judge_is_vader():
+    """The judge is VADER's verdict (compound score, thresholds +-0.05), not the corpus's lexicon: its own
+    words and rules (a clause after "but" weighs more), blind to words outside its lexicon."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    for text in ("The food was delicious and the staff were friendly!", "Bland soup, rude waiter, but a lovely view.",
+                 "Disappointing pasta", "We ate there on Tuesday.", "The dessert was exceptional",
+                 "The food was terrible and the staff were rude."):
+        c = vader.polarity_scores(text)["compound"]
+        assert review_label(text) == (1 if c >= 0.05 else -1 if c <= -0.05 else 0), (text, c)
     assert review_label("The food was delicious and the staff were friendly!") == 1
-    assert review_label("Bland soup, rude waiter, but a lovely view.") == -1
-    assert review_label("We ate there on Tuesday.") == 0
-    # words the head never saw in training count too (the judge is independent of the head)
-    assert review_label("The dessert was exceptional") == 1 and review_label("Disappointing pasta") == -1
+    assert review_label("The food was terrible and the staff were rude.") == -1
+    assert review_label("Disappointing pasta") == -1 and review_label("We ate there on Tuesday.") == 0
+    # where the corpus lexicon says negative (two negative words, one positive), VADER weighs the clause after "but"
+    assert review_label("Bland soup, rude waiter, but a lovely view.") == 1
 
 
 @pytest.mark.unit
@@ -67,7 +77,7 @@ def test_committed_head_is_small_and_documented():
 @pytest.mark.slow
 def test_demo_guidance_moves_the_reviews(otter_runtime, tmp_path):
     """On SmolLM2 with the committed head, guidance towards negative sentiment moves the
-    sampled sentences from positive to negative as the lexicon judges them (never the head)."""
+    sampled sentences from positive to negative as VADER judges them (never the head)."""
     from otter_gguf import Guidance, OtterLlama
     from otter_gguf.demo.smollm2.run import label_shift
     from otter_gguf_converter import convert

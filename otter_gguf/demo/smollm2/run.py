@@ -9,15 +9,15 @@
    assistant's reply started with an opener ("The food was", ...) and
    continued to the end of the sentence, unguided and guided both ways;
 4. the label shift over sampled sentences (temperature 0.8, the same seeds
-   for every condition), labelled by an independent judge: a fixed sentiment
-   lexicon (:data:`JUDGE`) — the corpus's 28 words the head was trained on
-   plus common review words the head never saw in training — never by the head.
+   for every condition), labelled by an independent judge, never by the head:
+   VADER (PyPI ``vaderSentiment``, a third-party rule-and-lexicon sentiment
+   analyzer), with its standard thresholds on the compound score (>= 0.05
+   positive, <= -0.05 negative, else neutral).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,29 +25,20 @@ from pathlib import Path
 REQUEST = "Write a short review of a restaurant."
 OPENERS = ["The food was", "The staff were", "Our waiter was", "The dessert was", "The service was",
            "The atmosphere was"]
-_WORD = re.compile(r"[a-z]+")
-_JUDGE_POSITIVE = ("exceptional exquisite fantastic outstanding attentive welcoming delightful impeccable "
-                   "incredible tasty helpful impressive memorable cozy beautiful good nice enjoyable sublime "
-                   "divine").split()
-_JUDGE_NEGATIVE = ("disappointing disappointed mediocre poor bad worst unfriendly unhelpful overpriced greasy "
-                   "soggy undercooked overcooked tasteless inedible unpleasant rushed inattentive dismissive "
-                   "lukewarm burnt salty crowded dull disgusting").split()
-
-
-def _judge() -> dict[str, int]:
-    from otter_gguf.demo.corpus import POLARITY
-
-    return {**POLARITY, **{w: 1 for w in _JUDGE_POSITIVE}, **{w: -1 for w in _JUDGE_NEGATIVE}}
-
-
-#: the judge's lexicon: word -> +1 / -1
-JUDGE = _judge()
+#: VADER's standard thresholds on its compound score (its README): positive / negative beyond them
+VADER_THRESHOLD = 0.05
+_vader = None
 
 
 def review_label(text: str) -> int:
-    """+1 / -1 / 0: the sign of the judge's lexicon polarity summed over the text."""
-    s = sum(JUDGE.get(w, 0) for w in _WORD.findall(text.lower()))
-    return (s > 0) - (s < 0)
+    """+1 / -1 / 0: VADER's verdict on the text (compound score >= 0.05, <= -0.05, else neutral)."""
+    global _vader
+    if _vader is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _vader = SentimentIntensityAnalyzer()
+    c = _vader.polarity_scores(text)["compound"]
+    return (c >= VADER_THRESHOLD) - (c <= -VADER_THRESHOLD)
 
 
 def _colour(v: float, tty: bool) -> tuple[str, str]:
@@ -95,7 +86,7 @@ def sentence(llm, prompt: str, opener: str, guidance, temperature: float = 0.0, 
 
 
 def label_shift(llm, guidance, n_per_opener: int, prompt: str | None = None) -> dict:
-    """Shares of positive / negative / neutral sentences (judge: :func:`review_label`)."""
+    """Shares of positive / negative / neutral sentences (judge: :func:`review_label`, VADER)."""
     prompt = chat_prompt(llm) if prompt is None else prompt
     labels = [review_label(sentence(llm, prompt, op, guidance, 0.8, seed=100 * i + j)[0])
               for i, op in enumerate(OPENERS) for j in range(n_per_opener)]
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<32} {mean:+.3f}  {text!r}")
     n = args.samples * len(OPENERS)
     print(f"\nLabel shift over {n} sampled sentences per condition ({len(OPENERS)} openers, temperature 0.8, "
-          f"same seeds), judged by a fixed sentiment lexicon, not by the head:")
+          f"same seeds), judged by VADER (vaderSentiment), not by the head:")
     print(f"  {'condition':<22} {'positive':>9} {'negative':>9} {'neutral':>8}")
     for name, w in (("unguided", None), (f"guided w={-args.weight:+g}", -args.weight),
                     (f"guided w={args.weight:+g}", args.weight)):
