@@ -20,9 +20,8 @@ from otter_gguf.tools.bench.stats import load_average
 # the worker: one configuration in one process
 # ---------------------------------------------------------------------------
 _MODELS: Dict[str, Any] = {}
-#: the offload arguments of this worker's models (``spec["offload"]``: -ngl/-sm/-mg/-ts/--rpc of `bench`)
-_OFFLOAD: Dict[str, Any] = {}
-#: what run_in_subprocess adds to every spec (run_bench sets it: `otter-gguf bench -ngl/--rpc`)
+#: the offload arguments of every model (`otter-gguf bench -ngl/--rpc`): run_bench sets them in the parent,
+#: run_in_subprocess passes them in the spec, the worker process takes them back from it
 OFFLOAD: Dict[str, Any] = {}
 
 
@@ -34,7 +33,7 @@ def _engine(path: str, *, n_ctx: int, n_batch: int, n_seq: int, threads: int, em
     from otter_gguf.runtime.session import Model
 
     if path not in _MODELS:
-        _MODELS[path] = Model(path, **_OFFLOAD)
+        _MODELS[path] = Model(path, **OFFLOAD)
     model = _MODELS[path]
     ctx = model.context(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq, n_threads=threads, embeddings=embeddings,
                         cb_eval=cb_eval, no_perf=False)
@@ -395,7 +394,7 @@ def run_in_subprocess(spec: dict, timeout: float = 3600) -> dict:
 
 def _worker_main(argv: List[str]) -> int:
     spec = json.loads(argv[0])
-    _OFFLOAD.update(spec.get("offload") or {})
+    OFFLOAD.update(spec.get("offload") or {})
     res = run_worker(spec)
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()
