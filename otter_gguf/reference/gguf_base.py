@@ -33,7 +33,8 @@ from otter_gguf.io.gguf_write import OutTensor, copy_kvs, write_gguf
 from otter_gguf.reference.model import BaseConfig, BaseModel, OtterModel, ReferenceError
 from otter_gguf_converter import rope_unpermute
 
-__all__ = ["base_config_from_gguf", "dequantize_gguf", "gguf_tensor_to_hf", "load_base_gguf", "load_otter_gguf"]
+__all__ = ["base_config_from_gguf", "dequantize_gguf", "gguf_tensor_to_hf", "hf_tensor_to_gguf", "load_base_gguf",
+           "load_otter_gguf"]
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -78,6 +79,20 @@ def gguf_tensor_to_hf(name: str, arch: str = "llama") -> str | None:
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_names:
         return f"model.layers.{int(parts[1])}.{layer_names[parts[2]]}"
     return None
+
+
+def hf_tensor_to_gguf(name: str, arch: str = "llama") -> str:
+    """The base GGUF name of the HF tensor ``name`` (the inverse of :func:`gguf_tensor_to_hf`); KeyError if
+    the reference has no such tensor."""
+    inv = {v: k for k, v in _GLOBAL_NAMES.items()}
+    if name in inv:
+        return inv[name]
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        by_hf = {v: k for k, v in _LAYER_NAMES_BY_ARCH[arch].items()}
+        if parts[3] in by_hf:
+            return f"blk.{int(parts[2])}.{by_hf[parts[3]]}"
+    raise KeyError(f"{name} is not a base tensor of a {arch} model")
 
 
 def _unshift(arr: np.ndarray, arch: str) -> np.ndarray:

@@ -69,21 +69,11 @@ def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, see
 
 def write_reward_model(base: Path, out: Path) -> Path:
     """The reward-model stand-in: ``base``'s tensors (minus the LM head ``output.weight``) and metadata
-    under the architecture ``llama-embed`` (llama.cpp's llama graph without the LM head)."""
-    from gguf import GGUFValueType
+    under the architecture ``llama-embed`` (llama.cpp's llama graph without the LM head), no score head
+    (:mod:`otter_gguf.io.reward_model_gguf`; the bench draws one)."""
+    from otter_gguf.io.reward_model_gguf import write_reward_model_gguf
 
-    from otter_gguf.io import gguf_read
-    from otter_gguf.io.gguf_write import copy_kvs, raw_tensors, write_gguf
-    from otter_gguf.io.outputs import atomic_outputs
-
-    reader = gguf_read.open_gguf(base, "base")
-    arch = gguf_read.field_value(reader, "general.architecture")
-    new = f"{arch}-embed"
-    kvs = copy_kvs(reader, rename=lambda k: new + k[len(arch):] if k.startswith(arch + ".") else k,
-                   replace={"general.architecture": (new, GGUFValueType.STRING)})
-    with atomic_outputs([out], force=True) as (tmp,):
-        write_gguf(tmp, new, int(reader.alignment), [kvs], raw_tensors(reader, lambda n: n != "output.weight"))
-    return out
+    return write_reward_model_gguf(base, out)
 
 
 @dataclass
