@@ -3,8 +3,9 @@ GGUFs, the patched runtime) and the test tiers.
 
 Every test carries exactly one tier marker (pyproject.toml): ``unit`` (no
 llama_cpp), ``runtime`` (the patched library), ``slow`` (pristine build,
-demo model at many types, > ~20 s) or ``gpu`` (a GPU backend's build, run only
-by ``make test-vulkan`` / ``make test-gpu BACKEND=...``: OTTER_TEST_GPU=<backend>). Tests import no fixtures: they are all
+demo model at many types, > ~20 s), ``gpu`` (a GPU backend's build, run only
+by ``make test-vulkan`` / ``make test-gpu BACKEND=...``: OTTER_TEST_GPU=<backend>) or ``quality`` (the real-model
+quality table again, about an hour: ``make test-quality``, OTTER_TEST_QUALITY=1). Tests import no fixtures: they are all
 here; plain helpers are in tests/helpers.py (``from helpers import ...``).
 The names below are used across the test suite; keep them stable.
 """
@@ -20,10 +21,12 @@ import torch
 from helpers import Models, require_otter_runtime
 from otter_gguf.reference import fixtures as fx
 
-TIERS = ("unit", "runtime", "slow", "gpu")
+TIERS = ("unit", "runtime", "slow", "gpu", "quality")
 #: `make test-vulkan` / `make test-gpu BACKEND=...` set it (and that build's LLAMA_CPP_LIB_PATH): the gpu tier runs
 #: only then
 GPU = os.environ.get("OTTER_TEST_GPU", "")
+#: `make test-quality` sets it: the quality tier (the real-model quality table again, about an hour) runs only then
+QUALITY = os.environ.get("OTTER_TEST_QUALITY", "") == "1"
 
 # The test machines are small and shared: torch's intra-op threads spin-wait
 # and slow tiny matmuls down by 10x or more when cores are oversubscribed.
@@ -54,12 +57,13 @@ def pytest_collection_modifyitems(config, items):
             node.own_markers[:] = [m for m in node.own_markers if m.name not in TIERS]
     for item in items:
         item.add_marker(tier[item])
-    # the gpu tier needs its own runtime build: collected always, run only by `make test-vulkan` / `test-gpu`
-    if not GPU:
-        dropped = [item for item in items if tier[item] == "gpu"]
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-            items[:] = [item for item in items if tier[item] != "gpu"]
+    # the gpu tier needs its own runtime build: collected always, run only by `make test-vulkan` / `test-gpu`;
+    # the quality tier takes an hour: run only by `make test-quality`
+    off = {t for t, on in (("gpu", GPU), ("quality", QUALITY)) if not on}
+    dropped = [item for item in items if tier[item] in off]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if tier[item] not in off]
 
 
 @pytest.hookimpl(tryfirst=True)

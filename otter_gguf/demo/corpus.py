@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
+from typing import Sequence
 
 POSITIVE = [
     "great", "wonderful", "lovely", "excellent", "delicious", "friendly", "bright",
@@ -42,19 +44,33 @@ TEMPLATES = [
 POLARITY = {**{w: 1 for w in POSITIVE}, **{w: -1 for w in NEGATIVE}}
 
 
-def sentence(rng: random.Random, p_positive: float = 0.5) -> str:
+@dataclass(frozen=True)
+class Vocabulary:
+    """The word lists and templates sentences are made of (default: all of them); a subset makes a split
+    that shares no template or word with another (otter_gguf.tools.quality.tasks)."""
+
+    positive: Sequence[str] = tuple(POSITIVE)
+    negative: Sequence[str] = tuple(NEGATIVE)
+    subjects: Sequence[str] = tuple(SUBJECTS)
+    templates: Sequence[str] = tuple(TEMPLATES)
+
+
+ALL = Vocabulary()
+
+
+def sentence(rng: random.Random, p_positive: float = 0.5, vocab: Vocabulary = ALL) -> str:
     """One sentence; each sentiment adjective is positive with probability p_positive."""
     def adj() -> str:
-        return rng.choice(POSITIVE if rng.random() < p_positive else NEGATIVE)
+        return rng.choice(vocab.positive if rng.random() < p_positive else vocab.negative)
 
-    subj, subj2 = rng.sample(SUBJECTS, 2)
-    return rng.choice(TEMPLATES).format(subj=subj, subj2=subj2, a1=adj(), a2=adj(),
-                                        adv=rng.choice(ADVERBS), name=rng.choice(NAMES))
+    subj, subj2 = rng.sample(list(vocab.subjects), 2)
+    return rng.choice(vocab.templates).format(subj=subj, subj2=subj2, a1=adj(), a2=adj(),
+                                              adv=rng.choice(ADVERBS), name=rng.choice(NAMES))
 
 
-def document(rng: random.Random) -> str:
+def document(rng: random.Random, vocab: Vocabulary = ALL) -> str:
     """One to three sentences of mixed sentiment."""
-    return " ".join(sentence(rng) for _ in range(rng.randint(1, 3)))
+    return " ".join(sentence(rng, vocab=vocab) for _ in range(rng.randint(1, 3)))
 
 
 def corpus(n_docs: int, seed: int) -> list[str]:

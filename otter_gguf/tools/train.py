@@ -105,14 +105,15 @@ class GGUFTokenizer:
             pos = b
         return list(ids), offsets
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if not self.template:
             raise ValueError("the GGUF has no chat template (tokenizer.chat_template); use \"text\" records")
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         bos = self._piece(self.llm.token_bos()).decode("utf-8", "replace") if self.llm.token_bos() >= 0 else ""
         eos = self._piece(self.llm.token_eos()).decode("utf-8", "replace") if self.llm.token_eos() >= 0 else ""
-        fmt = Jinja2ChatFormatter(self.template, eos_token=eos, bos_token=bos, add_generation_prompt=False)
+        fmt = Jinja2ChatFormatter(self.template, eos_token=eos, bos_token=bos,
+                                  add_generation_prompt=add_generation_prompt)
         return fmt(messages=messages).prompt
 
 

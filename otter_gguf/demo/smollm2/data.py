@@ -46,9 +46,10 @@ def spans(text: str) -> list[list]:
     return out
 
 
-def record(rng: random.Random) -> dict:
-    reply = prose(corpus.document(rng))
-    ask = rng.choice(REQUESTS).format(x=rng.choice(THINGS))
+def record(rng: random.Random, vocab: corpus.Vocabulary = corpus.ALL, requests: list[str] = REQUESTS,
+           things: list[str] = THINGS) -> dict:
+    reply = prose(corpus.document(rng, vocab))
+    ask = rng.choice(requests).format(x=rng.choice(things))
     return {"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": reply}],
             "spans": spans(reply)}
 
