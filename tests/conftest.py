@@ -5,7 +5,7 @@ Every test carries exactly one tier marker (pyproject.toml): ``unit`` (no
 llama_cpp), ``runtime`` (the patched library), ``slow`` (pristine build,
 demo model at many types, > ~20 s), ``gpu`` (a GPU backend's build, run only
 by ``make test-vulkan`` / ``make test-gpu BACKEND=...``: OTTER_TEST_GPU=<backend>) or ``quality`` (the real-model
-quality table again, about an hour: ``make test-quality``, OTTER_TEST_QUALITY=1). Tests import no fixtures: they are all
+quality table again, about 50 minutes: ``make test-quality``, OTTER_TEST_QUALITY=1). Tests import no fixtures: they are all
 here; plain helpers are in tests/helpers.py (``from helpers import ...``).
 The names below are used across the test suite; keep them stable.
 """
@@ -25,7 +25,7 @@ TIERS = ("unit", "runtime", "slow", "gpu", "quality")
 #: `make test-vulkan` / `make test-gpu BACKEND=...` set it (and that build's LLAMA_CPP_LIB_PATH): the gpu tier runs
 #: only then
 GPU = os.environ.get("OTTER_TEST_GPU", "")
-#: `make test-quality` sets it: the quality tier (the real-model quality table again, about an hour) runs only then
+#: `make test-quality` sets it: the quality tier (the real-model quality table again, about 50 minutes) runs only then
 QUALITY = os.environ.get("OTTER_TEST_QUALITY", "") == "1"
 
 # The test machines are small and shared: torch's intra-op threads spin-wait
@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(tier[item])
     # the gpu tier needs its own runtime build: collected always, run only by `make test-vulkan` / `test-gpu`;
-    # the quality tier takes an hour: run only by `make test-quality`
+    # the quality tier takes about 50 minutes: run only by `make test-quality`
     off = {t for t, on in (("gpu", GPU), ("quality", QUALITY)) if not on}
     dropped = [item for item in items if tier[item] in off]
     if dropped:

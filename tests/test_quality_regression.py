@@ -1,6 +1,6 @@
 """The committed quality table (benchmarks/results/quality-smollm2.json, docs/EVAL.md "Quality") reproduces.
 
-Tier ``quality``: it retrains every model of the table on SmolLM2-135M (about an hour on 2 cores), so only
+Tier ``quality``: it retrains every model of the table on SmolLM2-135M (about 50 minutes on 2 cores), so only
 ``make test-quality`` runs it (OTTER_TEST_QUALITY=1). Training runs on the CPU in float32 with fixed seeds; a
 CPU with other kernels (AVX2 vs AVX-512) rounds differently, hence the tolerances: held-out metrics within
 METRIC_TOL, every guided share within GUIDED_TOL (the guided runs are greedy, 12 prompts per condition: a share

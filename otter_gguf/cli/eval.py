@@ -39,9 +39,9 @@ from otter_gguf.tools import eval as ev
 @click.option("--d2", "d2_list", default="32,64,128", show_default=True, help="--quality: the Otter head widths.")
 @click.option("--rm-layers", default="0,4", show_default=True,
               help="--quality: one reward model per entry, fine-tuning its top N layers (0: all).")
-@click.option("--steps", type=click.IntRange(min=1), default=150, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
               help="--quality: optimizer steps of every model (batch 8).")
-@click.option("--train-records", type=click.IntRange(min=2), default=1200, show_default=True)
+@click.option("--train-records", type=click.IntRange(min=2), default=800, show_default=True)
 @click.option("--heldout-records", type=click.IntRange(min=2), default=120, show_default=True)
 @click.option("--weight", type=float, default=8.0, show_default=True, help="--quality: guidance weight (±).")
 @click.option("--top-k", type=click.IntRange(min=2), default=10, show_default=True)

@@ -19,23 +19,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 
 from otter_gguf.tools.quality import tasks as T
 
-__all__ = ["QualitySettings", "format_tables", "machine", "run_quality"]
+__all__ = ["QualitySettings", "decode_costs", "format_tables", "machine", "run_quality"]
 
 
 @dataclass
 class QualitySettings:
     tasks: Sequence[str] = ("sentiment", "preference")
     d2: Sequence[int] = (32, 64, 128)
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 8
-    otter_lr: float = 1e-3
-    rm_lr: float = 1e-3
+    lr: float | None = None            # every model's learning rate (None: the task's, tasks.TASKS)
     rm_layers: Sequence[int] = (0, 4)  # one reward model per entry: the top layers it fine-tunes (0: all)
-    n_train: int = 1200
+    n_train: int = 800
     n_heldout: int = 120
     seed: int = 1234
     threads: int = 2
@@ -65,7 +63,7 @@ def _train_otter(base: Path, task: T.Task, train: Path, held: Path, d2: int, s: 
     gguf = work / f"{task.name}-otter-d2_{d2}.gguf"
     cmd = [sys.executable, "-m", "otter_gguf.cli", "train", str(base), str(train), "-o", str(adir),
            "--eval-data", str(held), "--signal-name", task.name, "--d2", str(d2), "--h2", "1", "--h2-kv", "1",
-           "--f2", str(d2), "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--lr", str(s.otter_lr),
+           "--f2", str(d2), "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--lr", str(s.lr or task.lr),
            "--seed", str(s.seed), "-t", str(s.threads), "--gguf", str(gguf), "--sidecar", "--force",
            "--no-progress"]
     _, wall, rss = _run_measured(cmd, work / f"{adir.name}.log")
@@ -79,7 +77,7 @@ def _train_rm(base: Path, task: T.Task, train: Path, held: Path, layers: int, s:
               work: Path) -> dict:
     out = work / f"{task.name}-rm-layers_{layers or 'all'}.gguf"
     cmd = [sys.executable, "-m", "otter_gguf.tools.quality.baseline", str(base), str(train), str(held),
-           "-o", str(out), "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--lr", str(s.rm_lr),
+           "-o", str(out), "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--lr", str(s.lr or task.lr),
            "--seed", str(s.seed), "--signal-name", task.name, "-t", str(s.threads)]
     if layers:
         cmd += ["--layers", str(layers)]
@@ -170,7 +168,7 @@ def machine(threads: int) -> dict:
 
 def run_quality(base: Path, out_dir: Path, s: QualitySettings, log: Callable[[str], None] = print) -> dict:
     from otter_gguf.reference.data import load_jsonl
-    from otter_gguf.tools.quality.scoring import Scorer, decode_cost, heldout_metrics
+    from otter_gguf.tools.quality.scoring import Scorer, heldout_metrics
     from otter_gguf.tools.train import GGUFTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,26 +196,35 @@ def run_quality(base: Path, out_dir: Path, s: QualitySettings, log: Callable[[st
             log(f"quality {name}: {r['name']}: held-out {r['heldout']}")
         log(f"quality {name}: guided decoding (ARGS w=±{s.weight:g}, k={s.top_k})")
         unguided = _guided(base, task, rows, tok, s)
-        # the decode cost, side by side: base / base + head / base + reward model (every reward model has the
-        # base's architecture and tensor types: one measures them all), once per head
-        rm = next(r for r in rows if r["kind"] == "reward_model")
-        for r in rows:
-            if r["kind"] == "otter":
-                r["decode"] = decode_cost(base, adapter=Path(r["file"]), reward_model=Path(rm["file"]),
-                                          tokens=examples[0].tokens, threads=1)
-        rm_ms = float(np.median([r["decode"]["extra_ms_per_token"]["reward_model"] for r in rows if "decode" in r]))
-        for r in rows:
-            if r["kind"] == "reward_model":
-                r["extra_ms_per_token"] = round(rm_ms, 3)
-            else:
-                r["extra_ms_per_token"] = r["decode"]["extra_ms_per_token"]["otter"]
-        report["tasks"][name] = {"objective": task.objective, "metric": task.metric, "unguided": unguided,
-                                 "rows": rows, "data": {"train": s.n_train, "heldout": s.n_heldout}}
+        decode_costs(base, rows, examples[0].tokens)
+        report["tasks"][name] = {"objective": task.objective, "metric": task.metric, "lr": s.lr or task.lr,
+                                 "unguided": unguided, "rows": rows,
+                                 "data": {"train": s.n_train, "heldout": s.n_heldout}}
+        _write(out_dir, report)  # each task as it completes
+    return report
+
+
+def _write(out_dir: Path, report: dict) -> None:
     from otter_gguf.tools.bench.report import portable
 
     (out_dir / "quality.json").write_text(portable(json.dumps(report, indent=2) + "\n"))
     (out_dir / "quality.md").write_text(format_tables(report))
-    return report
+
+
+def decode_costs(base: Path, rows: list[dict], tokens: list[int]) -> None:
+    """Each row's extra decode time per token (``row["decode"]``, ``row["extra_ms_per_token"]``), side by side
+    in this process: a head against base alone (with the first reward model beside the base in the same
+    measurement), a reward model beside the base against base alone (with the first head)."""
+    from otter_gguf.tools.quality.scoring import decode_cost
+
+    heads = [r for r in rows if r["kind"] == "otter"]
+    rms = [r for r in rows if r["kind"] == "reward_model"]
+    for r in rows:
+        head, rm = (r, rms[0]) if r["kind"] == "otter" else (heads[0], r)
+        r["decode"] = decode_cost(base, adapter=Path(head["file"]), reward_model=Path(rm["file"]), tokens=tokens,
+                                  threads=1)
+        r["extra_ms_per_token"] = r["decode"]["extra_ms_per_token"]["otter" if r["kind"] == "otter" else
+                                                                     "reward_model"]
 
 
 def _judged(task: str, v: dict) -> str:

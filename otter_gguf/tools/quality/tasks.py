@@ -152,11 +152,13 @@ class Task:
     objective: str          # otter-gguf train's objective of its data
     metric: str             # the held-out ranking metric: "pearson" (per token) or "accuracy" (pairwise)
     records: Callable[..., list[dict]]     # (n, seed, heldout, chat) -> records
+    lr: float               # the learning rate of every model of the task (1e-3 made an Otter head's pairwise
+                            # loss NaN at step 38 on SmolLM2)
 
 
 TASKS = {
-    "sentiment": Task("sentiment", "token_regression", "pearson", sentiment_records),
-    "preference": Task("preference", "pairwise", "accuracy", preference_records),
+    "sentiment": Task("sentiment", "token_regression", "pearson", sentiment_records, 1e-3),
+    "preference": Task("preference", "pairwise", "accuracy", preference_records, 3e-4),
 }
 
 
