@@ -77,7 +77,7 @@ def test_reward_model_gguf_scores_equal_its_pytorch_scores(otter_runtime, gguf_m
     """The baseline trained (top 2 layers + score head), written as a reward-model GGUF: llama.cpp's rewards of
     every position equal the PyTorch model's, to float rounding with the fine-tuned matrices in F32 (measured
     max |diff| / max |r| 1.1e-6), and to the 8-bit rounding of Q8_0, the default (measured 1.2e-2)."""
-    from otter_gguf.io.reward_model_gguf import read_score_head
+    from otter_gguf.reference.reward_model_gguf import read_score_head
     from otter_gguf.reference.data import load_jsonl
     from otter_gguf.reference.gguf_base import load_base_gguf
     from otter_gguf.reference.reward_model import new_reward_model
@@ -116,7 +116,7 @@ def test_reward_model_gguf_scores_equal_its_pytorch_scores(otter_runtime, gguf_m
 @pytest.mark.runtime
 def test_score_head_of_a_file_without_one_is_a_clear_error(otter_runtime, gguf_models, tmp_path):
     from otter_gguf.io.errors import InputError
-    from otter_gguf.io.reward_model_gguf import read_score_head, write_reward_model_gguf
+    from otter_gguf.reference.reward_model_gguf import read_score_head, write_reward_model_gguf
 
     with pytest.raises(InputError, match="not a reward-model GGUF"):
         read_score_head(gguf_models.base)

@@ -104,7 +104,7 @@ def _quality(model: Path, out_dir: Path, threads: int | None, tasks: str, d2_lis
              train_records: int, heldout_records: int, weight: float, top_k: int, seed: int) -> None:
     from otter_gguf.io import gguf_read
     from otter_gguf.io.errors import InputError
-    from otter_gguf.io.reward_model_gguf import RM_ARCHITECTURES
+    from otter_gguf.reference.reward_model_gguf import RM_ARCHITECTURES
     from otter_gguf.tools.quality import QualitySettings, run_quality
     from otter_gguf.tools.quality.tasks import TASKS
 

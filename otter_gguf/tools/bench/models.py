@@ -70,8 +70,8 @@ def write_random_adapter(out: Path, shape: dict, side: dict, head_kind: str, see
 def write_reward_model(base: Path, out: Path) -> Path:
     """The reward-model stand-in: ``base``'s tensors (minus the LM head ``output.weight``) and metadata
     under the architecture ``llama-embed`` (llama.cpp's llama graph without the LM head), no score head
-    (:mod:`otter_gguf.io.reward_model_gguf`; the bench draws one)."""
-    from otter_gguf.io.reward_model_gguf import write_reward_model_gguf
+    (:mod:`otter_gguf.reference.reward_model_gguf`; the bench draws one)."""
+    from otter_gguf.reference.reward_model_gguf import write_reward_model_gguf
 
     return write_reward_model_gguf(base, out)
 

@@ -1,6 +1,6 @@
 """The reward-model baseline: the base fine-tuned as a separate reward model on the same data, objective and
 loop as an Otter head (:class:`otter_gguf.reference.reward_model.RewardModel`), written as a reward-model GGUF
-(:mod:`otter_gguf.io.reward_model_gguf`) that llama.cpp runs.
+(:mod:`otter_gguf.reference.reward_model_gguf`) that llama.cpp runs.
 
     python -m otter_gguf.tools.quality.baseline BASE.gguf TRAIN.jsonl HELDOUT.jsonl -o RM.gguf
         [--layers N] [--steps S] [--batch-size B] [--lr LR] [--seed S] [-t THREADS] [--signal-name NAME]
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from otter_gguf.io.reward_model_gguf import ScoreHead, write_reward_model_gguf
+from otter_gguf.reference.reward_model_gguf import ScoreHead, write_reward_model_gguf
 from otter_gguf.reference.data import load_jsonl
 from otter_gguf.reference.reward_model import RewardModel, new_reward_model
 from otter_gguf.reference.training import fit

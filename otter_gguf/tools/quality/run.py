@@ -207,7 +207,13 @@ def run_quality(base: Path, out_dir: Path, s: QualitySettings, log: Callable[[st
 def _write(out_dir: Path, report: dict) -> None:
     from otter_gguf.tools.bench.report import portable
 
-    (out_dir / "quality.json").write_text(portable(json.dumps(report, indent=2) + "\n"))
+    import copy
+
+    out = copy.deepcopy(report)  # the models' files relative to out_dir (the report travels without them)
+    for t in out["tasks"].values():
+        for r in t["rows"]:
+            r["file"] = os.path.relpath(r["file"], out_dir)
+    (out_dir / "quality.json").write_text(portable(json.dumps(out, indent=2) + "\n"))
     (out_dir / "quality.md").write_text(format_tables(report))
 
 

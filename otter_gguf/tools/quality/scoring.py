@@ -39,7 +39,7 @@ class Scorer:
             self.ctx = self.model.context(n_ctx=n_ctx, n_batch=n_ctx, n_seq_max=n_seq, n_threads=threads, heads=[ad])
             self.head = None
         else:
-            from otter_gguf.io.reward_model_gguf import read_score_head
+            from otter_gguf.reference.reward_model_gguf import read_score_head
 
             self.head = read_score_head(reward_model)
             self.model = Model(reward_model)
