@@ -5,7 +5,8 @@ For each task (:mod:`.tasks`): the train / held-out split is written; an Otter h
 (:mod:`.baseline`: the base fine-tuned with a score head, a reward-model GGUF), each in its own process
 (training time, and peak RSS from ``wait4``); then, in llama.cpp: the held-out ranking metric, ARGS label
 shift judged by the task's independent judge, the extra decode time per token (side by side in one run) and
-the extra bytes. ``quality.json`` holds everything, ``quality.md`` the tables.
+the extra bytes. ``quality.json`` holds everything, ``quality.md`` the tables (both written at the end;
+``work/quality-partial.json`` after each task).
 """
 
 from __future__ import annotations
@@ -200,11 +201,14 @@ def run_quality(base: Path, out_dir: Path, s: QualitySettings, log: Callable[[st
         report["tasks"][name] = {"objective": task.objective, "metric": task.metric, "lr": s.lr or task.lr,
                                  "unguided": unguided, "rows": rows,
                                  "data": {"train": s.n_train, "heldout": s.n_heldout}}
-        _write(out_dir, report)  # each task as it completes
+        _write(out_dir, report, partial=True)  # each task as it completes: work/quality-partial.json
+    _write(out_dir, report)
     return report
 
 
-def _write(out_dir: Path, report: dict) -> None:
+def _write(out_dir: Path, report: dict, partial: bool = False) -> None:
+    """``quality.json`` and ``quality.md`` (written whole, atomically), or with ``partial`` the report so far
+    as ``work/quality-partial.json``."""
     from otter_gguf.tools.bench.report import portable
 
     import copy
@@ -213,8 +217,15 @@ def _write(out_dir: Path, report: dict) -> None:
     for t in out["tasks"].values():
         for r in t["rows"]:
             r["file"] = os.path.relpath(r["file"], out_dir)
-    (out_dir / "quality.json").write_text(portable(json.dumps(out, indent=2) + "\n"))
-    (out_dir / "quality.md").write_text(format_tables(report))
+    text = portable(json.dumps(out, indent=2) + "\n")
+    if partial:
+        (out_dir / "work" / "quality-partial.json").write_text(text)
+        return
+    from otter_gguf.io.outputs import atomic_outputs
+
+    with atomic_outputs([out_dir / "quality.json", out_dir / "quality.md"], force=True) as (tj, tm):
+        tj.write_text(text)
+        tm.write_text(format_tables(report))
 
 
 def decode_costs(base: Path, rows: list[dict], tokens: list[int]) -> None:
