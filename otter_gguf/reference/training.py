@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from otter_gguf.reference.data import OBJECTIVES, Example
 from otter_gguf.reference.model import OtterModel
 
-__all__ = ["FitResult", "default_device", "evaluate", "fit", "pad_batch", "train_head"]
+__all__ = ["FitResult", "default_device", "evaluate", "fit", "pad_batch", "regression_metrics", "train_head"]
 
 
 def _as_long(x) -> torch.Tensor:
@@ -218,6 +218,13 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict:
+    """Pearson, Spearman (average ranks for ties) and MSE of predictions against targets (float64)."""
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    return {"pearson": _pearson(pred, true), "spearman": _pearson(_ranks(pred), _ranks(true)),
+            "mse": float(np.mean((pred - true) ** 2))}
+
+
 def evaluate(model: OtterModel, objective: str, examples: Sequence[Example], *,
              batch_size: int = 8, signal_index: int = 0, device=None) -> dict:
     """Held-out metrics that fit the objective.
@@ -256,8 +263,7 @@ def evaluate(model: OtterModel, objective: str, examples: Sequence[Example], *,
     pred = torch.cat(sums["pred"]).double().cpu().numpy()
     true = torch.cat(sums["true"]).double().cpu().numpy()
     key = "tokens" if objective == "token_regression" else "sequences"
-    return {key: int(len(pred)), "pearson": _pearson(pred, true),
-            "spearman": _pearson(_ranks(pred), _ranks(true)), "mse": float(np.mean((pred - true) ** 2))}
+    return {key: int(len(pred)), **regression_metrics(pred, true)}
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str = "cosine") -> float:

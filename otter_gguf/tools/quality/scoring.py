@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from otter_gguf.reference.training import _pearson, _ranks
+from otter_gguf.reference.training import regression_metrics
 from otter_gguf.runtime.guidance import args_scores, top_k_ids
 
 __all__ = ["Scorer", "args_generate", "decode_cost", "heldout_metrics"]
@@ -93,7 +93,8 @@ class Scorer:
 
 
 def heldout_metrics(scorer: Scorer, objective: str, examples: Sequence) -> dict:
-    """``token_regression``: Pearson / Spearman of the reward of every labelled token against its label;
+    """``token_regression``: Pearson / Spearman / MSE of the reward of every labelled token against its label
+    (the metrics of training's own held-out evaluation);
     ``pairwise``: the share of pairs whose chosen reply ends with the higher reward."""
     if objective == "pairwise":
         wins = [scorer.rewards(e.tokens)[-1] > scorer.rewards(e.rejected)[-1] for e in examples]
@@ -107,8 +108,7 @@ def heldout_metrics(scorer: Scorer, objective: str, examples: Sequence) -> dict:
             if t is not None and not (isinstance(t, float) and math.isnan(t)):
                 pred.append(p)
                 true.append(t)
-    p, t = np.array(pred), np.array(true)
-    return {"pearson": _pearson(p, t), "spearman": _pearson(_ranks(p), _ranks(t)), "tokens": len(p)}
+    return {**regression_metrics(np.array(pred), np.array(true)), "tokens": len(pred)}
 
 
 def args_generate(base_ctx, scorer: Scorer | None, prompt: Sequence[int], *, weight: float, top_k: int,
