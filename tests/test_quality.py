@@ -64,6 +64,71 @@ def test_preference_pairs_follow_the_rule_and_hold_out_entities_and_phrasings():
     assert not qs[0] & qs[1]
     plain = T.preference_records(3, 1, False, chat=False)
     assert all(isinstance(r["prompt"], str) and r["prompt"].startswith("Q: ") for r in plain)
+    # the rejected reply is about another entity, whose answer is another
+    assert all(entity_of(r["rejected"][0]["content"]) != entity_of(r["prompt"][0]["content"]) for r in held)
+
+
+@pytest.mark.unit
+def test_correctness_pairs_differ_in_the_answer_alone():
+    """The rejected reply is the chosen one with another entity's answer of the same split: the same entity,
+    phrasing and every other word; no answer word tells right from wrong (each is chosen for some entity and
+    rejected for another); the preference task's data are unchanged by the option."""
+    facts = {e: a for k in T._KINDS for e, a in k.facts}
+    for held in (False, True):
+        recs = T.correctness_records(400, 5, held)
+        assert recs[0].keys() == {"prompt", "chosen", "rejected"}
+        chosen_words, rejected_words = set(), set()
+        split_answers = {a for k in T._KINDS for a in {a for _, a in T._split_kind(k, held)[0]}}
+        for r in recs:
+            q, good, bad = r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]
+            e = next(e for e in sorted(facts, key=len, reverse=True) if e.lower() in q.lower())
+            assert e.lower() in good.lower() and e.lower() in bad.lower()
+            assert T.answers(good, e, facts[e]) and not T.answers(bad, e, facts[e])
+            wrong = next(a for a in split_answers if a != facts[e] and T.answers(bad, e, a))
+            assert bad.lower().replace(wrong.lower(), facts[e].lower()) == good.lower()
+            chosen_words.add(facts[e])
+            rejected_words.add(wrong)
+        assert len(chosen_words & rejected_words) >= 10
+    assert T.preference_records(50, 3, True) == T.preference_records(50, 3, True, rejected="other_question")
+    with pytest.raises(ValueError, match="wrong_answer"):
+        T.preference_records(1, 0, False, rejected="nope")
+
+
+@pytest.mark.runtime
+def test_base_likelihood_margins_equal_the_pytorch_models(otter_runtime, gguf_models, tmp_path):
+    """The untrained reference row of a pairwise task: llama.cpp's log-probability margin of every pair (chosen
+    minus rejected, over the tokens after the shared prefix) equals the PyTorch base's (float64 log-softmax of
+    the reference model's logits; measured max |diff| 8.2e-3 of margins up to 16 on an AVX-512 CPU); the accuracy is the share of positive margins,
+    and swapping chosen and rejected negates every margin."""
+    import dataclasses
+
+    from otter_gguf.reference.data import load_jsonl
+    from otter_gguf.reference.gguf_base import load_base_gguf
+    from otter_gguf.tools.quality.scoring import base_likelihood_accuracy, base_logprob_margins
+    from otter_gguf.tools.train import GGUFTokenizer
+
+    base = gguf_models.base
+    p = tmp_path / "c.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in T.correctness_records(12, 4, True)))
+    ex = load_jsonl(p, GGUFTokenizer(base), objective="pairwise").examples
+    got = base_logprob_margins(base, ex)
+    model = load_base_gguf(base)
+
+    def lp(tokens, start):
+        with torch.no_grad():
+            ls = torch.log_softmax(model(tokens).double(), -1)
+        return sum(float(ls[i - 1, tokens[i]]) for i in range(start, len(tokens)))
+
+    want = []
+    for e in ex:
+        start = next(i for i, (a, b) in enumerate(zip(e.tokens, e.rejected)) if a != b)
+        assert start > 1 and e.tokens[:start] == e.rejected[:start]
+        want.append(lp(e.tokens, start) - lp(e.rejected, start))
+    np.testing.assert_allclose(got, want, atol=0.05)
+    assert np.abs(got).max() > 1.0
+    swapped = [dataclasses.replace(e, tokens=e.rejected, rejected=e.tokens) for e in ex]
+    np.testing.assert_allclose(base_logprob_margins(base, swapped), -got, atol=1e-4)
+    assert base_likelihood_accuracy(base, ex) == {"accuracy": float(np.mean(got > 0)), "pairs": 12}
 
 
 def _tiny_sentiment(tmp_path: Path, n: int, heldout: bool) -> Path:
@@ -144,8 +209,12 @@ def test_quality_pipeline_end_to_end_on_the_tiny_model(otter_runtime, gguf_model
                         guided_max_tokens=4, top_k=3, lr=3e-3)
     rep = run_quality(base, tmp_path / "q", s, log=lambda m: None)
     md = (tmp_path / "q" / "quality.md").read_text()
-    for name in ("sentiment", "preference"):
+    assert list(rep["tasks"]) == ["sentiment", "preference", "correctness"]
+    for name in ("sentiment", "preference", "correctness"):
         t = rep["tasks"][name]
+        if t["objective"] == "pairwise":  # the untrained reference: the base's own likelihood
+            assert t["base_likelihood"]["pairs"] == 24 and 0 <= t["base_likelihood"]["accuracy"] <= 1
+            assert "its log-likelihood ranks" in md
         assert [r["kind"] for r in t["rows"]] == ["otter", "reward_model"]
         m = t["metric"]
         for r in t["rows"]:

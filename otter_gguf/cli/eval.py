@@ -35,7 +35,7 @@ from otter_gguf.tools import eval as ev
 @click.option("--quality", is_flag=True,
               help="Instead: train Otter heads and reward models on the same data for MODEL.gguf (a base GGUF, "
                    "any type) and compare them (quality.json, quality.md in --out).")
-@click.option("--tasks", default="sentiment,preference", show_default=True, help="--quality: the tasks.")
+@click.option("--tasks", default="sentiment,preference,correctness", show_default=True, help="--quality: the tasks.")
 @click.option("--d2", "d2_list", default="32,64,128", show_default=True, help="--quality: the Otter head widths.")
 @click.option("--rm-layers", default="0,4", show_default=True,
               help="--quality: one reward model per entry, fine-tuning its top N layers (0: all).")

@@ -28,7 +28,7 @@ __all__ = ["QualitySettings", "decode_costs", "format_tables", "machine", "run_q
 
 @dataclass
 class QualitySettings:
-    tasks: Sequence[str] = ("sentiment", "preference")
+    tasks: Sequence[str] = ("sentiment", "preference", "correctness")
     d2: Sequence[int] = (32, 64, 128)
     steps: int = 100
     batch_size: int = 8
@@ -94,7 +94,8 @@ def _train_rm(base: Path, task: T.Task, train: Path, held: Path, layers: int, s:
 def _prompts(task: T.Task, tok, s: QualitySettings) -> list[tuple[list[int], Callable[[str], int]]]:
     """(prompt tokens, judge of the continuation) of the guided runs, on held-out requests and questions:
     sentiment: the reply started with one of the demo's openers, judged by VADER (+1 / 0 / -1);
-    preference: a held-out question, judged by the generator's rule (1: answers it, 0: does not)."""
+    preference, correctness: a held-out question, judged by the generator's rule (1: the reply states the
+    asked entity's answer, 0: it does not)."""
     from otter_gguf.demo.smollm2 import run as demo_run
 
     out = []
@@ -169,7 +170,7 @@ def machine(threads: int) -> dict:
 
 def run_quality(base: Path, out_dir: Path, s: QualitySettings, log: Callable[[str], None] = print) -> dict:
     from otter_gguf.reference.data import load_jsonl
-    from otter_gguf.tools.quality.scoring import Scorer, heldout_metrics
+    from otter_gguf.tools.quality.scoring import Scorer, base_likelihood_accuracy, heldout_metrics
     from otter_gguf.tools.train import GGUFTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +202,8 @@ def run_quality(base: Path, out_dir: Path, s: QualitySettings, log: Callable[[st
         report["tasks"][name] = {"objective": task.objective, "metric": task.metric, "lr": s.lr or task.lr,
                                  "unguided": unguided, "rows": rows,
                                  "data": {"train": s.n_train, "heldout": s.n_heldout}}
+        if task.objective == "pairwise":  # what the base's own likelihood ranks, untrained
+            report["tasks"][name]["base_likelihood"] = base_likelihood_accuracy(base, examples, s.threads)
         _write(out_dir, report, partial=True)  # each task as it completes: work/quality-partial.json
     _write(out_dir, report)
     return report
@@ -256,12 +259,14 @@ def format_tables(report: dict) -> str:
     for name, t in report["tasks"].items():
         m = t["metric"]
         judge = ("VADER: share of positive / negative sentences" if name == "sentiment" else
-                 "the generator's rule: share of replies that answer the question")
+                 "the generator's rule: share of replies that state the asked entity's answer")
         lines += [f"### {name}: held-out {m}; ARGS greedy, k={s['top_k']}, judged by {judge}", "",
                   f"| model | held-out {m} | guided w={w:+g} | guided w={-w:+g} | extra ms/token | extra MiB | "
                   f"train s | train peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
         u = _judged(name, t["unguided"])
-        lines.append(f"| base, unguided | | {u} | {u} | 0 | 0 | | |")
+        bl = t.get("base_likelihood", {}).get(m)
+        label, cell = ("base, unguided", "") if bl is None else ("base, unguided (its log-likelihood ranks)", f"{bl:.3f}")
+        lines.append(f"| {label} | {cell} | {u} | {u} | 0 | 0 | | |".replace("|  |", "| |"))
         for r in t["rows"]:
             g, ms = r["guided"], r["extra_ms_per_token"]
             lines.append(f"| {r['name']} | {r['heldout'][m]:.3f} | {_judged(name, g[f'w={w:+g}'])} | "

@@ -20,7 +20,8 @@ import numpy as np
 from otter_gguf.reference.training import regression_metrics
 from otter_gguf.runtime.guidance import args_scores, top_k_ids
 
-__all__ = ["Scorer", "args_generate", "decode_cost", "heldout_metrics"]
+__all__ = ["Scorer", "args_generate", "base_likelihood_accuracy", "base_logprob_margins", "decode_cost",
+           "heldout_metrics"]
 
 
 class Scorer:
@@ -109,6 +110,41 @@ def heldout_metrics(scorer: Scorer, objective: str, examples: Sequence) -> dict:
                 pred.append(p)
                 true.append(t)
     return {**regression_metrics(np.array(pred), np.array(true)), "tokens": len(pred)}
+
+
+def base_logprob_margins(base: Path, examples: Sequence, threads: int = 1) -> np.ndarray:
+    """For each pair: the base's log-probability of the chosen reply minus that of the rejected one (the sums
+    of its log-probabilities of the tokens after the prefix both share)."""
+    from otter_gguf.runtime.session import Model
+
+    model = Model(base)
+    n_ctx = max(max(len(e.tokens), len(e.rejected)) for e in examples) + 1
+    ctx = model.context(n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads)
+
+    def logprob(tokens: list[int], start: int) -> float:
+        ctx.clear()
+        ctx.decode(list(tokens), 0, logits="all")
+        total = 0.0
+        for i in range(max(1, start), len(tokens)):
+            lg = ctx.logits_ith(i - 1).astype(np.float64)
+            total += float(lg[tokens[i]] - lg.max() - np.log(np.exp(lg - lg.max()).sum()))
+        return total
+
+    out = []
+    for e in examples:
+        start = next((i for i, (a, b) in enumerate(zip(e.tokens, e.rejected)) if a != b),
+                     min(len(e.tokens), len(e.rejected)))
+        out.append(logprob(e.tokens, start) - logprob(e.rejected, start))
+    ctx.close()
+    model.close()
+    return np.array(out)
+
+
+def base_likelihood_accuracy(base: Path, examples: Sequence, threads: int = 1) -> dict:
+    """The reference point of a pairwise task that needs no training: the share of pairs whose chosen reply the
+    base itself finds likelier (:func:`base_logprob_margins` > 0)."""
+    m = base_logprob_margins(base, examples, threads)
+    return {"accuracy": float(np.mean(m > 0)), "pairs": len(m)}
 
 
 def args_generate(base_ctx, scorer: Scorer | None, prompt: Sequence[int], *, weight: float, top_k: int,

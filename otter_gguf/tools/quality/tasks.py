@@ -1,4 +1,4 @@
-"""The two tasks of the quality eval (docs/EVAL.md, "Quality"), with data the project makes.
+"""The three tasks of the quality eval (docs/EVAL.md, "Quality"), with data the project makes.
 
 * ``sentiment``: the demo's per-token sentiment task (:mod:`otter_gguf.demo.smollm2.data`: chat replies made of
   the demo corpus, every token labelled with the running sentiment of its sentence, ``otter-gguf train``'s
@@ -11,6 +11,11 @@
   lookup: both replies are equally fluent and true; only their relation to the question differs. Held out:
   entities, question phrasings and answer phrasings that training never uses. Judge of guided text: the rule
   the generator knows (:func:`answers`): the reply states the asked entity's own answer.
+* ``correctness``: the same questions, but the rejected reply answers *the question asked*, wrongly: the same
+  phrasing about the same entity with another entity's answer ("The capital of Peru is Oslo."). Both replies
+  have the same words but one; which is right is knowledge about the entity, which no reward reads off a
+  word (every answer is right for some entity and wrong for the others). Held out as ``preference``: the
+  entities, their answers' pairings and a phrasing of each kind. Same judge.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Callable, Sequence
 from otter_gguf.demo import corpus
 from otter_gguf.demo.smollm2 import data as sentiment_data
 
-__all__ = ["TASKS", "Task", "answers", "plain_prompt", "preference_prompts", "preference_records", "sentiment_records",
+__all__ = ["TASKS", "Task", "answers", "correctness_records", "plain_prompt", "preference_prompts", "preference_records",
+           "sentiment_records",
            "sentiment_prompts", "sentiment_vocab", "write_split"]
 
 
@@ -110,15 +116,22 @@ def plain_prompt(question: str) -> str:
     return f"Q: {question}\nA: "
 
 
-def preference_records(n: int, seed: int, heldout: bool, chat: bool = True) -> list[dict]:
-    """``chat=False`` (a base without a chat template): ``prompt`` / ``chosen`` / ``rejected`` strings."""
+def preference_records(n: int, seed: int, heldout: bool, chat: bool = True,
+                       rejected: str = "other_question") -> list[dict]:
+    """``chat=False`` (a base without a chat template): ``prompt`` / ``chosen`` / ``rejected`` strings.
+    ``rejected``: ``"other_question"`` (a true reply about another entity: ``preference``) or ``"wrong_answer"``
+    (the asked entity with another entity's answer: ``correctness``)."""
+    if rejected not in ("other_question", "wrong_answer"):
+        raise ValueError(f"rejected={rejected!r}: expected 'other_question' or 'wrong_answer'")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         kind = rng.choice(_KINDS)
         facts, qs, rs = _split_kind(kind, heldout)
         e, a = rng.choice(facts)
-        e2, a2 = rng.choice([f for f in facts if f[1] != a])  # another question, whose answer is another
+        e2, a2 = rng.choice([f for f in facts if f[1] != a])  # another entity, whose answer is another
+        if rejected == "wrong_answer":
+            e2 = e
         q = _cap(rng.choice(qs).format(e=e))
         reply = rng.choice(rs)
         good, bad = _cap(reply.format(e=e, a=a)), _cap(reply.format(e=e2, a=a2))
@@ -128,6 +141,11 @@ def preference_records(n: int, seed: int, heldout: bool, chat: bool = True) -> l
         else:
             out.append({"prompt": plain_prompt(q), "chosen": good, "rejected": bad})
     return out
+
+
+def correctness_records(n: int, seed: int, heldout: bool, chat: bool = True) -> list[dict]:
+    """The ``correctness`` task's records: :func:`preference_records` with wrong answers as the rejected replies."""
+    return preference_records(n, seed, heldout, chat, rejected="wrong_answer")
 
 
 def preference_prompts(heldout: bool = True) -> list[tuple[str, str, str]]:
@@ -159,6 +177,7 @@ class Task:
 TASKS = {
     "sentiment": Task("sentiment", "token_regression", "pearson", sentiment_records, 1e-3),
     "preference": Task("preference", "pairwise", "accuracy", preference_records, 3e-4),
+    "correctness": Task("correctness", "pairwise", "accuracy", correctness_records, 3e-4),
 }
 
 
