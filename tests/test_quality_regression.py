@@ -1,4 +1,4 @@
-"""The committed quality tables (benchmarks/results/quality-smollm2*.json, docs/EVAL.md "Otter heads against reward
+"""The committed quality tables (benchmarks/results/quality-smollm2.json and -correctness.json, docs/EVAL.md "Otter heads against reward
 models") reproduce.
 
 Tier ``quality``: it retrains models of the tables on SmolLM2-135M, so only ``make test-quality`` runs it
@@ -22,14 +22,12 @@ import pytest
 
 pytestmark = pytest.mark.quality
 
-RESULTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("quality-smollm2*.json"))
+#: the tables docs/EVAL.md reports (quality-smollm2-wide.json, the d2 sweep, is a one-off measurement beside them)
+RESULTS = [Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f
+           for f in ("quality-smollm2.json", "quality-smollm2-correctness.json")]
 METRIC_TOL = 0.03
 GUIDED_TOL = 0.25
 SUBSET = {"d2": (64,), "rm_layers": (4,)}
-
-
-def test_there_are_committed_quality_tables():
-    assert [p.name for p in RESULTS] == ["quality-smollm2-correctness.json", "quality-smollm2.json"]
 
 
 @pytest.mark.parametrize("results", RESULTS, ids=lambda p: p.stem)
