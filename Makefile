@@ -22,7 +22,7 @@ help:
 	@echo "make parity-cuda  on a CUDA machine: the gpu tier and Otter/base decode speed, all layers offloaded"
 	@echo "make setup      create $(VENV) with torch, otter-gguf and the patched runtime"
 	@echo "make runtime    (re)build the patched llama.cpp runtime (cached)"
-	@echo "make test-quality  retrain a head and a reward model per quality task on SmolLM2, check they reproduce the committed tables (~25 min; OTTER_TEST_QUALITY_FULL=1: every row)"
+	@echo "make test-quality  retrain a head and a reward model per quality task on SmolLM2, check they reproduce the committed tables (~27 min; OTTER_TEST_QUALITY_FULL=1: every row)"
 	@echo "make llama-src  lay out build/llama-src: pinned llama.cpp + patches/ as git commits"
 	@echo "make series-check  build every prefix of patches/ (+ the marker) and run its runtime tests:"
 	@echo "                 run it before committing a change of the series"

@@ -3,7 +3,7 @@ models") reproduce.
 
 Tier ``quality``: it retrains models of the tables on SmolLM2-135M, so only ``make test-quality`` runs it
 (OTTER_TEST_QUALITY=1). By default one head (d2 = 64) and one reward model (top 4 layers) of every task, about
-25 minutes on 2 cores; OTTER_TEST_QUALITY_FULL=1 retrains every row (about 75 minutes). Each model is trained
+27 minutes on 2 cores; OTTER_TEST_QUALITY_FULL=1 retrains every row (about 75 minutes). Each model is trained
 on its own from the same data and seed, so a subset reproduces its rows of the whole table. Training runs on
 the CPU in float32 with fixed seeds; a CPU with other kernels (AVX2 vs AVX-512) rounds differently, hence the
 tolerances: held-out metrics within METRIC_TOL, every guided share within GUIDED_TOL (the guided runs are
