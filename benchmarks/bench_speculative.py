@@ -10,6 +10,10 @@ side in one process, each configuration run ``--repeats`` times in turn (ABAB...
   otter+pl      the same with prompt lookup
   guided        the Otter GGUF with a token_reward head, Guidance(weight=1, top_k=10) (ARGS, one pass)
   guided+pl     the same with prompt lookup
+  expert        (smollm2) the same guidance with a *trained* token_reward head: a code expert trained by
+                ``otter-gguf train --objective next_token`` on Python functions this script writes (a head
+                a user guides code with), where the random head of ``guided`` pulls the text anywhere
+  expert+pl     the same with prompt lookup
 
 Decode tokens/s is the completion's tokens after the first over the time from the first streamed chunk
 to the last (the prompt's decode comes before the first); the acceptance rate is kept drafts over proposed drafts (drafts at positions
@@ -18,8 +22,8 @@ model's speed-up from prompt lookup within 5% of the base's; guided+pl >= 1.3 x 
 
     python benchmarks/bench_speculative.py --models smollm2 [--models 1b] [--repeats 3] [--json OUT]
 
-Models: ``smollm2`` (SmolLM2-135M-Instruct Q4_1 from PyPI, its demo head at q8_0 and a random
-token_reward head of the same side shape), ``1b`` (``otter-gguf bench``'s random 1B llama at q4_k_m with
+Models: ``smollm2`` (SmolLM2-135M-Instruct Q4_1 from PyPI, its demo head at q8_0, a random
+token_reward head of the same side shape and the trained code expert, both q8_0), ``1b`` (``otter-gguf bench``'s random 1B llama at q4_k_m with
 its d2=256 reward and token_reward heads, generated once into the bench cache).
 """
 
@@ -73,8 +77,58 @@ class CountingLookup:
         return kept, proposed
 
 
+_NAMES = ("greet", "welcome", "farewell", "thank", "remind", "notify", "praise", "warn", "invite", "cheer")
+_ARGS = ("name", "user", "person", "guest", "friend", "who")
+_COUNTS = ("times", "count", "n", "repeat", "k")
+_WORDS = ("Hello", "Welcome", "Goodbye", "Thanks", "Hi", "Cheers", "Good morning", "See you")
+
+
+def code_corpus(n: int, seed: int) -> list[dict]:
+    """``n`` records of small Python functions in the style of :data:`PROMPT`'s code (``{"text"}``, otter-gguf
+    train's next_token format): the code expert's training data. None is the prompt's own code."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        fns = []
+        for _ in range(rng.randint(1, 3)):
+            f, a, c, w = rng.choice(_NAMES), rng.choice(_ARGS), rng.choice(_COUNTS), rng.choice(_WORDS)
+            end = rng.choice(("!", ".", "?"))
+            if rng.random() < 0.5:
+                fns.append(f"def {f}({a}, {c}={rng.randint(1, 3)}):\n"
+                           f"    \"\"\"Print a {f} message for {a}, {c} times.\"\"\"\n"
+                           f"    for _ in range({c}):\n"
+                           f"        print(\"{w}, \" + {a} + \"{end}\")\n"
+                           f"    return len({a}) * {c}\n")
+            else:
+                fns.append(f"def {f}({a}):\n"
+                           f"    print(\"{w}, \" + {a} + \"{end}\")\n"
+                           f"    return {rng.choice(('None', a, f'len({a})'))}\n")
+        out.append({"text": "\n".join(fns)})
+    return [r for r in out if "Helo" not in r["text"]]
+
+
+def _train_expert(base: Path, root: Path, cfg: dict) -> Path:
+    """The code expert (cached): a token_reward head trained on :func:`code_corpus`, one Otter GGUF at q8_0."""
+    import subprocess
+
+    out = root / "expert-q8_0.gguf"
+    if out.exists():
+        return out
+    data = root / "code.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in code_corpus(400, 0)))
+    cmd = [sys.executable, "-m", "otter_gguf.cli", "train", str(base), str(data), "-o", str(root / "expert"),
+           "--objective", "next_token", "--d2", str(cfg["otter_hidden_size"]),
+           "--h2", str(cfg["otter_num_attention_heads"]), "--h2-kv", str(cfg["otter_num_key_value_heads"]),
+           "--f2", str(cfg["otter_intermediate_size"]), "--steps", "100", "--lr", "1e-3", "--seed", "0",
+           "--gguf", str(out), "--outtype", "q8_0", "--force", "--no-progress"]
+    subprocess.run(cmd, check=True)
+    return out
+
+
 def _models(name: str, cache: Path):
-    """(base, otter reward GGUF, otter token_reward GGUF)."""
+    """(base, otter reward GGUF, otter token_reward GGUF, trained code expert GGUF or None)."""
     if name == "smollm2":
         from otter_gguf.demo import smollm2 as demo
         from otter_gguf.tools.bench import write_random_adapter
@@ -97,11 +151,12 @@ def _models(name: str, cache: Path):
                         h2_kv=cfg["otter_num_key_value_heads"], f2=cfg["otter_intermediate_size"])
             write_random_adapter(root / "adapter-token", shape, side, "token_reward")
             convert(root / "adapter-token", base, tok, outtype="q8_0", progress=False)
-        return base, otter, tok
+        cfg = json.loads((demo.ADAPTER_DIR / "otter_config.json").read_text())
+        return base, otter, tok, _train_expert(base, root, cfg)
     from otter_gguf.tools.bench import prepare_random
 
     ms = prepare_random(name, "q4_k_m", cache, token_head=True, reward_model=False)
-    return ms.base, ms.otter, ms.otter_token
+    return ms.base, ms.otter, ms.otter_token, None
 
 
 def _run(llm, draft, n: int, guidance=None, bias=None):
@@ -132,7 +187,7 @@ def bench_model(name: str, cache: Path, repeats: int, n: int, draft_n: int, thre
 
     from otter_gguf import OtterLlama
 
-    base, otter, tok = _models(name, cache)
+    base, otter, tok, expert = _models(name, cache)
     kw = dict(n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
     draft = CountingLookup(draft_n)
     # logits_all in every context (what a draft model needs), so with and without drafts differ only in drafting
@@ -140,6 +195,9 @@ def bench_model(name: str, cache: Path, repeats: int, n: int, draft_n: int, thre
             "otter": OtterLlama(str(otter), draft_model=draft, **kw),
             "guided": OtterLlama(str(tok), draft_model=draft, **kw)}
     guides = {("guided" if w == weights[0] else f"guided-w{w:g}"): {"weight": w, "top_k": 10} for w in weights}
+    if expert is not None:
+        llms["expert"] = OtterLlama(str(expert), draft_model=draft, **kw)
+        guides["expert"] = {"weight": weights[0], "top_k": 10}
     # the random 1B's byte tokens (ids 3..258 of write_random_base's vocabulary) are kept out: a text ending
     # inside a UTF-8 character makes llama-cpp-python generate past max_tokens (up to the end of the context)
     bias = {i: -100.0 for i in range(3, 259)} if name != "smollm2" else None
