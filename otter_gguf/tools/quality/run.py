@@ -265,8 +265,8 @@ def format_tables(report: dict) -> str:
                   f"train s | train peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
         u = _judged(name, t["unguided"])
         bl = t.get("base_likelihood", {}).get(m)
-        label, cell = ("base, unguided", "") if bl is None else ("base, unguided (its log-likelihood ranks)", f"{bl:.3f}")
-        lines.append(f"| {label} | {cell} | {u} | {u} | 0 | 0 | | |".replace("|  |", "| |"))
+        base_row = "| base, unguided | |" if bl is None else f"| base, unguided (its log-likelihood ranks) | {bl:.3f} |"
+        lines.append(f"{base_row} {u} | {u} | 0 | 0 | | |")
         for r in t["rows"]:
             g, ms = r["guided"], r["extra_ms_per_token"]
             lines.append(f"| {r['name']} | {r['heldout'][m]:.3f} | {_judged(name, g[f'w={w:+g}'])} | "

@@ -31,8 +31,7 @@ from otter_gguf.demo import corpus
 from otter_gguf.demo.smollm2 import data as sentiment_data
 
 __all__ = ["TASKS", "Task", "answers", "correctness_records", "plain_prompt", "preference_prompts", "preference_records",
-           "sentiment_records",
-           "sentiment_prompts", "sentiment_vocab", "write_split"]
+           "sentiment_records", "sentiment_prompts", "sentiment_vocab", "write_split"]
 
 
 # -- sentiment ---------------------------------------------------------------------------------------------
