@@ -124,6 +124,27 @@ def test_top_k_ids_ties_to_lower_id_never_neg_inf():
 
 
 @pytest.mark.unit
+def test_top_k_ids_equals_the_full_sort_with_ties_at_the_cut():
+    """top_k_ids orders only the values at or above the k-th largest (a partition first): the same ids, in the
+    same order, as sorting every finite logit by (value desc, id asc), ties at the k-th value included."""
+    from otter_gguf.runtime.guidance import top_k_ids
+
+    def full_sort(x, k):
+        finite = np.flatnonzero(np.isfinite(x))
+        return finite[np.lexsort((finite, -x[finite].astype(np.float64)))[:k]].tolist()
+
+    rng = np.random.default_rng(7)
+    for _ in range(2000):
+        n, k = int(rng.integers(1, 50)), int(rng.integers(1, 12))
+        x = rng.integers(-3, 3, size=n).astype(np.float32)  # few values: ties at the cut are the rule
+        x[rng.random(n) < 0.2] = -np.inf
+        x[rng.random(n) < 0.05] = np.nan
+        assert top_k_ids(x, k).tolist() == full_sort(x, k), (x.tolist(), k)
+    x = rng.normal(size=49152).astype(np.float32)
+    assert top_k_ids(x, 10).tolist() == full_sort(x, 10)
+
+
+@pytest.mark.unit
 def test_token_args_logits_scores_top_k_and_masks_the_rest():
     from otter_gguf.runtime.guidance import token_args_logits
 

@@ -185,9 +185,13 @@ def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     """Ids of the ``k`` largest finite logits, best first; ties go to the lower id."""
     logits = np.asarray(logits)
     finite = np.flatnonzero(np.isfinite(logits))
-    if finite.size == 0:
-        return finite
-    order = np.lexsort((finite, -logits[finite].astype(np.float64)))
+    if finite.size == 0 or k <= 0:
+        return finite[:0]
+    vals = logits[finite]
+    if finite.size > k:  # only the values >= the k-th largest (ties at it included) need ordering
+        keep = vals >= np.partition(vals, finite.size - k)[finite.size - k]
+        finite, vals = finite[keep], vals[keep]
+    order = np.lexsort((finite, -vals.astype(np.float64)))
     return finite[order[:k]]
 
 
