@@ -12,7 +12,8 @@ import numpy as np
 # ---------------------------------------------------------------------------
 # metrics (plain numpy; tested against hand-computed values)
 # ---------------------------------------------------------------------------
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of logits, float64 (the max subtracted first)."""
     x = np.asarray(logits, dtype=np.float64)
     m = x.max(axis=-1, keepdims=True)
     z = x - m
@@ -29,8 +30,8 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     ``[max - 16, max]`` and drops the terms below ``e^-16``, which adds noise of
     order 1e-5 nats.
     """
-    lp = _log_softmax(ref_logits)
-    lq = _log_softmax(logits)
+    lp = log_softmax(ref_logits)
+    lq = log_softmax(logits)
     return np.sum(np.exp(lp) * (lp - lq), axis=-1)
 
 

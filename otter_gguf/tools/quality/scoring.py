@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from otter_gguf.reference.training import regression_metrics
+from otter_gguf.tools.eval.metrics import log_softmax
 from otter_gguf.runtime.guidance import args_scores, top_k_ids
 
 __all__ = ["Scorer", "args_generate", "base_likelihood_accuracy", "base_logprob_margins", "decode_cost",
@@ -124,11 +125,7 @@ def base_logprob_margins(base: Path, examples: Sequence, threads: int = 1) -> np
     def logprob(tokens: list[int], start: int) -> float:
         ctx.clear()
         ctx.decode(list(tokens), 0, logits="all")
-        total = 0.0
-        for i in range(max(1, start), len(tokens)):
-            lg = ctx.logits_ith(i - 1).astype(np.float64)
-            total += float(lg[tokens[i]] - lg.max() - np.log(np.exp(lg - lg.max()).sum()))
-        return total
+        return float(sum(log_softmax(ctx.logits_ith(i - 1))[tokens[i]] for i in range(max(1, start), len(tokens))))
 
     out = []
     for e in examples:
