@@ -23,8 +23,9 @@ model's speed-up from prompt lookup within 5% of the base's; guided+pl >= 1.3 x 
     python benchmarks/bench_speculative.py --models smollm2 [--models 1b] [--repeats 3] [--json OUT]
 
 Models: ``smollm2`` (SmolLM2-135M-Instruct Q4_1 from PyPI, its demo head at q8_0, a random
-token_reward head of the same side shape and the trained code expert, both q8_0), ``1b`` (``otter-gguf bench``'s random 1B llama at q4_k_m with
-its d2=256 reward and token_reward heads, generated once into the bench cache).
+token_reward head of the same side shape and the trained code expert, both q8_0), ``1b``
+(``otter-gguf bench``'s random 1B llama at q4_k_m with its d2=256 reward and token_reward heads, generated
+once into the bench cache).
 """
 
 from __future__ import annotations
@@ -140,10 +141,10 @@ def _models(name: str, cache: Path):
         otter = root / "otter-q8_0.gguf"
         if not otter.exists():
             convert(demo.ADAPTER_DIR, base, otter, outtype="q8_0", progress=False)
+        cfg = json.loads((demo.ADAPTER_DIR / "otter_config.json").read_text())  # the demo's side shape
         tok = root / "otter-token-q8_0.gguf"
         if not tok.exists():
             b = inspect_gguf(base)["base"]
-            cfg = json.loads((demo.ADAPTER_DIR / "otter_config.json").read_text())
             shape = dict(name="smollm2", arch=b["architecture"], d=b["embedding_length"], L=b["block_count"],
                          h=b["head_count"], h_kv=b["head_count_kv"], hd=b["key_length"], f=b["feed_forward_length"],
                          V=b["vocab_size"], base_model="SmolLM2-135M-Instruct")
@@ -151,7 +152,6 @@ def _models(name: str, cache: Path):
                         h2_kv=cfg["otter_num_key_value_heads"], f2=cfg["otter_intermediate_size"])
             write_random_adapter(root / "adapter-token", shape, side, "token_reward")
             convert(root / "adapter-token", base, tok, outtype="q8_0", progress=False)
-        cfg = json.loads((demo.ADAPTER_DIR / "otter_config.json").read_text())
         return base, otter, tok, _train_expert(base, root, cfg)
     from otter_gguf.tools.bench import prepare_random
 
